@@ -149,12 +149,13 @@ class SlideReader:
         elif self._user_magnification is not None:
             base, source = float(self._user_magnification), "user"
         else:
+            recorded = props.get(openslide.PROPERTY_NAME_MPP_X)
             self._slide.close()
             raise SlideError(
                 self.path,
                 "base magnification unknown: the file records neither "
                 "openslide.objective-power nor a plausible openslide.mpp-x "
-                f"(got {props.get(openslide.PROPERTY_NAME_MPP_X)!r}); give it as "
+                f"(got {recorded!r}); give it as "
                 "base_magnification (e.g. 20 or 40)",
             )
         return SlideInfo(

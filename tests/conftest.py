@@ -1,0 +1,80 @@
+"""Shared fixtures: the real test data beside the repo, a local Ray, tiled TIFFs written here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """../shared/testdata, or a skip saying it is missing."""
+    if not TESTDATA.is_dir():
+        pytest.skip(f"real test data not found at {TESTDATA} (see DEVELOPERS.md)")
+    return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def slides_dir(testdata: Path) -> Path:
+    return testdata / "slides"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (starting one takes seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_tiled_tiff(
+    path: Path,
+    image: np.ndarray,
+    mpp: float | None = None,
+    tile: int = 256,
+    levels: int = 1,
+    compression: str = "jpeg",
+) -> Path:
+    """A generic tiled (optionally pyramidal) TIFF that OpenSlide opens, from an RGB array."""
+    import tifffile
+    from PIL import Image
+
+    kwargs = {}
+    if mpp is not None:
+        kwargs["resolution"] = (1e4 / mpp, 1e4 / mpp)
+        kwargs["resolutionunit"] = "CENTIMETER"
+    with tifffile.TiffWriter(path) as tif:
+        current = image
+        for level in range(levels):
+            tif.write(
+                current,
+                tile=(tile, tile),
+                compression=compression,
+                photometric="rgb",
+                subfiletype=0 if level == 0 else 1,
+                **(kwargs if level == 0 else {}),
+            )
+            h, w = current.shape[:2]
+            current = np.asarray(Image.fromarray(current).resize((max(1, w // 2), max(1, h // 2))))
+    return path
+
+
+@pytest.fixture
+def tiled_tiff(tmp_path: Path):
+    """Factory: write_tiled_tiff into the test's temporary folder."""
+
+    def make(name: str, image: np.ndarray, **kwargs) -> Path:
+        return write_tiled_tiff(tmp_path / name, image, **kwargs)
+
+    return make

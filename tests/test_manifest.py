@@ -1,0 +1,135 @@
+"""Building the patch manifest over many slides, on a real local Ray."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from histokd.manifest import (
+    ManifestConfig,
+    ManifestError,
+    PatchReader,
+    build_manifest,
+    read_manifest,
+    scan_slide,
+)
+from histokd.slides import SlideError
+
+PURPLE = (150, 80, 140)
+
+
+def _tissue_slide(tiled_tiff, name: str, seed: int, size: int = 2048):
+    """White glass with a purple tissue disc and one nearly-white-but-stained square."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), 242, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.35) ** 2
+    image[disc] = PURPLE
+    image[disc] = np.clip(image[disc].astype(int) + rng.integers(-20, 20, (int(disc.sum()), 3)), 0, 255)
+    return tiled_tiff(name, image, mpp=0.5, levels=3)
+
+
+@pytest.fixture
+def slide_set(tmp_path, slides_dir, tiled_tiff):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ["cmu-1-small-region.svs", "broken.svs", "unopenable.tiff", "kidney-48-5.tif"]:
+        shutil.copy(slides_dir / name, folder / name)
+    (folder / "a.tiff").write_bytes(_tissue_slide(tiled_tiff, "a.tiff", 1).read_bytes())
+    (folder / "b.tiff").write_bytes(_tissue_slide(tiled_tiff, "b.tiff", 2).read_bytes())
+    (folder / "glass.tiff").write_bytes(
+        tiled_tiff("glass.tiff", np.full((1024, 1024, 3), 245, np.uint8), mpp=0.5).read_bytes()
+    )
+    return folder
+
+
+CONFIG = ManifestConfig(magnification=10, patch_size=128, num_patches=40, seed=7)
+
+
+def test_build_on_ray_skips_and_reports_bad_slides(ray_cluster, slide_set, tmp_path):
+    result = build_manifest(slide_set, tmp_path / "m", CONFIG)
+    assert not result.reused
+    assert result.num_slides == 7
+    table = read_manifest(result.manifest_path).to_pandas()
+    assert len(table) == 40 == result.num_patches
+    assert table.patch_id.is_unique
+    assert list(table.sample_index) == list(range(40))
+    assert set(table.slide_path.map(lambda p: p.rsplit("/", 1)[1])) <= {"a.tiff", "b.tiff", "cmu-1-small-region.svs"}
+    assert table.mean_intensity.between(50, 245).all()
+    assert (table.extent == 256).all() and (table.patch_size == 128).all()
+    # Every patch lies on the grid and inside its slide.
+    assert (table.x % 256 == 0).all() and (table.y % 256 == 0).all()
+
+    with open(result.bad_slides_path) as f:
+        bad = {row["slide_path"].rsplit("/", 1)[1]: row["reason"] for row in csv.DictReader(f)}
+    assert set(bad) == {"broken.svs", "unopenable.tiff", "kidney-48-5.tif", "glass.tiff"}
+    assert "no tissue" in bad["glass.tiff"]
+    assert "not a slide format OpenSlide reads" in bad["broken.svs"]
+    assert all(name in reason for name, reason in bad.items())
+
+    # A manifest row reads back as the patch it describes.
+    reader = PatchReader()
+    row = table.iloc[0].to_dict()
+    patch = reader.read(row)
+    assert patch.shape == (128, 128, 3)
+    assert float(patch.mean()) == pytest.approx(row["mean_intensity"], abs=0.01)
+
+
+def test_seeded_reproducible_and_reused(ray_cluster, slide_set, tmp_path):
+    first = build_manifest(slide_set, tmp_path / "one", CONFIG)
+    again = build_manifest(slide_set, tmp_path / "one", CONFIG)
+    assert again.reused
+    local = build_manifest(slide_set, tmp_path / "two", CONFIG, use_ray=False)
+    ids = read_manifest(first.manifest_path).column("patch_id").to_pylist()
+    assert read_manifest(local.manifest_path).column("patch_id").to_pylist() == ids
+    other = build_manifest(slide_set, tmp_path / "three", ManifestConfig(magnification=10, patch_size=128, num_patches=40, seed=8), use_ray=False)
+    assert read_manifest(other.manifest_path).column("patch_id").to_pylist() != ids
+    # Changing the settings rebuilds rather than reusing a stale manifest.
+    bigger = build_manifest(slide_set, tmp_path / "one", ManifestConfig(magnification=10, patch_size=128, num_patches=50, seed=7))
+    assert not bigger.reused and bigger.num_patches == 50
+    assert pq.read_metadata(bigger.manifest_path).num_rows == 50
+
+
+def test_all_patches_when_num_patches_is_none(slide_set, tmp_path):
+    config = ManifestConfig(magnification=10, patch_size=128, num_patches=None)
+    result = build_manifest([slide_set / "a.tiff"], tmp_path / "m", config, use_ray=False)
+    scan = scan_slide(str(slide_set / "a.tiff"), config)
+    # a.tiff is 1024x1024 at 10x: 64 grid cells, the disc covers about 38 % of them.
+    assert scan.grid_cells == 64
+    assert 16 <= result.num_patches <= len(scan.xs) <= 40
+
+
+def test_every_slide_bad_fails_with_summary(slides_dir, tmp_path):
+    with pytest.raises(ManifestError) as err:
+        build_manifest(
+            [slides_dir / "broken.svs", slides_dir / "unopenable.tiff", tmp_path / "missing.svs"],
+            tmp_path / "m", CONFIG, use_ray=False,
+        )  # fmt: skip
+    message = str(err.value)
+    assert "no usable patches in 3 slides; 3 bad" in message
+    assert "missing.svs: file not found" in message and "broken.svs" in message
+    assert (tmp_path / "m" / "bad_slides.csv").exists()
+
+
+def test_unreadable_tiles_are_reported(slides_dir, tmp_path):
+    config = ManifestConfig(magnification=20, patch_size=16, num_patches=None, tissue={"min_tissue_fraction": 0.0})
+    with pytest.raises(ManifestError, match="unreadable.svs: tiles cannot be read"):
+        build_manifest([slides_dir / "unreadable.svs"], tmp_path / "m", config, use_ray=False)
+
+
+def test_patch_larger_than_slide(slides_dir):
+    with pytest.raises(SlideError, match=r"small.svs: patch of 1024 px at 20x covers 1024 level-0 px, larger than the slide \(16x16"):
+        scan_slide(str(slides_dir / "small.svs"), ManifestConfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"patch_size": 0}, "patch_size=0"), ({"magnification": -5}, "magnification=-5"), ({"num_patches": -1}, "num_patches=-1")],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ManifestConfig(**kwargs)
