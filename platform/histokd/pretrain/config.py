@@ -1,0 +1,186 @@
+"""The RCKD pretraining job's settings, with the paper's defaults and where each comes from."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["DEMO_PRESET", "PretrainConfig", "check_storage_path"]
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class PretrainConfig:
+    """RCKD pretraining (Kim et al. 2023, Sec. 2.2.1 and Algorithm 1).
+
+    Defaults are the paper's. With no ``slides`` the job uses the demo preset (synthetic demo
+    slides, the shipped demo teacher, small sizes) so that it runs offline in minutes.
+    """
+
+    # --- where ------------------------------------------------------------------------------
+    slides: list[str] = field(default_factory=list, metadata=_help("slide files, folders or .txt lists; empty: the demo slides"))
+    run_name: str = field(default="rckd", metadata=_help("run name; rerunning with the same name resumes from its last checkpoint"))
+    storage_path: str = field(default="runs", metadata=_help("where runs, checkpoints, caches and the backbone go: a local path or any URI pyarrow takes (s3://, gs://)"))
+    demo_dir: str = field(default="demo_data", metadata=_help("where the demo slides are written when no slides are given"))
+    # --- patches (RCKD Sec. 2.1.1, Algorithm 1) ----------------------------------------------
+    magnification: float = field(default=20.0, metadata=_help("patch magnification (RCKD: Mag = 20)"))
+    patch_size: int = field(default=1024, metadata=_help("patch side in pixels at --magnification (RCKD: P_size = 1024)"))
+    num_patches: int = field(default=400_000, metadata=_help("S_n, patches sampled over all slides (RCKD: 400,000)"))
+    base_magnification: float | None = field(default=None, metadata=_help("level-0 magnification for slides that record neither objective power nor MPP"))
+    holdout_fraction: float = field(default=0.02, metadata=_help("fixed share of the patches held out for per-epoch student-vs-teacher metrics"))
+    seed: int = field(default=0, metadata=_help("seed of sampling, hold-out, shuffling and initialisation"))
+    # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
+    teacher: str = field(default="2D_versatile_he", metadata=_help("teacher: a StarDist name (RCKD: 2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"))
+    alpha: float = field(default=0.5, metadata=_help("RCKD Eq. 2 threshold on the teacher's probability. For StarDist 0.5 marks nucleus cores, not whole nuclei; 0.1-0.2 recovers whole nuclei (see README)"))
+    mask_mode: Literal["probability", "instances"] = field(default="probability", metadata=_help("pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons"))
+    teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call"))
+    teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU"))
+    teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU)"))
+    # --- student (RCKD Sec. 2.2.1, 2.3) -------------------------------------------------------
+    backbone: str = field(default="csat", metadata=_help("student backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"))
+    input_size: int = field(default=512, metadata=_help("patches are resized (bilinear) to this side for the student (RCKD: 512)"))
+    epochs: int = field(default=100, metadata=_help("training epochs (RCKD: 100)"))
+    warmup_epochs: int = field(default=10, metadata=_help("linear warm-up from a learning rate of 0 (RCKD: 10 of 100)"))
+    batch_size: int = field(default=64, metadata=_help("global batch size over all workers (RCKD: 64)"))
+    lr: float = field(default=0.075, metadata=_help("peak learning rate of LARS after warm-up; the paper gives none: 0.3 x batch/256, SimCLR's LARS rule"))
+    weight_decay: float = field(default=1e-6, metadata=_help("LARS weight decay (SimCLR's setting; not stated in RCKD)"))
+    momentum: float = field(default=0.9, metadata=_help("LARS momentum"))
+    init: str | None = field(default=None, metadata=_help("initial backbone weights: a backbone file (RCKD starts from ImageNet weights, USI); default: random"))
+    # --- cluster -----------------------------------------------------------------------------
+    num_workers: int | None = field(default=None, metadata=_help("training workers; auto: one per GPU, else 1"))
+    use_gpu: bool | None = field(default=None, metadata=_help("train on GPUs; auto: if the cluster has any"))
+    cpus_per_worker: float = field(default=1.0, metadata=_help("CPUs reserved by each training worker"))
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU"))
+    max_failures: int = field(default=3, metadata=_help("worker-group restarts from the last checkpoint before the run fails"))
+    keep_checkpoints: int = field(default=3, metadata=_help("last N checkpoints kept (the best by hold-out IoU is kept too)"))
+    dataloader_prefetch: int = field(default=2, metadata=_help("batches prefetched per worker"))
+    # --- tracking ----------------------------------------------------------------------------
+    mlflow_tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"))
+    mlflow_experiment: str = field(default="histokd-rckd", metadata=_help("MLflow experiment name"))
+    overlays: int = field(default=8, metadata=_help("hold-out patches drawn in the teacher-vs-student overlay each epoch"))
+    # --- testing only ------------------------------------------------------------------------
+    stop_after_epoch: int | None = field(default=None, metadata=_help("stop cleanly after this epoch (resume later with the same run name)"))
+    fail_at_epoch: int | None = field(default=None, metadata=_help("test only: one worker raises once during this epoch, to exercise recovery"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slides, str):
+            self.slides = [self.slides]
+        positive_ints = ["patch_size", "num_patches", "input_size", "batch_size", "teacher_batch_size", "keep_checkpoints", "dataloader_prefetch"]
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        for name in ["epochs", "warmup_epochs", "max_failures", "overlays"]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be a non-negative integer")
+        if self.epochs == 0:
+            raise ValueError("epochs=0: must be at least 1")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs}: must be at most epochs={self.epochs}")
+        for name in ["magnification", "lr", "cpus_per_worker"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+        if self.base_magnification is not None and not self.base_magnification > 0:
+            raise ValueError(f"base_magnification={self.base_magnification!r}: must be positive or unset")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha!r}: must be in (0, 1] (RCKD Eq. 2: 0.5)")
+        if self.mask_mode not in ("probability", "instances"):
+            raise ValueError(f"mask_mode={self.mask_mode!r}: allowed: probability, instances")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
+        if not 0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction!r}: must be in (0, 0.5)")
+        if not 0 < self.teacher_gpus <= 1:
+            raise ValueError(f"teacher_gpus={self.teacher_gpus!r}: must be in (0, 1]")
+        for name in ["num_workers", "teacher_actors"]:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r}: must be a positive integer or auto")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
+        if not self.weight_decay >= 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}: need weight_decay >= 0 and 0 <= momentum < 1")
+        from histokd.models import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r}: unknown; allowed: {', '.join(BACKBONES)}")
+        _check_teacher_spec(self.teacher)
+        if self.init is not None and not os.path.isfile(self.init):
+            raise ValueError(f"init={self.init!r}: no such backbone file")
+        if "://" not in self.storage_path:
+            self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
+        self.demo_dir = os.path.abspath(self.demo_dir)
+
+    @property
+    def run_dir(self) -> str:
+        """Everything of this run: ``STORAGE/RUN_NAME``."""
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        if "://" in self.storage_path:
+            raise ValueError(
+                f"mlflow_tracking_uri is unset and storage_path={self.storage_path!r} is remote: "
+                "give a tracking server URI (http://...) or a sqlite:/// path"
+            )
+        return f"sqlite:///{self.storage_path}/mlflow.db"
+
+
+def _check_teacher_spec(spec: str) -> None:
+    """The teacher spec names something that exists, without loading TensorFlow."""
+    from histokd.teachers.registry import available_teachers
+    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+
+    if spec in available_teachers() or spec in STARDIST_PRETRAINED:
+        return
+    if spec.startswith("stardist:") and spec.split(":", 1)[1] in STARDIST_PRETRAINED:
+        return
+    if os.path.isdir(os.path.expanduser(spec)):
+        return
+    raise ValueError(
+        f"teacher={spec!r}: unknown; allowed: {', '.join(available_teachers())}, "
+        f"{', '.join(STARDIST_PRETRAINED)}, stardist:<name>, or a StarDist model folder"
+    )
+
+
+def check_storage_path(path: str) -> None:
+    """Fail early, naming the field, if the storage path cannot be written.
+
+    Raises:
+        ValueError: The filesystem cannot be reached or written.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+        fs.create_dir(root, recursive=True)
+        probe = f"{root.rstrip('/')}/.histokd-write-check-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
+        raise ValueError(f"storage_path={path!r}: cannot be written ({type(exc).__name__}: {exc})") from exc
+
+
+# Small enough to run end to end offline on a 2-core CPU in a few minutes: the demo slides, the
+# shipped demo teacher, 256 px patches at 20x resized to 128 px for the student.
+DEMO_PRESET: dict = {
+    "teacher": "demo",
+    "patch_size": 256,
+    "num_patches": 192,
+    "input_size": 128,
+    "batch_size": 16,
+    "epochs": 8,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "holdout_fraction": 0.1,
+    "teacher_batch_size": 16,
+}

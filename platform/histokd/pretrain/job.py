@@ -1,0 +1,256 @@
+"""The RCKD pretraining driver: manifest -> teacher stream -> TorchTrainer -> backbone file.
+
+RCKD Algorithm 1 on Ray: the manifest fixes the patches (GetPatches, SelectTissuePatches,
+RandomSampling), a Ray Data actor pool runs the teacher on them (pseudo labels, cached), and
+Ray Train's TorchTrainer trains the student with DDP over the workers. Rerunning with the same
+run name resumes from the last checkpoint; the MLflow run of that name continues too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histokd.cli import config_to_dict, save_config
+from histokd.pretrain.config import PretrainConfig, check_storage_path
+
+__all__ = ["PretrainResult", "run_pretraining", "split_holdout"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainResult:
+    """Where a pretraining run left its outputs."""
+
+    backbone_path: str
+    run_dir: str
+    checkpoint_path: str | None
+    mlflow_run_id: str
+    tracking_uri: str
+    history: list[dict]
+    num_train_patches: int
+    num_holdout_patches: int
+
+
+def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """A fixed hold-out slice: chosen by a hash of each patch id, so it never depends on the
+    sampling order or the number of patches (at least one patch on each side)."""
+    import hashlib
+
+    ids = table.column("patch_id").to_pylist()
+    scores = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest(), "little") / 2**64 for pid in ids]
+    )
+    holdout = scores < fraction
+    if not holdout.any():
+        holdout[np.argmin(scores)] = True
+    if holdout.all():
+        holdout[np.argmax(scores)] = False
+    return table.filter(pa.array(~holdout)), table.filter(pa.array(holdout))
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _demo_slides(config: PretrainConfig) -> list[str]:
+    """The synthetic demo slides, written on first use."""
+    from histokd.synthetic import make_demo_slides
+
+    slides = make_demo_slides(config.demo_dir, n=4, seed=config.seed)
+    return [str(s.path) for s in slides]
+
+
+def run_pretraining(config: PretrainConfig) -> PretrainResult:
+    """Run (or resume) RCKD pretraining end to end.
+
+    Raises:
+        ValueError: A bad setting, found before any cluster work.
+        RuntimeError: Training failed after the allowed restarts.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from histokd.manifest import ManifestConfig, build_manifest, read_manifest
+    from histokd.pretrain.loop import CHECKPOINT_FILE, train_fn_per_worker
+    from histokd.teachers.stream import pseudo_label_dataset
+    from histokd.tracking import MLflowRun
+
+    check_storage_path(config.storage_path)
+    if "://" in config.storage_path and not config.mlflow_tracking_uri:
+        raise ValueError("mlflow_tracking_uri: required when storage_path is remote (e.g. http://mlflow:5000)")
+    work_dir = Path(config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")) / config.run_name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, work_dir / "config.yaml")
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    started = time.monotonic()
+    slides = config.slides or _demo_slides(config)
+
+    manifest = build_manifest(
+        slides,
+        work_dir / "manifest",
+        ManifestConfig(
+            magnification=config.magnification,
+            patch_size=config.patch_size,
+            num_patches=config.num_patches,
+            seed=config.seed,
+            base_magnification=config.base_magnification,
+        ),
+    )
+    table = read_manifest(manifest.manifest_path)
+    train_table, holdout_table = split_holdout(table, config.holdout_fraction, config.seed)
+    pq.write_table(train_table, work_dir / "manifest" / "train.parquet")
+    pq.write_table(holdout_table, work_dir / "manifest" / "holdout.parquet")
+    print(
+        f"manifest: {table.num_rows} patches ({train_table.num_rows} train, {holdout_table.num_rows} hold-out) "
+        f"from {manifest.num_slides - manifest.num_bad_slides} slides; {manifest.num_bad_slides} bad slides "
+        f"listed in {manifest.bad_slides_path}",
+        flush=True,
+    )
+
+    gpus = _cluster_gpus()
+    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    num_workers = config.num_workers or (max(1, int(gpus)) if use_gpu else 1)
+    stream_kwargs = dict(
+        teacher=config.teacher,
+        teacher_kwargs={"alpha": config.alpha, "mask_mode": config.mask_mode},
+        input_size=config.input_size,
+        cache_dir=str(work_dir / "pseudo_labels"),
+        batch_size=config.teacher_batch_size,
+        num_actors=config.teacher_actors,
+        num_gpus=config.teacher_gpus if gpus > 0 else 0.0,
+        # leave the training workers their CPUs: the stream sizes itself from what is left
+        reserved_cpus=num_workers * config.cpus_per_worker,
+    )
+    train_ds = pseudo_label_dataset(str(work_dir / "manifest" / "train.parquet"), **stream_kwargs)
+    holdout_ds = pseudo_label_dataset(str(work_dir / "manifest" / "holdout.parquet"), **stream_kwargs)
+
+    tracking = MLflowRun(
+        config.tracking_uri,
+        config.mlflow_experiment,
+        config.run_name,
+        artifact_location=str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None,
+    )
+    params = config_to_dict(config)
+    tracking.log_params(params)
+    tracking.log_standard_tags()
+    tracking.set_tags({"histokd.job": "rckd_pretrain", "histokd.run_dir": config.run_dir})
+    if tracking.resumed:
+        print(f"MLflow: continuing run {tracking.run_id}", flush=True)
+
+    steps_per_epoch = int(np.ceil(train_table.num_rows / max(1, config.batch_size // num_workers) / num_workers))
+    loop_config = dict(params)
+    loop_config.update(
+        mlflow_run_id=tracking.run_id,
+        tracking_uri=config.tracking_uri,
+        run_dir=str(work_dir) if "://" not in config.storage_path else config.run_dir,
+        num_train_patches=train_table.num_rows,
+        steps_per_epoch=steps_per_epoch,
+    )
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=_worker_resources(config, use_gpu, gpus),
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets={"train": train_ds, "holdout": holdout_ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish("FAILED")
+        raise
+    if result.error:
+        tracking.finish("FAILED")
+        raise RuntimeError(f"pretraining failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError("pretraining produced no checkpoint")
+
+    import torch
+
+    from histokd.models import SegmentationModel
+
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    history = json.loads(state["history"])
+    model = SegmentationModel(config.backbone, num_classes=2)
+    model.load_state_dict(state["model"])
+    backbone_path = work_dir / "backbone.pth"
+    model.save_backbone(backbone_path)
+    finished = int(state["epoch"]) >= config.epochs
+    (work_dir / "history.json").write_text(json.dumps(history, indent=2))
+    curves = _plot_history(history, work_dir / "curves.png")
+    tracking.log_artifact(backbone_path, "backbone")
+    tracking.log_artifact(work_dir / "config.yaml")
+    tracking.log_artifact(curves)
+    tracking.log_artifact(manifest.bad_slides_path, "manifest")
+    tracking.log_metrics({"wall_seconds": time.monotonic() - started}, step=int(state["epoch"]))
+    tracking.finish("FINISHED" if finished else "KILLED")
+    return PretrainResult(
+        backbone_path=str(backbone_path),
+        run_dir=config.run_dir,
+        checkpoint_path=result.checkpoint.path,
+        mlflow_run_id=tracking.run_id,
+        tracking_uri=config.tracking_uri,
+        history=history,
+        num_train_patches=train_table.num_rows,
+        num_holdout_patches=holdout_table.num_rows,
+    )
+
+
+def _worker_resources(config: PretrainConfig, use_gpu: bool, gpus: float) -> dict[str, float]:
+    """A training worker's resources. On GPUs it takes what the teacher actors leave of one
+    GPU (``1 - teacher_gpus``), so a teacher actor and a trainer share each GPU."""
+    resources = {"CPU": config.cpus_per_worker}
+    if use_gpu and gpus > 0:
+        resources["GPU"] = 1.0 - config.teacher_gpus if config.teacher_gpus < 1 else 1.0
+    return resources
+
+
+def _plot_history(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epochs, [h["loss"] for h in history], label="train")
+    axes[0].plot(epochs, [h["holdout_loss"] for h in history], label="hold-out")
+    axes[0].set_title("pixel cross-entropy (RCKD Eq. 3)")
+    axes[0].legend()
+    axes[1].plot(epochs, [h["holdout_foreground_iou"] for h in history], label="foreground IoU")
+    axes[1].plot(epochs, [h["holdout_pixel_accuracy"] for h in history], label="pixel accuracy")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("student vs pseudo labels (hold-out)")
+    axes[1].legend()
+    axes[2].plot(epochs, [h["lr"] for h in history])
+    axes[2].set_title("learning rate (LARS)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

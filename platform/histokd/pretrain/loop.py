@@ -1,0 +1,328 @@
+"""The per-worker training loop of RCKD pretraining (Ray Train).
+
+Each worker reads its shard of the labelled patch stream, trains backbone + U-Net decoder on
+the teacher's pseudo labels with pixel-wise cross-entropy (RCKD Eq. 3) under LARS with linear
+warm-up, evaluates on the fixed hold-out slice, and reports once per epoch. Rank 0 writes the
+checkpoint (model, optimizer, scheduler, epoch, history), so a restarted or resumed run
+continues at the next epoch with the same state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_FILE", "EpochStats", "patch_checksum", "train_fn_per_worker"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def patch_checksum(patch_ids) -> int:
+    """Order-free sum of 32-bit hashes of patch ids: equal sums and counts mean the same set
+    with overwhelming probability, and sums add across workers."""
+    total = 0
+    for pid in patch_ids:
+        pid = pid.decode() if isinstance(pid, bytes) else str(pid)
+        total += int.from_bytes(hashlib.blake2b(pid.encode(), digest_size=4).digest(), "little")
+    return total
+
+
+@dataclass
+class EpochStats:
+    """What one epoch measured, summed over workers where it adds up."""
+
+    epoch: int
+    loss: float
+    holdout_loss: float
+    holdout_pixel_accuracy: float
+    holdout_foreground_iou: float
+    lr: float
+    patches: int
+    patches_per_second: float
+    seconds: float
+    patch_checksum: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_tensors(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.as_tensor(np.asarray(batch["image"])).to(device, non_blocking=True)
+    label = torch.as_tensor(np.asarray(batch["pseudo_label"])).to(device, non_blocking=True)
+    image = image.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    image = (image - mean) / std
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, label.long()
+
+
+def _augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random flip and 90-degree rotation for a batch's images and labels."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    if k:
+        image, label = torch.rot90(image, k, (2, 3)), torch.rot90(label, k, (1, 2))
+    if bool(torch.randint(0, 2, (1,), generator=generator)):
+        image, label = image.flip(3), label.flip(2)
+    return image, label
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train worker function: RCKD pretraining of one student.
+
+    Args:
+        config: The resolved ``PretrainConfig`` as a dict, plus ``mlflow_run_id``,
+            ``tracking_uri``, ``run_dir``, ``num_train_patches`` and ``steps_per_epoch``
+            set by the driver.
+    """
+    import ray.train
+    import ray.train.torch
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from histokd.losses import pixel_cross_entropy
+    from histokd.metrics import BinaryConfusion, binary_confusion
+    from histokd.models import SegmentationModel, load_backbone_file
+    from histokd.pretrain.overlay import save_overlay
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    precision = config["precision"]
+    if precision == "auto":
+        precision = "bf16" if use_cuda else "fp32"
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    channels_last = use_cuda
+    torch.manual_seed(config["seed"])
+
+    model = SegmentationModel(config["backbone"], num_classes=2)
+    if config.get("init"):
+        load_backbone_file(model.backbone, config["init"])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+
+    epochs = config["epochs"]
+    steps_per_epoch = max(1, config["steps_per_epoch"])
+    per_worker_batch = max(1, config["batch_size"] // world)
+    # RCKD Sec. 2.2.1: LARS from a learning rate of 0, 10 warm-up epochs of 100.
+    optimizer = create_optimizer_v2(
+        model, "lars", lr=config["lr"], weight_decay=config["weight_decay"], momentum=config["momentum"]
+    )
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=epochs * steps_per_epoch,
+        warmup_t=config["warmup_epochs"] * steps_per_epoch,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    start_epoch, history, best_iou, step = 1, [], -1.0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        step = int(state["step"])
+        history = json.loads(state["history"])
+        best_iou = float(state["best_iou"])
+        if rank == 0:
+            print(f"resuming from epoch {start_epoch - 1} (checkpoint {checkpoint.path})", flush=True)
+
+    mlflow_client = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        import mlflow
+
+        mlflow_client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    holdout_shard = ray.train.get_dataset_shard("holdout")
+    run_dir = config["run_dir"]
+    fault_marker = os.path.join(run_dir, ".fault_injected")
+    augment_rng = torch.Generator().manual_seed(config["seed"] + 7919 * start_epoch + rank)
+    run_start = time.monotonic()
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        epoch_start = time.monotonic()
+        loss_sum, seen, checksum = 0.0, 0, 0
+        batches = train_shard.iter_batches(
+            batch_size=per_worker_batch,
+            batch_format="numpy",
+            prefetch_batches=config["dataloader_prefetch"],
+            local_shuffle_buffer_size=4 * per_worker_batch,
+            local_shuffle_seed=config["seed"] * 1000 + epoch,
+        )
+        for i, batch in enumerate(batches):
+            if (
+                config.get("fail_at_epoch") == epoch
+                and rank == world - 1
+                and i == 1
+                and not os.path.exists(fault_marker)
+            ):
+                open(fault_marker, "w").close()
+                raise RuntimeError(f"injected fault (fail_at_epoch={epoch}), worker rank {rank}")
+            image, label = _to_tensors(batch, device, channels_last)
+            image, label = _augment(image, label, augment_rng)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(image)
+            loss = pixel_cross_entropy(logits, label)  # RCKD Eq. 3
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            n = int(label.shape[0])
+            loss_sum += float(loss.detach()) * n
+            seen += n
+            checksum += patch_checksum(batch["patch_id"])
+
+        # Hold-out: student against pseudo labels, counts summed over workers.
+        model.eval()
+        confusion, holdout_loss, holdout_n = BinaryConfusion(), 0.0, 0
+        overlay_images, overlay_labels, overlay_preds = [], [], []
+        with torch.no_grad():
+            for batch in holdout_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
+                image, label = _to_tensors(batch, device, channels_last)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(image)
+                holdout_loss += float(pixel_cross_entropy(logits, label)) * int(label.shape[0])
+                holdout_n += int(label.shape[0])
+                prediction = logits.argmax(1)
+                confusion = confusion + binary_confusion(prediction, label)
+                if rank == 0 and len(overlay_images) < config["overlays"]:
+                    keep = config["overlays"] - len(overlay_images)
+                    overlay_images.extend(np.asarray(batch["image"])[:keep])
+                    overlay_labels.extend(np.asarray(batch["pseudo_label"])[:keep])
+                    overlay_preds.extend(prediction[:keep].cpu().numpy().astype(np.uint8))
+        sums = _all_reduce(
+            torch.tensor(
+                [loss_sum, seen, checksum, holdout_loss, holdout_n, *confusion.as_tensor().tolist()],
+                dtype=torch.float64,
+                device=device,
+            )
+        ).cpu()
+        loss_sum, seen, checksum, holdout_loss, holdout_n = sums[:5].tolist()
+        confusion = BinaryConfusion.from_tensor(sums[5:])
+        seconds = time.monotonic() - epoch_start
+        stats = EpochStats(
+            epoch=epoch,
+            loss=loss_sum / max(seen, 1),
+            holdout_loss=holdout_loss / max(holdout_n, 1),
+            holdout_pixel_accuracy=confusion.pixel_accuracy,
+            holdout_foreground_iou=confusion.foreground_iou,
+            lr=float(optimizer.param_groups[0]["lr"]),
+            patches=int(seen),
+            patches_per_second=seen / max(seconds, 1e-9),
+            seconds=seconds,
+            patch_checksum=int(checksum),
+        )
+        history.append({k: v for k, v in stats.__dict__.items() if k != "extra"})
+        is_best = stats.holdout_foreground_iou > best_iou
+        best_iou = max(best_iou, stats.holdout_foreground_iou)
+        metrics = {k: v for k, v in history[-1].items()}
+        metrics["best_holdout_foreground_iou"] = best_iou
+
+        if rank == 0:
+            elapsed = time.monotonic() - run_start
+            done = epoch - start_epoch + 1
+            eta = elapsed / done * (epochs - epoch)
+            print(
+                f"epoch {epoch}/{epochs}  loss {stats.loss:.4f}  holdout loss {stats.holdout_loss:.4f} "
+                f"acc {stats.holdout_pixel_accuracy:.3f} IoU {stats.holdout_foreground_iou:.3f}  "
+                f"lr {stats.lr:.4g}  {stats.patches} patches {stats.patches_per_second:.1f}/s  "
+                f"{seconds:.1f} s  ETA {_fmt_seconds(eta)}",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": raw_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "step": step,
+                        "best_iou": best_iou,
+                        "history": json.dumps(history),
+                        "backbone": config["backbone"],
+                    },
+                    os.path.join(tmp, CHECKPOINT_FILE),
+                )
+                if is_best:
+                    _save_best(raw_model, run_dir, stats)
+                overlay_path = None
+                if overlay_images and (epoch == 1 or epoch == epochs or epoch % 5 == 0 or epoch == config.get("stop_after_epoch")):
+                    overlay_path = save_overlay(
+                        np.stack(overlay_images), np.stack(overlay_labels), np.stack(overlay_preds),
+                        os.path.join(tmp, f"overlay_epoch_{epoch:03d}.png"),
+                        title=f"epoch {epoch}: image | teacher pseudo label | student",
+                    )  # fmt: skip
+                if mlflow_client is not None:
+                    _log_mlflow(mlflow_client, config["mlflow_run_id"], metrics, epoch, overlay_path)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if config.get("stop_after_epoch") == epoch:
+            if rank == 0:
+                print(f"stopping after epoch {epoch} as asked (stop_after_epoch); rerun to resume", flush=True)
+            break
+
+
+def _save_best(model: torch.nn.Module, run_dir: str, stats: EpochStats) -> None:
+    """The best model by hold-out IoU, beside the rolling checkpoints (which keep the last N)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir)
+    fs.create_dir(f"{root}/best", recursive=True)
+    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+        torch.save({"model": model.state_dict(), "epoch": stats.epoch, "holdout_foreground_iou": stats.holdout_foreground_iou}, tmp.name)
+        with open(tmp.name, "rb") as src, fs.open_output_stream(f"{root}/best/model.pt") as dst:
+            dst.write(src.read())
+
+
+def _log_mlflow(client, run_id: str, metrics: dict, epoch: int, overlay_path: str | None) -> None:
+    try:
+        client.log_batch(
+            run_id,
+            metrics=[
+                __import__("mlflow").entities.Metric(k, float(v), int(time.time() * 1000), epoch)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and k not in ("epoch", "patch_checksum") and math.isfinite(float(v))
+            ],
+        )
+        if overlay_path:
+            client.log_artifact(run_id, overlay_path, artifact_path="overlays")
+    except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
+        log.warning("MLflow logging failed at epoch %d: %s", epoch, exc)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,59 @@
+"""Bad pretraining settings fail before any cluster work, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from histokd.cli import parse_config
+from histokd.pretrain.config import DEMO_PRESET, PretrainConfig, check_storage_path
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"patch_size": 0}, "patch_size=0: must be a positive integer"),
+        ({"epochs": -1}, "epochs=-1: must be a non-negative integer"),
+        ({"backbone": "vgg99"}, "backbone='vgg99': unknown; allowed: csat"),
+        ({"teacher": "nonsense"}, "teacher='nonsense': unknown; allowed:"),
+        ({"alpha": 1.5}, r"alpha=1.5: must be in \(0, 1\]"),
+        ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs=20: must be at most epochs=10"),
+        ({"run_name": "a/b"}, "run_name='a/b'"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig(**kwargs)
+
+
+def test_unreachable_storage_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="storage_path=.*cannot be written"):
+        check_storage_path(str(blocker / "runs"))
+    check_storage_path(str(tmp_path / "ok"))  # a writable one passes
+
+
+def test_paper_defaults():
+    c = PretrainConfig()
+    assert (c.magnification, c.patch_size, c.num_patches, c.input_size) == (20.0, 1024, 400_000, 512)
+    assert (c.batch_size, c.epochs, c.warmup_epochs, c.alpha, c.backbone) == (64, 100, 10, 0.5, "csat")
+    assert c.teacher == "2D_versatile_he"
+
+
+def test_cli_precedence(tmp_path, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 17\nbatch_size: 8\n")
+    c = parse_config(
+        PretrainConfig,
+        ["--config", str(yaml_file), "--batch-size", "4", "--slides", "a.svs", "b.svs"],
+        presets={"demo": DEMO_PRESET},
+        default_preset=lambda v: None if v.get("slides") else "demo",
+    )
+    assert (c.epochs, c.batch_size, c.slides, c.patch_size) == (17, 4, ["a.svs", "b.svs"], 1024)
+    demo = parse_config(PretrainConfig, [], presets={"demo": DEMO_PRESET}, default_preset=lambda v: None if v.get("slides") else "demo")
+    assert demo.teacher == "demo" and demo.patch_size == DEMO_PRESET["patch_size"]
+    with pytest.raises(SystemExit, match="patch_size=0"):
+        parse_config(PretrainConfig, ["--patch-size", "0"])
+    yaml_file.write_text("epochz: 3\n")
+    with pytest.raises(SystemExit, match=r"unknown field\(s\) \['epochz'\]"):
+        parse_config(PretrainConfig, ["--config", str(yaml_file)])
