@@ -74,7 +74,7 @@ def _nuclei_table(slide: DemoSlide) -> dict[str, np.ndarray]:
 
 def test_openslide_reports_size_levels_and_resolution(slides: list[DemoSlide]) -> None:
     slide = slides[0]
-    with openslide.OpenSlide(slide.slide_path) as osr:
+    with openslide.OpenSlide(slide) as osr:  # a DemoSlide is os.PathLike
         assert osr.properties["openslide.vendor"] == "aperio"
         assert osr.dimensions == (1536, 1024)
         # Downsample 4 per level until a level fits one 256 px tile.
@@ -219,6 +219,7 @@ def test_read_truth_crops_pads_resamples_and_loads_by_path(slides: list[DemoSlid
     half = read_truth(slide.metadata_path, 512, 256, 512, 512, size=(256, 256))
     np.testing.assert_array_equal(half, full[257:768:2, 513:1024:2])
     assert load_demo_slide(slide.slide_path) == slide
+    assert slide.path == slide.slide_path and os.fspath(slide) == str(slide.slide_path)
     regions = slide.read_truth(0, 0, 1536, 1024, kind="regions")
     assert regions.dtype == np.uint8 and set(np.unique(regions)) <= {0, 1, 2, 3}
     with pytest.raises(ValueError, match="kind='cells'"):

@@ -86,6 +86,15 @@ class DemoSlide:
         return read_truth(self, x, y, width, height, kind=kind, size=size)
 
     @property
+    def path(self) -> Path:
+        """The slide file (``slide_path``), for code that takes any slide's path."""
+        return self.slide_path
+
+    def __fspath__(self) -> str:
+        """Let a demo slide stand wherever a path is taken (``openslide.OpenSlide(slide)``)."""
+        return str(self.slide_path)
+
+    @property
     def metadata(self) -> dict:
         """The JSON sidecar as a dict."""
         return json.loads(self.metadata_path.read_text())
