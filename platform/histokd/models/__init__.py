@@ -1,0 +1,45 @@
+"""Backbones, decoders and task models.
+
+Importing this package registers ``csat``, ``csat_nosat`` and ``resnet18_sat`` with timm, so
+``timm.create_model("csat", features_only=True)`` works from then on.
+"""
+
+from histokd.compat import ensure_torchvision
+
+ensure_torchvision()  # before anything imports timm (and with it torchvision)
+
+from histokd.models.csat import Csat  # noqa: E402
+from histokd.models.factory import (  # noqa: E402
+    BACKBONES,
+    backbone_state_dict,
+    create_backbone,
+    load_backbone_file,
+    load_backbone_state_dict,
+    save_backbone,
+)
+from histokd.models.peg import (  # noqa: E402
+    PositionalEncodingGenerator,
+    set_positional_encoding_trainable,
+)
+from histokd.models.resnet_sat import resnet18_sat  # noqa: E402
+from histokd.models.sat import SpatialAttentionTransformer  # noqa: E402
+from histokd.models.task_models import ClassificationModel, SegmentationModel  # noqa: E402
+from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder  # noqa: E402
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_DECODER_CHANNELS",
+    "ClassificationModel",
+    "Csat",
+    "PositionalEncodingGenerator",
+    "SegmentationModel",
+    "SpatialAttentionTransformer",
+    "UNetDecoder",
+    "backbone_state_dict",
+    "create_backbone",
+    "load_backbone_file",
+    "load_backbone_state_dict",
+    "resnet18_sat",
+    "save_backbone",
+    "set_positional_encoding_trainable",
+]

@@ -1,0 +1,174 @@
+"""One factory over timm for every backbone histokd trains, and its backbone files.
+
+A backbone is ``timm.create_model(name, features_only=True, feature_cls="getter")``: timm's
+``FeatureGetterNet``, which wraps the unchanged timm model (head pruned) under ``model.`` and
+returns the stage outputs of ``forward_intermediates`` as a list, strides 2 or 4 up to 32.
+It has ``feature_info.channels()`` and ``feature_info.reduction()``.
+
+Backbone files hold the state dict with the keys of ``timm.create_model(name)`` (no
+``model.`` prefix, no classifier), so the same file loads
+
+* into any histokd task model, strictly (`load_backbone_file`, ``backbone_file=``), and
+* through timm itself: ``timm.create_model(name, pretrained=True,
+  pretrained_cfg_overlay=dict(file=path), features_only=True)`` or with ``num_classes=k``.
+  timm loads non-strictly there (the classifier is missing), so prefer ``backbone_file=``,
+  which fails on a missing key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._features import FeatureGetterNet
+from timm.models import load_state_dict as timm_load_state_dict
+from torch import nn
+
+import histokd.models.csat  # noqa: F401  (registers csat, csat_nosat)
+import histokd.models.resnet_sat  # noqa: F401  (registers resnet18_sat)
+
+__all__ = [
+    "BACKBONES",
+    "backbone_state_dict",
+    "create_backbone",
+    "load_backbone_file",
+    "load_backbone_state_dict",
+    "save_backbone",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Backbones of RCKD (Tables 3, 4 and 6) that every histokd job accepts.
+BACKBONES: tuple[str, ...] = (
+    "csat",
+    "csat_nosat",
+    "resnet18",
+    "resnet18_sat",
+    "efficientnet_b0",
+    "convnextv2_atto",
+)
+
+_PREFIX = "model."
+
+
+def create_backbone(
+    name: str,
+    *,
+    out_indices: Sequence[int] | None = None,
+    backbone_file: str | os.PathLike | None = None,
+    **kwargs,
+) -> FeatureGetterNet:
+    """Build a multi-scale feature extractor.
+
+    Args:
+        name: One of `BACKBONES`.
+        out_indices: Feature levels to return (default: all; 4 levels for csat and
+            convnextv2_atto, strides 4-32; 5 for the others, strides 2-32).
+        backbone_file: Optional backbone file (see `save_backbone`) to load strictly.
+        **kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``pretrained``,
+            ``pretrained_cfg_overlay``, ...).
+
+    Returns:
+        The backbone; calling it on NCHW images returns one NCHW tensor per level.
+
+    Raises:
+        ValueError: ``name`` is not a known backbone.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"backbone name {name!r} is not one of {', '.join(BACKBONES)}")
+    if out_indices is not None:
+        kwargs["out_indices"] = tuple(out_indices)
+    backbone = timm.create_model(name, features_only=True, feature_cls="getter", **kwargs)
+    backbone.backbone_name = name
+    if backbone_file is not None:
+        load_backbone_file(backbone, backbone_file)
+    return backbone
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    if not isinstance(backbone, FeatureGetterNet):
+        raise TypeError(
+            f"backbone is a {type(backbone).__name__}; expected the FeatureGetterNet that "
+            "create_backbone returns"
+        )
+
+
+def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's state dict with timm's key names (``stem.0.weight``, ``layer1.0...``)."""
+    _check_backbone(backbone)
+    return {k[len(_PREFIX) :]: v for k, v in backbone.state_dict().items()}
+
+
+def load_backbone_state_dict(
+    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Load timm-named backbone weights strictly.
+
+    Keys the backbone does not have (a timm classifier, a pruned head or stage) are ignored;
+    a key it needs but ``state_dict`` lacks, or a shape that differs, is an error.
+
+    Args:
+        backbone: A backbone from `create_backbone`.
+        state_dict: Weights keyed as in ``timm.create_model(name)``.
+        source: What the weights are, for error messages (e.g. the file path).
+
+    Raises:
+        ValueError: A required key is missing or a shape differs.
+    """
+    _check_backbone(backbone)
+    expected = {k[len(_PREFIX) :]: v for k, v in backbone.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        sample = next(iter(state_dict), "<empty>")
+        raise ValueError(
+            f"{source}: {len(missing)} of {len(expected)} backbone keys are missing, e.g. "
+            f"{missing[0]!r} (the file has keys like {sample!r}); expected a backbone file "
+            f"for {getattr(backbone, 'backbone_name', 'this backbone')} written by save_backbone"
+        )
+    for key, value in expected.items():
+        if state_dict[key].shape != value.shape:
+            raise ValueError(
+                f"{source}: {key!r} has shape {tuple(state_dict[key].shape)}; the backbone "
+                f"needs {tuple(value.shape)}"
+            )
+    ignored = [k for k in state_dict if k not in expected]
+    if ignored:
+        _logger.info("%s: ignored %d keys the backbone lacks, e.g. %r", source, len(ignored), ignored[0])
+    backbone.load_state_dict({_PREFIX + k: state_dict[k] for k in expected}, strict=True)
+
+
+def load_backbone_file(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a backbone file (``.pth`` or ``.safetensors``) strictly into ``backbone``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file does not hold this backbone's weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone file {str(path)!r} does not exist")
+    load_backbone_state_dict(backbone, timm_load_state_dict(str(path)), source=str(path))
+
+
+def save_backbone(backbone: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the backbone's timm-named state dict to ``path``.
+
+    A ``.safetensors`` suffix writes safetensors; anything else, ``torch.save``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in backbone_state_dict(backbone).items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path

@@ -1,0 +1,53 @@
+"""ResNet18 with a SAT module in each basic block, for the ablation of RCKD Table 6.
+
+Paper: `RCKD: Response-Based Cross-Task Knowledge Distillation for Pathological Image
+Analysis` (Kim et al., Bioengineering 2023, 10, 1279), Sec. 3.5, Table 6.
+
+The SAT module goes after the second batch norm of each of the 8 basic blocks, where CBAM or
+SE would go (../shared/CSAT.md). timm's ``BasicBlock`` already has that hook (``attn_layer``,
+stored as ``se``), so the variant is timm's ResNet with a keyword argument:
+11,689,512 + 8 x 129 = 11,690,544 parameters with a 1000-class head. A plain ``resnet18``
+checkpoint loads into it with only the ``*.se.*`` keys missing.
+"""
+
+from __future__ import annotations
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import BasicBlock, ResNet
+
+from histokd.models.sat import SpatialAttentionTransformer
+
+__all__: list[str] = []  # register_model appends the entry points
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        **kwargs,
+    }
+
+
+# No public weights: load a local file with pretrained_cfg_overlay=dict(file=...).
+default_cfgs = generate_default_cfgs({"resnet18_sat": _cfg()})
+
+
+@register_model
+def resnet18_sat(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet18 with a SAT module after ``bn2`` of each basic block (RCKD Table 6)."""
+    model_args = dict(
+        block=BasicBlock,
+        layers=(2, 2, 2, 2),
+        block_args=dict(attn_layer=SpatialAttentionTransformer),
+    )
+    return build_model_with_cfg(ResNet, "resnet18_sat", pretrained, **dict(model_args, **kwargs))
