@@ -133,3 +133,16 @@ def test_patch_larger_than_slide(slides_dir):
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ManifestConfig(**kwargs)
+
+
+def test_rule_at_rule_size_matches_full_resolution(slides_dir):
+    """The mean-intensity rule read at 128 px gives the full-resolution mean within a grey level."""
+    from histokd.slides import SlideReader
+
+    for name, base in [("cmu-1-small-region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 40.0)]:
+        with SlideReader(slides_dir / name, base) as r:
+            extent = round(512 * r.info.base_magnification / 20)
+            for x, y in [(0, 0), (extent, extent), (2 * extent, extent)]:
+                full = r.read_region(x, y, 512, 20).mean()
+                low = r.read_region(x, y, 128, 20 * 128 / 512).mean()
+                assert abs(full - low) < 1.0, (name, x, y, full, low)
