@@ -34,3 +34,14 @@ def test_fix_is_applied_only_when_needed():
     needed, loads = out.stdout.split()
     # The schemas are defined exactly when the compiled extension does not load.
     assert (needed == "needed") == (loads == "False")
+
+
+def test_timm_imports_in_any_order_after_import_histokd():
+    code = "import histokd, timm; print(timm.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("1.0")
+    # The hook itself loads nothing heavy.
+    code = "import sys, histokd; print('torch' in sys.modules, 'torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr

@@ -7,6 +7,11 @@ registers fake kernels for ops whose schemas the extension would have defined. t
 torchvision, so every model import fails. Defining the two schemas ourselves, only when the
 extension cannot load, lets torchvision (and timm) import; the ops themselves stay unusable,
 and histokd never calls them.
+
+``import histokd`` installs an import hook that applies the fix the moment anything imports
+torchvision, so every process that imported histokd (Ray workers included) can import timm in
+any order, and processes that never touch torchvision (the TensorFlow teacher actors) never
+load torch for it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["ensure_torchvision"]
+__all__ = ["ensure_torchvision", "install_import_hook"]
 
 _done = False
 
@@ -59,3 +64,31 @@ def ensure_torchvision() -> bool:
     # Keep the library object alive: dropping it would unregister the schemas.
     globals()["_torchvision_lib"] = lib
     return True
+
+
+class _TorchvisionHook:
+    """A meta-path finder that runs :func:`ensure_torchvision` before torchvision's first import."""
+
+    _busy = False
+
+    def find_spec(self, name, path=None, target=None):  # noqa: D102 - importlib protocol
+        if name != "torchvision" or self._busy or _done:
+            return None
+        type(self)._busy = True
+        try:
+            ensure_torchvision()
+        finally:
+            type(self)._busy = False
+        return None  # let the normal finders import it
+
+    def find_module(self, name, path=None):  # pragma: no cover - legacy protocol
+        return None
+
+
+def install_import_hook() -> None:
+    """Apply :func:`ensure_torchvision` lazily, when torchvision is first imported."""
+    import sys
+
+    if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionHook) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TorchvisionHook())
