@@ -122,6 +122,8 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         flush=True,
     )
 
+    # One progress bar per dataset (per-operator bars from the split coordinator flood logs).
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
     gpus = _cluster_gpus()
     use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
     num_workers = config.num_workers or (max(1, int(gpus)) if use_gpu else 1)
