@@ -1,0 +1,268 @@
+"""cluster.yaml: valid for the installed Ray's cluster launcher, GPU workers, nothing private open.
+
+Validation runs the same two calls ``ray up`` makes before it talks to a cloud:
+``prepare_config`` (merge the provider's defaults) and ``validate_config`` (Ray's JSON schema,
+``ray/autoscaler/ray-schema.json``, plus its cross-field checks). No cloud account is needed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import ipaddress
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+
+# Ray's private ports: dashboard + job server, GCS, Ray client server; and the MLflow server the
+# head runs. None may be reachable from the internet.
+PRIVATE_PORTS = {
+    8265: "dashboard / job server",
+    6379: "GCS",
+    10001: "Ray client server",
+    5000: "MLflow",
+}
+
+
+@pytest.fixture
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _prepare_and_validate(config: dict) -> dict:
+    """What ``ray up`` does with the file before any cloud call."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _ray_default_world_rules() -> list[dict]:
+    """The inbound rules with a CIDR that the installed Ray adds to the security group it creates.
+
+    Read from Ray's source (``_create_default_ssh_inbound_rules`` returns a literal) instead of
+    importing it: the AWS module imports boto3, which the test environment does not install. The
+    other default rule admits the cluster's own group only (no CIDR).
+    """
+    import ray.autoscaler._private.aws as aws
+
+    tree = ast.parse((Path(aws.__file__).parent / "config.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "_create_default_ssh_inbound_rules":
+            returned = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
+            return ast.literal_eval(returned[-1].value)
+    raise AssertionError(
+        "Ray no longer defines _create_default_ssh_inbound_rules: re-check its security group"
+    )
+
+
+def world_open_ports(config: dict) -> dict[str, list[tuple[int, int]]]:
+    """Port ranges reachable from any address (0.0.0.0/0 or ::/0), by protocol.
+
+    Covers the rules of the group Ray creates: Ray's defaults plus ``provider.security_group``'s
+    IpPermissions. ``-1`` (all protocols) opens every port.
+    """
+    rules = _ray_default_world_rules() + list(
+        config["provider"].get("security_group", {}).get("IpPermissions", [])
+    )
+    opened: dict[str, list[tuple[int, int]]] = {}
+    for rule in rules:
+        cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])] + [
+            r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])
+        ]
+        if not any(ipaddress.ip_network(c, strict=False).prefixlen == 0 for c in cidrs):
+            continue
+        protocol = str(rule.get("IpProtocol", "-1"))
+        if protocol == "-1" or rule.get("FromPort", -1) == -1:
+            opened.setdefault(protocol, []).append((0, 65535))
+        else:
+            opened.setdefault(protocol, []).append((int(rule["FromPort"]), int(rule["ToPort"])))
+    return opened
+
+
+def _is_open(opened: dict[str, list[tuple[int, int]]], port: int) -> bool:
+    return any(lo <= port <= hi for proto in ("tcp", "-1") for lo, hi in opened.get(proto, []))
+
+
+# --- schema and Ray's own validation -------------------------------------------------------------
+
+
+def test_cluster_yaml_passes_ray_schema_and_validation(cluster):
+    jsonschema.validate(cluster, _ray_schema())  # the file as written
+    prepared = _prepare_and_validate(cluster)  # after Ray merges the AWS defaults
+    assert prepared["head_node_type"] == "head.cpu"
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_ray_validation_rejects_a_broken_copy(cluster):
+    """The validation above can fail: a misspelt key and an impossible worker count are caught."""
+    typo = copy.deepcopy(cluster)
+    typo["max_worker"] = typo.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        _prepare_and_validate(typo)
+    too_few = copy.deepcopy(cluster)
+    too_few["max_workers"] = 0
+    with pytest.raises(ValueError, match="max_workers"):
+        _prepare_and_validate(too_few)
+    string_gpus = copy.deepcopy(cluster)
+    string_gpus["available_node_types"]["gpu.a10g.x4"]["resources"]["GPU"] = "4"
+    with pytest.raises(jsonschema.ValidationError):
+        _prepare_and_validate(string_gpus)
+
+
+# --- the values that matter ----------------------------------------------------------------------
+
+
+def test_docker_image_and_gpu_run_options(cluster):
+    docker = cluster["docker"]
+    image, _, tag = docker["image"].rpartition(":")
+    assert image.endswith("/histokd"), (
+        f"docker.image={docker['image']!r}: expected <registry>/histokd:<tag>"
+    )
+    assert tag and tag != "latest" and "/" not in tag, (
+        f"docker.image={docker['image']!r}: pin a tag"
+    )
+    assert tag.endswith("-cu126"), (
+        "the tag names the CUDA build the image carries (docker/Dockerfile: TORCH_CUDA)"
+    )
+    assert docker["container_name"]
+    assert "--gpus all" in docker["worker_run_options"], "GPU workers must see their GPUs"
+    assert not any(
+        "--gpus" in opt for opt in docker["run_options"] + docker.get("head_run_options", [])
+    ), "the head is a CPU instance: `--gpus` there makes `docker run` fail"
+    assert "-v /mnt/histokd:/mnt/histokd" in docker["run_options"], (
+        "shared storage at one path in every container"
+    )
+
+
+def test_node_types_cpu_head_and_gpu_workers(cluster):
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"]["CPU"] == 0, "no task or actor of the job should land on the head"
+    workers = {name: t for name, t in types.items() if name != cluster["head_node_type"]}
+    assert len(workers) >= 1
+    for name, node_type in workers.items():
+        gpus = node_type["resources"].get("GPU")
+        assert isinstance(gpus, int) and gpus >= 1, f"{name}: resources.GPU={gpus!r}"
+        assert node_type["resources"]["CPU"] >= 4 * gpus, (
+            f"{name}: too few CPUs to feed {gpus} GPUs"
+        )
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"], name
+        assert node_type["node_config"]["IamInstanceProfile"], (
+            f"{name}: workers write checkpoints to S3"
+        )
+    # The job sizes itself from the GPUs present when it starts: keep at least one GPU node up.
+    assert sum(t["min_workers"] for t in workers.values()) >= 1
+    assert sum(t["min_workers"] for t in workers.values()) <= cluster["max_workers"]
+    assert max(t["max_workers"] for t in workers.values()) <= cluster["max_workers"]
+
+
+def test_file_mounts_exist_in_the_repository(cluster):
+    for remote, local in cluster["file_mounts"].items():
+        assert (REPO / local).exists(), (
+            f"file_mounts[{remote!r}] = {local!r}: no such path in the repository"
+        )
+
+
+def test_storage_and_tracking_are_shared(cluster):
+    """Slides and NFS run folders on the shared mount; MLflow artifacts on S3."""
+    init = " ".join(cluster["initialization_commands"])
+    assert re.search(r"mount -t nfs4 .* /mnt/histokd", init), (
+        "every host mounts the shared file system"
+    )
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert re.search(r"mlflow server .*--artifacts-destination s3://", head)
+    assert "--backend-store-uri sqlite:////mnt/histokd/" in head
+
+
+# --- network exposure ----------------------------------------------------------------------------
+
+
+def test_private_ports_are_not_open_to_the_internet(cluster):
+    opened = world_open_ports(cluster)
+    for port, what in PRIVATE_PORTS.items():
+        assert not _is_open(opened, port), f"port {port} ({what}) is open to 0.0.0.0/0 or ::/0"
+    # Only SSH may face the internet; it carries the tunnels.
+    assert opened == {"tcp": [(22, 22)]}, f"internet-facing rules beyond SSH: {opened}"
+
+
+def test_rules_live_in_this_file(cluster):
+    """A pre-made group given by id holds rules this test cannot see; it must not be used silently."""
+    for name, node_type in cluster["available_node_types"].items():
+        assert "SecurityGroupIds" not in node_type["node_config"], (
+            f"{name}: SecurityGroupIds points at a group defined outside cluster.yaml; "
+            "check its inbound rules by hand and update this test"
+        )
+
+
+@pytest.mark.parametrize(
+    "rule, port",
+    [
+        (
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 8265,
+                "ToPort": 8265,
+                "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+            },
+            8265,
+        ),
+        (
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 6000,
+                "ToPort": 7000,
+                "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+            },
+            6379,
+        ),
+        ({"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}, 10001),
+    ],
+    ids=["dashboard", "range-over-gcs", "all-traffic-ipv6"],
+)
+def test_exposure_check_catches_an_open_port(cluster, rule, port):
+    """The check above is not vacuous: a copy that opens a private port to the world fails it."""
+    opened_copy = copy.deepcopy(cluster)
+    opened_copy["provider"]["security_group"]["IpPermissions"].append(rule)
+    jsonschema.validate(opened_copy, _ray_schema())  # still a valid config: only this test stops it
+    assert _is_open(world_open_ports(opened_copy), port)
+    with pytest.raises(AssertionError, match=r"port \d+ \(.*\) is open to 0.0.0.0/0"):
+        test_private_ports_are_not_open_to_the_internet(opened_copy)
+
+
+def test_private_range_rule_is_allowed(cluster):
+    """Rules for private networks (a VPN, the VPC) do not count as internet-facing."""
+    private = copy.deepcopy(cluster)
+    private["provider"]["security_group"]["IpPermissions"].append(
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 8265,
+            "ToPort": 8265,
+            "IpRanges": [{"CidrIp": "10.0.0.0/8"}],
+        }
+    )
+    test_private_ports_are_not_open_to_the_internet(private)
+
+
+def test_no_credentials_in_the_file():
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id"
+    assert not re.search(r"(?i)(secret|password|aws_access_key_id|token)\s*[:=]", text)
+    assert "ssh_private_key" not in yaml.safe_load(text).get("auth", {}), (
+        "keys stay on the operator's machine"
+    )
