@@ -1,0 +1,109 @@
+"""Teachers by name: one string on the command line picks the teacher.
+
+Specs:
+- ``"stardist"`` / ``"stardist:<name>"`` / ``"<name>"``: a registered StarDist model
+  (``2D_versatile_he``, RCKD's teacher, by default), downloaded once into StarDist's cache;
+- a path to a StarDist model folder (``config.json``, ``thresholds.json``, ``weights_best.h5``);
+- ``"demo"``: the small StarDist model shipped in ``histokd/assets/demo_teacher`` (offline);
+- ``"deconvolution"``: haematoxylin from colour deconvolution, no weights.
+
+Resolving a name imports nothing heavy; TensorFlow loads only when a StarDist teacher is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from histokd.teachers.base import Teacher, TeacherError
+
+__all__ = ["DEMO_TEACHER_DIR", "available_teachers", "build_teacher", "register_teacher"]
+
+DEMO_TEACHER_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
+
+_REGISTRY: dict[str, Callable[..., Teacher]] = {}
+
+
+def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[..., Teacher]]:
+    """Register a teacher factory under ``name`` (a decorator).
+
+    Raises:
+        TeacherError: The name is taken or contains ``:`` or a path separator.
+    """
+
+    def add(factory: Callable[..., Teacher]) -> Callable[..., Teacher]:
+        if name in _REGISTRY:
+            raise TeacherError(f"teacher name {name!r} is already registered")
+        if ":" in name or "/" in name:
+            raise TeacherError(f"teacher name {name!r}: ':' and '/' are reserved for specs and paths")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def available_teachers() -> list[str]:
+    """Registered names (StarDist's pretrained names are accepted too, see :func:`build_teacher`)."""
+    return sorted(_REGISTRY)
+
+
+@register_teacher("deconvolution")
+def _deconvolution(**kwargs) -> Teacher:
+    from histokd.teachers.deconvolution import DeconvolutionTeacher
+
+    return DeconvolutionTeacher(**kwargs)
+
+
+@register_teacher("demo")
+def _demo(**kwargs) -> Teacher:
+    from histokd.teachers.stardist_teacher import StarDistTeacher
+
+    if not (DEMO_TEACHER_DIR / "weights_best.h5").is_file():
+        raise TeacherError(
+            f"the demo teacher is missing from {DEMO_TEACHER_DIR} (weights_best.h5); "
+            "reinstall histokd or rebuild it with jobs/train_teacher.py"
+        )
+    return StarDistTeacher.from_folder(DEMO_TEACHER_DIR, source="demo", **kwargs)
+
+
+@register_teacher("stardist")
+def _stardist(name: str = "2D_versatile_he", **kwargs) -> Teacher:
+    from histokd.teachers.stardist_teacher import StarDistTeacher
+
+    return StarDistTeacher.from_pretrained(name, **kwargs)
+
+
+def build_teacher(spec: str, **kwargs) -> Teacher:
+    """The teacher a spec names, built with ``kwargs`` (``alpha``, ``mask_mode``, ...).
+
+    Args:
+        spec: ``"deconvolution"``, ``"demo"``, ``"stardist"``, ``"stardist:<name>"``, a
+            registered StarDist name such as ``"2D_versatile_he"``, or a model folder path.
+        **kwargs: Passed to the teacher (see each teacher's arguments).
+
+    Raises:
+        TeacherError: Nothing matches the spec (the message lists what is allowed), or the
+            teacher cannot be built.
+    """
+    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise TeacherError(f"teacher spec {spec!r}: must be a non-empty string")
+    spec = spec.strip()
+    if spec in _REGISTRY:
+        return _REGISTRY[spec](**kwargs)
+    if spec.startswith("stardist:"):
+        return _REGISTRY["stardist"](name=spec.split(":", 1)[1], **kwargs)
+    if spec in STARDIST_PRETRAINED:
+        return _REGISTRY["stardist"](name=spec, **kwargs)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from histokd.teachers.stardist_teacher import StarDistTeacher
+
+        return StarDistTeacher.from_folder(path, **kwargs)
+    raise TeacherError(
+        f"teacher spec {spec!r} is neither a teacher name nor a model folder; allowed: "
+        f"{', '.join(available_teachers())}, stardist:<name> with name in "
+        f"{', '.join(STARDIST_PRETRAINED)}, or a path to a StarDist model folder"
+        + (" (no such folder)" if ("/" in spec or spec.startswith(".")) else "")
+    )

@@ -1,0 +1,411 @@
+"""The teacher stream: manifest -> patch reads -> teacher actor pool -> training records.
+
+RCKD Sec. 2.2.1 labels every pretraining patch with the teacher's pseudo label. Here Ray Data
+streams the manifest's patches from the slides (read tasks), through a pool of teacher actors
+(``map_batches`` with an :class:`~ray.data.ActorPoolStrategy`; each actor loads its teacher
+once, TensorFlow only in the actor processes), into records::
+
+    {image: uint8 (S, S, 3), pseudo_label: uint8 (S, S) {0, 1}, slide, x, y, patch_id}
+
+at the training input size S (RCKD: 512, resized bilinearly from the 1024 px patch).
+
+Resources: each actor takes ``num_gpus`` of a GPU when the cluster has GPUs (fractional, so a
+training worker shares the GPU), and the CPUs left after ``reserved_cpus`` are split between
+the actors and the read tasks, so on a 2-CPU machine neither starves the other.
+
+Pseudo labels are written through to a :class:`PseudoLabelCache`; on later epochs and reruns
+patches with a cached label skip the teacher. Ray Data restarts a dead actor and retries the
+batch it held (``max_restarts=-1``, ``max_task_retries=-1``), so every manifest patch comes out
+exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from histokd.teachers.base import TeacherError
+from histokd.teachers.cache import PseudoLabelCache, patch_key, teacher_fingerprint
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "StreamResources",
+    "TeacherActor",
+    "load_manifest_table",
+    "plan_resources",
+    "pseudo_label_dataset",
+    "read_cached_batch",
+    "read_patch_batch",
+    "resize_image",
+    "resize_label",
+]
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("slide_path", "x", "y", "magnification", "patch_size", "base_magnification")
+_META_COLUMNS = ("patch_id", "slide_path", "x", "y", "magnification", "patch_size", "base_magnification")
+
+
+# -- resizing to the training input size ----------------------------------------------------
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 to (size, size, 3), bilinear (RCKD Sec. 2.2.1: inputs resized to 512 by
+    bilinear interpolation); PIL's bilinear filter widens on downscaling, so it does not alias."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size: int) -> np.ndarray:
+    """A {0, 1} mask to (size, size): the area-weighted share of nucleus, thresholded at one half."""
+    if label.shape[0] == size and label.shape[1] == size:
+        return label.astype(np.uint8, copy=False)
+    share = Image.fromarray((label > 0).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+    return (np.asarray(share) >= 0.5).astype(np.uint8)
+
+
+# -- reading patches (Ray Data tasks) ---------------------------------------------------------
+_PATCH_READER = None
+
+
+def _patch_reader():
+    """One reader per worker process, keeping recently used slides open between tasks."""
+    global _PATCH_READER
+    if _PATCH_READER is None:
+        from histokd.manifest import PatchReader
+
+        _PATCH_READER = PatchReader(max_open=8)
+    return _PATCH_READER
+
+
+def _read_images(batch: dict[str, np.ndarray]) -> np.ndarray:
+    reader = _patch_reader()
+    rows = [{c: batch[c][i] for c in REQUIRED_COLUMNS} for i in range(len(batch["x"]))]
+    return np.stack([reader.read(row) for row in rows])
+
+
+def read_patch_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read the patches of a batch of manifest rows; adds ``image`` (N, P, P, 3) uint8."""
+    batch = dict(batch)
+    batch["image"] = _read_images(batch)
+    return batch
+
+
+def read_cached_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.ndarray]:
+    """Records of patches whose pseudo label is cached: the patch is read, the label loaded."""
+    images = _read_images(batch)
+    labels = np.empty((len(images), input_size, input_size), np.uint8)
+    shards = batch["cache_shard"]
+    rows = batch["cache_row"]
+    for shard in np.unique(shards):
+        where = np.flatnonzero(shards == shard)
+        labels[where] = PseudoLabelCache.read_labels(str(shard), rows[where].tolist())
+    return _record(batch, np.stack([resize_image(im, input_size) for im in images]), labels)
+
+
+def _record(batch: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "image": images,
+        "pseudo_label": labels,
+        "slide": np.asarray(batch["slide_path"]).astype(str),
+        "x": np.asarray(batch["x"], np.int64),
+        "y": np.asarray(batch["y"], np.int64),
+        "patch_id": np.asarray(batch["patch_id"]).astype(str),
+    }
+
+
+# -- the teacher actor -----------------------------------------------------------------------
+class TeacherActor:
+    """A Ray Data actor holding one teacher: labels batches, resizes, writes the cache.
+
+    Args:
+        teacher: Teacher spec for :func:`histokd.teachers.build_teacher`.
+        teacher_kwargs: Its settings (``alpha``, ``mask_mode``, ...).
+        input_size: Side of the output records.
+        cache_root: Cache folder, or None for no cache.
+        fingerprint: The teacher's cache fingerprint.
+        intra_op_threads: TensorFlow CPU threads (the actor's CPU share).
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        teacher_kwargs: dict[str, Any] | None,
+        input_size: int,
+        cache_root: str | None,
+        fingerprint: str,
+        intra_op_threads: int | None = None,
+    ):
+        from histokd.teachers.registry import build_teacher
+
+        kwargs = dict(teacher_kwargs or {})
+        if intra_op_threads is not None and teacher != "deconvolution":
+            kwargs.setdefault("intra_op_threads", intra_op_threads)
+        self.teacher = build_teacher(teacher, **kwargs)
+        self.input_size = input_size
+        self.cache = PseudoLabelCache(cache_root, fingerprint) if cache_root else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.asarray(batch["image"])
+        labels = self.teacher.pseudo_label(images)
+        size = self.input_size
+        small_labels = np.stack([resize_label(label, size) for label in labels])
+        small_images = np.stack([resize_image(image, size) for image in images])
+        if self.cache is not None:
+            keys = [
+                patch_key(s, x, y, m, p, size)
+                for s, x, y, m, p in zip(
+                    batch["slide_path"], batch["x"], batch["y"], batch["magnification"], batch["patch_size"], strict=True
+                )
+            ]
+            self.cache.write(keys, list(map(str, batch["slide_path"])), batch["x"], batch["y"], small_labels)
+        return _record(batch, small_images, small_labels)
+
+
+# -- resources --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamResources:
+    """How the stream uses the cluster.
+
+    Attributes:
+        num_actors: Teacher actors in the pool.
+        actor_cpus: CPUs each actor reserves (fractional).
+        actor_gpus: GPU share of each actor (0 on a CPU cluster).
+        read_cpus: CPUs each read task reserves (fractional).
+        intra_op_threads: TensorFlow CPU threads per actor.
+    """
+
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    read_cpus: float
+    intra_op_threads: int
+
+
+def plan_resources(
+    cluster: dict[str, float],
+    num_actors: int | None = None,
+    num_gpus: float = 0.5,
+    reserved_cpus: float = 0.0,
+) -> StreamResources:
+    """Size the actor pool and the CPU shares from the cluster's resources.
+
+    Half the CPUs left after ``reserved_cpus`` go to the actors, half to one read task's
+    worth of reading, each share at most one CPU. Every share is fractional, so the stream
+    always fits beside the training workers: on 2 CPUs with one worker reserving 1, an actor
+    takes 0.5 and a read task 0.5.
+
+    Args:
+        cluster: ``ray.cluster_resources()``.
+        num_actors: Pool size; None: one per GPU (by ``num_gpus`` share), one on a CPU cluster.
+        num_gpus: GPU share per actor when the cluster has GPUs; ignored without GPUs.
+        reserved_cpus: CPUs the caller keeps for itself (training workers).
+
+    Raises:
+        TeacherError: No CPU is left for the stream, or the GPU settings are impossible.
+    """
+    cpus = float(cluster.get("CPU", 0.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    free = cpus - float(reserved_cpus)
+    if free <= 0.05:
+        raise TeacherError(
+            f"reserved_cpus={reserved_cpus:g} leaves no CPU of the cluster's {cpus:g} for the teacher stream; "
+            "reserve fewer CPUs for training (e.g. cpus_per_worker) or add CPUs"
+        )
+    actor_gpus = 0.0
+    if gpus > 0 and num_gpus > 0:
+        if not 0 < num_gpus <= 1:
+            raise TeacherError(f"num_gpus={num_gpus!r}: the GPU share per teacher actor must be in (0, 1]")
+        actor_gpus = float(num_gpus)
+        default_actors = max(1, int(gpus))  # one actor per GPU; the rest of each GPU is the student's
+    else:
+        default_actors = 1
+    actors = default_actors if num_actors is None else num_actors
+    if not isinstance(actors, int) or actors < 1:
+        raise TeacherError(f"num_actors={num_actors!r}: must be a positive integer or None (auto)")
+    if actor_gpus and actors * actor_gpus > gpus + 1e-6:
+        raise TeacherError(
+            f"num_actors={actors} x num_gpus={actor_gpus:g} needs {actors * actor_gpus:g} GPUs; the cluster has {gpus:g}"
+        )
+    actor_cpus = min(1.0, free / 2 / actors)
+    read_cpus = min(1.0, free / 2)
+    return StreamResources(
+        num_actors=actors,
+        actor_cpus=round(actor_cpus, 3),
+        actor_gpus=actor_gpus,
+        read_cpus=round(read_cpus, 3),
+        intra_op_threads=max(1, math.ceil(actor_cpus)),
+    )
+
+
+# -- the dataset --------------------------------------------------------------------------------
+def load_manifest_table(manifest) -> pa.Table:
+    """The manifest as an Arrow table: a Parquet file or folder, a table or a DataFrame.
+
+    Raises:
+        TeacherError: Columns are missing, or patches differ in size or magnification.
+    """
+    if isinstance(manifest, (str, os.PathLike)):
+        from histokd.manifest import read_manifest
+
+        table = read_manifest(manifest)
+        where = str(manifest)
+    elif isinstance(manifest, pa.Table):
+        table, where = manifest, "manifest table"
+    else:
+        table, where = pa.Table.from_pandas(manifest, preserve_index=False), "manifest DataFrame"
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise TeacherError(
+            f"{where}: missing column(s) {missing}; a manifest needs {', '.join(REQUIRED_COLUMNS)} "
+            "(build it with histokd.manifest.build_manifest)"
+        )
+    if "patch_id" not in table.column_names:
+        ids = [f"{s}/{x}_{y}" for s, x, y in zip(*(table.column(c).to_pylist() for c in ("slide_path", "x", "y")), strict=True)]
+        table = table.append_column("patch_id", pa.array(ids, pa.string()))
+    for column in ("patch_size", "magnification"):
+        values = set(table.column(column).to_pylist())
+        if len(values) > 1:
+            raise TeacherError(
+                f"{where}: {column} takes {len(values)} values {sorted(values)[:5]}; the stream labels one "
+                "patch size at one magnification (split the manifest)"
+            )
+    ids = table.column("patch_id")
+    if len(set(ids.to_pylist())) != table.num_rows:
+        raise TeacherError(f"{where}: patch_id is not unique; every manifest patch must appear once")
+    return table.select(list(_META_COLUMNS))
+
+
+def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def pseudo_label_dataset(
+    manifest,
+    teacher: str = "demo",
+    teacher_kwargs: dict[str, Any] | None = None,
+    input_size: int = 512,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    num_actors: int | None = None,
+    num_gpus: float = 0.5,
+    reserved_cpus: float = 0.0,
+):
+    """A Ray Dataset of pseudo-labelled patches of a manifest, each patch exactly once.
+
+    Args:
+        manifest: Manifest Parquet file or folder, Arrow table or DataFrame
+            (:mod:`histokd.manifest`).
+        teacher: Teacher spec (see :func:`histokd.teachers.build_teacher`).
+        teacher_kwargs: Teacher settings, e.g. ``{"alpha": 0.5, "mask_mode": "probability"}``.
+        input_size: Side of the records' image and pseudo label (RCKD: 512).
+        cache_dir: Pseudo-label cache folder; None labels every patch every time.
+        batch_size: Patches per teacher call.
+        num_actors: Teacher actors; None: one per GPU, or one on a CPU cluster.
+        num_gpus: GPU share per actor when the cluster has GPUs.
+        reserved_cpus: CPUs to leave for the training workers.
+
+    Returns:
+        A lazy ``ray.data.Dataset`` of records {image, pseudo_label, slide, x, y, patch_id}.
+
+    Raises:
+        TeacherError: A bad manifest, settings or cluster size (before any work starts).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from histokd.teachers.registry import build_teacher  # noqa: F401 - fail early on import errors
+
+    if not (isinstance(input_size, int) and input_size > 0):
+        raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
+    _check_spec(teacher)
+    table = load_manifest_table(manifest)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, reserved_cpus)
+    fingerprint = teacher_fingerprint(teacher, teacher_kwargs)
+    cache = PseudoLabelCache(cache_dir, fingerprint) if cache_dir else None
+
+    cached_rows: list[int] = []
+    shards: list[str] = []
+    rows: list[int] = []
+    if cache is not None:
+        index = cache.index()
+        columns = [table.column(c).to_pylist() for c in ("slide_path", "x", "y", "magnification", "patch_size")]
+        for i, (s, x, y, m, p) in enumerate(zip(*columns, strict=True)):
+            hit = index.get(patch_key(s, x, y, m, p, input_size))
+            if hit is not None:
+                cached_rows.append(i)
+                shards.append(hit[0])
+                rows.append(hit[1])
+    cached_set = set(cached_rows)
+    missing = table.take(pa.array([i for i in range(table.num_rows) if i not in cached_set], pa.int64()))
+    log.info(
+        "teacher stream %s: %d patches, %d with cached labels, %d to label; %d actor(s) x %.2g CPU, %.2g GPU",
+        fingerprint, table.num_rows, len(cached_rows), missing.num_rows, plan.num_actors, plan.actor_cpus, plan.actor_gpus,
+    )  # fmt: skip
+
+    parts = []
+    if missing.num_rows:
+        labelled = (
+            ray.data.from_arrow(_blocks(missing, batch_size * 2))
+            .map_batches(read_patch_batch, batch_size=batch_size, num_cpus=plan.read_cpus, batch_format="numpy")
+            .map_batches(
+                TeacherActor,
+                fn_constructor_kwargs={
+                    "teacher": teacher,
+                    "teacher_kwargs": teacher_kwargs,
+                    "input_size": input_size,
+                    "cache_root": str(cache_dir) if cache_dir else None,
+                    "fingerprint": fingerprint,
+                    "intra_op_threads": plan.intra_op_threads,
+                },
+                compute=ActorPoolStrategy(size=plan.num_actors),
+                batch_size=batch_size,
+                num_cpus=plan.actor_cpus,
+                num_gpus=plan.actor_gpus or None,
+                batch_format="numpy",
+            )
+        )
+        parts.append(labelled)
+    if cached_rows:
+        hits = table.take(pa.array(cached_rows, pa.int64()))
+        hits = hits.append_column("cache_shard", pa.array(shards, pa.string()))
+        hits = hits.append_column("cache_row", pa.array(rows, pa.int64()))
+        reused = ray.data.from_arrow(_blocks(hits, batch_size * 4)).map_batches(
+            read_cached_batch,
+            fn_kwargs={"input_size": input_size},
+            batch_size=batch_size,
+            num_cpus=plan.read_cpus,
+            batch_format="numpy",
+        )
+        parts.append(reused)
+    if not parts:
+        raise TeacherError("the manifest has no rows: nothing to label")
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _check_spec(spec: str) -> None:
+    """The spec names a teacher, checked in the driver without loading TensorFlow."""
+    from histokd.teachers.registry import available_teachers
+    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+
+    if not isinstance(spec, str):
+        raise TeacherError(f"teacher={spec!r}: must be a string spec")
+    if spec in available_teachers() or spec in STARDIST_PRETRAINED or spec.startswith("stardist:"):
+        return
+    if Path(spec).expanduser().is_dir():
+        return
+    raise TeacherError(
+        f"teacher={spec!r}: not a teacher name or model folder; allowed: {', '.join(available_teachers())}, "
+        f"{', '.join(STARDIST_PRETRAINED)}, stardist:<name>, or a StarDist model folder"
+    )

@@ -1,0 +1,119 @@
+"""The StarDist teacher: normalisation, grid upsampling, loading, and the published architecture
+(2D_versatile_he's config with random weights: its weights need internet)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histokd.teachers import TeacherError, build_teacher
+from histokd.teachers.stardist_teacher import percentile_normalize, upsample_grid
+
+
+def test_percentile_normalize_equals_csbdeep():
+    from csbdeep.utils import normalize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8)
+    images[1] = images[1] // 4 + 90  # low contrast
+    images[2, :20] = 255  # saturated
+    ours = percentile_normalize(images)
+    theirs = np.stack([normalize(im, 1, 99.8, axis=(0, 1, 2)) for im in images])
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_grid_by_hand():
+    prob = np.array([[[0.0, 1.0], [2.0, 3.0]]], np.float32)
+    up = upsample_grid(prob, (2, 2), (4, 4))
+    # cell i is pixel 2i; pixel 1 is halfway; pixels past the last cell repeat it
+    expected_row0 = [0.0, 0.5, 1.0, 1.0]
+    np.testing.assert_allclose(up[0, 0], expected_row0)
+    np.testing.assert_allclose(up[0, 1], [1.0, 1.5, 2.0, 2.0])
+    np.testing.assert_allclose(up[0, 2], [2.0, 2.5, 3.0, 3.0])
+    np.testing.assert_allclose(up[0, 3], up[0, 2])
+    assert upsample_grid(prob, (1, 1), (2, 2)) is not None
+
+
+@pytest.fixture(scope="module")
+def random_versatile_he(versatile_he_folder):
+    return build_teacher(str(versatile_he_folder), require_weights=False, batch_size=2)
+
+
+def test_folder_without_weights_is_refused(versatile_he_folder):
+    with pytest.raises(TeacherError, match="no network weights.*require_weights=False"):
+        build_teacher(str(versatile_he_folder))
+
+
+def test_published_architecture_loads(random_versatile_he, versatile_he_folder):
+    teacher = random_versatile_he
+    config = json.loads((versatile_he_folder / "config.json").read_text())
+    assert teacher.grid == tuple(config["grid"]) == (2, 2)
+    assert teacher.model.config.n_rays == 32 and teacher.model.config.unet_n_depth == 3
+    assert teacher.div_by == (16, 16)  # 2**3 pooling x grid 2
+    assert teacher.alpha == 0.5 and teacher.name == "stardist:2D_versatile_he[alpha=0.5]"
+    assert teacher.model.thresholds.prob == pytest.approx(0.6924782541382084)
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 100, 75), (2, 17, 250)])
+def test_any_patch_size_comes_back_at_its_size(random_versatile_he, shape):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    prob = random_versatile_he.probability(images)
+    assert prob.shape == shape and prob.dtype == np.float32
+    assert 0 <= prob.min() and prob.max() <= 1
+    grid = random_versatile_he.grid_probability(images)
+    assert grid.shape == (shape[0], -(-shape[1] // 2), -(-shape[2] // 2))
+    labels = random_versatile_he.pseudo_label(images)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    np.testing.assert_array_equal(labels, (prob >= 0.5).astype(np.uint8))
+
+
+def test_batches_do_not_mix(random_versatile_he):
+    """Chunking (batch_size=2) and per-image normalisation: a patch's label is its own."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    together = random_versatile_he.probability(images)
+    alone = np.concatenate([random_versatile_he.probability(im[None]) for im in images])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_instances_mode(versatile_he_folder):
+    teacher = build_teacher(str(versatile_he_folder), require_weights=False, mask_mode="instances")
+    images = np.random.default_rng(3).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    labels = teacher.pseudo_label(images)
+    assert labels.shape == (2, 64, 80) and labels.dtype == np.uint8
+    assert teacher.name.endswith("[instances]")
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(TeacherError, match="not a StarDist model folder.*config.json"):
+        build_teacher(str(tmp_path))
+
+
+def test_unknown_registered_name():
+    with pytest.raises(TeacherError, match="'2D_nope' is not registered; allowed: 2D_versatile_he"):
+        build_teacher("stardist:2D_nope")
+
+
+def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
+    """Mocked network: tests must never download (with internet this would fetch 5 MB)."""
+    pytest.importorskip("stardist")
+    from keras.src.backend import config
+    from keras.src.utils import file_utils
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path))
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    with pytest.raises(TeacherError) as err:
+        build_teacher("stardist:2D_versatile_he")
+    message = str(err.value)
+    assert "'2D_versatile_he' is not cached" in message
+    assert str(Path(tmp_path) / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip") in message
+    assert "'demo' or 'deconvolution'" in message

@@ -1,0 +1,178 @@
+"""The teacher stream on a local Ray: manifest -> read tasks -> teacher actor pool -> records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from histokd.teachers import TeacherError, build_teacher
+from histokd.teachers.cache import PseudoLabelCache, teacher_fingerprint
+from histokd.teachers.stream import (
+    load_manifest_table,
+    plan_resources,
+    pseudo_label_dataset,
+    resize_image,
+    resize_label,
+)
+
+INPUT = 64  # training input size of these tests (RCKD: 512 from 1024)
+
+
+@pytest.fixture(scope="module")
+def manifest(held_out_slides, tmp_path_factory):
+    """A real manifest (histokd.manifest) of 256 px tissue patches at 20x of two demo slides."""
+    from histokd.manifest import ManifestConfig, build_manifest
+
+    out = tmp_path_factory.mktemp("manifest")
+    result = build_manifest(
+        [str(s.slide_path) for s in held_out_slides], out, ManifestConfig(magnification=20, patch_size=256), use_ray=False
+    )
+    table = pq.read_table(result.manifest_path)
+    assert table.num_rows >= 12
+    return result.manifest_path
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# -- resources ----------------------------------------------------------------------------------
+def test_two_cpus_cannot_deadlock():
+    plan = plan_resources({"CPU": 2.0}, reserved_cpus=1.0)
+    assert plan.num_actors == 1 and plan.actor_gpus == 0
+    # actor + one read task + the training worker fit in 2 CPUs
+    assert plan.actor_cpus + plan.read_cpus + 1.0 <= 2.0
+    assert 0 < plan.actor_cpus < 1 and 0 < plan.read_cpus < 1
+
+
+def test_gpu_share_and_pool_size():
+    plan = plan_resources({"CPU": 16.0, "GPU": 2.0}, num_gpus=0.25, reserved_cpus=2)
+    assert plan.num_actors == 2 and plan.actor_gpus == 0.25
+    assert plan.actor_cpus == 1.0 and plan.intra_op_threads == 1
+    assert plan_resources({"CPU": 8.0}, num_gpus=0.5).actor_gpus == 0  # no GPU: no GPU share
+
+
+def test_impossible_resources_are_clear():
+    with pytest.raises(TeacherError, match="reserved_cpus=2 leaves no CPU"):
+        plan_resources({"CPU": 2.0}, reserved_cpus=2)
+    with pytest.raises(TeacherError, match="needs 1.5 GPUs; the cluster has 1"):
+        plan_resources({"CPU": 8.0, "GPU": 1.0}, num_actors=3, num_gpus=0.5)
+    with pytest.raises(TeacherError, match="num_actors=0"):
+        plan_resources({"CPU": 8.0}, num_actors=0)
+
+
+def test_manifest_checks(manifest):
+    table = pq.read_table(manifest)
+    with pytest.raises(TeacherError, match=r"missing column\(s\) \['x'\]"):
+        load_manifest_table(table.drop(["x"]))
+    mixed = pa.concat_tables([table, table])
+    with pytest.raises(TeacherError, match="patch_id is not unique"):
+        load_manifest_table(mixed)
+    sizes = table.set_column(table.column_names.index("patch_size"), "patch_size",
+                             pa.array([256] * (table.num_rows - 1) + [512], pa.int32()))  # fmt: skip
+    with pytest.raises(TeacherError, match="patch_size takes 2 values"):
+        load_manifest_table(sizes)
+    with pytest.raises(TeacherError, match="teacher='nope'"):
+        pseudo_label_dataset(manifest, teacher="nope")
+
+
+# -- the stream ---------------------------------------------------------------------------------
+def test_every_patch_once_with_its_label(ray_cluster, manifest, tmp_path):
+    table = pq.read_table(manifest)
+    ds = pseudo_label_dataset(manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4)
+    out = _collect(ds)
+    assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())
+    assert out["image"].shape == (table.num_rows, INPUT, INPUT, 3) and out["image"].dtype == np.uint8
+    assert out["pseudo_label"].shape == (table.num_rows, INPUT, INPUT) and out["pseudo_label"].dtype == np.uint8
+    assert set(np.unique(out["pseudo_label"])) <= {0, 1} and out["pseudo_label"].mean() > 0.02
+    # one record checked against the teacher run by hand on the same patch
+    from histokd.manifest import PatchReader
+
+    row = table.slice(0, 1).to_pylist()[0]
+    i = int(np.flatnonzero(out["patch_id"] == row["patch_id"])[0])
+    assert (out["slide"][i], out["x"][i], out["y"][i]) == (row["slide_path"], row["x"], row["y"])
+    patch = PatchReader().read(row)
+    expected = resize_label(build_teacher("deconvolution").pseudo_label(patch)[0], INPUT)
+    np.testing.assert_array_equal(out["pseudo_label"][i], expected)
+    np.testing.assert_array_equal(out["image"][i], resize_image(patch, INPUT))
+
+
+def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
+    table = pq.read_table(manifest)
+    half = table.slice(0, table.num_rows // 2)
+    first = _collect(pseudo_label_dataset(half, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
+    before = {p: p.stat().st_mtime_ns for p in cache.shards()}
+    assert len(cache.index()) == half.num_rows
+
+    second = _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    assert sorted(second["patch_id"]) == sorted(table.column("patch_id").to_pylist())
+    after = cache.shards()
+    new = [p for p in after if p not in before]
+    labelled_again = {k for p in new for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+    assert len(labelled_again) == table.num_rows - half.num_rows  # only the missing half
+    assert all(p.stat().st_mtime_ns == before[p] for p in before)  # cached shards untouched
+    # cached labels come back identical
+    for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
+        np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
+    # a third run labels nothing
+    _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    assert len(cache.shards()) == len(after)
+
+
+def _teacher_actors() -> list[dict]:
+    # Ray's GCS actor table (the public ray.util.state API needs the dashboard, which the test
+    # cluster runs without).
+    from ray._private import state
+
+    return [a for a in state.actors().values() if "MapWorker" in a["ActorClassName"]]
+
+
+def test_dead_teacher_actor_is_replaced(ray_cluster, manifest, tmp_path):
+    """SIGKILL the StarDist actor mid-stream: Ray Data restarts it, retries its batch, and
+    every manifest patch still comes out exactly once."""
+    table = pq.read_table(manifest)
+    batches = -(-table.num_rows // 2)
+    ds = pseudo_label_dataset(manifest, "demo", input_size=INPUT, cache_dir=tmp_path, batch_size=2)
+    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("demo"))
+    killed: dict = {}
+
+    def kill_after_first_batch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not cache.shards():
+            time.sleep(0.05)
+        alive = [a for a in _teacher_actors() if a["State"] == "ALIVE"]
+        if alive:
+            killed["shards"] = len(cache.shards())
+            killed["pid"] = alive[0]["Pid"]
+            os.kill(alive[0]["Pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_batch)
+    killer.start()
+    out = _collect(ds)
+    killer.join()
+    print("killed", killed, "of", batches, "batches")
+    assert killed, "the teacher actor was never seen alive"
+    assert killed["shards"] < batches, "the stream finished before the kill: nothing was tested"
+    assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())  # exactly once
+    assert any(a["NumRestarts"] >= 1 for a in _teacher_actors())
+    assert len(cache.index()) == table.num_rows
+
+
+def test_published_architecture_through_the_stream(ray_cluster, manifest, versatile_he_folder):
+    """2D_versatile_he's real config (random weights): shapes and grid through loader and stream."""
+    table = pq.read_table(manifest).slice(0, 6)
+    ds = pseudo_label_dataset(
+        table, str(versatile_he_folder), teacher_kwargs={"require_weights": False}, input_size=INPUT, batch_size=3
+    )
+    out = _collect(ds)
+    assert len(out["patch_id"]) == 6 and len(set(out["patch_id"])) == 6
+    assert out["pseudo_label"].shape == (6, INPUT, INPUT) and set(np.unique(out["pseudo_label"])) <= {0, 1}
