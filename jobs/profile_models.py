@@ -21,10 +21,17 @@ from histokd.models.profile import ProfileConfig, format_table, run_profile  # n
 def parse_args(argv: list[str] | None = None) -> ProfileConfig:
     """Build the job's config from the command line."""
     defaults = ProfileConfig(output_dir="runs/profile")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default=str(defaults.output_dir))
-    parser.add_argument("--backbones", nargs="+", default=list(defaults.backbones), metavar="NAME",
-                        help=f"any of {', '.join(BACKBONES)}")
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=list(defaults.backbones),
+        metavar="NAME",
+        help=f"any of {', '.join(BACKBONES)}",
+    )
     parser.add_argument("--input-sizes", nargs="+", type=int, default=list(defaults.input_sizes))
     parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
     args = parser.parse_args(argv)

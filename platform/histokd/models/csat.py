@@ -237,7 +237,9 @@ class CsatStage(nn.Module):
             self.downsample = nn.Identity()
         rates = drop_path_rates or [0.0] * (depth + num_vit)
         blocks: list[nn.Module] = [
-            SatBlock(out_chs, mlp_ratio, use_sat=use_sat, drop_path=rates[i], norm_eps=norm_eps, **dd)
+            SatBlock(
+                out_chs, mlp_ratio, use_sat=use_sat, drop_path=rates[i], norm_eps=norm_eps, **dd
+            )
             for i in range(depth)
         ]
         blocks += [
@@ -313,16 +315,18 @@ class Csat(nn.Module):
         self.feature_info: list[dict] = []
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=True, **dd),
+            nn.Conv2d(
+                in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=True, **dd
+            ),
             LayerNorm2d(dims[0], eps=norm_eps, **dd),
         )
         rates = calculate_drop_path_rates(
-            drop_path_rate, [d + v for d, v in zip(depths, num_vit)], stagewise=True
+            drop_path_rate, [d + v for d, v in zip(depths, num_vit, strict=True)], stagewise=True
         )
         stages = []
         prev_chs = dims[0]
         stride = patch_size
-        for i, (dim, depth, vit) in enumerate(zip(dims, depths, num_vit)):
+        for i, (dim, depth, vit) in enumerate(zip(dims, depths, num_vit, strict=True)):
             if i > 0:
                 stride *= 2
             stages.append(
@@ -415,7 +419,11 @@ class Csat(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        stages = (
+            self.stages
+            if torch.jit.is_scripting() or not stop_early
+            else self.stages[: max_index + 1]
+        )
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models._features import FeatureGetterNet
 from timm.models import load_state_dict as timm_load_state_dict
+from timm.models._features import FeatureGetterNet
 from torch import nn
 
 import histokd.models.csat  # noqa: F401  (registers csat, csat_nosat)
@@ -137,7 +137,9 @@ def load_backbone_state_dict(
             )
     ignored = [k for k in state_dict if k not in expected]
     if ignored:
-        _logger.info("%s: ignored %d keys the backbone lacks, e.g. %r", source, len(ignored), ignored[0])
+        _logger.info(
+            "%s: ignored %d keys the backbone lacks, e.g. %r", source, len(ignored), ignored[0]
+        )
     backbone.load_state_dict({_PREFIX + k: state_dict[k] for k in expected}, strict=True)
 
 

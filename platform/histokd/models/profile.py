@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 
-
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the CPU fused attention kernel: Q K^T and A V, as for the CUDA kernels."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -169,6 +168,7 @@ class ProfileConfig:
     num_classes: int = 1000  # RCKD Table 6: ImageNet head
 
     def __post_init__(self) -> None:
+        """Normalise the field types and reject a bad value, naming the field."""
         self.output_dir = Path(self.output_dir)
         self.backbones = tuple(self.backbones)
         self.input_sizes = tuple(int(s) for s in self.input_sizes)
@@ -190,7 +190,9 @@ def run_profile(config: ProfileConfig) -> list[ProfileRow]:
     """Profile, then write ``profile.json`` (rows and config) and ``profile.md`` (the table)."""
     rows = profile_backbones(config.backbones, config.input_sizes, config.num_classes)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    resolved = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
     resolved["output_dir"] = str(config.output_dir)
     payload = {"config": resolved, "rows": [dataclasses.asdict(r) for r in rows]}
     (config.output_dir / "profile.json").write_text(json.dumps(payload, indent=2) + "\n")

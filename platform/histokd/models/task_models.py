@@ -65,7 +65,9 @@ class SegmentationModel(_BackboneTaskModel):
             raise ValueError(f"SegmentationModel: num_classes is {num_classes}; must be >= 1")
         self.backbone_name = backbone_name
         self.num_classes = num_classes
-        self.backbone = create_backbone(backbone_name, backbone_file=backbone_file, **backbone_kwargs)
+        self.backbone = create_backbone(
+            backbone_name, backbone_file=backbone_file, **backbone_kwargs
+        )
         info = self.backbone.feature_info
         self.decoder = UNetDecoder(info.channels(), info.reduction(), decoder_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=1)
@@ -106,9 +108,13 @@ class ClassificationModel(_BackboneTaskModel):
             raise ValueError(f"ClassificationModel: num_classes is {num_classes}; must be >= 1")
         self.backbone_name = backbone_name
         self.num_classes = num_classes
-        self.backbone = create_backbone(backbone_name, backbone_file=backbone_file, **backbone_kwargs)
+        self.backbone = create_backbone(
+            backbone_name, backbone_file=backbone_file, **backbone_kwargs
+        )
         self.num_features = self.backbone.feature_info.channels()[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The deepest backbone feature map."""

@@ -109,6 +109,6 @@ class UNetDecoder(nn.Module):
                 f"{len(self.encoder_reductions)} (strides {self.encoder_reductions})"
             )
         x = features[-1]
-        for block, skip in zip(self.blocks, self.skip_index):
+        for block, skip in zip(self.blocks, self.skip_index, strict=True):
             x = block(x, features[skip] if skip >= 0 else None)
         return x
