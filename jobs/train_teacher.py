@@ -1,4 +1,4 @@
-"""Train a StarDist2D nuclei teacher for RCKD pseudo labels, on the CPU or a GPU.
+r"""Train a StarDist2D nuclei teacher for RCKD pseudo labels, on the CPU or a GPU.
 
     python jobs/train_teacher.py                                   # on synthetic demo slides
     python jobs/train_teacher.py --data /data/monuseg --demo-slides 0 --unet-n-filter-base 32
@@ -30,6 +30,7 @@ from histokd.teachers.training import TeacherTrainingConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, train, print where the teacher is and how good it is."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_config(TeacherTrainingConfig, argv, description=__doc__)
     config.command = ["python", "jobs/train_teacher.py", *(sys.argv[1:] if argv is None else argv)]

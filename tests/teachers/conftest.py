@@ -70,7 +70,7 @@ def assert_nuclei_score_order(teacher, chains: dict) -> dict[str, list[float]]:
         fractions = [float(teacher.pseudo_label(image).mean()) for _, image in tiles]
         found[chain] = fractions
         names = [name for name, _ in tiles]
-        assert all(a < b for a, b in zip(fractions, fractions[1:])), (teacher.name, chain, names, fractions)
+        assert all(a < b for a, b in zip(fractions, fractions[1:], strict=False)), (teacher.name, chain, names, fractions)
     return found
 
 

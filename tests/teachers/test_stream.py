@@ -89,6 +89,8 @@ def test_every_patch_once_with_its_label(ray_cluster, manifest, tmp_path):
     table = pq.read_table(manifest)
     ds = pseudo_label_dataset(manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4)
     out = _collect(ds)
+    # reads run as their own tasks, not fused into the teacher actor
+    assert "read_patch_batch)->MapBatches(TeacherActor)" not in ds.stats()
     assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())
     assert out["image"].shape == (table.num_rows, INPUT, INPUT, 3) and out["image"].dtype == np.uint8
     assert out["pseudo_label"].shape == (table.num_rows, INPUT, INPUT) and out["pseudo_label"].dtype == np.uint8

@@ -118,19 +118,23 @@ class ThresholdTeacher:
 
     @property
     def alpha(self) -> float:
+        """Threshold of RCKD Eq. 2."""
         return self.settings.alpha
 
     @property
     def mask_mode(self) -> str:
+        """``"probability"`` or ``"instances"``."""
         return self.settings.mask_mode
 
     @property
     def name(self) -> str:
+        """The teacher and its mask setting, e.g. ``deconvolution[alpha=0.5]``."""
         if self.mask_mode == "instances":
             return f"{self.kind}[instances]"
         return f"{self.kind}[alpha={self.alpha:g}]"
 
     def probability(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """Nuclei probability (RCKD Eq. 1), float32 (N, H, W) in [0, 1]."""
         raise NotImplementedError
 
     def instance_labels(self, images: np.ndarray) -> np.ndarray:
@@ -140,6 +144,7 @@ class ThresholdTeacher:
         )
 
     def pseudo_label(self, images: np.ndarray) -> np.ndarray:
+        """RCKD Eq. 2 (or instance masks), uint8 (N, H, W) in {0, 1}."""
         images = check_images(images, self.kind)
         if self.mask_mode == "instances":
             return (self.instance_labels(images) > 0).astype(np.uint8)

@@ -88,6 +88,7 @@ class PseudoLabelCache:
         self.folder = self.root / fingerprint
 
     def shards(self) -> list[Path]:
+        """The shard files, sorted by name."""
         return sorted(self.folder.glob("shard-*.parquet")) if self.folder.is_dir() else []
 
     def index(self) -> dict[str, tuple[str, int]]:

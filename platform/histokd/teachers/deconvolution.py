@@ -79,5 +79,6 @@ class DeconvolutionTeacher(ThresholdTeacher):
         return out
 
     def probability(self, images: np.ndarray) -> np.ndarray:
+        """Logistic ramp of the haematoxylin density: 0.5 at ``density_midpoint``."""
         z = (self.haematoxylin_density(images) - self.density_midpoint) / self.density_scale
         return (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))).astype(np.float32)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["NUCLEI_BLUE", "overlay_pseudo_label", "pseudo_label_grid", "save_pseudo_label_grid"]
+__all__ = ["NUCLEI_BLUE", "overlay_pseudo_label", "pseudo_label_grid", "save_pseudo_label_grid", "save_records_grid"]
 
 NUCLEI_BLUE = (0, 70, 255)  # RCKD Fig. 3: "the blue color indicates the estimated nuclei regions"
 
@@ -93,3 +93,20 @@ def save_pseudo_label_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pseudo_label_grid(images, labels, captions, **kwargs)).save(path)
     return path
+
+
+def save_records_grid(path: str | os.PathLike, records: dict[str, np.ndarray], count: int = 12, **kwargs) -> Path:
+    """The first ``count`` records of the teacher stream as a :func:`pseudo_label_grid` PNG.
+
+    Args:
+        path: Output PNG.
+        records: Columns ``image``, ``pseudo_label`` and optionally ``slide``, ``x``, ``y``
+            (a batch of :func:`histokd.teachers.stream.pseudo_label_dataset`).
+        count: Patches drawn.
+        **kwargs: Layout arguments of :func:`pseudo_label_grid`.
+    """
+    n = min(count, len(records["image"]))
+    captions = None
+    if all(k in records for k in ("slide", "x", "y")):
+        captions = [f"{Path(str(records['slide'][i])).stem} {records['x'][i]},{records['y'][i]}" for i in range(n)]
+    return save_pseudo_label_grid(path, records["image"][:n], records["pseudo_label"][:n], captions, **kwargs)

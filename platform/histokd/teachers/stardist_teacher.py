@@ -209,10 +209,12 @@ class StarDistTeacher(ThresholdTeacher):
 
     @property
     def kind_label(self) -> str:
+        """``stardist:<model folder or registered name>``."""
         return f"stardist:{Path(self.source).name}"
 
     @property
     def name(self) -> str:
+        """The model and its mask setting, e.g. ``stardist:demo[alpha=0.1]``."""
         mode = "instances" if self.mask_mode == "instances" else f"alpha={self.alpha:g}"
         return f"{self.kind_label}[{mode}]"
 
@@ -334,6 +336,7 @@ class StarDistTeacher(ThresholdTeacher):
         return out
 
     def probability(self, images: np.ndarray) -> np.ndarray:
+        """StarDist's object probability upsampled to the patch size, float32 (N, H, W)."""
         images = check_images(images, self.name)
         return upsample_grid(self.grid_probability(images), self.grid, images.shape[1:3])
 

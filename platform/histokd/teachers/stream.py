@@ -56,8 +56,10 @@ _META_COLUMNS = ("patch_id", "slide_path", "x", "y", "magnification", "patch_siz
 
 # -- resizing to the training input size ----------------------------------------------------
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 to (size, size, 3), bilinear (RCKD Sec. 2.2.1: inputs resized to 512 by
-    bilinear interpolation); PIL's bilinear filter widens on downscaling, so it does not alias."""
+    """RGB uint8 to (size, size, 3), bilinear, as RCKD Sec. 2.2.1 resizes inputs to 512.
+
+    PIL's bilinear filter widens its support on downscaling, so it does not alias.
+    """
     if image.shape[0] == size and image.shape[1] == size:
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
@@ -153,6 +155,7 @@ class TeacherActor:
         self.cache = PseudoLabelCache(cache_root, fingerprint) if cache_root else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Label a batch of read patches; returns the records at the input size."""
         images = np.asarray(batch["image"])
         labels = self.teacher.pseudo_label(images)
         size = self.input_size
@@ -283,6 +286,12 @@ def load_manifest_table(manifest) -> pa.Table:
     return table.select(list(_META_COLUMNS))
 
 
+def _read_memory(table: pa.Table, batch_size: int) -> int:
+    """Bytes a read task holds: the batch of RGB patches, about three copies while decoding."""
+    side = int(table.column("patch_size")[0].as_py())
+    return batch_size * side * side * 3 * 3
+
+
 def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
     return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
 
@@ -358,7 +367,16 @@ def pseudo_label_dataset(
     if missing.num_rows:
         labelled = (
             ray.data.from_arrow(_blocks(missing, batch_size * 2))
-            .map_batches(read_patch_batch, batch_size=batch_size, num_cpus=plan.read_cpus, batch_format="numpy")
+            .map_batches(
+                read_patch_batch,
+                batch_size=batch_size,
+                num_cpus=plan.read_cpus,
+                # The decoded batch's size, for the scheduler. It also keeps reads in their own
+                # tasks: Ray Data fuses a task map into the next actor map when their remote
+                # args match, which would serialise reading and labelling inside the actor.
+                memory=_read_memory(table, batch_size),
+                batch_format="numpy",
+            )
             .map_batches(
                 TeacherActor,
                 fn_constructor_kwargs={

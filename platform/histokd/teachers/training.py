@@ -377,8 +377,10 @@ class TeacherTrainingResult:
 
 # -- training -------------------------------------------------------------------------------
 def _split(items: list[InstanceImage], fraction: float, seed: int) -> tuple[list[InstanceImage], list[InstanceImage]]:
-    """Hold out whole sources (slides or images), at least one, so tiles of one slide never
-    sit on both sides."""
+    """Hold out whole sources (slides or images), at least one.
+
+    Tiles of one slide never sit on both sides of the split.
+    """
     sources = sorted({item.source for item in items})
     rng = np.random.default_rng(seed)
     if len(sources) >= 2:
@@ -498,6 +500,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
                 x_val[few], [i.labels for i in val][few], nms_threshs=[0.3, 0.4, 0.5],
                 predict_kwargs={"show_tile_progress": False}, optimize_kwargs={"verbose": False, "maxiter": 12},
             )  # fmt: skip
+    else:  # a complete folder all the same: StarDist's default thresholds
+        thresholds = {"prob": float(model.thresholds.prob), "nms": float(model.thresholds.nms)}
+        (model_dir / "thresholds.json").write_text(json.dumps(thresholds))
 
     teacher = StarDistTeacher(model, source=str(model_dir))
     val_images = np.stack([i.image for i in val]) if len({i.image.shape for i in val}) == 1 else None
@@ -520,6 +525,8 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     import stardist
     import tensorflow
 
+    from histokd.synthetic import GENERATOR_VERSION
+
     defaults = {
         "alpha": alpha,
         "mask_mode": "probability",
@@ -532,7 +539,11 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
         "train_seconds": round(seconds, 1),
         "training": {k: v for k, v in asdict(config).items() if k != "command"},
         "command": config.command or sys.argv,
-        "versions": {"stardist": stardist.__version__, "tensorflow": tensorflow.__version__},
+        "versions": {
+            "stardist": stardist.__version__,
+            "tensorflow": tensorflow.__version__,
+            "demo_slide_generator": GENERATOR_VERSION,
+        },
     }
     (model_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, default=str) + "\n")
     log.info("teacher %s: alpha=%g, validation IoU %s", model_dir, alpha, defaults["validation_iou_by_alpha"])

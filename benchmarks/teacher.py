@@ -1,0 +1,198 @@
+"""Pseudo labels per second for 1024x1024 patches, and where the time goes.
+
+The probability-map path against StarDist's ``predict_instances`` (same model, same patches),
+and the whole stream (read + label) against reading alone.
+
+Models: the 2D_versatile_he architecture (its published config from ../shared/testdata with
+random weights: the network's cost is that of the real model; its weights need internet) and
+the shipped demo teacher (trained, so its ``predict_instances`` does real NMS work: with random
+weights almost no pixel passes the probability threshold and NMS has nothing to do).
+Patches are 1024x1024 at 20x from synthetic demo slides, read through the slide layer.
+
+    python benchmarks/teacher.py --out benchmarks/teacher.json
+    python benchmarks/teacher.py --num-patches 512 --batch-size 16   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+VERSATILE_HE = REPO.parent / "shared" / "testdata" / "stardist" / "2D_versatile_he"
+
+
+def demo_patches(work: Path, n: int, size: int = 1024) -> tuple[np.ndarray, Path]:
+    """``n`` tissue patches of ``size`` px at 20x from demo slides, and the manifest of them."""
+    from histokd.manifest import ManifestConfig, build_manifest
+    from histokd.synthetic import make_demo_slides
+    from histokd.teachers.stream import read_patch_batch
+
+    slides_needed = max(2, -(-n // 3))
+    slides = make_demo_slides(work / "slides", n=slides_needed, seed=11, width=2 * size, height=2 * size)
+    result = build_manifest(
+        [str(s.slide_path) for s in slides], work / "manifest",
+        ManifestConfig(magnification=20, patch_size=size, num_patches=n), use_ray=False,
+    )  # fmt: skip
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(result.manifest_path)
+    batch = {c: np.asarray(table.column(c).to_pylist()) for c in table.column_names}
+    images = read_patch_batch(batch)["image"]
+    return images, result.manifest_path
+
+
+def time_labels(teacher, images: np.ndarray, batch_size: int, repeats: int = 1) -> dict:
+    """Patches per second of ``teacher.pseudo_label`` after one warm-up call (graph tracing)."""
+    teacher.pseudo_label(images[:batch_size])
+    start = time.perf_counter()
+    fraction = 0.0
+    for _ in range(repeats):
+        for i in range(0, len(images), batch_size):
+            fraction += float(teacher.pseudo_label(images[i : i + batch_size]).sum())
+    seconds = time.perf_counter() - start
+    count = repeats * len(images)
+    return {
+        "patches": count,
+        "seconds": round(seconds, 3),
+        "patches_per_second": round(count / seconds, 3),
+        "nuclei_fraction": round(fraction / (count * images.shape[1] * images.shape[2]), 4),
+    }
+
+
+def label_rates(images: np.ndarray, batch_size: int, instances_patches: int) -> dict:
+    """Both label paths of both models on the same patches."""
+    from histokd.teachers import build_teacher
+
+    out = {}
+    folder = Path(tempfile.mkdtemp()) / "2D_versatile_he"
+    shutil.copytree(VERSATILE_HE, folder)
+    models = {
+        "2D_versatile_he architecture (random weights)": (str(folder), {"require_weights": False}),
+        "demo teacher (trained)": ("demo", {}),
+    }
+    for label, (spec, kwargs) in models.items():
+        fast = build_teacher(spec, batch_size=batch_size, **kwargs)
+        slow = build_teacher(spec, mask_mode="instances", **kwargs)
+        row = {
+            "probability_map": time_labels(fast, images, batch_size),
+            "predict_instances": time_labels(slow, images[:instances_patches], 1),
+            "parameters": int(fast.model.keras_model.count_params()),
+        }
+        row["speedup"] = round(
+            row["probability_map"]["patches_per_second"] / row["predict_instances"]["patches_per_second"], 2
+        )
+        out[label] = row
+        print(f"{label}: probability map {row['probability_map']['patches_per_second']:.2f}/s, "
+              f"predict_instances {row['predict_instances']['patches_per_second']:.2f}/s", flush=True)
+    return out
+
+
+def stream_rates(manifest: Path, batch_size: int, input_size: int) -> dict:
+    """Reading alone against reading + labelling with the demo teacher, through Ray Data."""
+    import ray
+
+    from histokd.teachers.stream import (
+        load_manifest_table,
+        plan_resources,
+        pseudo_label_dataset,
+        read_patch_batch,
+    )
+
+    table = load_manifest_table(manifest)
+    plan = plan_resources(ray.cluster_resources())
+    start = time.perf_counter()
+    reads = ray.data.from_arrow(table).map_batches(
+        read_patch_batch, batch_size=batch_size, num_cpus=plan.read_cpus, batch_format="numpy"
+    )
+    n_read = sum(len(b["x"]) for b in reads.iter_batches(batch_size=None, batch_format="numpy"))
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ds = pseudo_label_dataset(manifest, "demo", input_size=input_size, batch_size=batch_size)
+    n_labelled = sum(len(b["x"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    stream_s = time.perf_counter() - start
+    return {
+        "patches": table.num_rows,
+        "read_only": {"patches": n_read, "seconds": round(read_s, 2), "patches_per_second": round(n_read / read_s, 3)},
+        "read_and_label_demo": {
+            "patches": n_labelled, "seconds": round(stream_s, 2), "patches_per_second": round(n_labelled / stream_s, 3),
+        },  # fmt: skip
+        "actors": plan.num_actors,
+        "actor_cpus": plan.actor_cpus,
+        "note": "wall time of a fresh dataset each, including Ray Data start-up and (stream) the TensorFlow actor start",
+    }
+
+
+def figure(images: np.ndarray, path: Path) -> None:
+    """RCKD Fig. 3-like picture: real H&E tiles and demo patches, demo teacher's pseudo labels."""
+    from PIL import Image
+
+    from histokd.teachers import build_teacher
+    from histokd.teachers.overlay import save_pseudo_label_grid
+
+    tiles = REPO.parent / "shared" / "testdata" / "tiles"
+    names = ["low-nuclei-score-level0.png", "medium-nuclei-score-level0.png", "high-nuclei-score-level0.png",
+             "medium-nuclei-score-level1-2.png", "high-nuclei-score-red-pen-level1.png"]  # fmt: skip
+    patches, captions = [], []
+    for name in names:
+        if (tiles / name).is_file():
+            tile = Image.open(tiles / name).convert("RGB")
+            side = min(tile.size)
+            patches.append(np.asarray(tile.crop((0, 0, side, side)).resize((512, 512))))
+            captions.append(name.replace(".png", ""))
+    for image in images[:3]:
+        patches.append(np.asarray(Image.fromarray(image).resize((512, 512))))
+        captions.append("synthetic demo slide")
+    batch = np.stack(patches)
+    teacher = build_teacher("demo")
+    save_pseudo_label_grid(path, batch, teacher.pseudo_label(batch), [f"{c} ({teacher.name})"[:34] for c in captions],
+                           columns=4, tile=200)  # fmt: skip
+
+
+def main() -> None:
+    """Run the benchmark and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "teacher.json"))
+    parser.add_argument("--num-patches", type=int, default=8, help="1024x1024 patches labelled per model")
+    parser.add_argument("--instances-patches", type=int, default=4, help="patches through predict_instances")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=512, help="training size of the stream's records")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
+    parser.add_argument("--figure", default=str(REPO / "benchmarks" / "teacher_pseudo_labels.png"),
+                        help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels ('' for none)")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import ray
+
+    from histokd.teachers.stardist_teacher import configure_tensorflow
+
+    tf = configure_tensorflow()
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    work = Path(tempfile.mkdtemp(prefix="teacher-bench-"))
+    images, manifest = demo_patches(work, args.num_patches)
+    print(f"{len(images)} patches of {images.shape[1]}x{images.shape[2]}; GPUs: {gpus or 'none'}", flush=True)
+    results = {
+        "machine": {"cpus": os.cpu_count(), "gpus": gpus, "python": platform.python_version(), "tensorflow": tf.__version__},
+        "patch_size": int(images.shape[1]),
+        "label_rates": label_rates(images, args.batch_size, min(args.instances_patches, len(images))),
+    }
+    if args.figure:
+        figure(images, Path(args.figure))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)
+    ray.shutdown()
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

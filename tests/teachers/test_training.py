@@ -1,0 +1,127 @@
+"""Teacher training: MoNuSeg-like folders, demo slides, the split, and a tiny real StarDist run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from histokd.teachers import TeacherError, build_teacher
+from histokd.teachers.training import (
+    InstanceImage,
+    TeacherTrainingConfig,
+    _split,
+    demo_slide_images,
+    load_instance_folder,
+    read_monuseg_xml,
+    train_teacher,
+)
+
+MONUSEG_XML = """<?xml version="1.0"?>
+<Annotations><Annotation Id="1"><Regions>
+  <Region Id="1"><Vertices><Vertex X="2" Y="2"/><Vertex X="10" Y="2"/><Vertex X="10" Y="10"/><Vertex X="2" Y="10"/></Vertices></Region>
+  <Region Id="2"><Vertices><Vertex X="20" Y="20"/><Vertex X="30" Y="20"/><Vertex X="25" Y="30"/></Vertices></Region>
+</Regions></Annotation></Annotations>
+"""
+
+
+def test_monuseg_xml(tmp_path):
+    path = tmp_path / "a.xml"
+    path.write_text(MONUSEG_XML)
+    labels = read_monuseg_xml(path, (40, 40))
+    assert labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1, 2}
+    assert labels[5, 5] == 1 and labels[22, 25] == 2 and labels[35, 35] == 0
+    (tmp_path / "b.xml").write_text("<Annotations/>")
+    with pytest.raises(TeacherError, match="b.xml: no Region"):
+        read_monuseg_xml(tmp_path / "b.xml", (8, 8))
+
+
+def test_images_and_masks_folder_rescaled_to_20x(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = np.full((64, 48, 3), 200, np.uint8)
+    mask = np.zeros((64, 48), np.uint16)
+    mask[10:20, 10:20] = 7
+    Image.fromarray(image).save(tmp_path / "images" / "x.png")
+    tifffile.imwrite(tmp_path / "masks" / "x.tif", mask)
+    items = load_instance_folder(tmp_path, data_magnification=40, magnification=20)
+    assert len(items) == 1
+    assert items[0].image.shape == (32, 24, 3) and items[0].labels.shape == (32, 24)
+    assert set(np.unique(items[0].labels)) == {0, 7}
+    assert items[0].source.endswith("x.png")
+
+
+def test_monuseg_original_layout(tmp_path):
+    (tmp_path / "Tissue Images").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    tifffile.imwrite(tmp_path / "Tissue Images" / "TCGA-1.tif", np.full((40, 40, 3), 180, np.uint8))
+    (tmp_path / "Annotations" / "TCGA-1.xml").write_text(MONUSEG_XML)
+    items = load_instance_folder(tmp_path, data_magnification=20, magnification=20)
+    assert items[0].labels.max() == 2
+
+
+def test_bad_folders_are_clear(tmp_path):
+    with pytest.raises(TeacherError, match="not a MoNuSeg-like dataset"):
+        load_instance_folder(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "lonely.png")
+    with pytest.raises(TeacherError, match=r"lonely.png: no mask named lonely\.\("):
+        load_instance_folder(tmp_path)
+    np.save(tmp_path / "masks" / "lonely.npy", np.zeros((9, 8), np.int32))
+    with pytest.raises(TeacherError, match=r"mask shape \(9, 8\) differs from image shape \(8, 8\)"):
+        load_instance_folder(tmp_path)
+
+
+def test_split_holds_out_whole_sources():
+    items = [InstanceImage(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), f"slide{i % 4}") for i in range(16)]
+    train, val = _split(items, 0.25, seed=0)
+    assert len(val) == 4 and len({i.source for i in val}) == 1
+    assert not {i.source for i in val} & {i.source for i in train}
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("patch_size", 100, "patch_size=100: must be a multiple of grid"),
+        ("epochs", 0, "epochs=0: must be a positive integer"),
+        ("device", "tpu", "device='tpu': allowed: auto, cpu, gpu"),
+        ("validation_fraction", 1.0, r"validation_fraction=1.0: must be in \(0, 1\)"),
+        ("demo_slides", 0, "no training data"),
+    ],
+)
+def test_config_validation(field, value, message):
+    with pytest.raises(TeacherError, match=message):
+        TeacherTrainingConfig(**{field: value})
+
+
+def test_demo_slide_tiles_match_their_truth(held_out_slides):
+    items = demo_slide_images(held_out_slides[:1], magnification=20, tile_size=256)
+    assert items and all(i.image.shape == (256, 256, 3) and i.labels.max() > 0 for i in items)
+    # nuclei are darker than the rest of the tile
+    item = items[0]
+    assert item.image[item.labels > 0].mean() < item.image[item.labels == 0].mean() - 30
+
+
+@pytest.mark.slow
+def test_tiny_training_run_makes_a_loadable_teacher(tmp_path):
+    """A real StarDist2D training (1 epoch, a few steps): the folder loads as a teacher."""
+    config = TeacherTrainingConfig(
+        out_dir=str(tmp_path), name="tiny", demo_slides=2, demo_slide_size=512, tile_size=256, patch_size=64,
+        unet_n_depth=2, unet_n_filter_base=8, net_conv_after_unet=16, epochs=1, steps_per_epoch=3,
+        batch_size=2, optimize_nms=False, device="cpu", command=["test"],
+    )  # fmt: skip
+    result = train_teacher(config)
+    files = {p.name for p in result.model_dir.iterdir()}
+    assert files == {"config.json", "thresholds.json", "weights_best.h5", "histokd_teacher.json"}
+    defaults = json.loads((result.model_dir / "histokd_teacher.json").read_text())
+    assert defaults["alpha"] == result.alpha and set(defaults["validation_iou_by_alpha"]) >= {"0.1", "0.5"}
+    assert defaults["command"] == ["test"] and defaults["training"]["epochs"] == 1
+    teacher = build_teacher(str(result.model_dir))
+    assert teacher.alpha == result.alpha and teacher.grid == (2, 2)
+    assert teacher.pseudo_label(np.zeros((1, 48, 48, 3), np.uint8)).shape == (1, 48, 48)
+    with pytest.raises(TeacherError, match="model folder exists; pass overwrite=True"):
+        train_teacher(config)
