@@ -190,6 +190,22 @@ def test_storage_and_tracking_are_shared(cluster):
     assert "--backend-store-uri sqlite:////mnt/histokd/" in head
 
 
+def test_edit_points_agree(cluster):
+    """The values an operator edits by hand name one registry and one region everywhere."""
+    registry = cluster["docker"]["image"].split("/")[0]
+    region = cluster["provider"]["region"]
+    init = "\n".join(cluster["initialization_commands"])
+    login = re.search(r"ecr get-login-password --region (\S+) .*--password-stdin (\S+)", init)
+    assert login, "initialization_commands must log Docker in to the image's registry"
+    assert login.group(2) == registry, f"docker login to {login.group(2)}, image from {registry}"
+    regions = {login.group(1), region}
+    regions |= set(re.findall(r"\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com", registry))
+    regions |= set(re.findall(r"\.efs\.([a-z0-9-]+)\.amazonaws\.com", init))
+    assert regions == {region}, f"regions disagree: {sorted(regions)}"
+    zones = cluster["provider"]["availability_zone"].split(",")
+    assert all(zone.startswith(region) for zone in zones), zones
+
+
 # --- network exposure ----------------------------------------------------------------------------
 
 
@@ -266,3 +282,37 @@ def test_no_credentials_in_the_file():
     assert "ssh_private_key" not in yaml.safe_load(text).get("auth", {}), (
         "keys stay on the operator's machine"
     )
+
+
+# --- the documented commands ---------------------------------------------------------------------
+
+
+def _job_commands(text: str) -> list[str]:
+    """Commands running jobs/rckd_pretrain.py, continuation lines joined, comment marks dropped."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
+    return [line for line in joined.splitlines() if "jobs/rckd_pretrain.py" in line]
+
+
+def test_documented_commands_use_real_flags_and_the_tunnel():
+    """The guide's and cluster.yaml's commands name flags the job has, and go through the tunnel."""
+    import dataclasses
+
+    from histokd.pretrain.config import PretrainConfig
+
+    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(PretrainConfig)}
+    flags |= {"--config", "--preset", "--print-config", "--help", "--no-use-gpu"}
+    guide = (REPO / "docs" / "operators_guide.md").read_text()
+    commands = _job_commands(guide) + _job_commands(CLUSTER_YAML.read_text())
+    assert len(commands) >= 3
+    for command in commands:
+        job_args = command.split("jobs/rckd_pretrain.py", 1)[1]
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", job_args):
+            assert flag in flags, (
+                f"{flag} is not a flag of jobs/rckd_pretrain.py: {command.strip()}"
+            )
+        if "ray job submit" in command:
+            assert "--address http://localhost:8265" in command, (
+                f"submit through the tunnel: {command}"
+            )
+            assert "--working-dir ." in command
