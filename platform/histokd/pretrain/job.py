@@ -126,6 +126,10 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     gpus = _cluster_gpus()
     use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    if use_gpu and gpus == 0:
+        # An autoscaling cluster may have no GPU node up yet: plan for GPUs anyway, so the
+        # teacher actors and trainers ask for their shares and the autoscaler adds nodes.
+        gpus = float(num_workers_hint(config))
     num_workers = config.num_workers or (max(1, int(gpus)) if use_gpu else 1)
     stream_kwargs = dict(
         teacher=config.teacher,
@@ -220,6 +224,11 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         num_train_patches=train_table.num_rows,
         num_holdout_patches=holdout_table.num_rows,
     )
+
+
+def num_workers_hint(config: PretrainConfig) -> int:
+    """GPUs to plan for when none are up yet: one per training worker."""
+    return config.num_workers or 1
 
 
 def _worker_resources(config: PretrainConfig, use_gpu: bool, gpus: float) -> dict[str, float]:
