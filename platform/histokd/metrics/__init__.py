@@ -1,5 +1,34 @@
 """Metrics computed from confusion counts, so they add up across batches and workers."""
 
+from histokd.metrics.bootstrap import (
+    BootstrapInterval,
+    bootstrap_ci,
+    bootstrap_confusion_ci,
+    percentile_interval,
+)
+from histokd.metrics.classification import (
+    ClassificationMetrics,
+    accuracy,
+    classification_metrics,
+    confusion_matrix,
+    iou_per_class,
+    macro_precision_recall_f1,
+    mean_iou,
+)
 from histokd.metrics.segmentation import BinaryConfusion, binary_confusion
 
-__all__ = ["BinaryConfusion", "binary_confusion"]
+__all__ = [
+    "BinaryConfusion",
+    "BootstrapInterval",
+    "ClassificationMetrics",
+    "accuracy",
+    "binary_confusion",
+    "bootstrap_ci",
+    "bootstrap_confusion_ci",
+    "classification_metrics",
+    "confusion_matrix",
+    "iou_per_class",
+    "macro_precision_recall_f1",
+    "mean_iou",
+    "percentile_interval",
+]

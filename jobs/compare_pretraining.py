@@ -1,0 +1,46 @@
+"""Compare initialisations and backbones on downstream tasks (RCKD Tables 3-4, Fig. 10).
+
+    python jobs/compare_pretraining.py --backbone-files csat=runs/rckd/backbone.pth   # demo task
+    python jobs/compare_pretraining.py --backbones csat resnet18 \\
+        --backbone-files csat=runs/tcga-csat/backbone.pth resnet18=runs/tcga-r18/backbone.pth \\
+        --timm-weights "SPT on ImageNet@resnet18=/w/resnet18.a1_in1k.safetensors" \\
+        --datasets Lymph=/data/lymph BACH=/data/bach --segmentation-datasets GlaS=/data/glas
+
+Every backbone x initialisation x dataset is one fine-tuning job (five splits). Writes
+STORAGE/RUN/comparison.{csv,md,png}: the tables (accuracy / mIoU per dataset, averages, backbone
+parameters and GMAC at --input-size) and the ball chart (accuracy vs GMAC, size by parameters,
+colour by initialisation), also to MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from histokd.cli import parse_config
+from histokd.finetune.compare import CompareConfig
+from histokd.finetune.config import DEMO_PRESET
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(
+        CompareConfig,
+        argv,
+        description=__doc__,
+        presets={"demo": DEMO_PRESET},
+        default_preset=lambda values: None if values.get("datasets") or values.get("segmentation_datasets") else "demo",
+    )
+    from histokd.finetune.compare import run_comparison
+
+    try:
+        result = run_comparison(config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(open(result.files["markdown"]).read())
+    print(f"chart: {result.files.get('chart', '(no classification dataset)')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

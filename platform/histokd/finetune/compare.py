@@ -1,0 +1,172 @@
+"""Comparing pretraining: every backbone x initialisation fine-tuned on every dataset.
+
+RCKD Sec. 3.2-3.3 and 3.6: Tables 3 and 4 (accuracy per classification dataset, mIoU per
+segmentation dataset, their averages, with each backbone's parameters and GMAC) and Fig. 10
+(average accuracy against GMAC, circle size by parameters, colour by pretraining method). Each
+cell is one fine-tuning job (`run_finetune`, five splits by default), named
+``RUN_NAME-DATASET-BACKBONE-INIT``, so rerunning a comparison skips what it finished.
+
+Initialisations: random weights (``random_init``), backbone files (``backbone_files``: RCKD
+pretraining's output, label "RCKD") and timm weights (``timm_weights``: e.g. ImageNet-supervised
+weights from a local file, label "SPT on ImageNet"). Each entry is ``[LABEL@]BACKBONE=PATH``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histokd.cli import config_to_dict, save_config
+from histokd.finetune.config import FinetuneConfig
+
+__all__ = ["CompareConfig", "ComparisonResult", "parse_init_entry", "run_comparison"]
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def parse_init_entry(entry: str, field_name: str, default_label: str) -> tuple[str, str, str]:
+    """``[LABEL@]BACKBONE=PATH`` -> (label, backbone, absolute path).
+
+    Raises:
+        ValueError: Bad syntax, an unknown backbone or a missing file, naming the field.
+    """
+    from histokd.models import BACKBONES
+
+    match = re.fullmatch(r"(?:(?P<label>[^@=]+)@)?(?P<backbone>[\w]+)=(?P<path>.+)", entry.strip())
+    if not match:
+        raise ValueError(f"{field_name}: {entry!r}; expected [LABEL@]BACKBONE=PATH, e.g. csat=runs/rckd/backbone.pth")
+    backbone, path = match["backbone"], match["path"]
+    if backbone not in BACKBONES:
+        raise ValueError(f"{field_name}: {entry!r}: backbone {backbone!r} unknown; allowed: {', '.join(BACKBONES)}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{field_name}: {entry!r}: no such file {path!r}")
+    return (match["label"] or default_label).strip(), backbone, os.path.abspath(path)
+
+
+def _parse_dataset(entry: str, field_name: str) -> tuple[str, str]:
+    name, sep, path = entry.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"{field_name}: {entry!r}; expected NAME=PATH (a folder or CSV)")
+    if not os.path.exists(path):
+        raise ValueError(f"{field_name}: {entry!r}: no such folder or file {path!r}")
+    return name.strip(), os.path.abspath(path)
+
+
+@dataclass
+class CompareConfig(FinetuneConfig):
+    """Backbones x initialisations x datasets, fine-tuned with the shared settings below
+    (``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set per cell)."""
+
+    run_name: str = field(default="compare", metadata=_help("name of the comparison; rerunning with the same name skips finished cells"))
+    backbones: list[str] = field(default_factory=lambda: ["csat"], metadata=_help("backbones fine-tuned from random weights (and listed in the tables)"))
+    random_init: bool = field(default=True, metadata=_help("include random initialisation of every backbone (RCKD Table 3: Random Weight)"))
+    backbone_files: list[str] = field(default_factory=list, metadata=_help("backbone files, [LABEL@]BACKBONE=PATH; label default RCKD (e.g. csat=runs/rckd/backbone.pth)"))
+    timm_weights: list[str] = field(default_factory=list, metadata=_help("timm weights from local files, [LABEL@]BACKBONE=PATH; label default 'SPT on ImageNet'"))
+    datasets: list[str] = field(default_factory=list, metadata=_help("classification datasets, NAME=PATH; none given and no segmentation datasets: the demo task"))
+    segmentation_datasets: list[str] = field(default_factory=list, metadata=_help("segmentation datasets, NAME=PATH"))
+    mlflow_experiment: str = field(default="histokd-compare", metadata=_help("MLflow experiment name"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from histokd.models import BACKBONES
+
+        for name in self.backbones:
+            if name not in BACKBONES:
+                raise ValueError(f"backbones: {name!r} unknown; allowed: {', '.join(BACKBONES)}")
+        inits = self.initialisations()
+        if not inits:
+            raise ValueError("no initialisation to compare: set random_init, backbone_files or timm_weights")
+        self.dataset_list()  # validates
+
+    def initialisations(self) -> list[tuple[str, str, str]]:
+        """(label, backbone, init value) of every cell's initialisation, in table order."""
+        cells: list[tuple[str, str, str]] = []
+        if self.random_init:
+            cells += [("Random Weight", b, "random") for b in self.backbones]
+        cells += [(label, b, f"timm:{p}") for label, b, p in (parse_init_entry(e, "timm_weights", "SPT on ImageNet") for e in self.timm_weights)]
+        cells += [(label, b, p) for label, b, p in (parse_init_entry(e, "backbone_files", "RCKD") for e in self.backbone_files)]
+        return cells
+
+    def dataset_list(self) -> list[tuple[str, str, str]]:
+        """(name, path, task) of every dataset; empty when the demo task is meant."""
+        out = [(*_parse_dataset(e, "datasets"), "classification") for e in self.datasets]
+        out += [(*_parse_dataset(e, "segmentation_datasets"), "segmentation") for e in self.segmentation_datasets]
+        names = [n for n, _, _ in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must differ, got {names}")
+        return out
+
+
+@dataclass
+class ComparisonResult:
+    """One row per (dataset, backbone, initialisation), and the files written."""
+
+    rows: list[dict[str, Any]]
+    files: dict[str, str]
+    run_dir: str
+    mlflow_run_id: str | None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+
+
+def run_comparison(config: CompareConfig) -> ComparisonResult:
+    """Fine-tune every cell, then write the Table 3/4-style tables and the Fig. 10-style chart."""
+    from histokd.finetune.job import prepare_dataset, run_finetune
+    from histokd.finetune.report import write_comparison_outputs
+    from histokd.models.profile import profile_backbones
+    from histokd.tracking import MLflowRun
+
+    datasets = config.dataset_list() or [("Demo tissue", "", "classification")]
+    work_dir = Path(config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")) / config.run_name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, work_dir / "compare_config.yaml")
+    run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name,
+                    artifact_location=str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None)  # fmt: skip
+    run.log_params(config_to_dict(config))
+    run.log_standard_tags()
+    run.set_tags({"histokd.job": "compare_pretraining", "histokd.run_dir": str(work_dir)})
+
+    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    profiles: dict[str, Any] = {}
+    rows = []
+    try:
+        for dataset_name, path, task in datasets:
+            dataset = None
+            for label, backbone, init in config.initialisations():
+                cell = dict(base, data=path, task=task, backbone=backbone, init=init, init_label=label,
+                            run_name=f"{config.run_name}-{_slug(dataset_name)}-{backbone}-{_slug(label)}",
+                            mlflow_tracking_uri=config.tracking_uri)  # fmt: skip
+                cell_config = FinetuneConfig(**cell)
+                dataset = dataset or prepare_dataset(cell_config)
+                print(f"[{dataset_name}] {backbone} ({label})", flush=True)
+                outcome = run_finetune(cell_config, dataset=dataset, parent_run_id=run.run_id)
+                if backbone not in profiles:
+                    profiles[backbone] = profile_backbones([backbone], [config.input_size])[0]
+                entry = outcome.primary
+                rows.append({
+                    "dataset": dataset_name, "task": task, "model": backbone, "init": label,
+                    "params": profiles[backbone].params_backbone, "gmac": profiles[backbone].gmac_paper,
+                    "input_size": config.input_size, "metric": outcome.summary["primary_metric"],
+                    "mean": entry["mean"], "std": entry["std"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"],
+                    "num_splits": outcome.summary["num_splits"], "run_dir": outcome.run_dir,
+                })  # fmt: skip
+                metric_key = f"{_slug(dataset_name)}.{backbone}.{_slug(label)}.{outcome.summary['primary_metric']}_mean"
+                if math.isfinite(entry["mean"]):
+                    run.log_metrics({metric_key: entry["mean"]})
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    files = write_comparison_outputs(rows, work_dir)
+    for path in files.values():
+        run.log_artifact(path)
+    run.finish("FINISHED")
+    return ComparisonResult(rows=rows, files=files, run_dir=str(work_dir), mlflow_run_id=run.run_id)

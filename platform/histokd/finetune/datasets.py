@@ -1,0 +1,275 @@
+"""Downstream datasets: what is on disk, read into a `TaskDataset` of file paths and labels.
+
+Three layouts (``docs/datasets.md`` maps the paper's six datasets onto them):
+
+* Classification, a folder per class: ``ROOT/<class>/**/<image>``. Images are found
+  recursively under each class folder, so BreakHis's nested tree works with ROOT at
+  ``.../breast``. Fixed lists: ``ROOT/{train,val,test}/<class>/...`` (any of the three).
+* Classification or segmentation from a CSV: columns ``path,label`` or ``image,mask``,
+  with an optional ``split`` column (``train``/``val``/``test``); relative paths are relative to
+  the CSV's folder.
+* Segmentation, image and mask pairs: ``ROOT/images/<stem>.<ext>`` with
+  ``ROOT/masks/<stem>.<ext>`` (a single-channel image whose pixel value is the class index;
+  ``ignore_index``, 255 by default, marks unlabelled pixels), or the same under
+  ``ROOT/{train,val,test}/``. Class names come from ``ROOT/classes.txt`` (line k names value
+  k), otherwise they are ``class_0 ... class_{C-1}`` with C from the largest mask value.
+
+Images of any size are accepted; `ImageSamples` resizes them to the input resolution.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SPLIT_NAMES",
+    "TaskDataset",
+    "load_classification_csv",
+    "load_classification_folder",
+    "load_segmentation_csv",
+    "load_segmentation_pairs",
+    "load_task_dataset",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SPLIT_NAMES = ("train", "val", "test")
+Task = Literal["classification", "segmentation"]
+
+
+@dataclass
+class TaskDataset:
+    """A downstream dataset as paths and labels.
+
+    Attributes:
+        task: ``classification`` or ``segmentation``.
+        images: Image paths.
+        class_names: Class names; label (or mask value) k is ``class_names[k]``.
+        labels: Class index per image (classification).
+        masks: Mask path per image (segmentation).
+        fixed: Per image ``train``/``val``/``test`` from the dataset's own lists, or None.
+        source: Where it was read from.
+    """
+
+    task: Task
+    images: list[str]
+    class_names: tuple[str, ...]
+    labels: list[int] | None = None
+    masks: list[str] | None = None
+    fixed: list[str | None] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ValueError(f"{self.source or 'dataset'}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        if self.task == "classification" and (self.labels is None or len(self.labels) != len(self.images)):
+            raise ValueError(f"{self.source}: a classification dataset needs one label per image")
+        if self.task == "segmentation" and (self.masks is None or len(self.masks) != len(self.images)):
+            raise ValueError(f"{self.source}: a segmentation dataset needs one mask per image")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.class_names)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class (classification)."""
+        if self.labels is None:
+            return {}
+        counts = np.bincount(np.asarray(self.labels), minlength=self.num_classes)
+        return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+
+    def subset(self, indices: Sequence[int]) -> dict[str, list]:
+        """The samples at ``indices`` as plain lists (for a Ray Train worker's config)."""
+        indices = [int(i) for i in indices]
+        out: dict[str, list] = {"images": [self.images[i] for i in indices]}
+        if self.labels is not None:
+            out["labels"] = [int(self.labels[i]) for i in indices]
+        if self.masks is not None:
+            out["masks"] = [self.masks[i] for i in indices]
+        return out
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _subfolders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_roots(root: Path) -> list[tuple[str | None, Path]]:
+    """``[(split name, folder)]``: the split subfolders when any exist, else the root itself."""
+    present = [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
+    return present or [(None, root)]
+
+
+def load_classification_folder(root: str | os.PathLike) -> TaskDataset:
+    """A folder per class, optionally under ``train``/``val``/``test`` (see the module docstring).
+
+    Raises:
+        ValueError: The folder is missing, has no class folders, or a class folder has no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data={str(root)!r}: no such folder")
+    roots = _split_roots(root)
+    class_names = sorted({p.name for _, folder in roots for p in _subfolders(folder)})
+    if not class_names:
+        raise ValueError(f"data={str(root)!r}: no class folders; expected ROOT/<class>/<images> or ROOT/train/<class>/<images>")
+    images, labels, fixed = [], [], []
+    for split, folder in roots:
+        for label, name in enumerate(class_names):
+            class_dir = folder / name
+            if not class_dir.is_dir():
+                continue
+            found = sorted(str(p) for p in class_dir.rglob("*") if _is_image(p))
+            if not found and split is None:
+                raise ValueError(f"data={str(root)!r}: class folder {str(class_dir)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            images += found
+            labels += [label] * len(found)
+            fixed += [split] * len(found)
+    return TaskDataset(
+        "classification", images, tuple(class_names), labels=labels,
+        fixed=fixed if roots[0][0] is not None else None, source=str(root),
+    )  # fmt: skip
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise ValueError(f"data={str(path)!r}: no such CSV file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(f"data={str(path)!r}: CSV lacks column(s) {missing}; has {columns}; need {list(required)} (and optionally split)")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"data={str(path)!r}: CSV has no rows")
+    return rows
+
+
+def _resolve(base: Path, value: str, csv_path: Path, line: int, column: str) -> str:
+    path = Path(value)
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ValueError(f"{csv_path}: line {line}: {column} {value!r} does not exist (looked for {path})")
+    return str(path)
+
+
+def _split_of(row: dict[str, str], csv_path: Path, line: int) -> str | None:
+    split = (row.get("split") or "").strip().lower() or None
+    if split is not None and split not in SPLIT_NAMES:
+        raise ValueError(f"{csv_path}: line {line}: split {split!r}; allowed: train, val, test or empty")
+    return split
+
+
+def load_classification_csv(path: str | os.PathLike) -> TaskDataset:
+    """A CSV of ``path,label[,split]``; labels are class names (or integers), sorted for indices.
+
+    Raises:
+        ValueError: Missing columns or files, or a bad split name, naming the line.
+    """
+    path = Path(path)
+    rows = _read_csv(path, ("path", "label"))
+    base = path.parent
+    names = [r["label"].strip() for r in rows]
+    if all(n.lstrip("-").isdigit() for n in names):
+        class_names = tuple(str(i) for i in range(max(int(n) for n in names) + 1))
+    else:
+        class_names = tuple(sorted(set(names)))
+    index = {n: i for i, n in enumerate(class_names)}
+    images, labels, fixed = [], [], []
+    for line, row in enumerate(rows, start=2):
+        if names[line - 2] not in index or not names[line - 2]:
+            raise ValueError(f"{path}: line {line}: empty or negative label {names[line - 2]!r}")
+        images.append(_resolve(base, row["path"].strip(), path, line, "path"))
+        labels.append(index[names[line - 2]])
+        fixed.append(_split_of(row, path, line))
+    return TaskDataset("classification", images, class_names, labels=labels,
+                       fixed=fixed if any(fixed) else None, source=str(path))  # fmt: skip
+
+
+def _read_class_names(root: Path, masks: Sequence[str]) -> tuple[str, ...]:
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        if not names:
+            raise ValueError(f"{names_file}: empty; write one class name per line (line k names mask value k)")
+        return names
+    from PIL import Image
+
+    top = 0
+    for mask in masks:
+        values = np.unique(np.asarray(Image.open(mask)))
+        values = values[values != 255]
+        top = max(top, int(values.max()) if values.size else 0)
+    return tuple(f"class_{k}" for k in range(top + 1))
+
+
+def load_segmentation_pairs(root: str | os.PathLike) -> TaskDataset:
+    """``ROOT[/split]/images/<stem>.*`` with ``ROOT[/split]/masks/<stem>.*``.
+
+    Raises:
+        ValueError: Missing folders, or an image without a mask (naming the image).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data={str(root)!r}: no such folder")
+    roots = _split_roots(root)
+    images, masks, fixed = [], [], []
+    for split, folder in roots:
+        image_dir, mask_dir = folder / "images", folder / "masks"
+        if not image_dir.is_dir() or not mask_dir.is_dir():
+            raise ValueError(f"data={str(root)!r}: expected folders {image_dir} and {mask_dir} (image/mask pairs with the same stem)")
+        mask_by_stem = {p.stem: str(p) for p in mask_dir.iterdir() if _is_image(p)}
+        for image in sorted(p for p in image_dir.iterdir() if _is_image(p)):
+            if image.stem not in mask_by_stem:
+                raise ValueError(f"data={str(root)!r}: image {image} has no mask {mask_dir}/{image.stem}.*")
+            images.append(str(image))
+            masks.append(mask_by_stem[image.stem])
+            fixed.append(split)
+    return TaskDataset("segmentation", images, _read_class_names(root, masks), masks=masks,
+                       fixed=fixed if roots[0][0] is not None else None, source=str(root))  # fmt: skip
+
+
+def load_segmentation_csv(path: str | os.PathLike) -> TaskDataset:
+    """A CSV of ``image,mask[,split]``; class names from ``classes.txt`` beside the CSV."""
+    path = Path(path)
+    rows = _read_csv(path, ("image", "mask"))
+    images, masks, fixed = [], [], []
+    for line, row in enumerate(rows, start=2):
+        images.append(_resolve(path.parent, row["image"].strip(), path, line, "image"))
+        masks.append(_resolve(path.parent, row["mask"].strip(), path, line, "mask"))
+        fixed.append(_split_of(row, path, line))
+    return TaskDataset("segmentation", images, _read_class_names(path.parent, masks), masks=masks,
+                       fixed=fixed if any(fixed) else None, source=str(path))  # fmt: skip
+
+
+def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
+    """Read a dataset in any of the layouts of the module docstring.
+
+    Args:
+        data: A folder or a ``.csv`` file.
+        task: ``classification`` or ``segmentation``.
+
+    Raises:
+        ValueError: Naming the path and what was expected.
+    """
+    path = Path(data)
+    if task not in ("classification", "segmentation"):
+        raise ValueError(f"task={task!r}: allowed: classification, segmentation")
+    if path.suffix.lower() == ".csv":
+        return load_classification_csv(path) if task == "classification" else load_segmentation_csv(path)
+    return load_classification_folder(path) if task == "classification" else load_segmentation_pairs(path)

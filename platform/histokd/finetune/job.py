@@ -1,0 +1,323 @@
+"""The fine-tuning driver: dataset -> splits -> one Ray Train run per split -> summary + MLflow.
+
+RCKD Algorithm 2 on Ray. Every split is its own ``TorchTrainer`` run (named
+``RUN_NAME-split{i}``), and the splits are fitted from a thread pool so that as many run at
+once as the cluster holds. A split that finished before (its ``result.json`` is in the run
+folder) is not trained again, and one that was interrupted resumes from its last checkpoint,
+so rerunning a job with the same run name completes it. The per-split results are summarised
+(mean, standard deviation, bootstrap intervals; `histokd.finetune.evaluation`) and written as
+JSON, CSV and Markdown into the run folder and into MLflow (one parent run per job, a child
+run per split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histokd.cli import config_to_dict, save_config
+from histokd.finetune.config import FinetuneConfig
+from histokd.finetune.datasets import TaskDataset, load_task_dataset
+from histokd.finetune.splits import Split, make_splits
+
+__all__ = ["FinetuneResult", "prepare_dataset", "run_finetune", "split_slots"]
+
+log = logging.getLogger(__name__)
+
+_CACHE_LIMIT_BYTES = 2 * 2**30
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning job produced.
+
+    Attributes:
+        run_dir: Local folder with config.yaml, splits.json, split_*/result.json, summary.*.
+        summary: See `histokd.finetune.evaluation.summarize_splits`, plus the run's settings.
+        split_results: Each split's ``result.json``.
+        mlflow_run_id: The job's MLflow (parent) run.
+        tracking_uri: MLflow tracking URI.
+        files: Name -> path of the written tables.
+    """
+
+    run_dir: str
+    summary: dict[str, Any]
+    split_results: list[dict[str, Any]]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> dict[str, float]:
+        """Mean, std and interval of the task's metric (accuracy or mIoU)."""
+        return self.summary["metrics"][self.summary["primary_metric"]]
+
+
+def prepare_dataset(config: FinetuneConfig) -> TaskDataset:
+    """The configured dataset, or the demo task (written on first use) when ``data`` is empty."""
+    if config.data:
+        return load_task_dataset(config.data, config.task)
+    from histokd.finetune.demo_tasks import make_demo_tasks
+
+    tasks = make_demo_tasks(config.demo_dir)
+    folder = tasks.classification_dir if config.task == "classification" else tasks.segmentation_dir
+    return load_task_dataset(folder, config.task)
+
+
+def split_slots(config: FinetuneConfig, use_gpu: bool) -> int:
+    """How many splits the cluster can train at once."""
+    import ray
+
+    if config.workers_per_split == 0:  # local mode runs in the driver process, one at a time
+        return 1
+    total = ray.cluster_resources()
+    per_split_cpu = config.workers_per_split * config.cpus_per_worker
+    slots = int(total.get("CPU", 0) // per_split_cpu) if per_split_cpu else 1
+    if use_gpu:
+        slots = min(slots, int(total.get("GPU", 0) // (config.workers_per_split * config.gpus_per_worker)))
+    return max(1, slots)
+
+
+def _cache_images(config: FinetuneConfig, n: int) -> bool:
+    if config.cache_images is not None:
+        return config.cache_images
+    return n * config.input_size**2 * 3 <= _CACHE_LIMIT_BYTES
+
+
+def _local_dir(config: FinetuneConfig) -> Path:
+    base = config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")
+    return Path(base) / config.run_name
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    *,
+    dataset: TaskDataset | None = None,
+    on_split_done: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+    parallel_splits: int | None = None,
+    parent_run_id: str | None = None,
+    tracking: bool = True,
+) -> FinetuneResult:
+    """Fine-tune and evaluate on every split (RCKD Algorithm 2), or finish an interrupted job.
+
+    Args:
+        config: The job's settings.
+        dataset: The dataset (default: `prepare_dataset`).
+        on_split_done: Called from the driver after each split with its result and all results
+            so far (the Tune search reports from here).
+        parallel_splits: Splits trained at once (default: ``config.max_parallel_splits`` or
+            `split_slots`).
+        parent_run_id: MLflow run to nest this job's run under (the Tune search's).
+        tracking: Log to MLflow.
+
+    Raises:
+        ValueError: A bad dataset or setting.
+        RuntimeError: A split failed after its allowed restarts.
+    """
+    import ray
+
+    from histokd.finetune.evaluation import summarize_splits
+    from histokd.pretrain.config import check_storage_path
+
+    check_storage_path(config.storage_path)
+    dataset = dataset if dataset is not None else prepare_dataset(config)
+    if dataset.task != config.task:
+        raise ValueError(f"task={config.task!r} but the dataset {dataset.source} is a {dataset.task} dataset")
+    splits = make_splits(
+        len(dataset), labels=dataset.labels if config.task == "classification" else None, num_splits=config.num_splits,
+        ratios=config.split_ratios, seed=config.split_seed, fixed=dataset.fixed,
+    )  # fmt: skip
+    for split in splits:
+        if len(split.val) == 0 or len(split.test) == 0:
+            raise ValueError(
+                f"split {split.index} has {len(split.val)} validation and {len(split.test)} test samples "
+                f"(dataset {dataset.source}, {len(dataset)} samples, split_ratios={config.split_ratios}); need at least one of each"
+            )
+    work_dir = _local_dir(config)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, work_dir / "config.yaml")
+    (work_dir / "splits.json").write_text(json.dumps(
+        {"source": dataset.source, "class_names": list(dataset.class_names), "images": dataset.images,
+         "splits": [s.as_dict() for s in splits]}, indent=1,
+    ))  # fmt: skip
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    parallel = parallel_splits or config.max_parallel_splits or split_slots(config, use_gpu)
+
+    run = None
+    if tracking:
+        from histokd.tracking import MLflowRun
+
+        run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name, artifact_location=_artifacts(config))
+        run.log_params({**config_to_dict(config), "num_samples": len(dataset), "class_names": ",".join(dataset.class_names)})
+        run.log_standard_tags()
+        run.set_tags({"histokd.job": "finetune", "histokd.init": config.init_name, "histokd.run_dir": str(work_dir)})
+        if parent_run_id:
+            run.set_tags({"mlflow.parentRunId": parent_run_id})
+    cache = _cache_images(config, len(dataset))
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    print(
+        f"fine-tuning {config.backbone} ({config.init_name}) on {dataset.source}: {len(dataset)} images, "
+        f"{dataset.num_classes} classes, {len(splits)} splits, {parallel} at a time",
+        flush=True,
+    )
+    with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:
+        futures = [pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run) for split in splits]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                with lock:
+                    results.append(result)
+                    done = sorted(results, key=lambda r: r["split"])
+                print(
+                    f"split {result['split']} done: test {_primary_name(config)} "
+                    f"{result['test'][_primary_name(config)]:.4f} (best epoch {result['best_epoch']}, "
+                    f"stopped at {result['stopped_epoch']})",
+                    flush=True,
+                )
+                if on_split_done is not None:
+                    on_split_done(result, done)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            if run is not None:
+                run.finish("FAILED")
+            raise
+    results.sort(key=lambda r: r["split"])
+    summary = summarize_splits(results, n_resamples=config.bootstrap_resamples, confidence=config.confidence, seed=config.seed)
+    summary.update(
+        backbone=config.backbone, init=config.init, init_label=config.init_name, input_size=config.input_size,
+        lr=config.lr, positional_encoding=config.positional_encoding, dataset=dataset.source,
+        class_names=list(dataset.class_names), wall_seconds=time.monotonic() - started,
+    )  # fmt: skip
+    from histokd.finetune.report import write_split_tables
+
+    files = write_split_tables(summary, work_dir)
+    if run is not None:
+        _log_summary(run, summary, files)
+        run.finish("FINISHED")
+    return FinetuneResult(
+        run_dir=str(work_dir), summary=summary, split_results=results,
+        mlflow_run_id=run.run_id if run else None, tracking_uri=config.tracking_uri if run else None, files=files,
+    )  # fmt: skip
+
+
+def _primary_name(config: FinetuneConfig) -> str:
+    return "accuracy" if config.task == "classification" else "miou"
+
+
+def _artifacts(config: FinetuneConfig) -> str | None:
+    return str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None
+
+
+def _fit_split(
+    config: FinetuneConfig,
+    dataset: TaskDataset,
+    split: Split,
+    work_dir: Path,
+    use_gpu: bool,
+    cache: bool,
+    parent,
+) -> dict[str, Any]:
+    """Train, early-stop and test one split as its own Ray Train run (or reuse its result)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from histokd.finetune.loop import BEST_MODEL_FILE, RESULT_FILE, train_fn_per_worker
+
+    split_dir = work_dir / f"split_{split.index}"
+    result_path = split_dir / RESULT_FILE
+    if result_path.is_file():
+        print(f"split {split.index}: finished before, reusing {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    split_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{config.run_name}-split{split.index}"
+    child = None
+    if parent is not None:
+        from histokd.tracking import MLflowRun
+
+        child = MLflowRun(config.tracking_uri, config.mlflow_experiment, name, artifact_location=_artifacts(config))
+        child.set_tags({"mlflow.parentRunId": parent.run_id, "histokd.split": str(split.index)})
+        child.log_params({"split": split.index, "train": len(split.train), "val": len(split.val), "test": len(split.test)})
+    loop_config = config_to_dict(config)
+    loop_config.update(
+        num_classes=dataset.num_classes,
+        class_names=list(dataset.class_names),
+        split_index=split.index,
+        seed=config.seed + split.index,
+        cache_images=cache,
+        data={part: dataset.subset(getattr(split, part)) for part in ("train", "val", "test")},
+        mlflow_run_id=child.run_id if child else None,
+        tracking_uri=config.tracking_uri if child else None,
+    )
+    resources: dict[str, float] = {"CPU": config.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = config.gpus_per_worker
+    if config.workers_per_split == 0:
+        # Ray Train's local mode keeps no checkpoint files: the split's results go to its folder
+        loop_config["local_result_dir"] = str(split_dir / "local_run")
+        scaling = ScalingConfig(num_workers=0)
+    else:
+        scaling = ScalingConfig(num_workers=config.workers_per_split, use_gpu=use_gpu, resources_per_worker=resources)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name,
+            storage_path=config.storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    try:
+        outcome = trainer.fit()
+    except Exception:
+        if child is not None:
+            child.finish("FAILED")
+        raise
+    if outcome.error or outcome.checkpoint is None:
+        if child is not None:
+            child.finish("FAILED")
+        raise RuntimeError(f"split {split.index} ({name}) failed: {outcome.error or 'no checkpoint'}")
+    with outcome.checkpoint.as_directory() as d:
+        result = json.loads((Path(d) / RESULT_FILE).read_text())
+        result["checkpoint"] = outcome.checkpoint.path
+        result["best_model"] = f"{outcome.checkpoint.path}/{BEST_MODEL_FILE}"
+        if child is not None:
+            child.log_artifact(Path(d) / RESULT_FILE)
+    # the record indices are positions in the split's test list: keep the dataset's indices too
+    result["test_records"]["dataset_index"] = [int(split.test[i]) for i in result["test_records"]["index"]]
+    tmp = result_path.with_name(f".{RESULT_FILE}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, result_path)
+    if child is not None:
+        child.log_metrics({f"test_{k}": v for k, v in result["test"].items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        child.finish("FINISHED")
+    return result
+
+
+def _log_summary(run, summary: dict[str, Any], files: dict[str, str]) -> None:
+    metrics: dict[str, float] = {}
+    for name, entry in summary["metrics"].items():
+        for key in ("mean", "std", "ci_low", "ci_high"):
+            value = entry.get(key)
+            if value is not None and math.isfinite(value):
+                metrics[f"test_{name}_{key}"] = value
+    metrics["wall_seconds"] = summary["wall_seconds"]
+    run.log_metrics(metrics)
+    for path in files.values():
+        run.log_artifact(path)

@@ -1,0 +1,128 @@
+"""The PyTorch side of a downstream dataset: images resized to the input resolution, with targets.
+
+RCKD's datasets range from 224 x 224 (CRC) to 2048 x 1536 (BACH microscopy) pixels; every image
+is resized to the model's square input (RCKD Sec. 3.1: 224 or 384) with bilinear filtering,
+masks with nearest neighbour so class indices stay indices. Decoded, resized images can be
+kept in memory, which on small datasets (BACH: 400 images, Lymph: 374) saves re-decoding large
+files every epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from histokd.finetune.augment import augment
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageSamples", "load_image", "load_mask", "normalize"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's default for every backbone histokd trains
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """An RGB image resized (bilinear) to ``size x size``, ``H x W x 3`` uint8.
+
+    Raises:
+        ValueError: The file cannot be decoded (naming it).
+    """
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            return np.array(img, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"image {path!r} cannot be read: {exc}") from exc
+
+
+def load_mask(path: str, size: int) -> np.ndarray:
+    """A class-index mask resized (nearest) to ``size x size``, ``H x W`` uint8.
+
+    Raises:
+        ValueError: The file cannot be decoded or is not single-channel (naming it).
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(f"mode {img.mode}: a mask must be single-channel class indices")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.NEAREST)
+            return np.array(img).astype(np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"mask {path!r} cannot be read: {exc}") from exc
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """``N x 3 x H x W`` uint8 or [0, 1] floats -> ImageNet-normalised floats."""
+    image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
+    return (image - mean) / std
+
+
+class ImageSamples(Dataset):
+    """Images with class labels or masks, at the input resolution.
+
+    Items are ``(image, target, index)``: ``3 x S x S`` uint8, a class index (classification)
+    or an ``S x S`` int64 mask (segmentation), and the sample's position in ``images``.
+    Normalisation happens on the batch (`normalize`), after augmentation.
+
+    Args:
+        images: Image paths.
+        input_size: Side S of the square input.
+        labels: Class index per image (classification).
+        masks: Mask path per image (segmentation).
+        train: Apply the training augmentations.
+        color_jitter: See `augment`.
+        hue_jitter: See `augment`.
+        cache: Keep decoded, resized images (and masks) in memory after the first read.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[str],
+        input_size: int,
+        labels: Sequence[int] | None = None,
+        masks: Sequence[str] | None = None,
+        train: bool = False,
+        color_jitter: float = 0.1,
+        hue_jitter: float = 0.02,
+        cache: bool = False,
+    ) -> None:
+        if (labels is None) == (masks is None):
+            raise ValueError("ImageSamples: give labels (classification) or masks (segmentation), not both or neither")
+        self.images = list(images)
+        self.labels = list(labels) if labels is not None else None
+        self.masks = list(masks) if masks is not None else None
+        self.input_size = int(input_size)
+        self.train = train
+        self.color_jitter = color_jitter
+        self.hue_jitter = hue_jitter
+        self.cache = cache
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if i in self._cache:
+            return self._cache[i]
+        image = load_image(self.images[i], self.input_size)
+        mask = load_mask(self.masks[i], self.input_size) if self.masks is not None else None
+        if self.cache:
+            self._cache[i] = (image, mask)
+        return image, mask
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image_np, mask_np = self._read(i)
+        image = torch.from_numpy(image_np).permute(2, 0, 1)
+        mask = torch.from_numpy(mask_np.astype(np.int64)) if mask_np is not None else None
+        if self.train:
+            image, mask = augment(image, mask, self.color_jitter, self.hue_jitter)
+        target = mask if mask is not None else torch.tensor(self.labels[i], dtype=torch.int64)
+        return image, target, i

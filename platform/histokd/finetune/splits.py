@@ -1,0 +1,184 @@
+"""Train / validation / test splits of a downstream dataset (RCKD Sec. 2.1.2, Algorithm 2).
+
+RCKD repeats the data split and the experiment five times with different random seeds and
+reports the mean (Algorithm 2, N_fold = 5). Datasets that publish only a training set (BACH
+microscopy, BreakHis, Lymph) are split 6:2:2; those with a fixed test set (CRC, GlaS) split their
+training set 80:20 into train and validation; BACH WSI has fixed lists for all three.
+
+:func:`make_splits` covers the three cases: with no fixed lists it draws ``num_splits``
+seeded random splits by ``ratios``; with a fixed test list it splits the rest into train and
+validation by the ratio of the first two ratios; with all three fixed it repeats the fixed
+split (the repeats then differ only in the training seed). Classification splits are
+stratified: each class is split by the ratios on its own, so every split keeps the class
+proportions to within one sample per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RCKD_RATIOS", "Split", "make_splits", "split_indices"]
+
+RCKD_RATIOS = (0.6, 0.2, 0.2)  # RCKD Sec. 2.1.2: training sets split 6:2:2
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: sample indices of each part, sorted.
+
+    Attributes:
+        index: Split number, 0-based.
+        seed: Seed the split was drawn with (also the training seed of this split).
+        train: Indices of the training samples.
+        val: Indices of the validation samples (early stopping).
+        test: Indices of the test samples.
+    """
+
+    index: int
+    seed: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def as_dict(self) -> dict[str, list[int]]:
+        """Plain lists, for JSON."""
+        return {"train": self.train.tolist(), "val": self.val.tolist(), "test": self.test.tolist()}
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """(train, val, test) sample counts."""
+        return len(self.train), len(self.val), len(self.test)
+
+
+def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) not in (2, 3) or any(r < 0 for r in ratios) or ratios[0] <= 0 or sum(ratios) <= 0:
+        raise ValueError(f"split_ratios={list(ratios)!r}: need 3 non-negative ratios train:val:test (train > 0), e.g. 0.6 0.2 0.2")
+    total = sum(ratios)
+    return tuple(r / total for r in ratios)
+
+
+def _counts(n: int, ratios: Sequence[float]) -> list[int]:
+    """Split n into parts by ratios: the largest remainders get the leftover samples, ties to the
+    earlier part, and the first part (training) gets at least one sample when n > 0."""
+    exact = np.asarray(ratios) * n
+    counts = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - counts), kind="stable")
+    for k in order[: n - counts.sum()]:
+        counts[k] += 1
+    if n and counts[0] == 0:
+        donor = int(np.argmax(counts))
+        counts[donor] -= 1
+        counts[0] += 1
+    return counts.tolist()
+
+
+def split_indices(
+    indices: np.ndarray,
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+    labels: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Shuffle ``indices`` and cut them by ``ratios``, per class when ``labels`` are given.
+
+    Args:
+        indices: Sample indices to split.
+        ratios: Normalised ratios, one per part.
+        rng: The split's generator.
+        labels: Class of each entry of ``indices`` (stratified), or None.
+
+    Returns:
+        One sorted index array per part.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in ratios]
+    groups = [indices] if labels is None else [indices[labels == c] for c in np.unique(labels)]
+    for group in groups:
+        shuffled = rng.permutation(group)
+        start = 0
+        for k, count in enumerate(_counts(len(shuffled), ratios)):
+            parts[k].append(shuffled[start : start + count])
+            start += count
+    return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts]
+
+
+def make_splits(
+    num_samples: int,
+    labels: Sequence[int] | np.ndarray | None = None,
+    num_splits: int = 5,
+    ratios: Sequence[float] = RCKD_RATIOS,
+    seed: int = 0,
+    fixed: Sequence[str | None] | None = None,
+) -> list[Split]:
+    """The ``num_splits`` splits of a dataset (RCKD Algorithm 2, N_fold = 5).
+
+    Split ``i`` is drawn from ``numpy.random.SeedSequence([seed, i])``, so the same seed gives the
+    same splits and asking for more splits leaves the first ones unchanged.
+
+    Args:
+        num_samples: Dataset size n.
+        labels: Class of each sample, for stratified splits (classification); None for
+            segmentation.
+        num_splits: Number of splits (RCKD: 5).
+        ratios: train:val:test (RCKD: 6:2:2); with a fixed test list only train:val is used.
+        seed: Seed of the set of splits.
+        fixed: Per sample ``"train"``, ``"val"``, ``"test"`` or None (not fixed), from the
+            dataset's own lists. Either no sample is fixed, or only the test samples are (the
+            rest is split train:val; a fixed training list without a validation list counts
+            as not fixed), or every sample is.
+
+    Returns:
+        The splits; together the three parts of each cover every sample once.
+
+    Raises:
+        ValueError: Bad ratios, counts or fixed lists.
+    """
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits={num_splits!r}: must be a positive integer (RCKD: 5)")
+    if num_samples < 1:
+        raise ValueError(f"the dataset has {num_samples} samples; need at least 1")
+    ratios = _check_ratios(ratios)
+    label_array = None if labels is None else np.asarray(labels)
+    if label_array is not None and label_array.shape != (num_samples,):
+        raise ValueError(f"labels has shape {label_array.shape}; expected ({num_samples},)")
+    all_indices = np.arange(num_samples)
+    fixed_array = np.array([f or "" for f in fixed], dtype=object) if fixed is not None else np.full(num_samples, "", dtype=object)
+    if fixed_array.shape != (num_samples,):
+        raise ValueError(f"fixed has {fixed_array.shape[0]} entries for {num_samples} samples")
+    unknown = set(fixed_array.tolist()) - {"", "train", "val", "test"}
+    if unknown:
+        raise ValueError(f"fixed split names {sorted(unknown)}: allowed: train, val, test")
+    if "val" not in set(fixed_array.tolist()):
+        # a published training list without a validation list (CRC, GlaS) is split train:val
+        fixed_array = np.where(fixed_array == "train", "", fixed_array)
+    kinds = set(fixed_array.tolist())
+    if "" not in kinds and kinds != {"train", "val", "test"}:
+        raise ValueError(f"the dataset fixes only {sorted(kinds)}; fixed lists need train, val and test")
+
+    splits = []
+    for i in range(num_splits):
+        split_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+        if kinds == {""}:  # nothing fixed: random train:val:test
+            if len(ratios) != 3:
+                raise ValueError(f"split_ratios={list(ratios)!r}: need 3 ratios when the dataset has no fixed test list")
+            train, val, test = split_indices(all_indices, ratios, rng, label_array)
+        elif "" not in kinds:  # everything fixed
+            train, val, test = (np.flatnonzero(fixed_array == k) for k in ("train", "val", "test"))
+        elif kinds <= {"", "test"}:  # a fixed test set; the rest split train:val
+            test = np.flatnonzero(fixed_array == "test")
+            rest = np.flatnonzero(fixed_array != "test")
+            pair = _check_ratios(ratios[:2])
+            rest_labels = None if label_array is None else label_array[rest]
+            train, val = split_indices(rest, pair, rng, rest_labels)
+        else:
+            raise ValueError(
+                f"the dataset fixes {sorted(k for k in kinds if k)} for some samples and leaves others unassigned; "
+                "fix all of train/val/test, only test, or none"
+            )
+        if len(train) == 0:
+            raise ValueError(f"split {i} has no training samples (n={num_samples}, ratios={list(ratios)})")
+        splits.append(Split(i, split_seed % (2**31), train, val, test))
+    return splits

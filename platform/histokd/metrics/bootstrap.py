@@ -1,0 +1,201 @@
+"""Bootstrap confidence intervals of metrics, seeded and vectorised (``scipy.stats.bootstrap``).
+
+Two entry points:
+
+* :func:`bootstrap_ci` for any statistic of paired per-sample arrays (for example the
+  difference of two models' per-patch errors in resolution distillation);
+* :func:`bootstrap_confusion_ci` for a metric of a confusion matrix (accuracy, macro F1, mIoU),
+  resampling samples (images) with their per-sample confusion counts. Classification gives one
+  count per sample; segmentation gives an image's pixel counts, so images, not pixels, are
+  resampled (pixels of one image are not independent).
+
+Both resample with replacement ``n_resamples`` times (10,000 by default) from a generator seeded
+by ``seed``, so the same inputs give the same interval, and keep the bootstrap distribution, so
+intervals of averages over several test sets can be formed from it (see
+``histokd.finetune.evaluation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["BootstrapInterval", "bootstrap_ci", "bootstrap_confusion_ci", "percentile_interval"]
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A point estimate with its bootstrap interval.
+
+    Attributes:
+        estimate: The statistic on the full sample.
+        low: Lower end of the interval.
+        high: Upper end of the interval.
+        confidence: Confidence level, e.g. 0.95.
+        n_resamples: Number of bootstrap resamples.
+        method: ``percentile`` or ``BCa``.
+        distribution: The statistic on every resample (not part of ``as_dict``).
+    """
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    n_resamples: int
+    method: str
+    distribution: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.empty(0))
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}`` + estimate / ci_low / ci_high."""
+        return {f"{prefix}": self.estimate, f"{prefix}_ci_low": self.low, f"{prefix}_ci_high": self.high}
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+def percentile_interval(distribution: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` interval of a bootstrap distribution (NaNs dropped)."""
+    values = np.asarray(distribution, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _check(n_resamples: int, confidence: float, method: str) -> None:
+    if not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples={n_resamples!r}: must be a positive integer (10,000 is usual)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: must be in (0, 1), e.g. 0.95")
+    if method not in ("percentile", "BCa", "basic"):
+        raise ValueError(f"method={method!r}: allowed: percentile, BCa, basic")
+
+
+def bootstrap_ci(
+    statistic: Callable[..., np.ndarray],
+    samples: Sequence[np.ndarray],
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+) -> BootstrapInterval:
+    """Bootstrap interval of a statistic of paired samples (resampled together along axis 0).
+
+    Args:
+        statistic: ``statistic(*resampled, axis=-1)``: vectorised over the last axis, like
+            ``np.mean``; it receives each sample with the resampled axis last.
+        samples: Arrays of equal length n (axis 0), resampled with the same indices.
+        n_resamples: Bootstrap resamples.
+        confidence: Confidence level.
+        seed: Seed of the resampling.
+        method: ``percentile`` (default), ``BCa`` or ``basic`` (see ``scipy.stats.bootstrap``).
+
+    Returns:
+        The interval, with the bootstrap distribution.
+    """
+    _check(n_resamples, confidence, method)
+    arrays = [np.moveaxis(np.asarray(s), 0, -1) for s in samples]
+    lengths = {a.shape[-1] for a in arrays}
+    if len(lengths) != 1:
+        raise ValueError(f"bootstrap_ci: samples differ in length along axis 0: {sorted(lengths)}")
+    n = lengths.pop()
+    if n < 2:
+        raise ValueError(f"bootstrap_ci: need at least 2 samples, got {n}")
+    estimate = float(statistic(*arrays, axis=-1))
+    result = stats.bootstrap(
+        arrays,
+        statistic,
+        n_resamples=n_resamples,
+        paired=True,
+        vectorized=True,
+        axis=-1,
+        confidence_level=confidence,
+        method=method,
+        rng=np.random.default_rng(seed),
+        batch=_batch_size(n, 1),
+    )
+    return BootstrapInterval(
+        estimate=estimate,
+        low=float(result.confidence_interval.low),
+        high=float(result.confidence_interval.high),
+        confidence=confidence,
+        n_resamples=n_resamples,
+        method=method,
+        distribution=np.asarray(result.bootstrap_distribution, dtype=np.float64),
+    )
+
+
+def _batch_size(n: int, width: int) -> int:
+    """Resamples per vectorised call, to keep each call's arrays near 64 MB."""
+    return int(max(1, min(10_000, 8_000_000 // max(1, n * width))))
+
+
+def bootstrap_confusion_ci(
+    per_sample_confusion: np.ndarray,
+    metric: Callable[[np.ndarray], np.ndarray],
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+) -> BootstrapInterval:
+    """Bootstrap interval of a confusion-matrix metric, resampling samples.
+
+    Args:
+        per_sample_confusion: ``n x C x C`` counts of each sample (a one-hot matrix for an image
+            label, the pixel counts of an image for segmentation).
+        metric: Maps ``... x C x C`` to ``...`` (``accuracy``, ``mean_iou``, or a lambda over
+            ``macro_precision_recall_f1``).
+        n_resamples: Bootstrap resamples.
+        confidence: Confidence level.
+        seed: Seed of the resampling.
+        method: ``percentile`` (default), ``BCa`` or ``basic``.
+
+    Returns:
+        The interval, with the bootstrap distribution.
+    """
+    _check(n_resamples, confidence, method)
+    confusion = np.asarray(per_sample_confusion, dtype=np.float64)
+    if confusion.ndim != 3 or confusion.shape[1] != confusion.shape[2]:
+        raise ValueError(f"bootstrap_confusion_ci: need n x C x C counts, got shape {confusion.shape}")
+    n, c = confusion.shape[0], confusion.shape[1]
+    if n < 2:
+        raise ValueError(f"bootstrap_confusion_ci: need at least 2 samples, got {n}")
+    flat = confusion.reshape(n, c * c)
+
+    def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        # index holds resampled sample numbers, resamples along the leading axes; the resample's
+        # confusion is the sum of its samples' counts: multiplicity @ counts.
+        index = np.asarray(index, dtype=np.int64)
+        lead = index.shape[:-1]
+        rows = index.reshape(-1, n)
+        offsets = np.arange(rows.shape[0])[:, None] * n
+        multiplicity = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n).reshape(-1, n)
+        summed = (multiplicity @ flat).reshape(*lead, c, c)
+        return np.asarray(metric(summed), dtype=np.float64)
+
+    estimate = float(metric(confusion.sum(0)))
+    result = stats.bootstrap(
+        (np.arange(n),),
+        statistic,
+        n_resamples=n_resamples,
+        vectorized=True,
+        axis=-1,
+        confidence_level=confidence,
+        method=method,
+        rng=np.random.default_rng(seed),
+        batch=_batch_size(n, 2),
+    )
+    return BootstrapInterval(
+        estimate=estimate,
+        low=float(result.confidence_interval.low),
+        high=float(result.confidence_interval.high),
+        confidence=confidence,
+        n_resamples=n_resamples,
+        method=method,
+        distribution=np.asarray(result.bootstrap_distribution, dtype=np.float64),
+    )
