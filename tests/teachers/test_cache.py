@@ -60,3 +60,6 @@ def test_fingerprint_follows_settings_and_weights(tmp_path):
     (folder / "weights_best.h5").write_bytes(b"two")
     assert teacher_fingerprint(str(folder)) != before
     assert teacher_fingerprint("demo").startswith("demo-")
+    same = {teacher_fingerprint(s) for s in ("stardist", "2D_versatile_he", "stardist:2D_versatile_he")}
+    assert len(same) == 1
+    assert teacher_fingerprint("demo", {"batch_size": 4}) == teacher_fingerprint("demo", {"batch_size": 16})

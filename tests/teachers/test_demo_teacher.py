@@ -67,3 +67,10 @@ def _cached_versatile_he() -> bool:
 @pytest.mark.skipif(not _cached_versatile_he(), reason="2D_versatile_he not in StarDist's cache ($KERAS_HOME); it needs internet once")
 def test_versatile_he_nuclei_score_order(nuclei_score_chains, nuclei_score_order):
     nuclei_score_order(build_teacher("2D_versatile_he"), nuclei_score_chains)
+
+
+def test_none_means_the_teachers_own_default():
+    """A job can pass alpha=None to use the alpha the demo teacher was validated with."""
+    defaults = json.loads((DEMO_TEACHER_DIR / "histokd_teacher.json").read_text())
+    assert build_teacher("demo", alpha=None, mask_mode=None).alpha == defaults["alpha"]
+    assert build_teacher("deconvolution", alpha=None).alpha == 0.5

@@ -117,3 +117,22 @@ def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
     assert "'2D_versatile_he' is not cached" in message
     assert str(Path(tmp_path) / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip") in message
     assert "'demo' or 'deconvolution'" in message
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 100, 75)])
+def test_device_fast_path_equals_numpy_reference(random_versatile_he, shape):
+    """Normalisation, grid upsampling and Eq. 2 in TensorFlow match the NumPy reference."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    images[0, :10] = 250
+    teacher = random_versatile_he
+    reference = upsample_grid(teacher.grid_probability(images), teacher.grid, shape[1:])
+    prob = teacher.probability(images)
+    np.testing.assert_allclose(prob, reference, atol=2e-5)
+    # Eq. 2 on the device: equal except where the probability sits on alpha within rounding
+    alpha = float(np.median(prob))
+    teacher.settings = type(teacher.settings)(alpha=alpha)
+    labels = teacher.pseudo_label(images)
+    decided = np.abs(reference - alpha) > 1e-5
+    np.testing.assert_array_equal(labels[decided], (reference >= alpha)[decided].astype(np.uint8))
+    teacher.settings = type(teacher.settings)(alpha=0.5)

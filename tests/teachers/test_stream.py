@@ -82,6 +82,11 @@ def test_manifest_checks(manifest):
         load_manifest_table(sizes)
     with pytest.raises(TeacherError, match="teacher='nope'"):
         pseudo_label_dataset(manifest, teacher="nope")
+    # bad settings fail in the driver, not as actors that never start
+    with pytest.raises(TeacherError, match=r"alpha=2.*\(0, 1\]"):
+        pseudo_label_dataset(manifest, teacher="demo", teacher_kwargs={"alpha": 2})
+    with pytest.raises(TeacherError, match="mask_mode='instances'.*allowed: 'probability'"):
+        pseudo_label_dataset(manifest, teacher="deconvolution", teacher_kwargs={"mask_mode": "instances"})
 
 
 # -- the stream ---------------------------------------------------------------------------------

@@ -107,14 +107,17 @@ class ThresholdTeacher:
     mode, :meth:`instance_labels`.
 
     Args:
-        alpha: Threshold of RCKD Eq. 2 (paper: 0.5).
-        mask_mode: ``"probability"`` or ``"instances"`` (see :class:`TeacherSettings`).
+        alpha: Threshold of RCKD Eq. 2; None takes the paper's 0.5.
+        mask_mode: ``"probability"`` or ``"instances"`` (see :class:`TeacherSettings`); None
+            takes ``"probability"``.
     """
 
     kind: str = "teacher"
 
-    def __init__(self, alpha: float = PAPER_ALPHA, mask_mode: MaskMode = "probability"):
-        self.settings = TeacherSettings(alpha=alpha, mask_mode=mask_mode)
+    def __init__(self, alpha: float | None = PAPER_ALPHA, mask_mode: MaskMode | None = "probability"):
+        self.settings = TeacherSettings(
+            alpha=PAPER_ALPHA if alpha is None else alpha, mask_mode=mask_mode or "probability"
+        )
 
     @property
     def alpha(self) -> float:

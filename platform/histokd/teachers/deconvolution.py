@@ -45,13 +45,13 @@ class DeconvolutionTeacher(ThresholdTeacher):
 
     def __init__(
         self,
-        alpha: float = PAPER_ALPHA,
-        mask_mode: MaskMode = "probability",
+        alpha: float | None = PAPER_ALPHA,
+        mask_mode: MaskMode | None = "probability",
         density_midpoint: float = 0.06,
         density_scale: float = 0.01,
         sigma: float = 1.0,
     ):
-        if mask_mode != "probability":
+        if mask_mode not in (None, "probability"):
             raise TeacherError(
                 f"deconvolution teacher: mask_mode={mask_mode!r}: allowed: 'probability' "
                 "(colour deconvolution finds no instances)"

@@ -157,6 +157,70 @@ def upsample_grid(prob: np.ndarray, grid: tuple[int, int], shape: tuple[int, int
     return (rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx).astype(np.float32)
 
 
+def _device_fast_path(prob_model, grid: tuple[int, int], low: float, high: float):
+    """The fast path as TensorFlow functions, so it runs where the network runs (the GPU).
+
+    uint8 patches go in (a quarter of the bytes of float32) and uint8 masks come out; the
+    percentile normalisation (:func:`percentile_normalize`), the network's probability head,
+    the grid upsampling (:func:`upsample_grid`) and RCKD Eq. 2 all run on the device, so the
+    actor's CPU share only feeds batches. The NumPy functions stay the reference the tests
+    compare against.
+
+    Returns:
+        ``probability(x, height, width)`` and ``label(x, height, width, alpha)``: ``x`` is the
+        batch padded to the network's multiples, ``height`` and ``width`` its unpadded size.
+    """
+    import tensorflow as tf
+
+    gy, gx = grid
+
+    def normalize(x, height, width):
+        n = tf.shape(x)[0]
+        valid = tf.reshape(tf.cast(x[:, :height, :width], tf.int32), [n, -1])
+        count = tf.shape(valid)[1]
+        offsets = tf.range(n, dtype=tf.int32)[:, None] * 256
+        hist = tf.math.bincount(tf.reshape(valid + offsets, [-1]), minlength=256 * n, maxlength=256 * n)
+        cumulative = tf.cumsum(tf.reshape(hist, [n, 256]), axis=1)
+
+        def value_at(rank):
+            return tf.cast(tf.argmax(tf.cast(cumulative > rank, tf.int32), axis=1), tf.float64)
+
+        bounds = []
+        for q in (low, high):
+            position = q / 100.0 * tf.cast(count - 1, tf.float64)  # numpy's "linear" method
+            below = tf.floor(position)
+            frac = position - below
+            below_i = tf.cast(below, tf.int32)
+            v0 = value_at(below_i)
+            v1 = value_at(tf.minimum(below_i + 1, count - 1))
+            bounds.append(tf.cast(v0 + frac * (v1 - v0), tf.float32)[:, None, None, None])
+        mi, ma = bounds
+        return (tf.cast(x, tf.float32) - mi) / (ma - mi + 1e-20)
+
+    def axis_weights(size, step, cells):
+        pos = tf.minimum(tf.range(size, dtype=tf.float32) / step, tf.cast(cells - 1, tf.float32))
+        i0 = tf.cast(tf.floor(pos), tf.int32)
+        return i0, tf.minimum(i0 + 1, cells - 1), pos - tf.cast(i0, tf.float32)
+
+    def probability(x, height, width):
+        prob = prob_model(normalize(x, height, width), training=False)[..., 0]
+        prob = prob[:, : (height + gy - 1) // gy, : (width + gx - 1) // gx]
+        y0, y1, wy = axis_weights(height, gy, tf.shape(prob)[1])
+        x0, x1, wx = axis_weights(width, gx, tf.shape(prob)[2])
+        rows = tf.gather(prob, y0, axis=1) * (1 - wy)[None, :, None] + tf.gather(prob, y1, axis=1) * wy[None, :, None]
+        return tf.gather(rows, x0, axis=2) * (1 - wx) + tf.gather(rows, x1, axis=2) * wx
+
+    def label(x, height, width, alpha):
+        return tf.cast(probability(x, height, width) >= alpha, tf.uint8)  # RCKD Eq. 2
+
+    images = tf.TensorSpec([None, None, None, 3], tf.uint8)
+    size = tf.TensorSpec([], tf.int32)
+    return (
+        tf.function(probability, input_signature=[images, size, size]),
+        tf.function(label, input_signature=[images, size, size, tf.TensorSpec([], tf.float32)]),
+    )
+
+
 class StarDistTeacher(ThresholdTeacher):
     """Pseudo labels from a StarDist2D model (RCKD Sec. 2.2.1).
 
@@ -206,6 +270,9 @@ class StarDistTeacher(ThresholdTeacher):
         keras_model = model.keras_model
         # Only the probability head: the 32-ray distance head is not needed for Eq. 2.
         self._prob_model = keras.Model(inputs=keras_model.inputs, outputs=keras_model.outputs[0])
+        self._device_probability, self._device_label = _device_fast_path(
+            self._prob_model, self.grid, *NORMALIZE_PERCENTILES
+        )
 
     @property
     def kind_label(self) -> str:
@@ -266,7 +333,8 @@ class StarDistTeacher(ThresholdTeacher):
         """A StarDist model folder: ``config.json``, ``thresholds.json`` and ``weights_best.h5``.
 
         Defaults for ``alpha`` and ``mask_mode`` are read from ``histokd_teacher.json`` in the
-        folder when present (the training job writes it); keyword arguments override them.
+        folder when present (the training job writes it); keyword arguments other than None
+        override them. Without that file the defaults are the paper's (alpha 0.5).
 
         Args:
             folder: The model folder.
@@ -291,6 +359,9 @@ class StarDistTeacher(ThresholdTeacher):
                 f"{folder}: no network weights (weights_best.h5); a teacher with random weights "
                 "labels nothing useful (require_weights=False allows it for tests)"
             )
+        for key in ("alpha", "mask_mode"):  # None: the teacher's own default
+            if key in kwargs and kwargs[key] is None:
+                del kwargs[key]
         defaults_path = folder / DEFAULTS_FILE
         if defaults_path.is_file():
             defaults = json.loads(defaults_path.read_text())
@@ -313,7 +384,11 @@ class StarDistTeacher(ThresholdTeacher):
 
     # -- inference -----------------------------------------------------------------------
     def _pad(self, x: np.ndarray) -> np.ndarray:
-        """Reflect-pad height and width up to the multiples the network needs."""
+        """Reflect-pad height and width up to the multiples the network needs.
+
+        Padding commutes with the per-image normalisation as long as the percentiles come
+        from the unpadded image, which both paths ensure.
+        """
         pads = [(0, 0)]
         for size, div in zip(x.shape[1:3], self.div_by, strict=True):
             pads.append((0, (-size) % div))
@@ -335,10 +410,24 @@ class StarDistTeacher(ThresholdTeacher):
             out[start : start + len(chunk)] = prob[:, : out.shape[1], : out.shape[2]]
         return out
 
+    def _on_device(self, images: np.ndarray, fn, *args) -> np.ndarray:
+        height, width = images.shape[1:3]
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            x = self._pad(images[start : start + self.batch_size])
+            parts.append(np.asarray(fn(x, np.int32(height), np.int32(width), *args)))
+        return np.concatenate(parts)
+
     def probability(self, images: np.ndarray) -> np.ndarray:
         """StarDist's object probability upsampled to the patch size, float32 (N, H, W)."""
+        return self._on_device(check_images(images, self.name), self._device_probability)
+
+    def pseudo_label(self, images: np.ndarray) -> np.ndarray:
+        """RCKD Eq. 2 on the device (fast path), or ``predict_instances`` masks; uint8 (N, H, W)."""
         images = check_images(images, self.name)
-        return upsample_grid(self.grid_probability(images), self.grid, images.shape[1:3])
+        if self.mask_mode == "instances":
+            return (self.instance_labels(images) > 0).astype(np.uint8)
+        return self._on_device(images, self._device_label, np.float32(self.alpha))
 
     def instance_labels(self, images: np.ndarray) -> np.ndarray:
         """StarDist's instance segmentation (``predict_instances``, with NMS), int32 (N, H, W)."""

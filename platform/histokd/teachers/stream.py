@@ -336,7 +336,7 @@ def pseudo_label_dataset(
         raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
-    _check_spec(teacher)
+    _check_spec(teacher, teacher_kwargs)
     table = load_manifest_table(manifest)
     if not ray.is_initialized():
         ray.init(configure_logging=False)
@@ -412,13 +412,25 @@ def pseudo_label_dataset(
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def _check_spec(spec: str) -> None:
-    """The spec names a teacher, checked in the driver without loading TensorFlow."""
-    from histokd.teachers.registry import available_teachers
+def _check_spec(spec: str, teacher_kwargs: dict[str, Any] | None = None) -> None:
+    """The spec names a teacher and its settings are valid, checked in the driver.
+
+    Nothing here loads TensorFlow; an actor that fails to start would only be retried.
+    """
+    from histokd.teachers.base import TeacherSettings
+    from histokd.teachers.registry import available_teachers, build_teacher
     from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
 
     if not isinstance(spec, str):
         raise TeacherError(f"teacher={spec!r}: must be a string spec")
+    kwargs = dict(teacher_kwargs or {})
+    TeacherSettings(
+        alpha=kwargs.get("alpha") if kwargs.get("alpha") is not None else 0.5,
+        mask_mode=kwargs.get("mask_mode") or "probability",
+    )
+    if spec == "deconvolution":
+        build_teacher(spec, **kwargs)  # cheap: checks its own arguments
+        return
     if spec in available_teachers() or spec in STARDIST_PRETRAINED or spec.startswith("stardist:"):
         return
     if Path(spec).expanduser().is_dir():
