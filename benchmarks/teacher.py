@@ -147,13 +147,13 @@ def figure(images: np.ndarray, path: Path) -> None:
             tile = Image.open(tiles / name).convert("RGB")
             side = min(tile.size)
             patches.append(np.asarray(tile.crop((0, 0, side, side)).resize((512, 512))))
-            captions.append(name.replace(".png", ""))
+            captions.append(name.replace("-nuclei-score", "").replace(".png", ""))
     for image in images[:3]:
         patches.append(np.asarray(Image.fromarray(image).resize((512, 512))))
         captions.append("synthetic demo slide")
     batch = np.stack(patches)
     teacher = build_teacher("demo")
-    save_pseudo_label_grid(path, batch, teacher.pseudo_label(batch), [f"{c} ({teacher.name})"[:34] for c in captions],
+    save_pseudo_label_grid(path, batch, teacher.pseudo_label(batch), captions,
                            columns=4, tile=200)  # fmt: skip
 
 

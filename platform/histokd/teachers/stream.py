@@ -287,9 +287,13 @@ def load_manifest_table(manifest) -> pa.Table:
 
 
 def _read_memory(table: pa.Table, batch_size: int) -> int:
-    """Bytes a read task holds: the batch of RGB patches, about three copies while decoding."""
+    """Bytes a read task holds.
+
+    A worker's baseline (Python, OpenSlide, open slides) and the batch of RGB patches, about
+    three copies while decoding.
+    """
     side = int(table.column("patch_size")[0].as_py())
-    return batch_size * side * side * 3 * 3
+    return 192 * 2**20 + batch_size * side * side * 3 * 3
 
 
 def _blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
