@@ -11,7 +11,7 @@ The model folder (OUT_DIR/NAME) loads with --teacher OUT_DIR/NAME in every job.
 
 The shipped demo teacher (histokd/assets/demo_teacher) was made by:
 
-    python jobs/train_teacher.py --out-dir platform/histokd/assets --name demo_teacher \\
+    python jobs/train_teacher.py --out-dir platform/histokd/assets --name demo_teacher \
         --demo-dir runs/teacher/demo_slides --device cpu --overwrite
 
 Its default alpha is chosen on the held-out demo slide (best pseudo-mask IoU) and written to
