@@ -135,6 +135,21 @@ def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
     assert len(cache.shards()) == len(after)
 
 
+def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_path):
+    """Training iterates one lazy dataset every epoch: epoch 2 must reuse epoch 1's labels."""
+    table = pq.read_table(manifest)
+    ds = pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4)
+    first = _collect(ds)  # epoch 1: every patch is missing, the teacher labels all
+    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
+    before = {p: p.stat().st_mtime_ns for p in cache.shards()}
+    assert len(cache.index()) == table.num_rows
+    second = _collect(ds)  # epoch 2, the same plan: the actors find every label cached
+    assert {p: p.stat().st_mtime_ns for p in cache.shards()} == before  # nothing rewritten
+    assert sorted(second["patch_id"]) == sorted(first["patch_id"])
+    for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
+        np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
+
+
 def _teacher_actors() -> list[dict]:
     # Ray's GCS actor table (the public ray.util.state API needs the dashboard, which the test
     # cluster runs without).

@@ -153,22 +153,47 @@ class TeacherActor:
         self.teacher = build_teacher(teacher, **kwargs)
         self.input_size = input_size
         self.cache = PseudoLabelCache(cache_root, fingerprint) if cache_root else None
+        # Read once per actor: a dataset executes again every epoch with fresh actors, so
+        # labels written in earlier epochs are found here and the teacher is skipped.
+        self.index = self.cache.index() if self.cache is not None else {}
+        self.labelled = 0  # patches this actor ran the teacher on
+        self.reused = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Label a batch of read patches; returns the records at the input size."""
+        """Label a batch of read patches (or load their cached labels); records at the input size."""
         images = np.asarray(batch["image"])
-        labels = self.teacher.pseudo_label(images)
         size = self.input_size
-        small_labels = np.stack([resize_label(label, size) for label in labels])
         small_images = np.stack([resize_image(image, size) for image in images])
-        if self.cache is not None:
-            keys = [
-                patch_key(s, x, y, m, p, size)
-                for s, x, y, m, p in zip(
-                    batch["slide_path"], batch["x"], batch["y"], batch["magnification"], batch["patch_size"], strict=True
+        small_labels = np.empty((len(images), size, size), np.uint8)
+        keys = [
+            patch_key(s, x, y, m, p, size)
+            for s, x, y, m, p in zip(
+                batch["slide_path"], batch["x"], batch["y"], batch["magnification"], batch["patch_size"], strict=True
+            )
+        ]
+        hits = [self.index.get(k) for k in keys]
+        missing = [i for i, hit in enumerate(hits) if hit is None]
+        by_shard: dict[str, list[int]] = {}
+        for i, hit in enumerate(hits):
+            if hit is not None:
+                by_shard.setdefault(hit[0], []).append(i)
+        for shard, where in by_shard.items():
+            small_labels[where] = PseudoLabelCache.read_labels(shard, [hits[i][1] for i in where])
+        if missing:
+            labels = self.teacher.pseudo_label(images[missing])
+            small_labels[missing] = np.stack([resize_label(label, size) for label in labels])
+            if self.cache is not None:
+                shard = self.cache.write(
+                    [keys[i] for i in missing],
+                    [str(batch["slide_path"][i]) for i in missing],
+                    np.asarray(batch["x"])[missing],
+                    np.asarray(batch["y"])[missing],
+                    small_labels[missing],
                 )
-            ]
-            self.cache.write(keys, list(map(str, batch["slide_path"])), batch["x"], batch["y"], small_labels)
+                for row, i in enumerate(missing):
+                    self.index[keys[i]] = (str(shard), row)
+        self.labelled += len(missing)
+        self.reused += len(keys) - len(missing)
         return _record(batch, small_images, small_labels)
 
 
