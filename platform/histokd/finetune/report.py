@@ -226,12 +226,13 @@ def ball_chart(points: Sequence[dict[str, Any]], path: str | Path, title: str | 
     for p in points:
         size = 2500 * p["params"] / max_params
         ax.scatter(p["gmac"], 100 * p["accuracy"], s=size, color=color[p["init"]], alpha=0.55, edgecolors="black", linewidths=0.6)
-        ax.annotate(f"{p['model']}\n{p['params'] / 1e6:.1f} M", (p["gmac"], 100 * p["accuracy"]), ha="center", va="center", fontsize=7)
+        ax.annotate(f"{p['model']} ({p['params'] / 1e6:.1f} M)", (p["gmac"], 100 * p["accuracy"]), xytext=(math.sqrt(size) / 2 + 2, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=7)  # fmt: skip
     for init in inits:  # the paper's horizontal lines: each initialisation's average
         values = [100 * p["accuracy"] for p in points if p["init"] == init]
         ax.axhline(sum(values) / len(values), color=color[init], linestyle="--", linewidth=1, alpha=0.8)
     handles = [Line2D([], [], marker="o", linestyle="", markersize=9, color=color[i], alpha=0.6, label=i) for i in inits]
-    ax.legend(handles=handles, title="Initialisation (dashed: mean)", fontsize=8, loc="lower right")
+    ax.legend(handles=handles, title="Initialisation (dashed: mean)", fontsize=8, loc="best")
     ax.set_xlabel("GMAC (backbone, at the fine-tuning resolution)")
     ax.set_ylabel("Average classification accuracy (%)")
     xs = [p["gmac"] for p in points] or [0, 1]

@@ -95,13 +95,33 @@ def split_indices(
     """
     parts: list[list[np.ndarray]] = [[] for _ in ratios]
     groups = [indices] if labels is None else [indices[labels == c] for c in np.unique(labels)]
-    for group in groups:
+    for group, counts in zip(groups, _stratified_counts([len(g) for g in groups], ratios, rng), strict=True):
         shuffled = rng.permutation(group)
         start = 0
-        for k, count in enumerate(_counts(len(shuffled), ratios)):
+        for k, count in enumerate(counts):
             parts[k].append(shuffled[start : start + count])
             start += count
     return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts]
+
+
+def _stratified_counts(sizes: Sequence[int], ratios: Sequence[float], rng: np.random.Generator) -> list[list[int]]:
+    """Per-class part sizes whose totals are exactly `_counts` of the whole, each class within one
+    sample of its own proportional share: every class gets the floor of its share, and the
+    samples left over go one by one to the (class, part) with the largest fractional share among
+    parts still short of their total (ties broken at random)."""
+    exact = np.outer(sizes, ratios)
+    counts = np.floor(exact).astype(int)
+    fraction = exact - counts + rng.random(exact.shape) * 1e-9
+    leftover = np.asarray(sizes) - counts.sum(1)
+    deficit = np.asarray(_counts(int(sum(sizes)), ratios)) - counts.sum(0)
+    while leftover.sum() > 0:
+        score = np.where((leftover[:, None] > 0) & (deficit[None, :] > 0), fraction, -np.inf)
+        c, k = np.unravel_index(int(np.argmax(score)), score.shape)
+        counts[c, k] += 1
+        leftover[c] -= 1
+        deficit[k] -= 1
+        fraction[c, k] = -1.0
+    return counts.tolist()
 
 
 def make_splits(

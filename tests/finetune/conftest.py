@@ -1,0 +1,27 @@
+"""Small demo tasks cut from two small synthetic slides, shared by the fine-tuning tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_tasks_small(tmp_path_factory):
+    """36 classification patches (12 per tissue class, 64 px at 20x) and region-mask pairs."""
+    from histokd.finetune.demo_tasks import make_demo_tasks
+
+    return make_demo_tasks(
+        tmp_path_factory.mktemp("demo_tasks"), n_slides=2, slide_size=1024, patch_size=64,
+        segmentation_patch_size=128, max_per_class=12,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory):
+    """A randomly initialised CSAT backbone written as a backbone file (what RCKD pretraining writes)."""
+    import torch
+
+    from histokd.models import create_backbone, save_backbone
+
+    torch.manual_seed(123)
+    return save_backbone(create_backbone("csat"), tmp_path_factory.mktemp("backbone") / "csat.pth")

@@ -1,0 +1,129 @@
+"""Reading the dataset layouts of docs/datasets.md, and the images the model sees."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from histokd.finetune.augment import augment
+from histokd.finetune.datasets import load_task_dataset
+from histokd.finetune.samples import ImageSamples, normalize
+
+
+def _png(path: Path, size=(40, 30), value=0, mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(np.full(shape, value, np.uint8)).save(path)
+    return path
+
+
+def test_folder_per_class_finds_images_recursively(tmp_path):
+    # BreakHis-like nesting under each class folder
+    _png(tmp_path / "benign" / "SOB" / "adenosis" / "a.png")
+    _png(tmp_path / "benign" / "b.tif")
+    _png(tmp_path / "malignant" / "deep" / "c.jpg")
+    (tmp_path / "malignant" / "notes.txt").write_text("not an image")
+    data = load_task_dataset(tmp_path, "classification")
+    assert data.class_names == ("benign", "malignant")
+    assert sorted(zip([Path(p).name for p in data.images], data.labels, strict=True)) == [("a.png", 0), ("b.tif", 0), ("c.jpg", 1)]
+    assert data.fixed is None and data.class_counts() == {"benign": 2, "malignant": 1}
+
+
+def test_folder_with_split_folders(tmp_path):
+    # CRC-like: a training and a test folder, each a folder per class
+    _png(tmp_path / "train" / "ADI" / "1.png")
+    _png(tmp_path / "train" / "TUM" / "2.png")
+    _png(tmp_path / "test" / "TUM" / "3.png")
+    data = load_task_dataset(tmp_path, "classification")
+    assert data.class_names == ("ADI", "TUM")
+    assert sorted(zip(data.fixed, data.labels, strict=True)) == [("test", 1), ("train", 0), ("train", 1)]
+
+
+def test_csv_with_relative_paths_and_split(tmp_path):
+    _png(tmp_path / "img" / "x.png")
+    _png(tmp_path / "img" / "y.png")
+    (tmp_path / "labels.csv").write_text("path,label,split\nimg/x.png,FL,train\nimg/y.png,CLL,test\n")
+    data = load_task_dataset(tmp_path / "labels.csv", "classification")
+    assert data.class_names == ("CLL", "FL") and data.labels == [1, 0] and data.fixed == ["train", "test"]
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    (tmp_path / "a.csv").write_text("path,label\nmissing.png,FL\n")
+    with pytest.raises(ValueError, match="line 2: path 'missing.png' does not exist"):
+        load_task_dataset(tmp_path / "a.csv", "classification")
+    (tmp_path / "b.csv").write_text("file,label\nx.png,FL\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['path'\]"):
+        load_task_dataset(tmp_path / "b.csv", "classification")
+
+
+def test_segmentation_pairs_with_class_names(tmp_path):
+    _png(tmp_path / "images" / "g1.bmp", value=200)
+    _png(tmp_path / "masks" / "g1.png", value=2, mode="L")
+    (tmp_path / "classes.txt").write_text("background\nbenign gland\nmalignant gland\n")
+    data = load_task_dataset(tmp_path, "segmentation")
+    assert data.class_names == ("background", "benign gland", "malignant gland")
+    assert [Path(m).name for m in data.masks] == ["g1.png"]
+
+
+def test_segmentation_class_count_from_masks_and_missing_mask(tmp_path):
+    _png(tmp_path / "images" / "a.png")
+    _png(tmp_path / "masks" / "a.png", value=3, mode="L")
+    assert load_task_dataset(tmp_path, "segmentation").num_classes == 4
+    _png(tmp_path / "images" / "b.png")
+    with pytest.raises(ValueError, match="b.png has no mask"):
+        load_task_dataset(tmp_path, "segmentation")
+
+
+def test_empty_or_missing_folders(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        load_task_dataset(tmp_path / "nope", "classification")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_task_dataset(tmp_path, "classification")
+
+
+def test_samples_resize_any_size_to_the_input(tmp_path):
+    image = _png(tmp_path / "wide.png", size=(2048, 1536), value=90)  # BACH microscopy size
+    mask = _png(tmp_path / "wide_mask.png", size=(2048, 1536), value=1, mode="L")
+    classification = ImageSamples([str(image)], 48, labels=[2])
+    x, y, i = classification[0]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.uint8 and int(y) == 2 and i == 0
+    segmentation = ImageSamples([str(image)], 32, masks=[str(mask)], cache=True)
+    x, y, _ = segmentation[0]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) == {1}
+    assert len(segmentation._cache) == 1
+
+
+def test_unreadable_image_is_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        ImageSamples([str(bad)], 32, labels=[0])[0]
+
+
+def test_augment_moves_image_and_mask_together():
+    torch.manual_seed(0)
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    image[:, :4, :8] = 255  # a bright block in one corner
+    mask = (image[0] > 0).long()
+    seen = set()
+    for _ in range(40):
+        out_image, out_mask = augment(image, mask, color_jitter=0.0, hue_jitter=0.0)
+        assert torch.equal((out_image[0] > 0).long(), out_mask)
+        seen.add(tuple(out_mask.flatten().tolist()))
+    assert len(seen) == 8  # the eight flips and rotations
+
+
+def test_colour_jitter_is_mild():
+    torch.manual_seed(0)
+    image = torch.full((3, 8, 8), 128, dtype=torch.uint8)
+    image[0] = 180
+    out, _ = augment(image, None, color_jitter=0.1, hue_jitter=0.02)
+    assert out.dtype == torch.uint8 and (out.float() - image.float()).abs().max() <= 40
+
+
+def test_normalize_uses_imagenet_statistics():
+    x = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert x[0, :, 0, 0].tolist() == pytest.approx([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)

@@ -1,0 +1,51 @@
+"""The fine-tuning job on a real local Ray: each split a Ray Train run, in parallel, MLflow,
+and a rerun that reuses finished splits."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from histokd.finetune import FinetuneConfig, run_finetune
+
+
+@pytest.mark.slow
+def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks_small, backbone_file):
+    import mlflow
+
+    config = FinetuneConfig(
+        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="job",
+        init=str(backbone_file), input_size=32, batch_size=16, max_epochs=2, patience=5, lr=0.05,
+        num_splits=2, bootstrap_resamples=500,
+    )  # fmt: skip
+    seen = []
+    result = run_finetune(config, on_split_done=lambda r, done: seen.append(len(done)))
+    assert seen == [1, 2]
+    storage = Path(config.storage_path)
+    for i in range(2):  # one Ray Train run per split, named by the run and the split
+        assert (storage / f"job-split{i}").is_dir()
+        assert Path(result.split_results[i]["best_model"]).name == "best_model.pt"
+        assert result.split_results[i]["sizes"] == {"train": 22, "val": 7, "test": 7}  # 36 x 6:2:2, stratified
+    summary = result.summary
+    acc = summary["metrics"]["accuracy"]
+    assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
+    assert acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    for name in ("summary_json", "splits_csv", "summary_md"):
+        assert Path(result.files[name]).is_file()
+    assert "Accuracy" in Path(result.files["summary_md"]).read_text()
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(acc["mean"])
+    assert parent.data.tags["histokd.init"] == "RCKD"
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["job-split0", "job-split1"]
+    assert all("val_loss" in client.get_metric_history(c.info.run_id, "val_loss")[0].key for c in children)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "splits.csv", "summary.json"} <= artifacts
+
+    started = time.monotonic()
+    again = run_finetune(config)  # same run name: both splits reused, no training
+    assert time.monotonic() - started < 30
+    assert again.summary["metrics"]["accuracy"]["values"] == acc["values"]

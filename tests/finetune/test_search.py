@@ -1,0 +1,78 @@
+"""The Ray Tune search (RCKD Sec. 3.1, Fig. 5): space, trial names, table, chart, resume."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from histokd.finetune.search import SearchConfig, build_param_space, run_search
+
+
+def test_default_space_is_rckds_eight_settings(tmp_path):
+    from ray.tune.search.variant_generator import generate_variants
+
+    config = SearchConfig(storage_path=str(tmp_path))
+    variants = [v for _, v in generate_variants(build_param_space(config))]
+    settings = {(v["input_size"], v["lr"], v["positional_encoding"]) for v in variants}
+    assert settings == {(r, lr, pe) for r in (224, 384) for lr in (1e-3, 1e-4) for pe in ("frozen", "trained")}
+    assert config.score_metric == "test_accuracy_mean"
+    assert SearchConfig(storage_path=str(tmp_path), task="segmentation").score_metric == "test_miou_mean"
+
+
+def test_space_from_yaml(tmp_path):
+    from ray import tune
+
+    (tmp_path / "space.yaml").write_text("batch_size: [32, 64]\nlr: {loguniform: [1.0e-5, 1.0e-2]}\nfocal_gamma: {choice: [0, 2]}\n")
+    space = build_param_space(SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "space.yaml")))
+    assert space["batch_size"] == {"grid_search": [32, 64]}
+    assert isinstance(space["lr"], tune.search.sample.Float) and isinstance(space["focal_gamma"], tune.search.sample.Categorical)
+    (tmp_path / "bad.yaml").write_text("learning_rate: [1, 2]\n")
+    with pytest.raises(ValueError, match="'learning_rate' is not a fine-tuning field"):
+        SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "bad.yaml"))
+
+
+def test_bad_settings_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="metric='accuracy'"):
+        SearchConfig(storage_path=str(tmp_path), metric="accuracy")
+    with pytest.raises(ValueError, match="positional_encodings: 'learned'"):
+        SearchConfig(storage_path=str(tmp_path), positional_encodings=["learned"])
+    with pytest.raises(ValueError, match="scheduler='hyperband'"):
+        SearchConfig(storage_path=str(tmp_path), scheduler="hyperband")
+
+
+@pytest.mark.slow
+def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, demo_tasks_small):
+    import mlflow
+
+    config = SearchConfig(
+        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="tiny",
+        input_sizes=[32, 48], lrs=[1e-2, 1e-3], batch_size=16, max_epochs=1, patience=1, num_splits=2,
+        bootstrap_resamples=200, cpus_per_worker=0.5,
+    )  # fmt: skip
+    result = run_search(config)
+    table = pd.read_csv(result.files["csv"])
+    assert len(table) == 8 and (table["num_splits"] == 2).all()
+    assert set(zip(table["input_size"], table["lr"], table["positional_encoding"], strict=True)) == {
+        (r, lr, pe) for r in (32, 48) for lr in (1e-2, 1e-3) for pe in ("frozen", "trained")
+    }
+    assert table["accuracy_mean"].is_monotonic_decreasing  # best first
+    assert table["accuracy_mean"].between(0, 1).all() and (table["accuracy_ci_low"] <= table["accuracy_mean"]).all()
+    markdown = Path(result.files["markdown"]).read_text()
+    assert markdown.count("\n| ") == 9  # header + 8 trials
+    assert Image.open(result.files["chart"]).size[0] > 600
+    # trials are named by id, no timestamps, and each trial's splits live under it
+    experiment = Path(result.experiment_path)
+    trial_dirs = sorted(p.name for p in experiment.iterdir() if p.is_dir() and p.name != "trials")
+    assert trial_dirs == sorted(table["trial_id"]) and all(len(name.split("_")) == 2 for name in trial_dirs)
+    for trial_id in table["trial_id"]:
+        summary = json.loads((experiment / "trials" / f"tiny-{trial_id}" / "summary.json").read_text())
+        assert summary["num_splits"] == 2
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"search_results.csv", "search_results.md", "search_results.png"}
+    assert run.data.metrics["trials_finished"] == 8
+
+    again = run_search(config)  # the same name restores the finished experiment: nothing retrains
+    assert sorted(r["trial_id"] for r in again.rows) == sorted(table["trial_id"])
