@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
-import histokd.models  # noqa: F401  (registers csat with timm)
+from histokd.models import SegmentationModel
 from histokd.models.csat import Csat, SatBlock, TransformerBlock
 from histokd.models.peg import PositionalEncodingGenerator
 from histokd.models.sat import SpatialAttentionTransformer
@@ -87,11 +88,14 @@ def test_stage_shapes(size: int) -> None:
 
 
 def test_csat_1024_forward_backward_batch_1() -> None:
-    # global attention over the 4,096 stage-3 tokens: fused SDPA keeps this affordable
-    model = timm.create_model("csat", features_only=True)
-    features = model(torch.randn(1, 3, 1024, 1024))
+    # backbone + U-Net decoder at 1024x1024; fused SDPA keeps the global attention over the
+    # 4,096 stage-3 tokens affordable
+    model = SegmentationModel("csat", num_classes=2)
+    features = model.backbone(torch.randn(1, 3, 1024, 1024))
     assert [tuple(f.shape[1:]) for f in features] == STAGE_SHAPES[1024]
-    sum(f.float().square().mean() for f in features).backward()
+    logits = model.head(model.decoder(features))
+    assert logits.shape == (1, 2, 1024, 1024)
+    F.cross_entropy(logits, torch.randint(0, 2, (1, 1024, 1024))).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 

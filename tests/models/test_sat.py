@@ -101,3 +101,20 @@ def test_gradients_reach_input_and_spatial_conv() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert module.spatial.weight.grad.abs().sum() > 0
     assert module.pos_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_width_one_layernorm_makes_the_attention_uniform() -> None:
+    # A LayerNorm over one feature outputs its bias whatever the token (../shared/CSAT.md pins
+    # LN(2) in the width-1 Transformer), so Q, K and V are the same for all 49 tokens: the
+    # attention and MLP add one constant, and the logits are M_S + PEG(M_S) + c.
+    module = SpatialAttentionTransformer()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    tokens = torch.randn(2, 49, 1)
+    assert torch.allclose(module.norm1(tokens), module.norm1.bias.expand_as(tokens))
+    x = torch.randn(2, 8, 21, 21)
+    pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+    m_s = module.pos_embed(module.spatial(module.pool(pooled)))
+    offset = module.attention_map(x) - m_s
+    assert torch.allclose(offset, offset.flatten()[0].expand_as(offset), atol=1e-5)
