@@ -88,3 +88,8 @@ def demo_slides_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo_slides")
     make_demo_slides(folder, n=2, seed=0, width=2048, height=2048)
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that run `ray stop` go last: it ends every Ray process, the session's too."""
+    items.sort(key=lambda item: item.get_closest_marker("ray_cli") is not None)

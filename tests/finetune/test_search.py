@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histokd.finetune.search import SearchConfig, build_param_space, run_search
+from histokd.finetune.search import SearchConfig, build_param_space, build_scheduler, run_search
 
 
 def test_default_space_is_rckds_eight_settings(tmp_path):
@@ -31,6 +31,16 @@ def test_space_from_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: [1, 2]\n")
     with pytest.raises(ValueError, match="'learning_rate' is not a fine-tuning field"):
         SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "bad.yaml"))
+
+
+def test_asha_scheduler_by_flag(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    assert build_scheduler(SearchConfig(storage_path=str(tmp_path))) is None
+    asha = build_scheduler(SearchConfig(storage_path=str(tmp_path), scheduler="asha", grace_period=2))
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._max_t, asha._reduction_factor, asha._time_attr) == (5, 2, "training_iteration")
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 2]  # stop points: after 2 and 4 splits
 
 
 def test_bad_settings_name_the_field(tmp_path):

@@ -72,7 +72,7 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tmp_path, demo_slide
 def test_worker_fault_recovers_from_checkpoint(ray_cluster, tmp_path, demo_slides_dir):
     from histokd.pretrain.job import run_pretraining
 
-    config = tiny(tmp_path, demo_slides_dir, run_name="faulty", fail_at_epoch=2, max_failures=1)
+    config = tiny(tmp_path, demo_slides_dir, run_name="faulty", fail_at_epoch=2, max_failures=1, teacher="deconvolution")
     result = run_pretraining(config)
     run_dir = Path(result.run_dir)
     assert (run_dir / ".fault_injected").exists()  # the fault did happen
@@ -82,12 +82,26 @@ def test_worker_fault_recovers_from_checkpoint(ray_cluster, tmp_path, demo_slide
     assert all((h["patches"], h["patch_checksum"]) == (count, checksum) for h in result.history)
 
 
-def test_resume_after_stop(ray_cluster, tmp_path, demo_slides_dir, capfd):
+def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
+    """The student learns the teacher: hold-out IoU climbs well above its first epoch's."""
     from histokd.pretrain.job import run_pretraining
 
-    first = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable", stop_after_epoch=1))
+    result = run_pretraining(
+        tiny(tmp_path, demo_slides_dir, run_name="learning", teacher="deconvolution", alpha=0.5,
+             num_patches=64, epochs=8, batch_size=8, input_size=64)
+    )  # fmt: skip
+    ious = [h["holdout_foreground_iou"] for h in result.history]
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert max(ious[-2:]) > ious[0] + 0.2, ious
+
+
+def test_resume_after_stop(ray_cluster, tmp_path, demo_slides_dir):
+    from histokd.pretrain.job import run_pretraining
+
+    first = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable", stop_after_epoch=1, teacher="deconvolution"))
     assert [h["epoch"] for h in first.history] == [1]
-    second = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable"))
+    second = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable", teacher="deconvolution"))
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[0] == first.history[0]  # epoch 1 was not redone
     assert second.mlflow_run_id == first.mlflow_run_id
