@@ -29,7 +29,7 @@ from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
 from histokd.finetune.evaluation import METRICS, PRIMARY_METRIC
 
-__all__ = ["SearchConfig", "SearchResult", "build_param_space", "run_search", "trial_dirname", "tune_trial"]
+__all__ = ["SearchConfig", "SearchResult", "build_param_space", "build_scheduler", "run_search", "trial_dirname", "tune_trial"]
 
 _SAMPLERS = ("choice", "uniform", "loguniform", "randint")
 # Tune refuses a trial that requests nothing; the trial driver only waits on its Train runs, so it
@@ -141,6 +141,24 @@ def build_param_space(config: SearchConfig) -> dict[str, Any]:
     return space
 
 
+def build_scheduler(config: SearchConfig):
+    """ASHA over splits (a trial reports once per finished split), or None.
+
+    A trial that is below the top ``1 / reduction_factor`` of its rung after ``grace_period``
+    splits is stopped; ``max_t`` is the number of splits.
+    """
+    if config.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=config.num_splits,
+        grace_period=min(config.grace_period, config.num_splits),
+        reduction_factor=config.reduction_factor,
+    )
+
+
 def trial_dirname(trial) -> str:
     """Trials are named by id (no timestamps), so a restored search finds its trials again."""
     return trial.trial_id
@@ -217,7 +235,6 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from histokd.finetune.job import prepare_dataset, split_slots
     from histokd.finetune.report import write_search_outputs
@@ -251,11 +268,7 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
     )  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(tune_trial, dataset=dataset), _TRIAL_RESOURCES)
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.run_name}"
-    scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=config.num_splits, grace_period=min(config.grace_period, config.num_splits),
-                      reduction_factor=config.reduction_factor)
-        if config.scheduler == "asha" else None
-    )  # fmt: skip
+    scheduler = build_scheduler(config)
     if tune.Tuner.can_restore(experiment_path):
         print(f"resuming the search at {experiment_path}", flush=True)
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
