@@ -88,7 +88,7 @@ def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
 
     result = run_pretraining(
         tiny(tmp_path, demo_slides_dir, run_name="learning", teacher="deconvolution", alpha=0.5,
-             num_patches=64, epochs=8, batch_size=8, input_size=64)
+             num_patches=96, epochs=5, batch_size=8, input_size=128, lr=1.0)
     )  # fmt: skip
     ious = [h["holdout_foreground_iou"] for h in result.history]
     losses = [h["loss"] for h in result.history]

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histokd.cli import config_to_dict, save_config
+from histokd.cluster import init_ray
 from histokd.pretrain.config import PretrainConfig, check_storage_path
 
 __all__ = ["PretrainResult", "run_pretraining", "split_holdout"]
@@ -95,8 +96,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray(config.ray_address)
     started = time.monotonic()
     slides = config.slides or _demo_slides(config)
 

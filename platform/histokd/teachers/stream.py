@@ -367,8 +367,9 @@ def pseudo_label_dataset(
         raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
     _check_spec(teacher, teacher_kwargs)
     table = load_manifest_table(manifest)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    from histokd.cluster import init_ray
+
+    init_ray()
     plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, reserved_cpus)
     fingerprint = teacher_fingerprint(teacher, teacher_kwargs)
     cache = PseudoLabelCache(cache_dir, fingerprint) if cache_dir else None
