@@ -48,6 +48,8 @@ def test_bad_settings_name_the_field(tmp_path):
         SearchConfig(storage_path=str(tmp_path), metric="accuracy")
     with pytest.raises(ValueError, match="positional_encodings: 'learned'"):
         SearchConfig(storage_path=str(tmp_path), positional_encodings=["learned"])
+    with pytest.raises(ValueError, match="workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial"):
+        SearchConfig(storage_path=str(tmp_path), workers_per_split=0)
     with pytest.raises(ValueError, match="scheduler='hyperband'"):
         SearchConfig(storage_path=str(tmp_path), scheduler="hyperband")
 
@@ -56,14 +58,16 @@ def test_bad_settings_name_the_field(tmp_path):
 def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, demo_tasks_small):
     import mlflow
 
+    # One split per trial keeps the 8 Ray Train runs (each some 10 s of start-up on 2 CPUs) to
+    # a few minutes; four run at once on half a CPU each. Split means: test_job, test_loop.
     config = SearchConfig(
         data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="tiny",
-        input_sizes=[32, 48], lrs=[1e-2, 1e-3], batch_size=16, max_epochs=1, patience=1, num_splits=2,
+        input_sizes=[32, 48], lrs=[1e-2, 1e-3], batch_size=16, max_epochs=1, patience=1, num_splits=1,
         bootstrap_resamples=200, cpus_per_worker=0.5,
     )  # fmt: skip
     result = run_search(config)
     table = pd.read_csv(result.files["csv"])
-    assert len(table) == 8 and (table["num_splits"] == 2).all()
+    assert len(table) == 8 and (table["num_splits"] == 1).all()
     assert set(zip(table["input_size"], table["lr"], table["positional_encoding"], strict=True)) == {
         (r, lr, pe) for r in (32, 48) for lr in (1e-2, 1e-3) for pe in ("frozen", "trained")
     }
@@ -78,7 +82,7 @@ def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, d
     assert trial_dirs == sorted(table["trial_id"]) and all(len(name.split("_")) == 2 for name in trial_dirs)
     for trial_id in table["trial_id"]:
         summary = json.loads((experiment / "trials" / f"tiny-{trial_id}" / "summary.json").read_text())
-        assert summary["num_splits"] == 2
+        assert summary["num_splits"] == 1
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"search_results.csv", "search_results.md", "search_results.png"}

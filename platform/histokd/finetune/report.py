@@ -239,7 +239,7 @@ def ball_chart(points: Sequence[dict[str, Any]], path: str | Path, title: str | 
     ys = [100 * p["accuracy"] for p in points] or [0, 100]
     pad_x = 0.25 * (max(xs) - min(xs) or max(xs) or 1)
     ax.set_xlim(max(0, min(xs) - pad_x), max(xs) + pad_x)
-    ax.set_ylim(max(0, min(ys) - 10), min(100, max(ys) + 8) if max(ys) <= 97 else 102)
+    ax.set_ylim(max(0, min(ys) - 10), min(100.5, max(ys) + 8))
     ax.set_title(title or "Accuracy vs computation (cf. RCKD Fig. 10); circle area: parameters")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -29,12 +29,22 @@ from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
 from histokd.finetune.evaluation import METRICS, PRIMARY_METRIC
 
-__all__ = ["SearchConfig", "SearchResult", "build_param_space", "build_scheduler", "run_search", "trial_dirname", "tune_trial"]
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "build_param_space",
+    "build_scheduler",
+    "run_search",
+    "TRIAL_RESOURCES",
+    "trial_dirname",
+    "tune_trial",
+]
 
 _SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+
 # Tune refuses a trial that requests nothing; the trial driver only waits on its Train runs, so it
 # reserves one MiB of memory and no CPU, leaving every CPU to the training workers.
-_TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
 def _help(text: str) -> dict:
@@ -65,6 +75,11 @@ class SearchConfig(FinetuneConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.workers_per_split == 0:
+            raise ValueError(
+                "workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial "
+                "(ray.train's worker API refuses a Tune session); use 1 or more"
+            )
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor={self.reduction_factor}: must be at least 2")
         if self.scheduler not in ("none", "asha"):
@@ -266,7 +281,7 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
         _base=base, _parallel_splits=parallel_splits, _parent_run_id=run.run_id,
         _storage=f"{config.storage_path.rstrip('/')}/{config.run_name}", _tracking_uri=config.tracking_uri,
     )  # fmt: skip
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, dataset=dataset), _TRIAL_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, dataset=dataset), TRIAL_RESOURCES)
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.run_name}"
     scheduler = build_scheduler(config)
     if tune.Tuner.can_restore(experiment_path):
