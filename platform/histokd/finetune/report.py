@@ -94,7 +94,9 @@ def _trial_label(row: dict[str, Any]) -> str:
     return f"R{row['input_size']}, LR {lr}, PE {row['positional_encoding']}"
 
 
-def search_bar_chart(frame: pd.DataFrame, path: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
+def search_bar_chart(
+    frame: pd.DataFrame, path: str | Path, metric: str = "accuracy", title: str | None = None, best_trial: str | None = None
+) -> Path:
     """RCKD Fig. 5: the five-split mean of ``metric`` per trial, with its spread over the splits.
 
     Args:
@@ -103,6 +105,7 @@ def search_bar_chart(frame: pd.DataFrame, path: str | Path, metric: str = "accur
         path: PNG to write.
         metric: ``accuracy`` or ``miou``.
         title: Chart title.
+        best_trial: ``trial_id`` of the bar drawn in red (default: the highest mean).
     """
     import matplotlib
 
@@ -114,6 +117,8 @@ def search_bar_chart(frame: pd.DataFrame, path: str | Path, metric: str = "accur
     means = [100 * r[f"{metric}_mean"] for r in rows]
     stds = [100 * r[f"{metric}_std"] for r in rows]
     best = max(range(len(rows)), key=lambda i: means[i]) if rows else -1
+    if best_trial is not None:
+        best = next((i for i, r in enumerate(rows) if r.get("trial_id") == best_trial), best)
     colors = ["#c0392b" if i == best else "#5b7db1" for i in range(len(rows))]
     fig, ax = plt.subplots(figsize=(max(6, 1.15 * len(rows) + 1.5), 4.2))
     bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color=colors, edgecolor="black", linewidth=0.6)
@@ -136,19 +141,23 @@ def search_bar_chart(frame: pd.DataFrame, path: str | Path, metric: str = "accur
     return path
 
 
-def write_search_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path, metric: str = "accuracy") -> dict[str, str]:
+def write_search_outputs(
+    rows: Sequence[dict[str, Any]], out_dir: str | Path, metric: str = "accuracy", rank_by: str | None = None
+) -> dict[str, str]:
     """``search_results.csv``, ``search_results.md`` and ``search_results.png`` (Fig. 5).
 
     Args:
         rows: One dict per trial: ``trial_id``, the searched settings, ``{m}_mean``,
             ``{m}_std``, ``{m}_ci_low``, ``{m}_ci_high`` for each metric, ``num_splits``.
         out_dir: Output folder.
-        metric: The metric charted and ranked on.
+        metric: The test metric tabulated and charted.
+        rank_by: Column the trials are ranked by, best (highest) first; ties keep the order of
+            ``rows``. Default ``{metric}_mean``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(list(rows))
-    frame = frame.sort_values(f"{metric}_mean", ascending=False, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(rank_by or f"{metric}_mean", ascending=False, kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     frame.to_csv(out / "search_results.csv", index=False)
     shown = pd.DataFrame({
@@ -165,7 +174,7 @@ def write_search_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path, me
         f"# Hyperparameter search (RCKD Sec. 3.1, Fig. 5)\n\nTest {_METRIC_LABELS[metric].lower()}, mean ± std over the "
         "splits of each trial, best first.\n\n" + _markdown(shown)
     )
-    chart = search_bar_chart(frame, out / "search_results.png", metric=metric)
+    chart = search_bar_chart(frame, out / "search_results.png", metric=metric, best_trial=frame["trial_id"].iloc[0] if len(frame) else None)
     return {"csv": str(out / "search_results.csv"), "markdown": str(out / "search_results.md"), "chart": str(chart)}
 
 

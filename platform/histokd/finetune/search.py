@@ -329,8 +329,9 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
         run.finish("FAILED")
         raise RuntimeError(f"no trial of the search finished; failures: {failed}")
     chart_metric = metric.split("_", 1)[1].rsplit("_", 1)[0]
-    files = write_search_outputs(rows, work_dir, metric=chart_metric)
-    best = max(rows, key=lambda r: r.get(metric, -math.inf))
+    rows.sort(key=lambda r: r[metric] if math.isfinite(r[metric]) else -math.inf, reverse=True)  # stable: ties keep grid order
+    files = write_search_outputs(rows, work_dir, metric=chart_metric, rank_by=metric)
+    best = rows[0]
     if failed:
         with open(files["markdown"], "a") as f:
             f.write("\nFailed trials:\n\n" + "\n".join(f"- {r['trial_id']}: {r['error']}" for r in failed) + "\n")
