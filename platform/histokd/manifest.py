@@ -279,7 +279,7 @@ def verify_patches(
     size = config.patch_size if config.rule_size is None else min(config.rule_size, config.patch_size)
     magnification = config.magnification * size / config.patch_size  # same level-0 extent
     with reader:
-        for i, (x, y) in enumerate(zip(xs, ys)):
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             try:
                 patch = reader.read_region(int(x), int(y), size, magnification)
             except SlideError as exc:
@@ -399,7 +399,7 @@ def build_manifest(
     scans = executor.map(_scan_or_error, [(p, config) for p in paths], "scan slides")
     bad: dict[str, tuple[str, str]] = {}
     good: list[SlideScan] = []
-    for path, scan in zip(paths, scans):
+    for path, scan in zip(paths, scans, strict=True):
         if isinstance(scan, str):
             bad[path] = ("scan", scan)
         else:
@@ -431,7 +431,7 @@ def build_manifest(
                 jobs.append((scan.path, scan.xs[local[chunk]], scan.ys[local[chunk]], config))
                 index.append((slide, chunk, batch_positions[sel][start : start + verify_chunk]))
         results = executor.map(verify_patches, jobs, "verify patches")
-        for (slide, chunk, positions), res in zip(index, results):
+        for (slide, chunk, positions), res in zip(index, results, strict=True):
             attempts[slide] = attempts.get(slide, 0) + len(chunk)
             if res["errors"]:
                 read_errors.setdefault(slide, []).extend(res["errors"])
