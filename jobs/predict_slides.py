@@ -1,0 +1,45 @@
+"""Whole-slide inference with a fine-tuned model: heatmaps, label masks and summaries per slide.
+
+    python jobs/predict_slides.py --model runs/finetune/split_0/local_run/best_model.pt \
+        --slides /data/slides --magnification 20 --patch-size 512
+    python jobs/predict_slides.py --model runs/seg --slides list.txt --output-magnification 5
+    ray job submit --working-dir . -- python jobs/predict_slides.py --config predict.yaml
+
+--model is a best_model.pt of jobs/finetune.py, or its run folder (the split with the lowest
+validation loss). The model file gives the task, backbone, classes and input size; give the
+magnification of the training images (--magnification) and their side in pixels at that
+magnification (--patch-size; default: the input size) when the file does not record them.
+Tissue tiles are read so that each covers the training images' field, run through a Ray Data
+actor pool (GPUs where the cluster has any), and stitched (overlapping tiles blended for
+segmentation). Per slide, in STORAGE/RUN_NAME/slides/<slide_id>/: predictions.parquet,
+heatmap.ome.tif, labels.ome.tif, overlay.png, heatmap.png and summary.json. Rerunning with
+the same --run-name skips finished slides; bad slides are listed in bad_slides.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from histokd.cli import parse_config
+from histokd.inference.config import PredictConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, run the inference, print where the outputs are; 2 on a bad setting."""
+    config = parse_config(PredictConfig, argv, description=__doc__)
+    from histokd.inference.job import PredictError, run_prediction
+
+    try:
+        result = run_prediction(config)
+    except (ValueError, PredictError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(f"outputs:    {result.run_dir}/slides  ({len(result.slides)} slides, summary: {result.files['summary_table']})")
+    print(f"bad slides: {result.num_bad}  ({result.files['bad_slides']})")
+    print(f"MLflow:     {config.tracking_uri}  run {result.mlflow_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
