@@ -252,7 +252,7 @@ class EvaluateConfig:
     dataset_name: str = field(default="dataset", metadata=_help("title of the table and chart"))
     splits: list[str] = field(default_factory=lambda: ["test"], metadata=_help("splits evaluated (Sec. 4.5: the labelled test set)"))
     n_resamples: int = field(default=10_000, metadata=_help("bootstrap resamples of the test set (Sec. 4.5: 10,000)"))
-    confidence: float = field(default=0.95, metadata=_help("interval level (Sec. 4.5: 95%)"))
+    confidence: float = field(default=0.95, metadata=_help("interval level (Sec. 4.5: 0.95)"))
     seed: int = field(default=0, metadata=_help("bootstrap seed"))
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"))
     mlflow_experiment: str = field(default="histokd-resdist", metadata=_help("MLflow experiment name"))

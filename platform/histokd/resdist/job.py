@@ -71,6 +71,23 @@ def training_stats(region_set: RegionSet, splits: list[str], magnification: floa
     return mean, std
 
 
+#: Decoded region images a worker keeps in memory at most (3 bytes per pixel).
+_CACHE_LIMIT_BYTES = 2 * 2**30
+
+
+def _cache_images(items: list[dict[str, Any]], region_set: RegionSet, magnifications: list[float]) -> bool:
+    """Whether the decoded images of ``items`` at ``magnifications`` fit the cache limit."""
+    from histokd.resdist.regions import TissueRegion
+
+    by_id = {r.region_id: r for r in region_set.records}
+    total = 0
+    for item in items:
+        r = by_id[item["region_id"]]
+        box = TissueRegion(r.slide, 0, r.x, r.y, r.width, r.height, r.base_magnification)
+        total += sum(3 * w * h for w, h in (box.size_at(m) for m in magnifications))
+    return total <= _CACHE_LIMIT_BYTES
+
+
 def _select(config: ResdistConfig, train_splits: list[str], val_splits: list[str]) -> str:
     if config.select != "auto":
         return config.select
@@ -184,6 +201,7 @@ def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None
     loop = _base_loop_config(config, region_set)
     loop.update(
         phase="supervised", views=[tag], stats={tag: stats}, data={"train": train, "val": val},
+        cache_images=_cache_images(train + val, region_set, [config.magnification]),
         select=_select(config, config.train_splits, config.val_splits),
         meta={"arch": config.arch, "magnification": config.magnification, "method": config.method,
               "class_names": list(region_set.class_names), "data": config.data, "run_name": config.run_name},
@@ -237,6 +255,7 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
     loop.update(
         phase="distill", views=views, stats={teacher_tag: teacher_meta["stats"], student_tag: student_stats},
         data={"train": train, "val": val}, select=_select(config, config.train_splits, config.val_splits), meta=meta,
+        cache_images=_cache_images(train + val, region_set, pair),
         mlflow_run_id=run.run_id if run else None, tracking_uri=config.tracking_uri,
     )  # fmt: skip
     try:
@@ -251,6 +270,7 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
             ft.update(
                 phase="finetune", init=model_path, views=[student_tag], stats={student_tag: student_stats},
                 data={"train": ft_train, "val": ft_val}, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                cache_images=_cache_images(ft_train + ft_val, region_set, [config.magnification]),
                 select=_select(config, config.finetune_splits, config.finetune_val_splits), meta=dict(meta, finetuned=True),
                 metric_prefix="finetune_",
             )  # fmt: skip

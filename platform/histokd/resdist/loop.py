@@ -185,8 +185,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     train_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     jitter = ColorJitter(config["brightness"], config["contrast"], config["saturation"], config["hue"])
     views = config["views"]
-    train_set = RegionImages(config["data"]["train"], views, config["stats"], augment=config["augment"], jitter=jitter, seed=config["seed"])
-    val_set = RegionImages(config["data"].get("val", []), views, config["stats"], augment=False)
+    # decoded images are kept in memory when the driver found they fit (cache_images) and no
+    # loader processes decode them (those would lose their copies every epoch)
+    cache = bool(config.get("cache_images", False)) and config["loader_workers"] == 0
+    train_set = RegionImages(config["data"]["train"], views, config["stats"], augment=config["augment"], jitter=jitter,
+                             seed=config["seed"], cache=cache)  # fmt: skip
+    val_set = RegionImages(config["data"].get("val", []), views, config["stats"], augment=False, cache=cache)
     step_loss = _Step(config, teacher)
     mlflow_client = _mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
@@ -197,8 +201,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_model.train()
         shard = _shard(len(train_set), epoch, config["seed"], rank, world, shuffle=True)
         sums = {"loss": 0.0, "soft": 0.0, "pixel": 0.0, "correct": 0.0, "labelled": 0.0, "count": 0.0}
-        for i, index in enumerate(shard):
-            item = train_set[index]
+        for i, item in enumerate(_items(train_set, shard, config["loader_workers"])):
             sync = accumulator.closes_group or i == len(shard) - 1
             no_sync = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
             with no_sync:
@@ -267,6 +270,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
         ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def _items(dataset, order: list[int], workers: int):
+    """The items in ``order``, decoded and augmented here or by ``workers`` loader processes."""
+    if workers == 0:
+        return (dataset[i] for i in order)
+    # batch_size None: single, variable-size items; new processes each epoch see its set_epoch
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, persistent_workers=False)
 
 
 def _accumulate(sums: dict[str, float], loss: float, parts: dict[str, float], logits: torch.Tensor, label: int) -> None:

@@ -51,6 +51,10 @@ class DistillSearchConfig(DistillConfig):
         for t in self.temperatures:
             if not t > 0:
                 raise ValueError(f"temperatures: {t!r} must be positive")
+        if self.num_workers < 1:
+            # Ray Train's local mode cannot run inside a Tune trial (ray.train.get_context is
+            # refused there): every trial trains on its own worker group
+            raise ValueError(f"num_workers={self.num_workers}: a search needs at least 1 Ray Train worker per trial")
         if self.score not in _SCORES:
             raise ValueError(f"score={self.score!r}: allowed: {', '.join(_SCORES)}")
         if self.max_concurrent_trials is not None and (not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
@@ -90,6 +94,8 @@ def tune_trial(params: dict[str, Any]) -> None:
     base.update(magnification=params["magnification"], temperature=params["temperature"])
     base["run_name"] = f"{base['run_name']}-{trial_id}"
     base["storage_path"] = params["_storage"]
+    base["mlflow_tracking_uri"] = params["_tracking_uri"]  # the search's store: one database, created once
+    base["region_dir"] = params["_region_dir"]  # the search's region images, built once
     config = DistillConfig(**base)
     outcome = run_distill(config, parent_run_id=params.get("_parent_run_id"))
     region_set = RegionSet.load(config.regions_root)
@@ -124,13 +130,12 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     run.set_tags({"histokd.job": "resdist_search", "histokd.run_dir": str(work_dir)})
     param_space = build_param_space(config)
     param_space.update(_base=config.distill_fields(), _storage=str(work_dir / "trials"), _score_splits=list(config.score_splits),
-                       _parent_run_id=run.run_id)  # fmt: skip
-    # the trial's own process trains in local mode (num_workers 0) and needs the CPUs then;
-    # otherwise it only waits on its TorchTrainer's workers
-    resources = {"cpu": config.cpus_per_worker} if config.num_workers == 0 else {"cpu": 0, "memory": 2**20}
-    trainable = tune.with_resources(tune_trial, resources)
+                       _parent_run_id=run.run_id, _tracking_uri=config.tracking_uri, _region_dir=config.regions_root)  # fmt: skip
+    # a trial only waits on its TorchTrainer's workers: it reserves no CPU (Tune refuses a trial
+    # that requests nothing, hence one MiB of memory)
+    trainable = tune.with_resources(tune_trial, {"cpu": 0, "memory": 2**20})
     cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = config.cpus_per_worker * max(1, config.num_workers)
+    per_trial = config.cpus_per_worker * config.num_workers
     concurrent = config.max_concurrent_trials or max(1, int(cpus // per_trial))
     experiment_path = str(work_dir / "tune")
     if tune.Tuner.can_restore(experiment_path):

@@ -1,0 +1,65 @@
+"""Ray Tune over the student's magnification and the temperature."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from histokd.resdist.search import DistillSearchConfig, build_param_space
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tiny_demo) -> str:
+    """An untrained 10x teacher with the demo's classes (the search needs a model, not a good one)."""
+    import torch
+
+    from histokd.resdist.job import training_stats
+    from histokd.resdist.model import create_resdist_model
+    from histokd.resdist.training import save_model_file
+
+    torch.manual_seed(0)
+    region_set = tiny_demo["region_set"]
+    meta = {"arch": "resdist_resnet", "num_classes": 3, "magnification": 10.0, "method": "teacher",
+            "class_names": list(region_set.class_names), "stats": training_stats(region_set, ["train"], 10.0)}  # fmt: skip
+    return str(save_model_file(tiny_demo["storage"] / "search-teacher" / "model.pt", create_resdist_model(num_classes=3), meta))
+
+
+def _config(tiny_demo, teacher_file, **extra) -> DistillSearchConfig:
+    settings = dict(
+        data=str(tiny_demo["table"]), storage_path=str(tiny_demo["storage"]), magnifications=tiny_demo["magnifications"],
+        min_region_area_um2=5000.0, teacher=teacher_file, epochs=1, accumulation_steps=2, num_workers=1,
+        searched_magnifications=[1.25], temperatures=[1.0, 4.0], score_splits=["test"],
+    )  # fmt: skip
+    settings.update(extra)
+    return DistillSearchConfig(**settings)
+
+
+def test_grid_over_magnification_and_temperature(tiny_demo, teacher_file):
+    config = _config(tiny_demo, teacher_file, searched_magnifications=[2.5, 1.25])
+    space = build_param_space(config)
+    assert space["magnification"] == {"grid_search": [2.5, 1.25]}
+    assert space["temperature"] == {"grid_search": [1.0, 4.0]}
+    assert config.distill_fields()["teacher"] == teacher_file and "temperatures" not in config.distill_fields()
+    with pytest.raises(ValueError, match="searched_magnifications"):
+        _config(tiny_demo, teacher_file, searched_magnifications=[3.0])
+    with pytest.raises(ValueError, match="score='auc'"):
+        _config(tiny_demo, teacher_file, score="auc")
+    with pytest.raises(ValueError, match="num_workers=0"):
+        _config(tiny_demo, teacher_file, num_workers=0)
+
+
+@pytest.mark.slow
+def test_tune_runs_one_distillation_per_trial(tiny_demo, teacher_file, ray_cluster):
+    from histokd.resdist.search import run_search
+
+    config = _config(tiny_demo, teacher_file, run_name="t-search")
+    rows = run_search(config)
+    assert sorted(r["temperature"] for r in rows) == [1.0, 4.0]
+    assert all(r["magnification"] == 1.25 for r in rows)
+    assert rows[0]["top1_accuracy"] >= rows[-1]["top1_accuracy"]  # best first
+    for row in rows:
+        assert Path(row["model_path"]).is_file() and 0 <= row["top1_accuracy"] <= 1
+    table = list(csv.DictReader(open(Path(config.run_dir) / "search.csv")))
+    assert len(table) == 2
