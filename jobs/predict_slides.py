@@ -1,8 +1,9 @@
 """Whole-slide inference with a fine-tuned model: heatmaps, label masks and summaries per slide.
 
-    python jobs/predict_slides.py --model runs/finetune/split_0/local_run/best_model.pt \
-        --slides /data/slides --magnification 20 --patch-size 512
-    python jobs/predict_slides.py --model runs/seg --slides list.txt --output-magnification 5
+    python jobs/predict_slides.py --model runs/finetune --slides /data/slides \
+        --magnification 20 --patch-size 256                 # the demo fine-tuning's patches
+    python jobs/predict_slides.py --model runs/seg/split_0/best_model.pt --slides list.txt \
+        --magnification 20 --output-magnification 5
     ray job submit --working-dir . -- python jobs/predict_slides.py --config predict.yaml
 
 --model is a best_model.pt of jobs/finetune.py, or its run folder (the split with the lowest

@@ -251,7 +251,8 @@ def run_prediction(
                 num_actors=config.num_actors, num_gpus=config.num_gpus, precision=config.precision,
             )  # fmt: skip
             in_flight: dict[int, SlideAssembly] = {}
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            # no prefetching: a finished block reaches the driver at once (Ray Data runs ahead anyway)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 index = np.asarray(batch["slide_index"])
                 for slide_index in np.unique(index):
                     rows = np.flatnonzero(index == slide_index)

@@ -23,10 +23,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is built: the read tasks never need it
+    import torch
+    from torch import nn
 
 __all__ = [
     "ModelFileError",
@@ -158,6 +159,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ModelFileError: The file is missing, not a torch file of plain values, or lacks
             ``model`` or ``config``.
     """
+    import torch
+
     path = str(path)
     if not os.path.isfile(path):
         raise ModelFileError(path, "file not found; give a best_model.pt of the fine-tuning job or its run folder")

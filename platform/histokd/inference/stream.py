@@ -248,7 +248,7 @@ class TilePredictor:
 # -- the dataset --------------------------------------------------------------------------------------------
 def _read_memory(input_size: int, batch_size: int) -> int:
     """Bytes a read task holds: a worker's baseline and about three copies of the batch."""
-    return 320 * 2**20 + batch_size * input_size * input_size * 3 * 3
+    return 384 * 2**20 + batch_size * input_size * input_size * 3 * 3
 
 
 def prediction_dataset(
@@ -300,6 +300,9 @@ def prediction_dataset(
     return (
         ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         .map_batches(plan_slide_batch, fn_kwargs={"settings": settings}, batch_size=1, num_cpus=plan.read_cpus, batch_format="numpy")
+        # A slide's tiles leave its planning task as one small block; cut into blocks of a
+        # batch, they are read by many tasks at once and reach the model as they are read.
+        .repartition(target_num_rows_per_block=batch_size)
         .map_batches(
             read_tile_batch,
             fn_kwargs={"input_size": settings.input_size, "read_magnification": settings.read_magnification},
