@@ -18,6 +18,10 @@ from histokd.pretrain.config import DEMO_PRESET, PretrainConfig, check_storage_p
         ({"alpha": 1.5}, r"alpha=1.5: must be in \(0, 1\]"),
         ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs=20: must be at most epochs=10"),
         ({"run_name": "a/b"}, "run_name='a/b'"),
+        ({"trainer_resources": {"trainer_node": -1}}, "trainer_resources=.*'trainer_node' must be a non-negative number"),
+        ({"teacher_resources": {"GPU": 1}}, "teacher_resources=.*'GPU' is not a custom resource; set cpus_per_worker, teacher_gpus"),
+        ({"teacher_resources": "{teacher_node: 1}"}, "teacher_resources=.*not JSON"),
+        ({"trainer_resources": [1]}, r"trainer_resources=\[1\]: must be a mapping"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
@@ -57,3 +61,14 @@ def test_cli_precedence(tmp_path, capsys):
     yaml_file.write_text("epochz: 3\n")
     with pytest.raises(SystemExit, match=r"unknown field\(s\) \['epochz'\]"):
         parse_config(PretrainConfig, ["--config", str(yaml_file)])
+
+
+def test_custom_resources_from_yaml_and_flags(tmp_path):
+    """A YAML mapping or a JSON flag (the flag overrides), as floats; empty by default."""
+    assert PretrainConfig().teacher_resources == {} and PretrainConfig().trainer_resources == {}
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("teacher_resources:\n  teacher_node: 1\ntrainer_resources:\n  trainer_node: 2\n")
+    c = parse_config(PretrainConfig, ["--config", str(yaml_file), "--trainer-resources", '{"trainer_node": 0.5}'])
+    assert c.teacher_resources == {"teacher_node": 1.0} and c.trainer_resources == {"trainer_node": 0.5}
+    with pytest.raises(SystemExit, match="trainer_resources='nope': not JSON"):
+        parse_config(PretrainConfig, ["--trainer-resources", "nope"])

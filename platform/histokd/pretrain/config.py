@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ class PretrainConfig:
     teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call"))
     teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU"))
     teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU)"))
+    teacher_resources: dict[str, float] = field(default_factory=dict, metadata=_help("custom Ray resources each teacher actor asks for, e.g. {\"teacher_node\": 1} to place the actors on nodes started with that resource; JSON on the command line"))
     # --- student (RCKD Sec. 2.2.1, 2.3) -------------------------------------------------------
     backbone: str = field(default="csat", metadata=_help("student backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"))
     input_size: int = field(default=512, metadata=_help("patches are resized (bilinear) to this side for the student (RCKD: 512)"))
@@ -56,6 +59,7 @@ class PretrainConfig:
     num_workers: int | None = field(default=None, metadata=_help("training workers; auto: one per GPU, else 1"))
     use_gpu: bool | None = field(default=None, metadata=_help("train on GPUs; auto: if the cluster has any"))
     cpus_per_worker: float = field(default=1.0, metadata=_help("CPUs reserved by each training worker"))
+    trainer_resources: dict[str, float] = field(default_factory=dict, metadata=_help("custom Ray resources each training worker asks for, e.g. {\"trainer_node\": 1}; JSON on the command line"))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU"))
     max_failures: int = field(default=3, metadata=_help("worker-group restarts from the last checkpoint before the run fails"))
     keep_checkpoints: int = field(default=3, metadata=_help("last N checkpoints kept (the best by hold-out IoU is kept too)"))
@@ -103,6 +107,8 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r}: must be a positive integer or auto")
+        for name in ["teacher_resources", "trainer_resources"]:
+            setattr(self, name, _check_resources(name, getattr(self, name)))
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
         if not self.weight_decay >= 0 or not 0 <= self.momentum < 1:
@@ -133,6 +139,26 @@ class PretrainConfig:
                 "give a tracking server URI (http://...) or a sqlite:/// path"
             )
         return f"sqlite:///{self.storage_path}/mlflow.db"
+
+
+def _check_resources(name: str, value: dict | str) -> dict[str, float]:
+    """Custom Ray resources: a mapping (or its JSON text, from the command line) of resource
+    names to non-negative amounts. CPUs and GPUs have their own fields."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}={value!r}: not JSON ({exc.msg}); give an object such as '{{\"trainer_node\": 1}}'") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={value!r}: must be a mapping of Ray resource names to amounts, e.g. {{'trainer_node': 1}}")
+    for key, amount in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}={value!r}: resource names must be non-empty strings")
+        if key in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{name}={value!r}: {key!r} is not a custom resource; set cpus_per_worker, teacher_gpus or use_gpu instead")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < math.inf:
+            raise ValueError(f"{name}={value!r}: the amount of {key!r} must be a non-negative number")
+    return {key: float(amount) for key, amount in value.items()}
 
 
 def _check_teacher_spec(spec: str) -> None:

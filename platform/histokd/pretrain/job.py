@@ -139,6 +139,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         batch_size=config.teacher_batch_size,
         num_actors=config.teacher_actors,
         num_gpus=config.teacher_gpus if gpus > 0 else 0.0,
+        resources=config.teacher_resources,
         # leave the training workers their CPUs: the stream sizes itself from what is left
         reserved_cpus=num_workers * config.cpus_per_worker,
     )
@@ -233,8 +234,9 @@ def num_workers_hint(config: PretrainConfig) -> int:
 
 def _worker_resources(config: PretrainConfig, use_gpu: bool, gpus: float) -> dict[str, float]:
     """A training worker's resources. On GPUs it takes what the teacher actors leave of one
-    GPU (``1 - teacher_gpus``), so a teacher actor and a trainer share each GPU."""
-    resources = {"CPU": config.cpus_per_worker}
+    GPU (``1 - teacher_gpus``), so a teacher actor and a trainer share each GPU. Custom
+    resources (``trainer_resources``) pin the workers to the nodes that offer them."""
+    resources = {**config.trainer_resources, "CPU": config.cpus_per_worker}
     if use_gpu and gpus > 0:
         resources["GPU"] = 1.0 - config.teacher_gpus if config.teacher_gpus < 1 else 1.0
     return resources

@@ -11,7 +11,8 @@ at the training input size S (RCKD: 512, resized bilinearly from the 1024 px pat
 
 Resources: each actor takes ``num_gpus`` of a GPU when the cluster has GPUs (fractional, so a
 training worker shares the GPU), and the CPUs left after ``reserved_cpus`` are split between
-the actors and the read tasks, so on a 2-CPU machine neither starves the other.
+the actors and the read tasks, so on a 2-CPU machine neither starves the other. Custom
+``resources`` pin the actors to the nodes that offer them.
 
 Pseudo labels are written through to a :class:`PseudoLabelCache`; on later epochs and reruns
 patches with a cached label skip the teacher. Ray Data restarts a dead actor and retries the
@@ -335,6 +336,7 @@ def pseudo_label_dataset(
     num_actors: int | None = None,
     num_gpus: float = 0.5,
     reserved_cpus: float = 0.0,
+    resources: dict[str, float] | None = None,
 ):
     """A Ray Dataset of pseudo-labelled patches of a manifest, each patch exactly once.
 
@@ -349,6 +351,8 @@ def pseudo_label_dataset(
         num_actors: Teacher actors; None: one per GPU, or one on a CPU cluster.
         num_gpus: GPU share per actor when the cluster has GPUs.
         reserved_cpus: CPUs to leave for the training workers.
+        resources: Custom Ray resources each teacher actor asks for (e.g. ``{"teacher_node": 1}``
+            places the actors on the nodes started with that resource); read tasks go anywhere.
 
     Returns:
         A lazy ``ray.data.Dataset`` of records {image, pseudo_label, slide, x, y, patch_id}.
@@ -421,6 +425,7 @@ def pseudo_label_dataset(
                 batch_size=batch_size,
                 num_cpus=plan.actor_cpus,
                 num_gpus=plan.actor_gpus or None,
+                resources=dict(resources) if resources else None,
                 batch_format="numpy",
             )
         )
