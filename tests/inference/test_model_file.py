@@ -82,6 +82,10 @@ def test_a_run_folder_gives_the_split_with_the_lowest_validation_loss(tmp_path, 
         result = {"split": split, "best_val_loss": loss, "best_model": str(model)}
         (tmp_path / "run" / f"split_{split}" / "result.json").write_text(json.dumps(result))
     assert find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
+    moved = json.loads((tmp_path / "run" / "split_1" / "result.json").read_text())
+    moved["best_model"] = "/gone/best_model.pt"  # a checkpoint path that no longer exists
+    (tmp_path / "run" / "split_1" / "result.json").write_text(json.dumps(moved))
+    assert find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
     _, info = load_task_model(tmp_path / "run")
     assert info.path.endswith("split_1/ckpt/best_model.pt")
     with pytest.raises(ModelFileError, match=r"empty: no split_\*/result.json with a best_model"):

@@ -260,8 +260,9 @@ def load_task_model(path: str | os.PathLike) -> tuple[nn.Module, TaskModelInfo]:
 def find_best_model(run_dir: str | os.PathLike) -> Path:
     """The ``best_model.pt`` of a fine-tuning run's split with the lowest validation loss.
 
-    Looks at ``RUN/split_*/result.json`` (their ``best_model`` entries), then at any
-    ``best_model.pt`` below the folder.
+    Looks at ``RUN/split_*/result.json`` (their ``best_model`` entries, else a
+    ``best_model.pt`` in the split's folder, where Ray Train's local mode keeps it), then at
+    any ``best_model.pt`` below the folder.
 
     Raises:
         ModelFileError: No model file is found.
@@ -274,7 +275,10 @@ def find_best_model(run_dir: str | os.PathLike) -> Path:
         except (OSError, json.JSONDecodeError):
             continue
         model = data.get("best_model")
-        if model and os.path.isfile(model):
+        if not (model and os.path.isfile(model)):  # local mode keeps it in the split's folder
+            found = sorted(result.parent.rglob(BEST_MODEL_FILE))
+            model = str(found[0]) if found else None
+        if model:
             loss = data.get("best_val_loss")
             candidates.append((float(loss) if loss is not None else math.inf, str(result), Path(model)))
     if candidates:
