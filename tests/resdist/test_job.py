@@ -120,12 +120,15 @@ def test_evaluation_tables_chart_and_mlflow(trained, tiny_demo):
 
 
 @pytest.mark.slow
-def test_ray_train_worker(tiny_demo, ray_cluster):
-    """The loop in a real Ray Train worker group, with per-epoch checkpoints."""
+def test_ray_train_workers_with_ddp(tiny_demo, ray_cluster):
+    """The loop on a real Ray Train worker group of two (DDP, fractional CPUs), with checkpoints."""
     common = _common(tiny_demo)
-    common["num_workers"] = 1
+    common.update(num_workers=2, cpus_per_worker=0.5)
     result = run_supervised(SupervisedConfig(**common, run_name="t-ray-baseline", magnification=1.25, method="baseline", epochs=2))
     _, meta = load_model_file(result.model_path)
     assert meta["method"] == "baseline" and meta["magnification"] == 1.25
-    checkpoints = list((Path(result.run_dir) / "ray").rglob("result.json"))
-    assert checkpoints  # the final report's checkpoint carries the model and the result
+    n_train = len(tiny_demo["region_set"].select(["train"], labelled=True))
+    per_worker = -(-n_train // 2)  # the epoch's images shared out, padded to equal shares
+    steps = per_worker  # accumulation over 2 images in all: 1 per worker and step
+    assert [row["optimizer_steps"] for row in result.result["history"]] == [steps, 2 * steps]
+    assert list((Path(result.run_dir) / "ray").rglob("result.json"))  # the final report's checkpoint

@@ -14,8 +14,9 @@ One function, three phases (DiPalma Sec. 3.1):
 
 Images go through the network one at a time, and gradients are accumulated over
 ``accumulation_steps`` images (Sec. 3.5). With several workers the images of an epoch are
-shared out, DDP synchronises only on the backward pass that closes a group, and every worker
-steps on the mean over the whole group. Rank 0 reports each epoch with a checkpoint (model,
+shared out, each worker accumulates ``accumulation_steps // workers`` of them, DDP synchronises
+only on the backward pass that closes a group, and every worker steps on the mean over the
+whole group. Rank 0 reports each epoch with a checkpoint (model,
 optimizer, accumulator, history, best weights), so a restarted run continues where it was; the
 last report carries ``model.pt`` and ``result.json``.
 """
@@ -157,7 +158,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     trainable = _trainable_parameters(model, phase)
     optimizer = torch.optim.Adam(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
-    accumulator = GradientAccumulator(optimizer, config["accumulation_steps"], trainable)
+    # the effective batch is accumulation_steps images over all workers (DDP averages the workers'
+    # gradients), so each worker accumulates its share
+    accumulator = GradientAccumulator(optimizer, max(1, config["accumulation_steps"] // world), trainable)
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_loss = math.inf
