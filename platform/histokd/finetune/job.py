@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from histokd.cli import config_to_dict, save_config
+from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset, load_task_dataset
 from histokd.finetune.splits import Split, make_splits
@@ -150,8 +151,7 @@ def run_finetune(
          "splits": [s.as_dict() for s in splits]}, indent=1,
     ))  # fmt: skip
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray()
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     parallel = parallel_splits or config.max_parallel_splits or split_slots(config, use_gpu)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from histokd.cli import config_to_dict, load_yaml, save_config
+from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
 from histokd.finetune.evaluation import METRICS, PRIMARY_METRIC
@@ -258,8 +259,7 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
 
     check_storage_path(config.storage_path)
     dataset = dataset if dataset is not None else prepare_dataset(config)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray()
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     slots = split_slots(config, use_gpu)
     concurrent = config.max_concurrent_trials or max(1, slots // config.num_splits)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from histokd.cluster import init_ray
+
 __all__ = ["DemoConfig", "DemoResult", "make_demo_data", "run_demo"]
 
 
@@ -174,12 +176,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: dict[str, float] = {}
     started = time.monotonic()
     if config.num_workers > 0:
-        import os
-
-        import ray
-
-        if not ray.is_initialized():  # a cluster named by RAY_ADDRESS, else a new local one
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+        init_ray()  # a cluster named by RAY_ADDRESS, else a new local one
     table, summary = make_demo_data(config)
     seconds["data"] = time.monotonic() - started
     print(f"demo data: {table}; regions per split and class: {summary}", flush=True)

@@ -14,13 +14,13 @@ same name with the settings, the per-epoch curves and those files.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from histokd.cli import config_to_dict, save_config
+from histokd.cluster import init_ray
 from histokd.resdist.config import DistillConfig, ResdistConfig, SupervisedConfig
 from histokd.resdist.region_set import RegionSet, build_region_set
 from histokd.resdist.regions import magnification_tag
@@ -133,8 +133,7 @@ def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, na
         loop_config["local_result_dir"] = str(phase_dir / "local_run")
         scaling = ScalingConfig(num_workers=0)
     else:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        init_ray()
         use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         resources = {"CPU": config.cpus_per_worker}
         if use_gpu:

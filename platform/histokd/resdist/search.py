@@ -12,12 +12,12 @@ experiment.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from histokd.cli import config_to_dict, save_config
+from histokd.cluster import init_ray
 from histokd.resdist.config import DistillConfig
 
 __all__ = ["DistillSearchConfig", "build_param_space", "run_search", "trial_dirname", "tune_trial"]
@@ -119,8 +119,7 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     from histokd.resdist.job import prepare_region_set
     from histokd.tracking import MLflowRun
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray()
     prepare_region_set(config)  # once, before the trials share it
     work_dir = Path(config.run_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
