@@ -142,3 +142,46 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = str(value)
             flat[name] = text if len(text) <= 6000 else text[:5997] + "..."
     return flat
+
+
+def worker_mlflow_client(config: Mapping[str, Any]):
+    """An MLflow client for a training worker, or None when the run is not tracked.
+
+    ``config`` carries ``mlflow_run_id`` and ``tracking_uri`` (set by the job's driver).
+    Tracking must never stop a training run: an unusable store logs a warning instead.
+    """
+    if not config.get("mlflow_run_id"):
+        return None
+    try:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
+    except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
+        log.warning("MLflow unavailable: %s", exc)
+        return None
+
+
+def log_epoch_metrics(client, config: Mapping[str, Any], metrics: Mapping[str, Any], step: int) -> None:
+    """Log a worker's numeric, finite metrics at ``step`` in one batch; retried because a SQLite
+    store locks briefly while another run writes, and never raises."""
+    if client is None:
+        return
+    import math
+    import time
+
+    import mlflow
+
+    now = int(time.time() * 1000)
+    batch = [
+        mlflow.entities.Metric(k, float(v), now, int(step))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" and math.isfinite(float(v))
+    ]
+    for attempt in range(3):
+        try:
+            client.log_batch(config["mlflow_run_id"], metrics=batch)
+            return
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
+            if attempt == 2:
+                log.warning("MLflow logging failed at epoch %d: %s", step, exc)
+            time.sleep(0.5 * (attempt + 1))

@@ -27,6 +27,7 @@ from torch import nn
 
 from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
+from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     train_loader, sampler, val_loader, test_loader = _loaders(config, rank, world)
-    mlflow_client = _mlflow_client(config) if rank == 0 else None
+    mlflow_client = worker_mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config["max_epochs"] + 1):
@@ -276,7 +277,7 @@ def train_fn_per_worker(config: dict) -> None:
                 f"{row['seconds']:.1f} s",
                 flush=True,
             )
-            _log_mlflow(mlflow_client, config, row, epoch)
+            log_epoch_metrics(mlflow_client, config, row, epoch)
         stop = stopper.should_stop or epoch == config["max_epochs"]
         if not stop:
             _report_state(model, optimizer, stopper, history, best_state, epoch, time.monotonic() - started, rank, row)
@@ -319,7 +320,7 @@ def train_fn_per_worker(config: dict) -> None:
         "sizes": {part: len(config["data"][part]["images"]) for part in ("train", "val", "test")},
     }
     if mlflow_client is not None:
-        _log_mlflow(mlflow_client, config, {f"test_{k}": v for k, v in result["test"].items()}, epoch)
+        log_epoch_metrics(mlflow_client, config, {f"test_{k}": v for k, v in result["test"].items()}, epoch)
     with tempfile.TemporaryDirectory() as tmp:
         out = config.get("local_result_dir") or tmp  # local mode keeps no checkpoint copies
         os.makedirs(out, exist_ok=True)
@@ -361,36 +362,3 @@ def _report_state(model, optimizer, stopper, history, best_state, epoch, seconds
 def _plain(config: dict) -> dict:
     """The config without the sample lists (they can be large)."""
     return {k: v for k, v in config.items() if k != "data"}
-
-
-def _mlflow_client(config: dict):
-    if not config.get("mlflow_run_id"):
-        return None
-    try:
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
-        log.warning("MLflow unavailable: %s", exc)
-        return None
-
-
-def _log_mlflow(client, config: dict, metrics: dict, step: int) -> None:
-    if client is None:
-        return
-    import mlflow
-
-    now = int(time.time() * 1000)
-    batch = [
-        mlflow.entities.Metric(k, float(v), now, int(step))
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" and math.isfinite(float(v))
-    ]
-    for attempt in range(3):  # SQLite stores lock briefly while another split writes
-        try:
-            client.log_batch(config["mlflow_run_id"], metrics=batch)
-            return
-        except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
-            if attempt == 2:
-                log.warning("MLflow logging failed at epoch %d: %s", step, exc)
-            time.sleep(0.5 * (attempt + 1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"resuming from epoch {start_epoch - 1} (checkpoint {checkpoint.path})", flush=True)
 
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        import mlflow
-
-        mlflow_client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
+    mlflow_client = worker_mlflow_client(config) if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     holdout_shard = ray.train.get_dataset_shard("holdout")
@@ -284,7 +281,7 @@ def train_fn_per_worker(config: dict) -> None:
                         title=f"epoch {epoch}: image | teacher pseudo label | student",
                     )  # fmt: skip
                 if mlflow_client is not None:
-                    _log_mlflow(mlflow_client, config["mlflow_run_id"], metrics, epoch, overlay_path)
+                    _log_mlflow(mlflow_client, config, metrics, epoch, overlay_path)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         if config.get("stop_after_epoch") == epoch:
@@ -305,20 +302,14 @@ def _save_best(model: torch.nn.Module, run_dir: str, stats: EpochStats) -> None:
             dst.write(src.read())
 
 
-def _log_mlflow(client, run_id: str, metrics: dict, epoch: int, overlay_path: str | None) -> None:
-    try:
-        client.log_batch(
-            run_id,
-            metrics=[
-                __import__("mlflow").entities.Metric(k, float(v), int(time.time() * 1000), epoch)
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) and k not in ("epoch", "patch_checksum") and math.isfinite(float(v))
-            ],
-        )
-        if overlay_path:
-            client.log_artifact(run_id, overlay_path, artifact_path="overlays")
-    except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
-        log.warning("MLflow logging failed at epoch %d: %s", epoch, exc)
+def _log_mlflow(client, config: dict, metrics: dict, epoch: int, overlay_path: str | None) -> None:
+    """Per-epoch metrics (the patch checksum is a test aid, not a metric) and the overlay."""
+    log_epoch_metrics(client, config, {k: v for k, v in metrics.items() if k != "patch_checksum"}, epoch)
+    if overlay_path:
+        try:
+            client.log_artifact(config["mlflow_run_id"], overlay_path, artifact_path="overlays")
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
+            log.warning("MLflow overlay upload failed at epoch %d: %s", epoch, exc)
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -44,6 +44,7 @@ from histokd.resdist.training import (
     load_model_file,
     save_model_file,
 )
+from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 __all__ = ["PHASES", "RESULT_FILE", "STATE_FILE", "train_fn_per_worker"]
 
@@ -195,7 +196,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                              seed=config["seed"], cache=cache)  # fmt: skip
     val_set = RegionImages(config["data"].get("val", []), views, config["stats"], augment=False, cache=cache)
     step_loss = _Step(config, teacher)
-    mlflow_client = _mlflow_client(config) if rank == 0 else None
+    mlflow_client = worker_mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config["epochs"] + 1):
@@ -236,7 +237,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "optimizer_steps", "lr"))
             print(f"{config['run_name']} epoch {epoch}/{config['epochs']}  {shown}", flush=True)
             prefix = config.get("metric_prefix", "")
-            _log_mlflow(mlflow_client, config, {f"{prefix}{k}": v for k, v in row.items()}, epoch)
+            log_epoch_metrics(mlflow_client, config, {f"{prefix}{k}": v for k, v in row.items()}, epoch)
         if epoch < config["epochs"]:
             _report_state(config, model, optimizer, scheduler, accumulator, history, best_state, best_loss, best_epoch,
                           epoch, time.monotonic() - started, rank, row)  # fmt: skip
@@ -343,36 +344,3 @@ def _report_state(config, model, optimizer, scheduler, accumulator, history, bes
             )  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
-
-
-def _mlflow_client(config: dict[str, Any]):
-    if not config.get("mlflow_run_id"):
-        return None
-    try:
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
-        log.warning("MLflow unavailable: %s", exc)
-        return None
-
-
-def _log_mlflow(client, config: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
-    if client is None:
-        return
-    import mlflow
-
-    now = int(time.time() * 1000)
-    batch = [
-        mlflow.entities.Metric(k, float(v), now, int(step))
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" and math.isfinite(float(v))
-    ]
-    for attempt in range(3):  # SQLite stores lock briefly while another run writes
-        try:
-            client.log_batch(config["mlflow_run_id"], metrics=batch)
-            return
-        except Exception as exc:  # noqa: BLE001 - tracking must never stop a training run
-            if attempt == 2:
-                log.warning("MLflow logging failed at epoch %d: %s", step, exc)
-            time.sleep(0.5 * (attempt + 1))
