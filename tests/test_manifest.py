@@ -14,6 +14,7 @@ from histokd.manifest import (
     ManifestError,
     PatchReader,
     build_manifest,
+    discover_slides,
     read_manifest,
     scan_slide,
 )
@@ -146,3 +147,15 @@ def test_rule_at_rule_size_matches_full_resolution(slides_dir):
                 full = r.read_region(x, y, 512, 20).mean()
                 low = r.read_region(x, y, 128, 20 * 128 / 512).mean()
                 assert abs(full - low) < 1.0, (name, x, y, full, low)
+
+
+def test_discover_slides_sorted_deduplicated_and_skips_demo_truth(demo_slides_dir, tmp_path):
+    listed = tmp_path / "slides.txt"
+    first = demo_slides_dir / "demo-s0-000.svs"
+    listed.write_text(f"# a comment\n{first}\n\n{first}\n")
+    found = discover_slides([demo_slides_dir, listed])
+    # the demo's .nuclei.tif / .regions.tif masks sit beside a .json and are not slides
+    assert [p.rsplit("/", 1)[1] for p in found] == ["demo-s0-000.svs", "demo-s0-001.svs"]
+    # a .tif with the same suffix but no demo sidecar is a slide like any other
+    (tmp_path / "x.nuclei.tif").write_bytes(b"")
+    assert discover_slides(tmp_path) == [str(tmp_path / "x.nuclei.tif")]

@@ -172,7 +172,9 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     """Slide paths from files, folders (searched recursively by extension) or list files.
 
     A ``.txt`` input lists one slide path per line. Order is sorted and duplicates dropped,
-    so the same inputs always give the same list.
+    so the same inputs always give the same list. In folders, the ground-truth masks that
+    demo slides keep beside them (``<stem>.nuclei.tif``, ``<stem>.regions.tif`` next to
+    ``<stem>.json``) are not slides and are left out.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -181,13 +183,21 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         path = Path(item)
         if path.is_dir():
             for ext in SLIDE_EXTENSIONS:
-                found.update(os.path.abspath(p) for p in path.rglob(f"*{ext}"))
+                found.update(os.path.abspath(p) for p in path.rglob(f"*{ext}") if not _is_demo_truth(p))
         elif path.suffix == ".txt" and path.is_file():
             lines = [ln.strip() for ln in path.read_text().splitlines()]
             found.update(os.path.abspath(ln) for ln in lines if ln and not ln.startswith("#"))
         else:
             found.add(os.path.abspath(path))  # missing files are reported per slide later
     return sorted(found)
+
+
+def _is_demo_truth(path: Path) -> bool:
+    """A demo slide's ground-truth mask (see :mod:`histokd.synthetic.demo`), not a slide."""
+    for suffix in (".nuclei.tif", ".regions.tif"):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)] + ".json").is_file()
+    return False
 
 
 def grid_cells(width: int, height: int, extent: int) -> tuple[np.ndarray, np.ndarray]:

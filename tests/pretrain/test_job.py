@@ -83,12 +83,18 @@ def test_worker_fault_recovers_from_checkpoint(ray_cluster, tmp_path, demo_slide
 
 
 def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
-    """The student learns the teacher: hold-out IoU climbs well above its first epoch's."""
+    """The student learns the teacher: hold-out IoU climbs well above its first epoch's.
+
+    The order in which Ray Data delivers blocks varies from run to run, so the same seed does
+    not give the same curve. lr 3.0 (LARS scales each layer's step by its trust ratio) escapes
+    the all-background start reliably: over 9 runs (seeds 0-7) the best of the last two epochs
+    was 0.56-0.72. At lr 1.0 one run in six stayed at 0.03 (CI, 2026-11-26).
+    """
     from histokd.pretrain.job import run_pretraining
 
     result = run_pretraining(
         tiny(tmp_path, demo_slides_dir, run_name="learning", teacher="deconvolution", alpha=0.5,
-             num_patches=96, epochs=5, batch_size=8, input_size=128, lr=1.0)
+             num_patches=96, epochs=5, batch_size=8, input_size=128, lr=3.0)
     )  # fmt: skip
     ious = [h["holdout_foreground_iou"] for h in result.history]
     losses = [h["loss"] for h in result.history]
