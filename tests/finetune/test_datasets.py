@@ -127,3 +127,28 @@ def test_colour_jitter_is_mild():
 def test_normalize_uses_imagenet_statistics():
     x = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert x[0, :, 0, 0].tolist() == pytest.approx([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)
+
+
+def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):
+    for name in ("a", "b"):
+        _png(tmp_path / name / "1.png", size=(40, 40))
+    dataset = load_task_dataset(tmp_path, "classification")
+    assert (dataset.magnification, dataset.patch_size, dataset.common_side()) == (None, None, 40)
+    (tmp_path / "dataset.json").write_text('{"magnification": 20, "patch_size": 256}')
+    dataset = load_task_dataset(tmp_path, "classification")
+    assert (dataset.magnification, dataset.patch_size) == (20.0, 256)
+    _png(tmp_path / "b" / "2.png", size=(40, 30))
+    assert load_task_dataset(tmp_path, "classification").common_side() is None  # mixed sizes: unknown
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{", "not valid JSON"), ("[20]", "holds a list"), ('{"magnification": 0}', "magnification=0"),
+     ('{"patch_size": 25.6}', "patch_size=25.6")],
+)  # fmt: skip
+def test_bad_dataset_json_names_the_file_and_value(tmp_path, text, message):
+    _png(tmp_path / "a" / "1.png", size=(8, 8))
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_task_dataset(tmp_path, "classification")
+    assert "dataset.json" in str(info.value)

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from histokd.finetune import FinetuneConfig, run_finetune
 
@@ -26,6 +27,9 @@ def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks
         assert (storage / f"job-split{i}").is_dir()
         assert Path(result.split_results[i]["best_model"]).name == "best_model.pt"
         assert result.split_results[i]["sizes"] == {"train": 22, "val": 7, "test": 7}  # 36 x 6:2:2, stratified
+        # the model file records the images' scale (the demo's dataset.json: 64 px at 20x) for inference
+        saved = torch.load(result.split_results[i]["best_model"], weights_only=True)["config"]
+        assert (saved["magnification"], saved["patch_size"]) == (20.0, 64)
     summary = result.summary
     acc = summary["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)

@@ -35,10 +35,10 @@ def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(ray_cl
     trained = run_finetune(finetune, tracking=False)
     held_out = make_demo_slides(tmp_path / "held_out", n=1, seed=HELD_OUT_SEED, width=2048, height=2048)[0]
 
-    # The run folder stands for its best split; the demo's patches are 256 px at 20x.
+    # The run folder stands for its best split; its model file says the patches were 256 px at 20x.
     config = PredictConfig(
         model=trained.run_dir, slides=[str(held_out.slide_path)], storage_path=str(tmp_path / "predict"),
-        magnification=20, patch_size=256, output_magnification=5,
+        output_magnification=5,
     )  # fmt: skip
     result = run_prediction(config, tracking=False)
     summary = result.slides[0]

@@ -45,6 +45,8 @@ class FinetuneConfig:
     backbone: str = field(default="csat", metadata=_help("backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"))
     init: str = field(default="random", metadata=_help("initial weights: random, a backbone file (RCKD pretraining writes STORAGE/RUN/backbone.pth), or timm:FILE (timm weights from a local file)"))
     init_label: str | None = field(default=None, metadata=_help("name of the initialisation in tables (default: Random Weight, RCKD for a backbone file, timm weights)"))
+    magnification: float | None = field(default=None, metadata=_help("magnification the images were cut at, recorded in the model file for whole-slide inference; default: the dataset's dataset.json (docs/datasets.md)"))
+    patch_size: int | None = field(default=None, metadata=_help("side in pixels of an image at --magnification, recorded in the model file; default: dataset.json's, else the images' common side"))
     input_size: int = field(default=384, metadata=_help("images are resized to this square side (RCKD Sec. 3.1: 384, best of {224, 384})"))
     positional_encoding: Literal["frozen", "trained"] = field(default="frozen", metadata=_help("CSAT's positional encodings frozen or trained (RCKD Sec. 3.1: frozen was best)"))
     drop_rate: float = field(default=0.0, metadata=_help("dropout before the linear classifier (not in RCKD)"))
@@ -93,6 +95,10 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r}: must be a non-negative integer")
+        if self.magnification is not None and (isinstance(self.magnification, bool) or not self.magnification > 0):
+            raise ValueError(f"magnification={self.magnification!r}: must be positive (e.g. 20) or None (the dataset's)")
+        if self.patch_size is not None and (isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size <= 0):
+            raise ValueError(f"patch_size={self.patch_size!r}: must be a positive integer or None (the dataset's)")
         if self.input_size < 32:
             raise ValueError(f"input_size={self.input_size}: must be at least 32 (the backbones downsample by 32)")
         if self.task not in ("classification", "segmentation"):

@@ -15,6 +15,12 @@ Three layouts (``docs/datasets.md`` maps the paper's six datasets onto them):
   k), otherwise they are ``class_0 ... class_{C-1}`` with C from the largest mask value.
 
 Images of any size are accepted; `ImageSamples` resizes them to the input resolution.
+
+The scale of the images, which whole-slide inference must match, can be stated in a
+``dataset.json`` in ROOT (beside the CSV for a CSV): ``{"magnification": 20, "patch_size": 256}``,
+the magnification the images were cut at and their side in pixels there. Without it the
+side is taken from the images when they are all the same square size, and the magnification
+from ``--magnification``; the fine-tuned model file records both.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ __all__ = [
     "load_segmentation_csv",
     "load_segmentation_pairs",
     "load_task_dataset",
+    "read_scale",
 ]
 
+SCALE_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_NAMES = ("train", "val", "test")
 Task = Literal["classification", "segmentation"]
@@ -56,6 +64,8 @@ class TaskDataset:
         masks: Mask path per image (segmentation).
         fixed: Per image ``train``/``val``/``test`` from the dataset's own lists, or None.
         source: Where it was read from.
+        magnification: Magnification the images were cut at, from ``dataset.json``, or None.
+        patch_size: Side in pixels of an image at ``magnification``, from ``dataset.json``, or None.
     """
 
     task: Task
@@ -65,6 +75,8 @@ class TaskDataset:
     masks: list[str] | None = None
     fixed: list[str | None] | None = None
     source: str = ""
+    magnification: float | None = None
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -88,6 +100,22 @@ class TaskDataset:
             return {}
         counts = np.bincount(np.asarray(self.labels), minlength=self.num_classes)
         return {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+
+    def common_side(self, limit: int = 2000) -> int | None:
+        """The side of the images when they are all the same square size (headers only), else None.
+
+        Only the first ``limit`` images are looked at, so a huge dataset costs no full scan.
+        """
+        from PIL import Image
+
+        sides = set()
+        for path in self.images[:limit]:
+            with Image.open(path) as image:
+                sides.add(image.size)
+            if len(sides) > 1:
+                return None
+        (width, height), = sides
+        return width if width == height else None
 
     def subset(self, indices: Sequence[int]) -> dict[str, list]:
         """The samples at ``indices`` as plain lists (for a Ray Train worker's config)."""
@@ -271,5 +299,40 @@ def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task={task!r}: allowed: classification, segmentation")
     if path.suffix.lower() == ".csv":
-        return load_classification_csv(path) if task == "classification" else load_segmentation_csv(path)
-    return load_classification_folder(path) if task == "classification" else load_segmentation_pairs(path)
+        dataset = load_classification_csv(path) if task == "classification" else load_segmentation_csv(path)
+    else:
+        dataset = load_classification_folder(path) if task == "classification" else load_segmentation_pairs(path)
+    scale = read_scale(path.parent if path.suffix.lower() == ".csv" else path)
+    dataset.magnification, dataset.patch_size = scale.get("magnification"), scale.get("patch_size")
+    return dataset
+
+
+def read_scale(root: str | os.PathLike) -> dict[str, float | int]:
+    """``magnification`` and ``patch_size`` from ``ROOT/dataset.json``; empty when there is none.
+
+    Raises:
+        ValueError: The file is not JSON, or a value is not positive, naming the file.
+    """
+    import json
+
+    path = Path(root) / SCALE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); expected e.g. {{\"magnification\": 20, \"patch_size\": 256}}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: holds a {type(meta).__name__}; expected an object like {{\"magnification\": 20}}")
+    out: dict[str, float | int] = {}
+    magnification = meta.get("magnification")
+    if magnification is not None:
+        if isinstance(magnification, bool) or not isinstance(magnification, (int, float)) or not magnification > 0:
+            raise ValueError(f"{path}: magnification={magnification!r}: must be a positive number (e.g. 20)")
+        out["magnification"] = float(magnification)
+    patch_size = meta.get("patch_size")
+    if patch_size is not None:
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"{path}: patch_size={patch_size!r}: must be a positive integer (pixels at the magnification)")
+        out["patch_size"] = patch_size
+    return out

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histokd.finetune.datasets import SCALE_FILE
+
 __all__ = ["DEMO_TASK_SEED", "DemoTasks", "make_demo_tasks"]
 
 DEMO_TASK_SEED = 1  # the pretraining demo uses seed 0: keep downstream images unseen
-_VERSION = 1
+_VERSION = 2  # 2: dataset.json records the magnification and patch size
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ def make_demo_tasks(
         for image, stem in patches:
             Image.fromarray(image).save(cls_dir / class_names[label - 1] / f"{stem}.png")
         counts[class_names[label - 1]] = len(patches)
+    for folder, size in ((cls_dir, patch_size), (seg_dir, segmentation_patch_size)):
+        (folder / SCALE_FILE).write_text(json.dumps({"magnification": magnification, "patch_size": size}) + "\n")
     meta = {
         "params": params,
         "class_names": list(class_names),

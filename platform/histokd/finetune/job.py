@@ -12,6 +12,7 @@ run per split).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -72,6 +73,20 @@ def prepare_dataset(config: FinetuneConfig) -> TaskDataset:
     tasks = make_demo_tasks(config.demo_dir)
     folder = tasks.classification_dir if config.task == "classification" else tasks.segmentation_dir
     return load_task_dataset(folder, config.task)
+
+
+def resolve_scale(config: FinetuneConfig, dataset: TaskDataset) -> tuple[float | None, int | None]:
+    """The images' magnification and side there, recorded in the model files for inference.
+
+    The config wins, then the dataset's ``dataset.json``; the side falls back to the images'
+    common side when they are all one square size. The magnification may stay unknown
+    (None): inference then asks for it.
+    """
+    magnification = config.magnification if config.magnification is not None else dataset.magnification
+    patch_size = config.patch_size if config.patch_size is not None else dataset.patch_size
+    if patch_size is None:
+        patch_size = dataset.common_side()
+    return magnification, patch_size
 
 
 def split_slots(config: FinetuneConfig, use_gpu: bool) -> int:
@@ -143,6 +158,13 @@ def run_finetune(
                 f"split {split.index} has {len(split.val)} validation and {len(split.test)} test samples "
                 f"(dataset {dataset.source}, {len(dataset)} samples, split_ratios={config.split_ratios}); need at least one of each"
             )
+    magnification, patch_size = resolve_scale(config, dataset)
+    config = dataclasses.replace(config, magnification=magnification, patch_size=patch_size)
+    if magnification is None:
+        log.warning(
+            "%s: the magnification of the images is unknown (no --magnification, no dataset.json): the model "
+            "files will not record it, and whole-slide inference will need --magnification", dataset.source,
+        )  # fmt: skip
     work_dir = _local_dir(config)
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
@@ -171,7 +193,8 @@ def run_finetune(
     lock = threading.Lock()
     print(
         f"fine-tuning {config.backbone} ({config.init_name}) on {dataset.source}: {len(dataset)} images, "
-        f"{dataset.num_classes} classes, {len(splits)} splits, {parallel} at a time",
+        f"{dataset.num_classes} classes, {len(splits)} splits, {parallel} at a time; images "
+        f"{config.patch_size or 'of mixed sizes'} px at {f'{config.magnification:g}x' if config.magnification else 'unknown magnification'}",
         flush=True,
     )
     with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:

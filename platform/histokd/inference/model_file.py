@@ -4,9 +4,10 @@ The fine-tuning job (`histokd.finetune.loop`) saves, for each split,
 ``{"model": state_dict, "best_epoch": int, "config": dict}``, where the config is the resolved
 `FinetuneConfig` plus what the driver added (``num_classes``, ``class_names``, ...). That is
 enough to rebuild the network: ``task``, ``backbone``, ``num_classes`` and ``input_size``.
-What a slide needs besides, the magnification and the side in pixels the training images had
-at that magnification, the file does not hold (yet): `TaskModelInfo.resolve` takes them from
-the caller.
+What a slide needs besides is the magnification and the side in pixels the training images had
+at that magnification. The fine-tuning job records both when it knows them (``--magnification``,
+``--patch-size`` or the dataset's ``dataset.json``; the side also from the images themselves);
+`TaskModelInfo.resolve` fills what a file lacks from the caller, and a value given there wins.
 
 Only plain tensors and Python values are read (``torch.load(..., weights_only=True)``), and the
 network is built from its name with random weights before the state is loaded strictly, so
