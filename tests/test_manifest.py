@@ -65,8 +65,10 @@ def test_build_on_ray_skips_and_reports_bad_slides(ray_cluster, slide_set, tmp_p
     # Every patch lies on the grid and inside its slide.
     assert (table.x % 256 == 0).all() and (table.y % 256 == 0).all()
 
-    with open(result.bad_slides_path) as f:
-        bad = {row["slide_path"].rsplit("/", 1)[1]: row["reason"] for row in csv.DictReader(f)}
+    rows = _bad_slides(result.bad_slides_path)
+    assert {row["status"] for row in rows.values()} == {"skipped"}
+    assert result.num_bad_slides == 4 and result.num_partial_slides == 0
+    bad = {name: row["reason"] for name, row in rows.items()}
     assert set(bad) == {"broken.svs", "unopenable.tiff", "kidney-48-5.tif", "glass.tiff"}
     assert "no tissue" in bad["glass.tiff"]
     assert "not a slide format OpenSlide reads" in bad["broken.svs"]
@@ -116,10 +118,61 @@ def test_every_slide_bad_fails_with_summary(slides_dir, tmp_path):
     assert (tmp_path / "m" / "bad_slides.csv").exists()
 
 
-def test_unreadable_tiles_are_reported(slides_dir, tmp_path):
+def _bad_slides(path) -> dict[str, dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [] or list(rows[0]) == ["slide_path", "stage", "reason", "status", "unreadable_patches", "tried_patches"]
+    return {row["slide_path"].rsplit("/", 1)[1]: row for row in rows}
+
+
+def _corrupt_tiles(path, tiles) -> None:
+    """Overwrite level-0 tiles of a tiled TIFF with zeros: OpenSlide then fails to decode them."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = [(page.dataoffsets[t], page.databytecounts[t]) for t in tiles]
+    with open(path, "r+b") as f:
+        for offset, count in spans:
+            f.seek(offset)
+            f.write(b"\0" * count)
+
+
+def test_unreadable_tiles_are_reported(slides_dir, tiled_tiff, tmp_path):
     config = ManifestConfig(magnification=20, patch_size=16, num_patches=None, tissue={"min_tissue_fraction": 0.0})
     with pytest.raises(ManifestError, match="unreadable.svs: tiles cannot be read"):
         build_manifest([slides_dir / "unreadable.svs"], tmp_path / "m", config, use_ray=False)
+    (row,) = _bad_slides(tmp_path / "m" / "bad_slides.csv").values()
+    assert (row["stage"], row["status"], row["unreadable_patches"]) == ("scan", "skipped", "")  # its thumbnail fails
+    assert "unreadable.svs: tiles cannot be read" in row["reason"]
+
+    # Tissue everywhere, 4x4 patches of 256 px at 20x, each one level-0 tile; the thumbnail
+    # reads level 2, so only the patches' own tiles fail. One tile bad: the slide is used in
+    # part and listed as partial. Every level-0 tile bad: skipped, as a read failure.
+    rng = np.random.default_rng(0)
+    image = np.clip(np.array(PURPLE) + rng.integers(-20, 20, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    some, dead = tiled_tiff("some.tiff", image, mpp=0.5, levels=3), tiled_tiff("dead.tiff", image, mpp=0.5, levels=3)
+    _corrupt_tiles(some, [5])  # x=256, y=256
+    _corrupt_tiles(dead, range(16))
+    config = ManifestConfig(magnification=20, patch_size=256, num_patches=None, rule_size=None)
+    result = build_manifest([some, dead], tmp_path / "m2", config, use_ray=False)
+    rows = _bad_slides(result.bad_slides_path)
+    assert set(rows) == {"some.tiff", "dead.tiff"}
+    assert {k: rows["some.tiff"][k] for k in ("stage", "status", "unreadable_patches", "tried_patches")} == {
+        "stage": "read", "status": "partial", "unreadable_patches": "1", "tried_patches": "16"
+    }  # fmt: skip
+    assert "some.tiff: tiles cannot be read at x=256, y=256" in rows["some.tiff"]["reason"]
+    assert {k: rows["dead.tiff"][k] for k in ("stage", "status", "unreadable_patches", "tried_patches")} == {
+        "stage": "read", "status": "skipped", "unreadable_patches": "16", "tried_patches": "16"
+    }  # fmt: skip
+    assert (result.num_bad_slides, result.num_partial_slides, result.num_patches) == (1, 1, 15)
+    summary = result.summary
+    assert (summary["num_bad_slides"], summary["num_partial_slides"], summary["num_slides_used"]) == (1, 1, 1)
+    assert summary["num_unreadable_patches"] == 17
+    table = read_manifest(result.manifest_path).to_pandas()
+    assert set(table.slide_path) == {str(some)} and "256_256" not in {p.rsplit("/", 1)[1] for p in table.patch_id}
+    again = build_manifest([some, dead], tmp_path / "m2", config, use_ray=False)
+    assert again.reused and (again.num_bad_slides, again.num_partial_slides) == (1, 1)
 
 
 def test_patch_larger_than_slide(slides_dir):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import histokd.slides
 from histokd.slides import SlideError, SlideReader, flatten_rgba, magnification_from_mpp
 
 
@@ -63,11 +64,20 @@ def test_boxes_tiff_four_levels(slides_dir):
 
 
 def test_dicom_pair(slides_dir):
+    # One slide in two files of one series: either file opens the same slide.
     with SlideReader(slides_dir / "boxes_0.dcm") as r:
         assert r.info.vendor == "dicom"
         assert r.info.dimensions == (16, 16)
+        assert r.info.level_count == 1
         assert r.info.base_magnification == 20
-        assert r.read_region(0, 0, 16, 20).shape == (16, 16, 3)
+        first = r.read_region(0, 0, 16, 20)
+        assert first.shape == (16, 16, 3)
+    with SlideReader(slides_dir / "boxes_1.dcm") as other:
+        assert other.info.vendor == "dicom"
+        assert other.info.dimensions == (16, 16)
+        assert other.info.level_dimensions == r.info.level_dimensions
+        assert other.info.base_magnification == 20
+        np.testing.assert_array_equal(other.read_region(0, 0, 16, 20), first)
 
 
 @pytest.mark.parametrize(
@@ -147,3 +157,43 @@ def test_bad_user_magnification(slides_dir, tmp_path):
     shutil.copy(slides_dir / "small.svs", tmp_path / "small.svs")
     with pytest.raises(SlideError, match="base_magnification=-1: must be a positive number"):
         SlideReader(tmp_path / "small.svs", base_magnification=-1)
+
+
+def test_thumbnail_reads_a_big_single_level_slide_in_bounded_pieces(tiled_tiff, monkeypatch):
+    # A single-level tiled TIFF (the layout where the thumbnail's best level is the whole
+    # scan): with a small bound the thumbnail is read in strips, then in tiles, never in one
+    # read above the bound, and equals the whole level read at once and shrunk.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:1100, :1500]
+    image = np.stack([xx * 255 // 1500, yy * 255 // 1100, (xx + yy) % 256], -1).astype(np.uint8)
+    image[300:700, 400:1200] = (150, 80, 140)
+    image = np.clip(image.astype(int) + rng.integers(-30, 30, image.shape), 0, 255).astype(np.uint8)
+    path = tiled_tiff("single.tiff", image, mpp=0.5)  # 20x, one level
+    with SlideReader(path) as r:
+        assert r.info.level_count == 1
+        width, height = r.size_at(1.25)  # 1500 / 16 = 93.75: a non-integer scale
+        assert (width, height) == (93, 68)
+        whole = r._slide.read_region((0, 0), 0, r.info.dimensions)
+        expected = np.asarray(Image.fromarray(flatten_rgba(whole)).resize((width, height), Image.Resampling.BOX))
+        assert np.array_equal(r.thumbnail(1.25), expected)  # fits the default bound: one read
+
+        sizes = []
+        read = r._slide.read_region
+
+        def recording(location, level, size):
+            sizes.append(size)
+            return read(location, level, size)
+
+        monkeypatch.setattr(r._slide, "read_region", recording)
+        for bound, layout in [(200_000, "strips"), (20_000, "tiles")]:
+            monkeypatch.setattr(histokd.slides, "_THUMBNAIL_READ_PIXELS", bound)
+            sizes.clear()
+            thumb = r.thumbnail(1.25)
+            assert thumb.shape == (height, width, 3) and thumb.dtype == np.uint8
+            assert len(sizes) > 1, layout
+            assert max(w * h for w, h in sizes) <= bound, layout
+            assert all(w == 1500 for w, _ in sizes) == (layout == "strips")
+            diff = np.abs(thumb.astype(int) - expected)
+            assert diff.max() <= 2 and diff.mean() < 0.05, (layout, diff.max(), diff.mean())
+            # The pieces cover the level once, but for the rows/columns shared at their edges.
+            assert sum(w * h for w, h in sizes) < 1.25 * 1500 * 1100, layout

@@ -13,7 +13,12 @@ Steps, each slide independently (Ray tasks):
    level that still gives ``rule_size`` pixels a side: area averaging keeps the mean.
 
 A slide that cannot be used is skipped and listed with its reason in ``bad_slides.csv`` beside
-the manifest; only when every slide is bad does the build fail.
+the manifest; only when every slide is bad does the build fail. A slide some of whose patches
+cannot be read keeps its readable ones and is listed too, as ``partial``. Columns of
+``bad_slides.csv``: ``slide_path``, ``stage`` (``scan`` or ``read``), ``reason`` (the first
+error), ``status`` (``skipped``: no patch of the slide is used; ``partial``: only its unreadable
+patches are left out), ``unreadable_patches`` and ``tried_patches`` (patches read and failed, of
+those tried; empty for the ``scan`` stage).
 """
 
 from __future__ import annotations
@@ -150,7 +155,11 @@ class SlideScan:
 
 @dataclass
 class ManifestResult:
-    """Where a manifest is and what went into it."""
+    """Where a manifest is and what went into it.
+
+    ``num_bad_slides`` counts the skipped slides; ``num_partial_slides`` those used in part,
+    with some patches unreadable. Both are listed in ``bad_slides_path``.
+    """
 
     manifest_path: Path
     bad_slides_path: Path
@@ -159,6 +168,21 @@ class ManifestResult:
     num_bad_slides: int
     reused: bool
     summary: dict
+    num_partial_slides: int = 0
+
+
+@dataclass(frozen=True)
+class _BadSlide:
+    """One row of ``bad_slides.csv`` (columns in the module docstring)."""
+
+    stage: str  # scan | read
+    reason: str
+    status: str = "skipped"  # skipped | partial
+    unreadable_patches: int | None = None  # read stage only
+    tried_patches: int | None = None
+
+
+BAD_SLIDES_COLUMNS = ("slide_path", "stage", "reason", "status", "unreadable_patches", "tried_patches")
 
 
 def slide_id_for(path: str) -> str:
@@ -401,17 +425,18 @@ def build_manifest(
             log.info("manifest %s is up to date: reusing it", manifest_path)
             return ManifestResult(
                 manifest_path, bad_path, summary["num_patches"], summary["num_slides"],
-                summary["num_bad_slides"], True, summary,
+                summary["num_bad_slides"], True, summary, summary.get("num_partial_slides", 0),
             )  # fmt: skip
 
     executor = _Executor(use_ray)
     started = time.monotonic()
     scans = executor.map(_scan_or_error, [(p, config) for p in paths], "scan slides")
-    bad: dict[str, tuple[str, str]] = {}
+    bad: dict[str, _BadSlide] = {}  # skipped slides
+    partial: dict[str, _BadSlide] = {}  # used, but some patches unreadable
     good: list[SlideScan] = []
     for path, scan in zip(paths, scans, strict=True):
         if isinstance(scan, str):
-            bad[path] = ("scan", scan)
+            bad[path] = _BadSlide("scan", scan)
         else:
             good.append(scan)
 
@@ -457,13 +482,14 @@ def build_manifest(
     for slide, errors in read_errors.items():
         path = good[slide].path
         if len(errors) >= attempts[slide]:
-            bad[path] = ("read", errors[0])
+            bad[path] = _BadSlide("read", errors[0], "skipped", len(errors), attempts[slide])
         else:
+            partial[path] = _BadSlide("read", errors[0], "partial", len(errors), attempts[slide])
             log.warning("%s: %d of %d patches unreadable, skipped: %s", path, len(errors), attempts[slide], errors[0])
     used = {good[owner[c]].path for _, c, _, _ in kept}
     if not kept:
-        _write_bad_slides(bad_path, bad)
-        reasons = "\n".join(f"  {p}: {why}" for p, (_, why) in sorted(bad.items())) or "  (no candidates)"
+        _write_bad_slides(bad_path, bad, partial)
+        reasons = "\n".join(f"  {p}: {b.reason}" for p, b in sorted(bad.items())) or "  (no candidates)"
         raise ManifestError(
             f"no usable patches in {len(paths)} slides; {len(bad)} bad:\n{reasons}\n"
             f"report: {bad_path}"
@@ -494,7 +520,7 @@ def build_manifest(
     tmp = manifest_path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, manifest_path)  # atomic: a reader never sees half a manifest
-    _write_bad_slides(bad_path, bad)
+    _write_bad_slides(bad_path, bad, partial)
     summary = {
         "fingerprint": fingerprint,
         "config": asdict(config),
@@ -503,6 +529,7 @@ def build_manifest(
         "num_slides": len(paths),
         "num_slides_used": len(used),
         "num_bad_slides": len(bad),
+        "num_partial_slides": len(partial),
         "num_candidates": int(len(order)),
         "num_verified": int(sum(attempts.values())),
         "num_unreadable_patches": int(sum(len(e) for e in read_errors.values())),
@@ -512,18 +539,19 @@ def build_manifest(
     if config.num_patches is not None and len(rows) < config.num_patches:
         log.warning("only %d tissue patches found of the %d asked for", len(rows), config.num_patches)
     log.info(
-        "manifest: %d patches from %d of %d slides (%d bad, listed in %s)",
-        len(rows), len(used), len(paths), len(bad), bad_path,
+        "manifest: %d patches from %d of %d slides (%d bad, %d with unreadable patches, listed in %s)",
+        len(rows), len(used), len(paths), len(bad), len(partial), bad_path,
     )  # fmt: skip
-    return ManifestResult(manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary)
+    return ManifestResult(manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary, len(partial))
 
 
-def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
+def _write_bad_slides(path: Path, bad: dict[str, _BadSlide], partial: dict[str, _BadSlide]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide_path", "stage", "reason"])
-        for slide, (stage, reason) in sorted(bad.items()):
-            writer.writerow([slide, stage, reason])
+        writer.writerow(BAD_SLIDES_COLUMNS)
+        for slide, row in sorted({**bad, **partial}.items()):
+            counts = ["" if n is None else n for n in (row.unreadable_patches, row.tried_patches)]
+            writer.writerow([slide, row.stage, row.reason, row.status, *counts])
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

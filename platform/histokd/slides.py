@@ -35,6 +35,28 @@ STANDARD_MAGNIFICATIONS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
 _PLAUSIBLE_MPP = (0.05, 10.0)
 
 
+# Most pixels one thumbnail read decodes (RGBA: 4 bytes each, plus the flattening's copies).
+_THUMBNAIL_READ_PIXELS = 1 << 24
+
+
+def _thumbnail_piece(
+    level_w: int, level_h: int, width: int, height: int, sx: float, sy: float, max_pixels: int
+) -> tuple[int, int]:
+    """Output width and height of one thumbnail piece whose level read fits ``max_pixels``.
+
+    A piece of ``w`` output px reads less than ``w * sx + 2`` level px (floor and ceil of its
+    edges). The whole level in one piece where it fits; else full-width strips; else tiles.
+    """
+    if level_w * level_h <= max_pixels:
+        return width, height
+    if level_w * (sy + 2) <= max_pixels:
+        rows = int((max_pixels / level_w - 2) / sy)
+        return width, max(1, min(height, rows))
+    cols = max(1, min(width, int((math.sqrt(max_pixels) - 2) / sx)))
+    rows = int((max_pixels / (cols * sx + 2) - 2) / sy)
+    return cols, max(1, min(height, rows))
+
+
 class SlideError(ValueError):
     """A slide that cannot be used, with the file and the reason in the message."""
 
@@ -249,7 +271,12 @@ class SlideReader:
         return rgb
 
     def thumbnail(self, magnification: float) -> np.ndarray:
-        """The whole slide at a low ``magnification`` as RGB uint8, background white."""
+        """The whole slide at a low ``magnification`` as RGB uint8, background white.
+
+        The best pyramid level is read in pieces of at most ``_THUMBNAIL_READ_PIXELS`` pixels
+        (full-width strips, or tiles where one strip row is already too wide), each shrunk into
+        its part of the output: a single-level slide of 100k x 80k px never decodes whole.
+        """
         width, height = self.size_at(magnification)
         if width < 1 or height < 1:
             raise SlideError(
@@ -259,12 +286,32 @@ class SlideReader:
             )
         level = self.best_level(magnification)
         level_w, level_h = self.info.level_dimensions[level]
+        level_downsample = self.info.level_downsamples[level]
+        sx, sy = level_w / width, level_h / height  # level px per output px
+        tile_w, tile_h = _thumbnail_piece(level_w, level_h, width, height, sx, sy, _THUMBNAIL_READ_PIXELS)
+        out = np.empty((height, width, 3), np.uint8)
         try:
-            image = self._slide.read_region((0, 0), level, (level_w, level_h))
+            for r0 in range(0, height, tile_h):
+                r1 = min(height, r0 + tile_h)
+                fy0, fy1 = r0 * sy, min(level_h, r1 * sy)
+                iy0 = math.floor(fy0)
+                read_h = min(level_h, math.ceil(fy1)) - iy0
+                for c0 in range(0, width, tile_w):
+                    c1 = min(width, c0 + tile_w)
+                    fx0, fx1 = c0 * sx, min(level_w, c1 * sx)
+                    ix0 = math.floor(fx0)
+                    read_w = min(level_w, math.ceil(fx1)) - ix0
+                    # Level-0 origin: where the level's downsample is not a whole number (4.0003),
+                    # OpenSlide interpolates from the nearest start, a fraction of a level pixel.
+                    origin = (round(ix0 * level_downsample), round(iy0 * level_downsample))
+                    image = self._slide.read_region(origin, level, (read_w, read_h))
+                    piece = Image.fromarray(flatten_rgba(image))
+                    box = (fx0 - ix0, fy0 - iy0, min(fx1 - ix0, read_w), min(fy1 - iy0, read_h))
+                    out[r0:r1, c0:c1] = np.asarray(piece.resize((c1 - c0, r1 - r0), Image.Resampling.BOX, box=box))
         except openslide.OpenSlideError as exc:
             self._reopen()
             raise SlideError(self.path, f"tiles cannot be read for the thumbnail: {exc}") from exc
-        return np.asarray(Image.fromarray(flatten_rgba(image)).resize((width, height), Image.Resampling.BOX))
+        return out
 
     def _reopen(self) -> None:
         try:
