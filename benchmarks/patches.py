@@ -2,8 +2,10 @@
 
 Naive: every grid cell is read with ``read_region`` at level 0, made RGB, and kept if its mean
 intensity is in [50, 245] (RCKD's rule alone). histokd: a thumbnail tissue mask skips background
-cells, then only candidates are read at full resolution and the same rule applied
-(``build_manifest`` with every patch). Both run as Ray tasks over the same slides, with 1 and 2
+cells, then only the candidates are read, each at ``ManifestConfig.rule_size`` (128 px a side)
+from the coarsest pyramid level that still gives that size (a mean is unchanged by area
+averaging), and the same rule applied (``build_manifest`` with every patch, default
+``ManifestConfig``). Both run as Ray tasks over the same slides, with 1 and 2
 workers, side by side in one run; the figure is tissue patches (the layer's count) per second.
 
     python benchmarks/patches.py --out benchmarks/patches.json

@@ -11,6 +11,10 @@ Patches are 1024x1024 at 20x from synthetic demo slides, read through the slide 
 
     python benchmarks/teacher.py --out benchmarks/teacher.json
     python benchmarks/teacher.py --num-patches 512 --batch-size 16   # on a GPU machine
+
+Besides the JSON it draws an RCKD Fig. 3-like picture of the demo teacher's pseudo labels, a
+picture rather than a measurement, into the unversioned ``runs/benchmarks/teacher_pseudo_labels.png``
+(``--figure PATH`` elsewhere, ``--figure ''`` for none).
 """
 
 from __future__ import annotations
@@ -166,8 +170,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--input-size", type=int, default=512, help="training size of the stream's records")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
-    parser.add_argument("--figure", default=str(REPO / "benchmarks" / "teacher_pseudo_labels.png"),
-                        help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels ('' for none)")
+    parser.add_argument("--figure", default=str(REPO / "runs" / "benchmarks" / "teacher_pseudo_labels.png"),
+                        help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels, a picture, not a "
+                             "measurement: under runs/ (not versioned) by default; '' for none")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import ray
@@ -185,6 +190,7 @@ def main() -> None:
         "label_rates": label_rates(images, args.batch_size, min(args.instances_patches, len(images))),
     }
     if args.figure:
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         figure(images, Path(args.figure))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
     results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)

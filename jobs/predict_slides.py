@@ -1,4 +1,4 @@
-"""Whole-slide inference with a fine-tuned model: heatmaps, label masks and summaries per slide.
+r"""Whole-slide inference with a fine-tuned model: heatmaps, label masks and summaries per slide.
 
     python jobs/predict_slides.py --model runs/finetune --slides /data/slides \
         --magnification 20 --patch-size 256                 # the demo fine-tuning's patches

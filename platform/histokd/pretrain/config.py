@@ -27,7 +27,7 @@ class PretrainConfig:
     # --- where ------------------------------------------------------------------------------
     slides: list[str] = field(default_factory=list, metadata=_help("slide files, folders or .txt lists; empty: the demo slides"))
     run_name: str = field(default="rckd", metadata=_help("run name; rerunning with the same name resumes from its last checkpoint"))
-    storage_path: str = field(default="runs", metadata=_help("where runs, checkpoints, caches and the backbone go: a local path or any URI pyarrow takes (s3://, gs://)"))
+    storage_path: str = field(default="runs", metadata=_help("where a run goes: a local or shared path holds all of STORAGE/RUN_NAME (checkpoints, config.yaml, manifest, pseudo-label cache, history, backbone file); with a URI pyarrow takes (s3://, gs://) only Ray Train's checkpoints go there, and the rest stays local in ./histokd_work/RUN_NAME (the working directory of the driver, and of each teacher actor for its cache)"))
     demo_dir: str = field(default="demo_data", metadata=_help("where the demo slides are written when no slides are given"))
     # --- patches (RCKD Sec. 2.1.1, Algorithm 1) ----------------------------------------------
     magnification: float = field(default=20.0, metadata=_help("patch magnification (RCKD: Mag = 20)"))
@@ -83,7 +83,7 @@ class PretrainConfig:
         for name in ["epochs", "warmup_epochs", "max_failures", "overlays"]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r}: must be a non-negative integer")
+                raise ValueError(f"{name}={value!r}: must be " + ("at least 1" if name == "epochs" else "a non-negative integer"))
         if self.epochs == 0:
             raise ValueError("epochs=0: must be at least 1")
         if self.warmup_epochs > self.epochs:
