@@ -15,9 +15,11 @@ import pytest
 from histokd.teachers import TeacherError, build_teacher
 from histokd.teachers.cache import PseudoLabelCache, teacher_fingerprint
 from histokd.teachers.stream import (
+    TeacherActor,
     load_manifest_table,
     plan_resources,
     pseudo_label_dataset,
+    read_patch_batch,
     resize_image,
     resize_label,
 )
@@ -130,6 +132,13 @@ def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
     # cached labels come back identical
     for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
         np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
+    # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
+    actor = TeacherActor("deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution"))
+    batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
+    out = actor(batch)
+    assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
+    for pid, label in zip(out["patch_id"], out["pseudo_label"], strict=True):
+        np.testing.assert_array_equal(first["pseudo_label"][first["patch_id"] == pid][0], label)
     # a third run labels nothing
     _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
     assert len(cache.shards()) == len(after)
@@ -148,6 +157,13 @@ def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_pat
     assert sorted(second["patch_id"]) == sorted(first["patch_id"])
     for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
         np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
+    # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
+    actor = TeacherActor("deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution"))
+    batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
+    out = actor(batch)
+    assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
+    for pid, label in zip(out["patch_id"], out["pseudo_label"], strict=True):
+        np.testing.assert_array_equal(first["pseudo_label"][first["patch_id"] == pid][0], label)
 
 
 def _teacher_actors() -> list[dict]:

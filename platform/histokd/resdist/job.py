@@ -228,7 +228,7 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
     work_dir = Path(config.run_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
-    teacher_meta = torch.load(config.teacher, map_location="cpu", weights_only=False)["meta"]
+    teacher_meta = torch.load(config.teacher, map_location="cpu", weights_only=True)["meta"]
     teacher_mag = float(teacher_meta["magnification"])
     if not config.magnification < teacher_mag:
         raise ValueError(f"magnification={config.magnification:g}: the student's must be below the teacher's {teacher_mag:g}x ({config.teacher})")

@@ -175,7 +175,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 result = json.loads(open(os.path.join(d, RESULT_FILE)).read())
                 ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
                 return
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -229,6 +229,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if train["labelled"]:
             row["train_accuracy"] = train["correct"] / train["labelled"]
         row.update(val)
+        # plain Python numbers: the state is reloaded with torch.load(weights_only=True), which refuses numpy scalars
+        row = {k: v if isinstance(v, int) else float(v) for k, v in row.items()}
         if "val_loss" in val and val["val_loss"] < best_loss:
             best_loss, best_epoch = val["val_loss"], epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -177,7 +177,7 @@ def _region_set(config):
     try:
         region_set = RegionSet.load(config.regions_root)
     except FileNotFoundError:
-        mags = sorted({float(torch.load(p, map_location="cpu", weights_only=False)["meta"]["magnification"]) for p in config.models})
+        mags = sorted({float(torch.load(p, map_location="cpu", weights_only=True)["meta"]["magnification"]) for p in config.models})
         return build_region_set(config.data, config.regions_root, mags)
     meta = json.loads((Path(config.regions_root) / "region_set.json").read_text())
     if meta.get("data") != str(Path(config.data).resolve()):

@@ -129,7 +129,7 @@ def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu")
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path}: not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     meta = payload["meta"]
     model = create_resdist_model(
         meta["arch"], meta["num_classes"], hint_channels=meta.get("hint_channels"), num_groups=meta.get("num_groups", 32)

@@ -146,12 +146,11 @@ class TeacherActor:
         fingerprint: str,
         intra_op_threads: int | None = None,
     ):
-        from histokd.teachers.registry import build_teacher
-
         kwargs = dict(teacher_kwargs or {})
         if intra_op_threads is not None and teacher != "deconvolution":
             kwargs.setdefault("intra_op_threads", intra_op_threads)
-        self.teacher = build_teacher(teacher, **kwargs)
+        self._spec, self._kwargs = teacher, kwargs
+        self._teacher = None  # built on the first cache miss: see `teacher`
         self.input_size = input_size
         self.cache = PseudoLabelCache(cache_root, fingerprint) if cache_root else None
         # Read once per actor: a dataset executes again every epoch with fresh actors, so
@@ -159,6 +158,20 @@ class TeacherActor:
         self.index = self.cache.index() if self.cache is not None else {}
         self.labelled = 0  # patches this actor ran the teacher on
         self.reused = 0
+
+    @property
+    def teacher(self):
+        """The teacher, loaded on first use.
+
+        Every epoch starts fresh actors; once the cache holds every patch (after the first
+        epoch) they never load TensorFlow and the model, which took ~10 s an epoch in the demo.
+        The spec was checked in the driver before any actor started (`_check_spec`).
+        """
+        if self._teacher is None:
+            from histokd.teachers.registry import build_teacher
+
+            self._teacher = build_teacher(self._spec, **self._kwargs)
+        return self._teacher
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Label a batch of read patches (or load their cached labels); records at the input size."""
