@@ -155,6 +155,7 @@ def test_only_bad_slides_fail_the_run_with_a_report(ray_cluster, slides_dir, tmp
     assert "missing.svs: file not found" in str(info.value)
     rows = _read_csv(tmp_path / "predict" / "bad_slides.csv")
     assert sorted(os.path.basename(r["slide_path"]) for r in rows) == ["broken.svs", "missing.svs", "unopenable.tiff"]
+    assert {r["status"] for r in rows} == {"skipped"}
 
 
 def test_settings_are_checked_before_any_slide_is_read(tmp_path, classification_model_file):

@@ -138,13 +138,13 @@ def _clean_partials(slides_dir: Path) -> None:
 
 
 def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
-    # same columns as histokd.manifest's bad_slides.csv
+    # the first four columns of histokd.manifest's bad_slides.csv; every slide here was skipped
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide_path", "stage", "reason"])
+        writer.writerow(["slide_path", "stage", "reason", "status"])
         for slide, (stage, reason) in sorted(bad.items()):
-            writer.writerow([slide, stage, reason])
+            writer.writerow([slide, stage, reason, "skipped"])
     os.replace(tmp, path)
 
 
