@@ -316,3 +316,20 @@ def test_documented_commands_use_real_flags_and_the_tunnel():
                 f"submit through the tunnel: {command}"
             )
             assert "--working-dir ." in command
+
+
+def test_split_placement_resources_match_the_guide(cluster):
+    """The guide's teacher/trainer split works on this cluster.yaml as written."""
+    from histokd.pretrain.config import PretrainConfig
+
+    types = cluster["available_node_types"]
+    teacher_types = [n for n, t in types.items() if t["resources"].get("teacher_node")]
+    trainer_types = [n for n, t in types.items() if t["resources"].get("trainer_node")]
+    assert teacher_types and trainer_types and not set(teacher_types) & set(trainer_types)
+    for name in teacher_types + trainer_types:  # one label per GPU: any actor split fits
+        resources = types[name]["resources"]
+        assert resources.get("teacher_node", resources.get("trainer_node")) == resources["GPU"], name
+    guide = (REPO / "docs" / "operators_guide.md").read_text()
+    assert """--teacher-resources '{"teacher_node": 1}' --trainer-resources '{"trainer_node": 1}'""" in guide
+    config = PretrainConfig(teacher_resources={"teacher_node": 1}, trainer_resources={"trainer_node": 1})
+    assert (config.teacher_resources, config.trainer_resources) == ({"teacher_node": 1}, {"trainer_node": 1})
