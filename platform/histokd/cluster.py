@@ -7,6 +7,9 @@ import os
 __all__ = ["init_ray"]
 
 
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
 def init_ray(address: str | None = None, **kwargs) -> None:
     """``ray.init`` for histokd's jobs, once per process.
 
@@ -22,4 +25,10 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     if ray.is_initialized():
         return
     kwargs.setdefault("configure_logging", False)
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        # Ray Train V2 sends a worker's print() both to stdout and to a logger that prints it
+        # again: every epoch line came twice. A new local cluster's workers inherit this
+        # process's environment; the docker image sets the same for clusters.
+        os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    ray.init(address=address, **kwargs)
