@@ -34,3 +34,37 @@ def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, b
     text = Path(result.files["markdown"]).read_text()
     assert "| csat |" in text and "Demo (acc %)" in text and "Random Weight" in text and "RCKD" in text
     assert Path(result.files["chart"]).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", "."], r"data='\.': a comparison sets it for every cell .* --datasets NAME=PATH"),
+        (["--task", "segmentation"], r"task='segmentation': .* --segmentation-datasets NAME=PATH"),
+        (["--backbone", "resnet18"], r"backbone='resnet18': .* --backbones"),
+        (["--init", "random-weights.pth"], r"init='random-weights.pth': .* --backbone-files .* --timm-weights"),
+        (["--init-label", "Mine"], r"init_label='Mine': .* LABEL@ in --backbone-files"),
+    ],
+)
+def test_fields_set_per_cell_are_refused(tmp_path, flags, message):
+    # run_comparison overwrites data, task, backbone, init and init_label in every cell, so a value
+    # given for them would be silently ignored (--data X ran the demo): refused, naming the way
+    from histokd.cli import parse_config
+
+    with pytest.raises(SystemExit, match=message):
+        parse_config(CompareConfig, ["--storage-path", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(storage_path=str(tmp_path), **{flags[0][2:].replace("-", "_"): flags[1]})
+
+
+def test_per_cell_values_come_from_the_lists(tmp_path, demo_tasks_small, backbone_file):
+    from histokd.cli import parse_config
+
+    config = parse_config(CompareConfig, [
+        "--storage-path", str(tmp_path), "--datasets", f"Demo={demo_tasks_small.classification_dir}",
+        "--segmentation-datasets", f"Glands={demo_tasks_small.segmentation_dir}", "--backbones", "resnet18",
+        "--backbone-files", f"Mine@csat={backbone_file}",
+    ])  # fmt: skip
+    assert (config.data, config.task, config.backbone, config.init, config.init_label) == ("", "classification", "csat", "random", None)
+    assert [(n, t) for n, _, t in config.dataset_list()] == [("Demo", "classification"), ("Glands", "segmentation")]
+    assert config.initialisations() == [("Random Weight", "resnet18", "random"), ("Mine", "csat", str(backbone_file))]

@@ -90,3 +90,34 @@ def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, d
 
     again = run_search(config)  # the same name restores the finished experiment: nothing retrains
     assert sorted(r["trial_id"] for r in again.rows) == sorted(table["trial_id"])
+
+
+def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monkeypatch):
+    from ray.tune.search.variant_generator import generate_variants
+
+    from histokd.cli import parse_config
+    from histokd.finetune.config import FinetuneConfig
+
+    def trial_settings(config):  # what tune_trial builds each trial's fine-tuning from
+        out = set()
+        for _, variant in generate_variants(build_param_space(config)):
+            trial = FinetuneConfig(**dict(config.finetune_fields(), **variant))
+            out.add((trial.input_size, trial.lr, trial.positional_encoding, trial.batch_size))
+        return out
+
+    flags = ["--storage-path", str(tmp_path), "--input-size", "64", "--lr", "0.5", "--positional-encoding", "trained"]
+    config = parse_config(SearchConfig, [*flags, "--input-sizes", "96", "128", "--lrs", "0.01", "--positional-encodings", "frozen"])
+    assert trial_settings(config) == {(96, 0.01, "frozen", 64), (128, 0.01, "frozen", 64)}  # the single flags are ignored
+    # with --space, the single flags are the value of the settings the space does not search
+    (tmp_path / "space.yaml").write_text("batch_size: [16, 32]\ninput_size: [48]\n")
+    config = parse_config(SearchConfig, [*flags, "--input-sizes", "96", "--space", str(tmp_path / "space.yaml")])
+    assert trial_settings(config) == {(48, 0.5, "trained", 16), (48, 0.5, "trained", 32)}
+    # and --help says so
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside --positional-encodings
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(SearchConfig, ["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for single, searched in (("--input-size", "--input-sizes"), ("--lr", "--lrs"), ("--positional-encoding", "--positional-encodings")):
+        entry = help_text.split(f" {single} ", 1)[1][:200]  # the flag's metavar and help
+        assert f"not used without --space: {searched} are searched and take precedence" in entry, entry

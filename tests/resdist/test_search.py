@@ -63,3 +63,32 @@ def test_tune_runs_one_distillation_per_trial(tiny_demo, teacher_file, ray_clust
         assert Path(row["model_path"]).is_file() and 0 <= row["top1_accuracy"] <= 1
     table = list(csv.DictReader(open(Path(config.run_dir) / "search.csv")))
     assert len(table) == 2
+
+
+def test_single_magnification_and_temperature_are_refused(tiny_demo, teacher_file, capsys, monkeypatch):
+    from histokd.cli import parse_config
+    from histokd.resdist.config import DistillConfig
+
+    base = ["--data", str(tiny_demo["table"]), "--storage-path", str(tiny_demo["storage"]), "--teacher", teacher_file,
+            "--magnifications", "10", "2.5", "--searched-magnifications", "2.5", "--temperatures", "1", "4"]  # fmt: skip
+    # every trial takes both from the grid: a single value would be silently ignored
+    with pytest.raises(SystemExit, match=r"magnification=5\.0: a search takes every trial's magnification .* --searched-magnifications"):
+        parse_config(DistillSearchConfig, [*base, "--magnification", "5"])
+    with pytest.raises(SystemExit, match=r"temperature=2\.0: a search takes every trial's temperature .* --temperatures"):
+        parse_config(DistillSearchConfig, [*base, "--temperature", "2"])
+    with pytest.raises(SystemExit, match=r"searched_magnifications=1\.25: not among magnifications"):
+        parse_config(DistillSearchConfig, [*base, "--searched-magnifications", "2.5", "1.25"])
+    # without them: a grid whose magnifications lack DistillConfig's default 1.25x is fine, and
+    # each trial's distillation gets the grid's values
+    config = parse_config(DistillSearchConfig, base)
+    assert (config.magnification, config.temperature) == (None, None)
+    trials = [DistillConfig(**dict(config.distill_fields(), magnification=m, temperature=t))
+              for m in build_param_space(config)["magnification"]["grid_search"]
+              for t in build_param_space(config)["temperature"]["grid_search"]]  # fmt: skip
+    assert [(c.magnification, c.temperature, c.teacher) for c in trials] == [(2.5, 1.0, teacher_file), (2.5, 4.0, teacher_file)]
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside --searched-magnifications
+    with pytest.raises(SystemExit):
+        parse_config(DistillSearchConfig, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--magnification MAGNIFICATION not used (giving it is an error): every trial's student magnification comes from --searched-magnifications" in help_text
+    assert "--temperature TEMPERATURE not used (giving it is an error): every trial's temperature comes from --temperatures" in help_text

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from histokd.cli import config_to_dict, save_config
 from histokd.finetune.config import FinetuneConfig
@@ -59,12 +59,29 @@ def _parse_dataset(entry: str, field_name: str) -> tuple[str, str]:
     return name.strip(), os.path.abspath(path)
 
 
+#: FinetuneConfig fields that `run_comparison` sets per cell, and what to give instead.
+_PER_CELL = {
+    "data": "give the datasets as --datasets NAME=PATH (classification) or --segmentation-datasets NAME=PATH",
+    "task": "give segmentation datasets as --segmentation-datasets NAME=PATH, classification ones as --datasets NAME=PATH",
+    "backbone": "give the backbones as --backbones (random weights), or as BACKBONE in --backbone-files / --timm-weights",
+    "init": "give the initialisations as --random-init, --backbone-files [LABEL@]BACKBONE=PATH or --timm-weights [LABEL@]BACKBONE=PATH",
+    "init_label": "give labels as LABEL@ in --backbone-files / --timm-weights ([LABEL@]BACKBONE=PATH)",
+}
+
+
 @dataclass
 class CompareConfig(FinetuneConfig):
     """Backbones x initialisations x datasets, fine-tuned with the shared settings below
     (``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set per cell)."""
 
     run_name: str = field(default="compare", metadata=_help("name of the comparison; rerunning with the same name skips finished cells"))
+    # set per cell by run_comparison: kept as flags (so that --data is not read as an abbreviation
+    # of --datasets), refused when given
+    data: str = field(default="", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['data']}"))
+    task: Literal["classification", "segmentation"] = field(default="classification", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['task']}"))
+    backbone: str = field(default="csat", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['backbone']}"))
+    init: str = field(default="random", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init']}"))
+    init_label: str | None = field(default=None, metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init_label']}"))
     backbones: list[str] = field(default_factory=lambda: ["csat"], metadata=_help("backbones fine-tuned from random weights (and listed in the tables)"))
     random_init: bool = field(default=True, metadata=_help("include random initialisation of every backbone (RCKD Table 3: Random Weight)"))
     backbone_files: list[str] = field(default_factory=list, metadata=_help("backbone files, [LABEL@]BACKBONE=PATH; label default RCKD (e.g. csat=runs/rckd/backbone.pth)"))
@@ -74,6 +91,10 @@ class CompareConfig(FinetuneConfig):
     mlflow_experiment: str = field(default="histokd-compare", metadata=_help("MLflow experiment name"))
 
     def __post_init__(self) -> None:
+        # run_comparison sets these per cell: a value given here would be silently ignored
+        for name, value in ((n, getattr(self, n)) for n in _PER_CELL):
+            if value != FinetuneConfig.__dataclass_fields__[name].default:
+                raise ValueError(f"{name}={value!r}: a comparison sets it for every cell and would ignore it; {_PER_CELL[name]}")
         super().__post_init__()
         from histokd.models import BACKBONES
 

@@ -46,8 +46,12 @@ def build_task_model(task: str, backbone: str, num_classes: int, init: str = "ra
         backbone: One of ``histokd.models.BACKBONES``.
         num_classes: Classes of the task.
         init: ``random``, a backbone file (loaded strictly), or ``timm:FILE`` (timm's own
-            pretrained loader on a local weights file, which applies timm's key conversions).
+            pretrained loader on a local weights file, which applies timm's key conversions;
+            checked to have set every backbone weight).
         drop_rate: Dropout before the classifier.
+
+    Raises:
+        ValueError: A ``timm:FILE`` that leaves backbone weights at their random initialisation.
     """
     from histokd.models import ClassificationModel, SegmentationModel
 
@@ -59,8 +63,34 @@ def build_task_model(task: str, backbone: str, num_classes: int, init: str = "ra
     elif kind == "backbone_file":
         backbone_file = init
     if task == "classification":
-        return ClassificationModel(backbone, num_classes, drop_rate=drop_rate, backbone_file=backbone_file, **kwargs)
-    return SegmentationModel(backbone, num_classes, backbone_file=backbone_file, **kwargs)
+        model = ClassificationModel(backbone, num_classes, drop_rate=drop_rate, backbone_file=backbone_file, **kwargs)
+    else:
+        model = SegmentationModel(backbone, num_classes, backbone_file=backbone_file, **kwargs)
+    if kind == "timm":
+        _check_timm_weights(model, backbone, init, kwargs)
+    return model
+
+
+def _check_timm_weights(model: nn.Module, backbone: str, init: str, kwargs: dict[str, Any]) -> None:
+    """Fail when timm left backbone weights random.
+
+    timm loads pretrained weights into a feature extractor non-strictly: a weight the file lacks
+    (a checkpoint of another model, a truncated file) keeps its random initialisation, with at most
+    a log line. The backbone is built from the file a second time under another seed: a weight
+    that differs between the two builds did not come from the file.
+    """
+    from histokd.models import backbone_state_dict, create_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        again = backbone_state_dict(create_backbone(backbone, **kwargs))
+    loaded = backbone_state_dict(model.backbone)
+    random = [k for k, v in loaded.items() if v.is_floating_point() and not torch.equal(v, again[k])]
+    if random:
+        raise ValueError(
+            f"init={init!r}: {len(random)} of {len(loaded)} weights of the {backbone} backbone are not in the file "
+            f"(timm left them random), e.g. {random[0]!r}; give timm weights of {backbone}"
+        )
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, config: dict) -> torch.Tensor:

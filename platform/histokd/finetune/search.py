@@ -52,12 +52,19 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+_FINETUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+
 @dataclass
 class SearchConfig(FinetuneConfig):
     """Ray Tune over fine-tuning settings (RCKD Sec. 3.1, Fig. 5); every other field is the
     fine-tuning's and is the same for all trials."""
 
     run_name: str = field(default="search", metadata=_help("name of the search; rerunning with the same name resumes it"))
+    # the single values of the three searched settings: the searched lists take precedence
+    input_size: int = field(default=_FINETUNE_DEFAULTS["input_size"], metadata=_help("not used without --space: --input-sizes are searched and take precedence; with --space, the input size of trials whose space does not search input_size"))
+    lr: float = field(default=_FINETUNE_DEFAULTS["lr"], metadata=_help("not used without --space: --lrs are searched and take precedence; with --space, the learning rate of trials whose space does not search lr"))
+    positional_encoding: Literal["frozen", "trained"] = field(default=_FINETUNE_DEFAULTS["positional_encoding"], metadata=_help("not used without --space: --positional-encodings are searched and take precedence; with --space, the positional encodings of trials whose space does not search positional_encoding"))
     input_sizes: list[int] = field(default_factory=lambda: [224, 384], metadata=_help("input resolutions searched (RCKD Sec. 3.1: 224 384)"))
     lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4], metadata=_help("learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4)"))
     positional_encodings: list[str] = field(default_factory=lambda: ["frozen", "trained"], metadata=_help("positional encodings searched (RCKD Sec. 3.1: frozen trained)"))

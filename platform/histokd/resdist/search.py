@@ -34,6 +34,9 @@ class DistillSearchConfig(DistillConfig):
     """A grid over student magnification x temperature; every other field is the distillation's."""
 
     run_name: str = field(default="kd-search", metadata=_help("name of the search; rerunning with the same name resumes it"))
+    # every trial takes these two from the grid: refused when given, so no flag is silently ignored
+    magnification: float | None = field(default=None, metadata=_help("not used (giving it is an error): every trial's student magnification comes from --searched-magnifications"))
+    temperature: float | None = field(default=None, metadata=_help("not used (giving it is an error): every trial's temperature comes from --temperatures"))
     searched_magnifications: list[float] = field(default_factory=lambda: [0.625, 1.25, 2.5, 5.0], metadata=_help("student magnifications searched (Tables 6-8)"))
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata=_help("soft-loss temperatures searched (public code: 1.0; Hinton et al. use 1-20)"))
     score_splits: list[str] = field(default_factory=lambda: ["val"], metadata=_help("labelled splits a trial is scored on (the paper: a separate development set)"))
@@ -41,11 +44,24 @@ class DistillSearchConfig(DistillConfig):
     max_concurrent_trials: int | None = field(default=None, metadata=_help("trials at once; auto: as many as the CPUs allow"))
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        for name, searched in (("magnification", "searched_magnifications"), ("temperature", "temperatures")):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: a search takes every trial's {name} from {searched} and would ignore it; "
+                    f"give the values as --{searched.replace('_', '-')}"
+                )
         if not self.searched_magnifications or not self.temperatures:
             raise ValueError("searched_magnifications and temperatures: give at least one value each")
         self.searched_magnifications = [float(m) for m in self.searched_magnifications]
         self.temperatures = [float(t) for t in self.temperatures]
+        # DistillConfig checks one student's magnification and temperature: give it placeholders
+        # it accepts (the grid is checked below, naming its fields), then leave both unset
+        self.magnification = self.magnifications[0] if self.magnifications else None
+        self.temperature = 1.0
+        try:
+            super().__post_init__()
+        finally:
+            self.magnification = self.temperature = None
         for mag in self.searched_magnifications:
             self.check_magnification("searched_magnifications", mag)
         for t in self.temperatures:
