@@ -90,6 +90,25 @@ def demo_slides_dir(tmp_path_factory) -> Path:
     return folder
 
 
+TINY_PRETRAIN = dict(
+    teacher="demo", patch_size=256, num_patches=24, input_size=64, batch_size=8, epochs=3, warmup_epochs=1, lr=0.5,
+    holdout_fraction=0.2, teacher_batch_size=8, backbone="csat", run_name="tiny",
+)  # fmt: skip
+
+
+@pytest.fixture
+def tiny_pretrain_config(tmp_path, demo_slides_dir):
+    """Makes pretraining configs that run in seconds on the demo slides; keywords override."""
+    from histokd.pretrain.config import PretrainConfig
+
+    def make(**overrides):
+        settings = dict(TINY_PRETRAIN, storage_path=str(tmp_path / "runs"), slides=[str(demo_slides_dir)])
+        settings.update(overrides)
+        return PretrainConfig(**settings)
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that run `ray stop` go last: it ends every Ray process, the session's too."""
     items.sort(key=lambda item: item.get_closest_marker("ray_cli") is not None)

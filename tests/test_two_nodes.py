@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from histokd.pretrain.config import PretrainConfig
 from histokd.pretrain.loop import CHECKPOINT_FILE, patch_checksum
 
 pytestmark = pytest.mark.slow
@@ -82,7 +81,7 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
         return []
 
 
-def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_nodes, tmp_path, demo_slides_dir):
+def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_nodes, tmp_path, tiny_pretrain_config):
     """Teachers on the head, the training worker on the trainer node, checkpoints on the
     shared path. The trainer node is removed once epoch 1's checkpoint is written and a new
     one is started; Ray Train restarts the worker group there from that checkpoint
@@ -98,26 +97,11 @@ def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_no
 
     storage = tmp_path / "shared_storage"
     run_dir = storage / "two_nodes"
-    config = PretrainConfig(
-        storage_path=str(storage),
-        slides=[str(demo_slides_dir)],
-        teacher="deconvolution",
-        patch_size=256,
-        num_patches=24,
-        input_size=64,
-        batch_size=8,
-        epochs=3,
-        warmup_epochs=1,
-        lr=0.5,
-        holdout_fraction=0.2,
-        teacher_batch_size=8,
-        backbone="csat",
-        run_name="two_nodes",
-        teacher_resources={"teacher_node": 0.5},
-        trainer_resources={"trainer_node": 1},
-        max_failures=2,
+    config = tiny_pretrain_config(
+        storage_path=str(storage), teacher="deconvolution", run_name="two_nodes",
+        teacher_resources={"teacher_node": 0.5}, trainer_resources={"trainer_node": 1}, max_failures=2,
         keep_checkpoints=5,  # keep every epoch's, so an epoch trained twice would show
-    )
+    )  # fmt: skip
     # The job runs in a thread: Cluster.add_node installs signal handlers, main thread only.
     outcome: dict = {}
 

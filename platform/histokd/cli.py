@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["config_to_dict", "load_yaml", "parse_config", "save_config"]
+__all__ = ["RunStorage", "check_ints", "config_to_dict", "load_yaml", "parse_config", "save_config"]
 
 C = TypeVar("C")
 
@@ -165,3 +165,47 @@ def save_config(config: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, auto: bool = False) -> None:
+    """Raise one error naming the field when a field of ``names`` is not an integer >= ``minimum``.
+
+    Args:
+        config: The dataclass instance.
+        names: Field names.
+        minimum: Smallest allowed value (1: positive, 0: non-negative).
+        auto: None is allowed too (the job picks the value).
+    """
+    allowed = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    for name in names:
+        value = getattr(config, name)
+        if auto and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r}: must be {allowed}" + (" or auto" if auto else ""))
+
+
+class RunStorage:
+    """Where a job's run lives, for job configs with ``storage_path``, ``run_name`` and
+    ``mlflow_tracking_uri`` fields: mixed into their dataclasses."""
+
+    @property
+    def run_dir(self) -> str:
+        """Everything of this run: ``STORAGE/RUN_NAME`` (a path or a URI)."""
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI: the configured one, or a SQLite file in a local storage folder.
+
+        Raises:
+            ValueError: The storage is remote and no tracking URI is configured.
+        """
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        if "://" in self.storage_path:
+            raise ValueError(
+                f"mlflow_tracking_uri is unset and storage_path={self.storage_path!r} is remote: "
+                "give a tracking server URI (http://...) or a sqlite:/// path"
+            )
+        return f"sqlite:///{self.storage_path}/mlflow.db"

@@ -12,8 +12,8 @@ from histokd.pretrain.config import DEMO_PRESET, PretrainConfig, check_storage_p
     "kwargs, message",
     [
         ({"patch_size": 0}, "patch_size=0: must be a positive integer"),
-        ({"epochs": -1}, "epochs=-1: must be at least 1"),
-        ({"epochs": 0}, "epochs=0: must be at least 1"),
+        ({"epochs": -1}, "epochs=-1: must be a positive integer"),
+        ({"epochs": 0}, "epochs=0: must be a positive integer"),
         ({"warmup_epochs": -1}, "warmup_epochs=-1: must be a non-negative integer"),
         ({"backbone": "vgg99"}, "backbone='vgg99': unknown; allowed: csat"),
         ({"teacher": "nonsense"}, "teacher='nonsense': unknown; allowed:"),

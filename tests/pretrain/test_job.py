@@ -9,31 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from histokd.pretrain.config import PretrainConfig
 from histokd.pretrain.loop import patch_checksum
 
 pytestmark = pytest.mark.slow
-
-
-def tiny(tmp_path: Path, demo_slides_dir: Path, **overrides) -> PretrainConfig:
-    settings = dict(
-        storage_path=str(tmp_path / "runs"),
-        slides=[str(demo_slides_dir)],
-        teacher="demo",
-        patch_size=256,
-        num_patches=24,
-        input_size=64,
-        batch_size=8,
-        epochs=3,
-        warmup_epochs=1,
-        lr=0.5,
-        holdout_fraction=0.2,
-        teacher_batch_size=8,
-        backbone="csat",
-        run_name="tiny",
-    )
-    settings.update(overrides)
-    return PretrainConfig(**settings)
 
 
 def _expected_train_checksum(run_dir: Path) -> tuple[int, int]:
@@ -41,11 +19,11 @@ def _expected_train_checksum(run_dir: Path) -> tuple[int, int]:
     return len(ids), patch_checksum(ids)
 
 
-def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tmp_path, demo_slides_dir):
+def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tiny_pretrain_config):
     from histokd.models import ClassificationModel
     from histokd.pretrain.job import run_pretraining
 
-    result = run_pretraining(tiny(tmp_path, demo_slides_dir))
+    result = run_pretraining(tiny_pretrain_config())
     assert Path(result.backbone_path).is_file()
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     model = ClassificationModel("csat", num_classes=3, backbone_file=result.backbone_path)
@@ -74,10 +52,10 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tmp_path, demo_slide
     assert any(k.startswith("decoder.") for k in best["model"])  # the whole student, decoder included
 
 
-def test_worker_fault_recovers_from_checkpoint(ray_cluster, tmp_path, demo_slides_dir):
+def test_worker_fault_recovers_from_checkpoint(ray_cluster, tiny_pretrain_config):
     from histokd.pretrain.job import run_pretraining
 
-    config = tiny(tmp_path, demo_slides_dir, run_name="faulty", fail_at_epoch=2, max_failures=1, teacher="deconvolution")
+    config = tiny_pretrain_config(run_name="faulty", fail_at_epoch=2, max_failures=1, teacher="deconvolution")
     result = run_pretraining(config)
     run_dir = Path(result.run_dir)
     assert (run_dir / ".fault_injected").exists()  # the fault did happen
@@ -92,18 +70,29 @@ def test_worker_fault_recovers_from_checkpoint(ray_cluster, tmp_path, demo_slide
     assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")] == [1, 2, 3]
 
 
-def test_two_ddp_workers_share_each_epoch(ray_cluster, tmp_path, demo_slides_dir):
-    """Two training workers: each patch is trained once per epoch across both shards."""
+def test_two_ddp_workers_share_each_epoch(ray_cluster, tiny_pretrain_config):
+    """Two training workers: each patch is trained at most once per epoch across both shards.
+
+    Ray Train splits the stream with ``equal=True`` so that DDP workers take the same number of
+    steps: with W workers up to W - 1 patches an epoch are left out (like a sampler's drop_last).
+    """
     from histokd.pretrain.job import run_pretraining
 
-    config = tiny(tmp_path, demo_slides_dir, run_name="ddp", teacher="deconvolution", epochs=2, num_workers=2,
+    config = tiny_pretrain_config(run_name="ddp", teacher="deconvolution", epochs=2, num_workers=2,
                   cpus_per_worker=0.5)  # fmt: skip
     result = run_pretraining(config)
-    count, checksum = _expected_train_checksum(Path(result.run_dir))
-    assert [(h["patches"], h["patch_checksum"]) for h in result.history] == [(count, checksum)] * 2
+    run_dir = Path(result.run_dir)
+    count, checksum = _expected_train_checksum(run_dir)
+    ids = pq.read_table(run_dir / "manifest" / "train.parquet").column("patch_id").to_pylist()
+    left_out_sums = {0} | {patch_checksum([pid]) for pid in ids}  # none, or any one patch
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for h in result.history:
+        assert h["patches"] in (count, count - 1), (h["patches"], count)
+        assert checksum - h["patch_checksum"] in left_out_sums  # the rest is each patch once
+        assert (h["patches"] == count) == (h["patch_checksum"] == checksum)
 
 
-def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
+def test_learning_student_iou_rises(ray_cluster, tiny_pretrain_config):
     """The student learns the teacher: hold-out IoU climbs well above its first epoch's.
 
     The order in which Ray Data delivers blocks varies from run to run, so the same seed does
@@ -114,7 +103,7 @@ def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
     from histokd.pretrain.job import run_pretraining
 
     result = run_pretraining(
-        tiny(tmp_path, demo_slides_dir, run_name="learning", teacher="deconvolution", alpha=0.5,
+        tiny_pretrain_config(run_name="learning", teacher="deconvolution", alpha=0.5,
              num_patches=96, epochs=5, batch_size=8, input_size=128, lr=3.0)
     )  # fmt: skip
     ious = [h["holdout_foreground_iou"] for h in result.history]
@@ -123,12 +112,12 @@ def test_learning_student_iou_rises(ray_cluster, tmp_path, demo_slides_dir):
     assert max(ious[-2:]) > ious[0] + 0.2, ious
 
 
-def test_resume_after_stop(ray_cluster, tmp_path, demo_slides_dir):
+def test_resume_after_stop(ray_cluster, tiny_pretrain_config):
     from histokd.pretrain.job import run_pretraining
 
-    first = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable", stop_after_epoch=1, teacher="deconvolution"))
+    first = run_pretraining(tiny_pretrain_config(run_name="resumable", stop_after_epoch=1, teacher="deconvolution"))
     assert [h["epoch"] for h in first.history] == [1]
-    second = run_pretraining(tiny(tmp_path, demo_slides_dir, run_name="resumable", teacher="deconvolution"))
+    second = run_pretraining(tiny_pretrain_config(run_name="resumable", teacher="deconvolution"))
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[0] == first.history[0]  # epoch 1 was not redone
     assert second.mlflow_run_id == first.mlflow_run_id

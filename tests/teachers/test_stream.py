@@ -46,6 +46,12 @@ def _collect(ds) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _assert_same_labels(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Every patch of ``got`` has the pseudo label ``expected`` has for it."""
+    for pid, label in zip(got["patch_id"], got["pseudo_label"], strict=True):
+        np.testing.assert_array_equal(expected["pseudo_label"][expected["patch_id"] == pid][0], label)
+
+
 # -- resources ----------------------------------------------------------------------------------
 def test_two_cpus_cannot_deadlock():
     plan = plan_resources({"CPU": 2.0}, reserved_cpus=1.0)
@@ -130,15 +136,7 @@ def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
     assert len(labelled_again) == table.num_rows - half.num_rows  # only the missing half
     assert all(p.stat().st_mtime_ns == before[p] for p in before)  # cached shards untouched
     # cached labels come back identical
-    for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
-        np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
-    # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
-    actor = TeacherActor("deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution"))
-    batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
-    out = actor(batch)
-    assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
-    for pid, label in zip(out["patch_id"], out["pseudo_label"], strict=True):
-        np.testing.assert_array_equal(first["pseudo_label"][first["patch_id"] == pid][0], label)
+    _assert_same_labels(first, second)
     # a third run labels nothing
     _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
     assert len(cache.shards()) == len(after)
@@ -155,15 +153,13 @@ def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_pat
     second = _collect(ds)  # epoch 2, the same plan: the actors find every label cached
     assert {p: p.stat().st_mtime_ns for p in cache.shards()} == before  # nothing rewritten
     assert sorted(second["patch_id"]) == sorted(first["patch_id"])
-    for pid, label in zip(first["patch_id"], first["pseudo_label"], strict=True):
-        np.testing.assert_array_equal(second["pseudo_label"][second["patch_id"] == pid][0], label)
+    _assert_same_labels(second, first)
     # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
     actor = TeacherActor("deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution"))
     batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
     out = actor(batch)
     assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
-    for pid, label in zip(out["patch_id"], out["pseudo_label"], strict=True):
-        np.testing.assert_array_equal(first["pseudo_label"][first["patch_id"] == pid][0], label)
+    _assert_same_labels(out, first)
 
 
 def _teacher_actors() -> list[dict]:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from histokd.cli import RunStorage, check_ints
+
 __all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
 
 
@@ -28,7 +30,7 @@ def resolve_init_label(init: str, label: str | None) -> str:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunStorage):
     """Fine-tuning on a downstream task (Kim et al. 2023, Sec. 2.2.2, Algorithm 2, Sec. 3.1).
 
     Defaults are the paper's. With no ``data`` the job uses the demo task (patches of synthetic
@@ -87,14 +89,9 @@ class FinetuneConfig:
     mlflow_experiment: str = field(default="histokd-finetune", metadata=_help("MLflow experiment name"))
 
     def __post_init__(self) -> None:
-        for name in ["input_size", "batch_size", "max_epochs", "patience", "num_splits", "bootstrap_resamples"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
-        for name in ["workers_per_split", "loader_workers", "max_failures", "seed", "split_seed"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r}: must be a non-negative integer")
+        check_ints(self, ["input_size", "batch_size", "max_epochs", "patience", "num_splits", "bootstrap_resamples"])
+        check_ints(self, ["workers_per_split", "loader_workers", "max_failures", "seed", "split_seed"], minimum=0)
+        check_ints(self, ["max_parallel_splits"], auto=True)
         if self.magnification is not None and (isinstance(self.magnification, bool) or not self.magnification > 0):
             raise ValueError(f"magnification={self.magnification!r}: must be positive (e.g. 20) or None (the dataset's)")
         if self.patch_size is not None and (isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size <= 0):
@@ -124,8 +121,6 @@ class FinetuneConfig:
             raise ValueError(f"confidence={self.confidence!r}: must be in (0, 1)")
         if not self.cpus_per_worker > 0 or not 0 < self.gpus_per_worker <= 1:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}, gpus_per_worker={self.gpus_per_worker!r}: need cpus > 0 and 0 < gpus <= 1")
-        if self.max_parallel_splits is not None and (not isinstance(self.max_parallel_splits, int) or self.max_parallel_splits < 1):
-            raise ValueError(f"max_parallel_splits={self.max_parallel_splits!r}: must be a positive integer or auto")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
         from histokd.models import BACKBONES
@@ -152,22 +147,6 @@ class FinetuneConfig:
         """The initialisation's name in tables."""
         return resolve_init_label(self.init, self.init_label)
 
-    @property
-    def run_dir(self) -> str:
-        """Everything of this run: ``STORAGE/RUN_NAME``."""
-        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow URI: the configured one, or a SQLite file in the storage folder."""
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        if "://" in self.storage_path:
-            raise ValueError(
-                f"mlflow_tracking_uri is unset and storage_path={self.storage_path!r} is remote: "
-                "give a tracking server URI (http://...) or a sqlite:/// path"
-            )
-        return f"sqlite:///{self.storage_path}/mlflow.db"
 
 
 # Small enough to run end to end offline on a 2-core CPU in minutes: 256 px patches at 20x from

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from histokd.cli import RunStorage, check_ints
 from histokd.inference.stitching import BLEND_WINDOWS
 from histokd.tissue import TissueFilter
 
@@ -17,7 +18,7 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(RunStorage):
     """Whole-slide inference with a fine-tuned model (`histokd.inference.run_prediction`).
 
     The model file gives the task, backbone, classes and input size. The magnification and
@@ -75,18 +76,13 @@ class PredictConfig:
             raise ValueError(f"min_tissue_fraction={self.min_tissue_fraction!r}: must be in [0, 1]")
         self.tissue_hue_range = [float(h) for h in self.tissue_hue_range]
         self.tissue_filter()  # checks the hue range
-        for name in ("batch_size", "overlay_max_side"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
-        if self.num_actors is not None and (not isinstance(self.num_actors, int) or self.num_actors < 1):
-            raise ValueError(f"num_actors={self.num_actors!r}: must be a positive integer or None (auto)")
+        check_ints(self, ["batch_size", "overlay_max_side"])
+        check_ints(self, ["num_actors"], auto=True)
         if not 0 < self.num_gpus <= 1:
             raise ValueError(f"num_gpus={self.num_gpus!r}: the GPU share of an actor must be in (0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
-        if isinstance(self.mlflow_overlays, bool) or not isinstance(self.mlflow_overlays, int) or self.mlflow_overlays < 0:
-            raise ValueError(f"mlflow_overlays={self.mlflow_overlays!r}: must be a non-negative integer")
+        check_ints(self, ["mlflow_overlays"], minimum=0)
         if self.model:
             if not os.path.exists(self.model):
                 raise ValueError(f"model={self.model!r}: no such file or folder; give a best_model.pt of the fine-tuning job or its run folder")
@@ -102,12 +98,3 @@ class PredictConfig:
         except ValueError as exc:
             raise ValueError(f"tissue_hue_range={self.tissue_hue_range!r}: {exc}") from exc
 
-    @property
-    def run_dir(self) -> str:
-        """Everything of this run: ``STORAGE/RUN_NAME``."""
-        return os.path.join(self.storage_path, self.run_name)
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow URI: the configured one, or a SQLite file in the storage folder."""
-        return self.mlflow_tracking_uri or f"sqlite:///{self.storage_path}/mlflow.db"

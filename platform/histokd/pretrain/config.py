@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from histokd.cli import RunStorage, check_ints
+
 __all__ = ["DEMO_PRESET", "PretrainConfig", "check_storage_path"]
 
 
@@ -17,7 +19,7 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunStorage):
     """RCKD pretraining (Kim et al. 2023, Sec. 2.2.1 and Algorithm 1).
 
     Defaults are the paper's. With no ``slides`` the job uses the demo preset (synthetic demo
@@ -56,7 +58,7 @@ class PretrainConfig:
     init: str | None = field(default=None, metadata=_help("initial backbone weights: a backbone file (RCKD starts from ImageNet weights, USI); default: random"))
     # --- cluster -----------------------------------------------------------------------------
     ray_address: str | None = field(default=None, metadata=_help("Ray cluster to join ('auto': the running one); default: $RAY_ADDRESS (set by `ray job submit`), else a new local Ray"))
-    num_workers: int | None = field(default=None, metadata=_help("training workers; auto: one per GPU, else 1"))
+    num_workers: int | None = field(default=None, metadata=_help("training workers; auto: one per GPU, else 1. With W workers, up to W-1 patches an epoch (and of the hold-out) are left out so that every worker takes the same number of steps (Ray Train's equal split)"))
     use_gpu: bool | None = field(default=None, metadata=_help("train on GPUs; auto: if the cluster has any"))
     cpus_per_worker: float = field(default=1.0, metadata=_help("CPUs reserved by each training worker"))
     trainer_resources: dict[str, float] = field(default_factory=dict, metadata=_help("custom Ray resources each training worker asks for, e.g. {\"trainer_node\": 1}; JSON on the command line"))
@@ -75,17 +77,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.slides, str):
             self.slides = [self.slides]
-        positive_ints = ["patch_size", "num_patches", "input_size", "batch_size", "teacher_batch_size", "keep_checkpoints", "dataloader_prefetch"]
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
-        for name in ["epochs", "warmup_epochs", "max_failures", "overlays"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r}: must be " + ("at least 1" if name == "epochs" else "a non-negative integer"))
-        if self.epochs == 0:
-            raise ValueError("epochs=0: must be at least 1")
+        check_ints(self, ["patch_size", "num_patches", "input_size", "batch_size", "teacher_batch_size", "keep_checkpoints", "dataloader_prefetch", "epochs"])
+        check_ints(self, ["warmup_epochs", "max_failures", "overlays"], minimum=0)
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs}: must be at most epochs={self.epochs}")
         for name in ["magnification", "lr", "cpus_per_worker"]:
@@ -103,10 +96,7 @@ class PretrainConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction!r}: must be in (0, 0.5)")
         if not 0 < self.teacher_gpus <= 1:
             raise ValueError(f"teacher_gpus={self.teacher_gpus!r}: must be in (0, 1]")
-        for name in ["num_workers", "teacher_actors"]:
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name}={value!r}: must be a positive integer or auto")
+        check_ints(self, ["num_workers", "teacher_actors"], auto=True)
         for name in ["teacher_resources", "trainer_resources"]:
             setattr(self, name, _check_resources(name, getattr(self, name)))
         if not self.run_name or "/" in self.run_name:
@@ -123,22 +113,6 @@ class PretrainConfig:
         if "://" not in self.storage_path:
             self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
         self.demo_dir = os.path.abspath(self.demo_dir)
-
-    @property
-    def run_dir(self) -> str:
-        """Everything of this run: ``STORAGE/RUN_NAME``."""
-        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
-
-    @property
-    def tracking_uri(self) -> str:
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        if "://" in self.storage_path:
-            raise ValueError(
-                f"mlflow_tracking_uri is unset and storage_path={self.storage_path!r} is remote: "
-                "give a tracking server URI (http://...) or a sqlite:/// path"
-            )
-        return f"sqlite:///{self.storage_path}/mlflow.db"
 
 
 def _check_resources(name: str, value: dict | str) -> dict[str, float]:

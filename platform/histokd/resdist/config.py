@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from histokd.cli import RunStorage
 from histokd.resdist.regions import RegionFinder
 
 __all__ = [
@@ -37,7 +38,7 @@ def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
 
 
 @dataclass
-class ResdistConfig:
+class ResdistConfig(RunStorage):
     """What every resolution-distillation training job shares."""
 
     # --- data ---------------------------------------------------------------------------------
@@ -139,16 +140,6 @@ class ResdistConfig:
         """Folder of the region images."""
         return self.region_dir or os.path.join(self.storage_path, "regions")
 
-    @property
-    def run_dir(self) -> str:
-        """Everything of this run: ``STORAGE/RUN_NAME``."""
-        return os.path.join(self.storage_path, self.run_name)
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow tracking URI."""
-        return self.mlflow_tracking_uri or f"sqlite:///{self.storage_path}/mlflow.db"
-
     def check_magnification(self, name: str, value: float) -> None:
         """Raise naming ``name`` when ``value`` has no region images."""
         if float(value) not in self.magnifications:
@@ -241,7 +232,7 @@ def default_method(train_splits: list[str]) -> str:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RunStorage):
     """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs."""
 
     models: list[str] = field(default_factory=list, metadata=_help("model files (model.pt) or run folders to evaluate"))
@@ -284,10 +275,6 @@ class EvaluateConfig:
         """Folder of the region images."""
         return self.region_dir or os.path.join(self.storage_path, "regions")
 
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow tracking URI."""
-        return self.mlflow_tracking_uri or f"sqlite:///{self.storage_path}/mlflow.db"
 
 
 def _check_splits(train: list[str], val: list[str]) -> None:
