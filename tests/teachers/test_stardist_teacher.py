@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -117,6 +120,54 @@ def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
     assert "'2D_versatile_he' is not cached" in message
     assert str(Path(tmp_path) / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip") in message
     assert "'demo' or 'deconvolution'" in message
+
+
+# The child blocks every socket connection (recording where it went) before anything imports.
+_OFFLINE_CHILD = """
+import json, socket
+attempts = []
+def refuse(self, address):
+    attempts.append(repr(address))
+    raise ConnectionRefusedError(f"network disabled by the test: {address!r}")
+socket.socket.connect = refuse
+from histokd.teachers import TeacherError, build_teacher
+try:
+    build_teacher("2D_versatile_he")
+except TeacherError as exc:
+    print(json.dumps({"error": str(exc), "attempts": attempts}))
+else:
+    print(json.dumps({"error": None, "attempts": attempts}))
+"""
+
+
+def test_keras_home_from_the_environment_names_the_cache_in_the_offline_error(tmp_path):
+    """KERAS_HOME set in the environment (not patched in Keras) decides where 2D_versatile_he is
+    looked for; offline (HF_HUB_OFFLINE=1, a dead proxy, sockets refused) the one error names it."""
+    pytest.importorskip("stardist")
+    keras_home = tmp_path / "keras home"
+    home = tmp_path / "home"  # were KERAS_HOME ignored, Keras would use $HOME/.keras
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "keras_home")}
+    dead_proxy = "http://127.0.0.1:9"
+    env.update(
+        KERAS_HOME=str(keras_home), HOME=str(home), HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="", HTTP_PROXY=dead_proxy, HTTPS_PROXY=dead_proxy, http_proxy=dead_proxy,
+        https_proxy=dead_proxy,
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_CHILD], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    message = report["error"]
+    assert message is not None, "2D_versatile_he loaded although nothing was cached and the network was off"
+    cached = keras_home / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip"
+    assert f"'2D_versatile_he' is not cached ({cached}) and could not be downloaded" in message
+    assert "KERAS_HOME decides the cache folder" in message and "'demo' or 'deconvolution'" in message
+    assert str(home) not in message and not (home / ".keras" / "models").exists()
+    # Keras itself made the cache folder under KERAS_HOME, and nothing was downloaded into it
+    assert cached.parent.is_dir() and not cached.exists()
+    assert all("127.0.0.1" in a for a in report["attempts"]), report["attempts"]  # only the dead proxy
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 100, 75)])

@@ -125,3 +125,77 @@ def test_tiny_training_run_makes_a_loadable_teacher(tmp_path):
     assert teacher.pseudo_label(np.zeros((1, 48, 48, 3), np.uint8)).shape == (1, 48, 48)
     with pytest.raises(TeacherError, match="model folder exists; pass overwrite=True"):
         train_teacher(config)
+
+
+def _monuseg_like_folder(root, n_images: int = 4, side: int = 256):
+    """images/ (PNG) + masks/ (uint16 TIFF and .npy) cut from a 40x demo slide, where nuclei are
+    twice as wide in pixels as at the 20x the teacher trains at; the most crowded tiles first."""
+    import openslide
+
+    from histokd.synthetic import make_demo_slides
+
+    slide = make_demo_slides(root / "slide", n=1, seed=11, width=3 * side, height=3 * side, mpp=0.25)[0]
+    assert slide.magnification == 40
+    tiles = [(x, y) for y in range(0, 3 * side, side) for x in range(0, 3 * side, side)]
+    tiles.sort(key=lambda xy: -len(np.unique(slide.read_truth(*xy, side, side))))
+    folder = root / "monuseg"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    with openslide.OpenSlide(slide.slide_path) as reader:
+        for i, (x, y) in enumerate(tiles[:n_images]):
+            labels = slide.read_truth(x, y, side, side)
+            assert labels.max() > 0
+            _, labels = np.unique(labels, return_inverse=True)  # 0 stays background, ids 1..n
+            labels = labels.reshape(side, side).astype(np.uint16)
+            image = np.asarray(reader.read_region((x, y), 0, (side, side)).convert("RGB"))
+            Image.fromarray(image).save(folder / "images" / f"tile{i}.png")
+            if i % 2:
+                np.save(folder / "masks" / f"tile{i}.npy", labels.astype(np.int32))
+            else:
+                tifffile.imwrite(folder / "masks" / f"tile{i}.tif", labels)
+    return folder
+
+
+def _train_teacher_job():
+    """jobs/train_teacher.py as a module (its ``main(argv)`` is what the command line runs)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "train_teacher.py"
+    spec = importlib.util.spec_from_file_location("train_teacher_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_training_from_a_data_folder_without_demo_slides(tmp_path, capsys):
+    """The job trained on a MoNuSeg-like --data folder alone (--demo-slides 0): 4 images at 40x,
+    one held out, brought to 20x; the model folder loads as a teacher."""
+    folder = _monuseg_like_folder(tmp_path)
+    out_dir = tmp_path / "out"
+    argv = [
+        "--data", str(folder), "--data-magnification", "40", "--demo-slides", "0",
+        "--out-dir", str(out_dir), "--name", "tiny_monuseg", "--patch-size", "64", "--unet-n-depth", "2",
+        "--unet-n-filter-base", "8", "--net-conv-after-unet", "16", "--epochs", "1", "--steps-per-epoch", "3",
+        "--batch-size", "2", "--no-optimize-nms", "--device", "cpu",
+    ]  # fmt: skip
+    assert _train_teacher_job().main(argv) == 0
+    assert "(3 train / 1 held-out images" in capsys.readouterr().out
+    model_dir = out_dir / "tiny_monuseg"
+    assert {p.name for p in out_dir.iterdir()} == {"tiny_monuseg"}  # no demo slides were written
+    defaults = json.loads((model_dir / "histokd_teacher.json").read_text())
+    assert defaults["num_train_images"] == 3 and defaults["num_validation_images"] == 1
+    images = sorted(str(p) for p in (folder / "images").iterdir())
+    assert len(defaults["validation_sources"]) == 1 and defaults["validation_sources"][0] in images
+    assert defaults["training"]["demo_slides"] == 0 and defaults["training"]["data"] == [str(folder)]
+    assert defaults["command"][:2] == ["python", "jobs/train_teacher.py"] and defaults["command"][2:] == argv
+
+    teacher = build_teacher(str(model_dir))
+    assert teacher.alpha == defaults["alpha"] and teacher.grid == (2, 2)
+    patch = np.asarray(Image.open(images[0]))[:96, :80][None]  # any size, not a multiple of the grid
+    labels = teacher.pseudo_label(patch)
+    assert labels.shape == (1, 96, 80) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    # the training images were 128 px: what the held-out IoU was measured on is 20x
+    items = load_instance_folder(folder, data_magnification=40, magnification=20)
+    assert [i.image.shape for i in items] == [(128, 128, 3)] * 4 and all(i.labels.max() > 0 for i in items)
