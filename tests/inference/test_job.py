@@ -167,3 +167,31 @@ def test_settings_are_checked_before_any_slide_is_read(tmp_path, classification_
         run_prediction(PredictConfig(slides=["x.svs"]), tracking=False)
     with pytest.raises(PredictError, match=r"no slides found"):
         run_prediction(PredictConfig(model=str(classification_model_file), magnification=20, storage_path=str(tmp_path)), tracking=False)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs(ray_cluster, tmp_path, classification_model_file):
+    """Six slides, each cut into several model batches: the driver holds at most 2 at once."""
+    from histokd.synthetic import make_demo_slides
+
+    slides = make_demo_slides(tmp_path / "slides", n=6, seed=12, width=512, height=512)
+    paths = [str(s.slide_path) for s in slides]
+    config = PredictConfig(
+        model=str(classification_model_file), slides=paths, storage_path=str(tmp_path), run_name="flat",
+        magnification=20, patch_size=128, output_magnification=5, min_tissue_fraction=0, batch_size=4,
+    )  # fmt: skip
+    result = run_prediction(config, tracking=False)
+    # 512 px at 20x in 128 px tiles: a 4 x 4 lattice, 16 tiles in 4 batches per slide
+    assert (result.num_slides, result.num_predicted, result.num_bad, result.num_tiles) == (6, 6, 0, 6 * 16)
+    assert 1 <= result.max_slides_in_flight <= 2, result.max_slides_in_flight
+    assert json.loads((Path(result.run_dir) / "run.json").read_text())["max_slides_in_flight"] == result.max_slides_in_flight
+    assert sorted(s["slide_path"] for s in result.slides) == sorted(paths)
+    for summary in result.slides:
+        folder = Path(summary["dir"])
+        assert summary["num_tiles"] == 16 and summary["num_unreadable_tiles"] == 0
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["summary.json", "predictions.parquet", "heatmap.ome.tif", "labels.ome.tif", "overlay.png", "heatmap.png"]
+        )
+        assert pq.read_table(folder / "predictions.parquet").num_rows == 16
+        assert tifffile.imread(folder / "labels.ome.tif").shape == (128, 128)  # 512 px at 5x of 20x
+    assert len(_read_csv(result.files["summary_table"])) == 6
