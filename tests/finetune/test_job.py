@@ -53,3 +53,26 @@ def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks
     again = run_finetune(config)  # same run name: both splits reused, no training
     assert time.monotonic() - started < 30
     assert again.summary["metrics"]["accuracy"]["values"] == acc["values"]
+
+
+@pytest.mark.slow
+def test_a_failed_split_worker_resumes_from_its_last_epoch(ray_cluster, tmp_path, demo_tasks_small):
+    """A worker fault in epoch 3 restarts the split from epoch 2's checkpoint, not from scratch."""
+    import mlflow
+
+    config = FinetuneConfig(
+        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="faulty",
+        input_size=32, batch_size=16, max_epochs=4, patience=10, lr=0.05, num_splits=1, bootstrap_resamples=200,
+        fail_at_epoch=3, max_failures=1,
+    )  # fmt: skip
+    result = run_finetune(config)
+    split_dir = tmp_path / "runs" / "faulty" / "split_0"
+    assert (split_dir / ".fault_injected").exists()  # the fault did happen
+    split = result.split_results[0]
+    assert split["stopped_epoch"] == 4 and [h["epoch"] for h in split["history"]] == [1, 2, 3, 4]
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    child = client.search_runs(
+        [client.get_experiment_by_name(config.mlflow_experiment).experiment_id], filter_string="tags.`histokd.split` = '0'"
+    )[0]
+    # epochs 1 and 2 were trained once: a restart from scratch would log them twice
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2, 3, 4]

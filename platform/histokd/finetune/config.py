@@ -83,6 +83,7 @@ class FinetuneConfig(RunStorage):
     gpus_per_worker: float = field(default=1.0, metadata=_help("GPU share of a worker; 0.2 puts five splits on one GPU"))
     max_parallel_splits: int | None = field(default=None, metadata=_help("splits trained at once; auto: as many as the cluster's resources hold"))
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU"))
+    fail_at_epoch: int | None = field(default=None, metadata=_help("test only: one worker raises once at the start of this epoch of each split, to exercise the restart from a checkpoint"))
     max_failures: int = field(default=1, metadata=_help("worker-group restarts of a split from its last checkpoint"))
     # --- tracking ---------------------------------------------------------------------------
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"))

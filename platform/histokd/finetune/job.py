@@ -280,6 +280,7 @@ def _fit_split(
         num_classes=dataset.num_classes,
         class_names=list(dataset.class_names),
         split_index=split.index,
+        split_dir=str(split_dir),
         seed=config.seed + split.index,
         cache_images=cache,
         data={part: dataset.subset(getattr(split, part)) for part in ("train", "val", "test")},

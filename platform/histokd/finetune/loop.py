@@ -27,6 +27,7 @@ from torch import nn
 
 from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
+from histokd.resume import restore_checkpoint
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
@@ -243,14 +244,10 @@ def train_fn_per_worker(config: dict) -> None:
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch, elapsed_before = 1, 0.0
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            if os.path.exists(os.path.join(d, RESULT_FILE)):  # finished before: report it again
-                result = json.loads(open(os.path.join(d, RESULT_FILE)).read())
-                ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-                return
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    finished, state = restore_checkpoint(STATE_FILE, RESULT_FILE, _final_metrics, rank)
+    if finished:  # finished before: its result was reported again
+        return
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         stopper.load_state_dict(json.loads(state["stopper"]))
@@ -272,6 +269,7 @@ def train_fn_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
         ddp_model.train()
         loss_sum, seen = 0.0, 0
+        _maybe_fail(config, epoch, rank, world)
         for image, target, _ in train_loader:
             image, target = normalize(image.to(device)), target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["_bf16"]):
@@ -358,6 +356,16 @@ def train_fn_per_worker(config: dict) -> None:
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
         ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def _maybe_fail(config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+    """Test aid (``fail_at_epoch``): the last worker raises once, at the start of that epoch."""
+    if config.get("fail_at_epoch") != epoch or rank != world - 1:
+        return
+    marker = os.path.join(config["split_dir"], ".fault_injected")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"injected fault (fail_at_epoch={epoch}), worker rank {rank}")
 
 
 def _final_metrics(result: dict) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from histokd.resdist.training import (
     load_model_file,
     save_model_file,
 )
+from histokd.resume import restore_checkpoint
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 __all__ = ["PHASES", "RESULT_FILE", "STATE_FILE", "train_fn_per_worker"]
@@ -168,14 +169,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     best_epoch = 0
     start_epoch, elapsed_before = 1, 0.0
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            if os.path.exists(os.path.join(d, RESULT_FILE)):  # finished before: report it again
-                result = json.loads(open(os.path.join(d, RESULT_FILE)).read())
-                ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-                return
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    finished, state = restore_checkpoint(STATE_FILE, RESULT_FILE, _final_metrics, rank)
+    if finished:  # finished before: its result was reported again
+        return
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
