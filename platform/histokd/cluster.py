@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "quiet_train_reports"]
 
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -32,3 +32,19 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # process's environment; the docker image sets the same for clusters.
         os.environ.setdefault(PRINT_PATCH_ENV, "0")
     ray.init(address=address, **kwargs)
+
+
+def quiet_train_reports() -> None:
+    """Keep Ray Train's per-report log line off the console (call in a training worker).
+
+    Ray Train 2.60 logs every ``ray.train.report`` at INFO, metrics and checkpoint path in full,
+    through a logger named by its source file, which ``RunConfig(logging_config=...)`` does
+    not reach. The jobs print their own line per epoch instead.
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

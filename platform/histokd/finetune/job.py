@@ -256,7 +256,7 @@ def _fit_split(
     parent,
 ) -> dict[str, Any]:
     """Train, early-stop and test one split as its own Ray Train run (or reuse its result)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from histokd.finetune.loop import BEST_MODEL_FILE, RESULT_FILE, train_fn_per_worker
@@ -304,6 +304,7 @@ def _fit_split(
             name=name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )

@@ -217,6 +217,9 @@ def train_fn_per_worker(config: dict) -> None:
             ``cache_images`` (resolved), ``class_names`` and optionally ``mlflow_run_id`` and
             ``tracking_uri`` of the split's MLflow run.
     """
+    from histokd.cluster import quiet_train_reports
+
+    quiet_train_reports()
     import ray.train
     import ray.train.torch
 

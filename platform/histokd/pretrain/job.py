@@ -81,7 +81,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         RuntimeError: Training failed after the allowed restarts.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from histokd.manifest import ManifestConfig, build_manifest, read_manifest
@@ -180,6 +180,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             name=config.run_name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": train_ds, "holdout": holdout_ds},

@@ -96,6 +96,9 @@ def train_fn_per_worker(config: dict) -> None:
             ``tracking_uri``, ``run_dir``, ``num_train_patches`` and ``steps_per_epoch``
             set by the driver.
     """
+    from histokd.cluster import quiet_train_reports
+
+    quiet_train_reports()
     import ray.train
     import ray.train.torch
     from timm.optim import create_optimizer_v2

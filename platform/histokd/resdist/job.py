@@ -117,7 +117,7 @@ def _base_loop_config(config: ResdistConfig, region_set: RegionSet) -> dict[str,
 def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, name: str) -> tuple[str, dict[str, Any]]:
     """One phase as a Ray Train run; (model file, result) copied into ``phase_dir``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from histokd.resdist.loop import RESULT_FILE, train_fn_per_worker
@@ -147,6 +147,7 @@ def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, na
             name=phase_dir.name,
             storage_path=str(Path(config.run_dir) / "ray"),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )

@@ -141,6 +141,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             model files, the training settings, ``select``, ``meta`` (written into the model
             file), and optionally ``mlflow_run_id``, ``tracking_uri`` and ``local_result_dir``.
     """
+    from histokd.cluster import quiet_train_reports
+
+    quiet_train_reports()
     import ray.train
     import ray.train.torch
 
