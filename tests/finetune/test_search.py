@@ -121,3 +121,22 @@ def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monk
     for single, searched in (("--input-size", "--input-sizes"), ("--lr", "--lrs"), ("--positional-encoding", "--positional-encodings")):
         entry = help_text.split(f" {single} ", 1)[1][:200]  # the flag's metavar and help
         assert f"not used without --space: {searched} are searched and take precedence" in entry, entry
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_its_errored_trial(ray_cluster, tmp_path, demo_tasks_small, capsys):
+    """A search whose only trial failed is rerun under the same name: Tune restores it and the
+    trial finishes (each split's injected fault happens once; the rerun's splits train)."""
+    config = SearchConfig(
+        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="interrupted",
+        input_sizes=[32], lrs=[1e-2], positional_encodings=["frozen"], batch_size=16, max_epochs=2, patience=2,
+        num_splits=2, bootstrap_resamples=200, cpus_per_worker=0.5, fail_at_epoch=1, max_failures=0,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="no trial of the search finished"):
+        run_search(config)
+    markers = sorted((tmp_path / "runs" / "interrupted" / "trials").glob("*/split_*/.fault_injected"))
+    assert markers, "the fault did not happen"
+    result = run_search(config)
+    assert "resuming the search" in capsys.readouterr().out
+    assert len(result.rows) == 1 and result.rows[0]["num_splits"] == 2
+    assert 0 <= result.rows[0]["accuracy_mean"] <= 1
