@@ -83,3 +83,25 @@ def test_demo_runs_teacher_distillation_and_evaluation(tmp_path):
     assert again.models == result.models
     assert {key: Path(path).stat().st_mtime_ns for key, path in again.models.items()} == stamps
     assert pd.read_csv(again.files["csv"])["estimate"].tolist() == table["estimate"].tolist()
+
+
+def test_slide_level_labels_give_every_region_of_a_slide_its_label(tmp_path):
+    """--label-level slide: the paper's setting, one label per slide on all its regions."""
+    from histokd.resdist.demo import make_demo_data
+
+    common = dict(demo_dir=str(tmp_path / "slides"), storage_path=str(tmp_path / "runs"), labelled_slides=6, aux_slides=1,
+                  val_slides=1, test_slides=2, slide_size=1024)  # fmt: skip
+    table, _ = make_demo_data(DemoConfig(label_level="slide", **common))
+    slide_rows = pd.read_csv(table)
+    labelled = slide_rows[slide_rows["split"] != "aux"]
+    assert (labelled.groupby("slide")["label"].nunique() == 1).all()  # one label per slide
+    assert slide_rows.loc[slide_rows["split"] == "aux", "label"].isna().all()  # still unlabelled
+    assert (labelled["label"] != labelled["reference_label"]).any()  # noisy, as slide labels are
+    # region level (the default) labels each region by its own class, pure regions only
+    table, _ = make_demo_data(DemoConfig(**common))
+    region_rows = pd.read_csv(table)
+    kept = region_rows[region_rows["split"] != "aux"]
+    assert (kept["label"] == kept["reference_label"]).all() and (kept["purity"] >= 0.75).all()
+    assert len(kept) < len(labelled)  # impure regions are left out only at region level
+    with pytest.raises(ValueError, match="label_level='patient': allowed: region, slide"):
+        DemoConfig(label_level="patient", **common)

@@ -6,8 +6,10 @@ What it does, in the paper's order (DiPalma Sec. 3.1, 4.5):
    pieces (many lumens), and finds the tissue regions on them as the paper does with tissueloc.
    Each region's label is the tissue class (stroma, tumor, lymphocyte) covering most of it,
    read from the slides' ground truth: a synthetic region-level label, impure where a region
-   spans several classes, like the paper's slide-level labels (labelled regions whose dominant
-   class covers less than 75% of the tissue are left out). Slides are split into training,
+   spans several classes (labelled regions whose dominant class covers less than 75% of the
+   tissue are left out). With ``--label-level slide`` every region of a slide carries the
+   slide's label instead (the class covering most of its tissue), as the paper's slide-level
+   labels do, noisy where a region is of another class. Slides are split into training,
    validation and test slides; a second set of slides is the unlabelled auxiliary set.
 2. Trains the teacher at 10x (cross-entropy, Adam 1e-3).
 3. At each student magnification (default 5x, 2.5x, 1.25x and 0.625x): a baseline from
@@ -28,7 +30,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -59,6 +61,7 @@ class DemoConfig:
     epochs: int = field(default=12, metadata=_help("baseline and distillation epochs (paper: 100)"))
     finetune_epochs: int = field(default=10, metadata=_help("last-layer fine-tuning epochs after KD (AD)"))
     accumulation_steps: int = field(default=2, metadata=_help("images per optimizer step (paper's public code: 32; with few images, fewer per step leaves more steps)"))
+    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: every region of a slide carries the slide's label, the class covering most of its tissue, as the paper's slide-level labels (noisy where a region is of another class)"))
     min_purity: float = field(default=0.75, metadata=_help("labelled regions whose dominant class covers less of their tissue are left out"))
     paper_jitter: bool = field(default=False, metadata=_help("the public code's colour jitter (0.5, 0.5, 0.5, hue 0.2) instead of a mild one (0.1, 0.1, 0.1, hue 0.02): the synthetic classes differ in colour, which hue shifts of up to 72 degrees hide from a network trained for a few epochs"))
     temperature: float = field(default=1.0, metadata=_help("soft-loss temperature (public code: 1.0)"))
@@ -77,6 +80,8 @@ class DemoConfig:
             raise ValueError(
                 f"labelled_slides={self.labelled_slides}: need more than val_slides + test_slides = {self.val_slides + self.test_slides}"
             )
+        if self.label_level not in ("region", "slide"):
+            raise ValueError(f"label_level={self.label_level!r}: allowed: region, slide")
         if not 0 <= self.min_purity <= 1:
             raise ValueError(f"min_purity={self.min_purity!r}: must be in [0, 1]")
         if self.slide_size < 512:
@@ -99,15 +104,17 @@ _SLIDE_FIELDS = {"lumen_fraction": 0.45, "tissue_fraction": 0.6, "region_size_um
 _MIN_AREA_UM2 = 5_000.0
 
 
-def _dominant_class(slide, region, scale: int = 8) -> tuple[int, float]:
-    """(class index, share of the tissue) of the ground-truth class covering most of a region."""
+def _class_counts(slide, region, scale: int = 8) -> np.ndarray:
+    """Ground-truth tissue pixels of each class in a region (at 1/``scale`` of level 0)."""
     size = (max(1, region.width // scale), max(1, region.height // scale))
     truth = slide.read_truth(region.x, region.y, region.width, region.height, kind="regions", size=size)
-    values = truth[truth > 0]
-    if values.size == 0:
-        return -1, 0.0
-    counts = np.bincount(values, minlength=len(slide.class_names) + 1)[1:]
-    return int(counts.argmax()), float(counts.max() / counts.sum())
+    return np.bincount(truth[truth > 0], minlength=len(slide.class_names) + 1)[1:]
+
+
+def _dominant(counts: np.ndarray) -> tuple[int, float]:
+    """(class index, share of the tissue) of the class covering most; (-1, 0) without tissue."""
+    total = counts.sum()
+    return (int(counts.argmax()), float(counts.max() / total)) if total else (-1, 0.0)
 
 
 def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
@@ -132,14 +139,18 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
     for group, slides in (("labelled", labelled), ("aux", aux)):
         for i, slide in enumerate(slides):
             split = split_of[i] if group == "labelled" else "aux"
-            for region in find_tissue_regions(slide.path, finder):
-                k, purity = _dominant_class(slide, region)
-                if k < 0 or (split != "aux" and purity < config.min_purity):
+            regions = [(region, _class_counts(slide, region)) for region in find_tissue_regions(slide.path, finder)]
+            # slide level: one label per slide, the class covering most of its regions' tissue
+            slide_k, _ = _dominant(sum((counts for _, counts in regions), np.zeros(len(slide.class_names), np.int64)))
+            for region, counts in regions:
+                k, purity = _dominant(counts)
+                if k < 0 or (split != "aux" and config.label_level == "region" and purity < config.min_purity):
                     continue
                 name = slide.class_names[k]
+                label = name if config.label_level == "region" else slide.class_names[slide_k]
                 rows.append({
                     "slide": str(Path(slide.path).relative_to(root)), "split": split,
-                    "label": name if split != "aux" else "",  # the auxiliary set is unlabelled (Sec. 4.2)
+                    "label": label if split != "aux" else "",  # the auxiliary set is unlabelled (Sec. 4.2)
                     "x": region.x, "y": region.y, "width": region.width, "height": region.height,
                     "reference_label": name, "purity": round(purity, 3),
                 })  # fmt: skip
