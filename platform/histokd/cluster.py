@@ -37,14 +37,16 @@ def init_ray(address: str | None = None, **kwargs) -> None:
 def quiet_train_reports() -> None:
     """Keep Ray Train's per-report log line off the console (call in a training worker).
 
-    Ray Train 2.60 logs every ``ray.train.report`` at INFO, metrics and checkpoint path in full,
-    through a logger named by its source file, which ``RunConfig(logging_config=...)`` does
-    not reach. The jobs print their own line per epoch instead.
+    Ray Train 2.60 logs every ``ray.train.report`` at INFO, metrics and checkpoint path in full:
+    in worker groups through a logger named by its source file, which
+    ``RunConfig(logging_config=...)`` does not reach, and in local mode (``num_workers=0``)
+    through ``train_fn_utils``. The jobs print their own line per epoch instead.
     """
     import logging
 
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, train_fn_utils
     except ImportError:  # another Ray layout: leave its logging alone
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
