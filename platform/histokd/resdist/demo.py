@@ -9,7 +9,8 @@ What it does, in the paper's order (DiPalma Sec. 3.1, 4.5):
    spans several classes (labelled regions whose dominant class covers less than 75% of the
    tissue are left out). With ``--label-level slide`` every region of a slide carries the
    slide's label instead (the class covering most of its tissue), as the paper's slide-level
-   labels do, noisy where a region is of another class. Slides are split into training,
+   labels do, noisy where a region is of another class; the labelled slides are then drawn with
+   one dominant class each (70% of their class regions). Slides are split into training,
    validation and test slides; a second set of slides is the unlabelled auxiliary set.
 2. Trains the teacher at 10x (cross-entropy, Adam 1e-3).
 3. At each student magnification (default 5x, 2.5x, 1.25x and 0.625x): a baseline from
@@ -61,7 +62,7 @@ class DemoConfig:
     epochs: int = field(default=12, metadata=_help("baseline and distillation epochs (paper: 100)"))
     finetune_epochs: int = field(default=10, metadata=_help("last-layer fine-tuning epochs after KD (AD)"))
     accumulation_steps: int = field(default=2, metadata=_help("images per optimizer step (paper's public code: 32; with few images, fewer per step leaves more steps)"))
-    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: every region of a slide carries the slide's label, the class covering most of its tissue, as the paper's slide-level labels (noisy where a region is of another class)"))
+    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: every region of a slide carries the slide's label, the class covering most of its tissue, as the paper's slide-level labels (noisy where a region is of another class); the labelled slides are then drawn with one dominant class each (70%% of their class regions)"))
     min_purity: float = field(default=0.75, metadata=_help("labelled regions whose dominant class covers less of their tissue are left out"))
     paper_jitter: bool = field(default=False, metadata=_help("the public code's colour jitter (0.5, 0.5, 0.5, hue 0.2) instead of a mild one (0.1, 0.1, 0.1, hue 0.02): the synthetic classes differ in colour, which hue shifts of up to 72 degrees hide from a network trained for a few epochs"))
     temperature: float = field(default=1.0, metadata=_help("soft-loss temperature (public code: 1.0)"))
@@ -100,6 +101,8 @@ class DemoConfig:
 #: Synthetic slides whose tissue falls into pieces (lumens), so that a slide has several regions,
 #: and whose three class areas are large (about one third of a slide each), so most pieces are pure.
 _SLIDE_FIELDS = {"lumen_fraction": 0.45, "tissue_fraction": 0.6, "region_size_um": 2000.0}
+#: With slide-level labels: the share of class regions of a slide's dominant class.
+_DOMINANT_SHARE = 0.7
 #: Region search on the demo slides (1 mm wide): smaller regions than on real biopsies count.
 _MIN_AREA_UM2 = 5_000.0
 
@@ -124,11 +127,20 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
         The table's path and a summary (regions per split and class).
     """
     from histokd.resdist.regions import RegionFinder, find_tissue_regions
-    from histokd.synthetic import make_demo_slides
+    from histokd.synthetic import DEFAULT_CLASSES, make_demo_slides
 
     root = Path(config.demo_dir)
     size = {"width": config.slide_size, "height": config.slide_size}
-    labelled = make_demo_slides(root / "labelled", n=config.labelled_slides, seed=config.seed, **size, **_SLIDE_FIELDS)
+    if config.label_level == "region":
+        labelled = make_demo_slides(root / "labelled", n=config.labelled_slides, seed=config.seed, **size, **_SLIDE_FIELDS)
+    else:  # one dominant class per slide (in turn), so that a slide's label says something about its regions
+        n_classes = len(DEFAULT_CLASSES)
+        labelled = []
+        for k in range(n_classes):
+            weights = tuple(_DOMINANT_SHARE if j == k else (1 - _DOMINANT_SHARE) / (n_classes - 1) for j in range(n_classes))
+            count = len(range(k, config.labelled_slides, n_classes))
+            labelled += make_demo_slides(root / f"labelled-dominant-{k + 1}", n=count, seed=config.seed + 100 * (k + 1),
+                                         class_weights=weights, **size, **_SLIDE_FIELDS)  # fmt: skip
     aux = make_demo_slides(root / "aux", n=config.aux_slides, seed=config.seed + 1000, **size, **_SLIDE_FIELDS)
     order = np.random.default_rng(config.seed).permutation(len(labelled))
     split_of = {}

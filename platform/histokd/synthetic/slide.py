@@ -47,6 +47,9 @@ class SlideSpec:
         lumen_fraction: Fraction of the outline left white as lumens and fat.
         region_size_um: Typical diameter of one tissue-class region.
         classes: The tissue classes; region mask value k is ``classes[k - 1]``.
+        class_weights: Relative share of the class regions each class gets, one weight per
+            class; None (the default) deals them out evenly. Weights make a slide with a
+            dominant class, e.g. for slide-level labels.
         stain_jitter: Relative slide-to-slide variation of stain strength and hue.
         blur_um: Gaussian blur sigma of the optics, in micrometres.
         noise: Standard deviation of sensor noise, in 8-bit grey levels.
@@ -60,6 +63,7 @@ class SlideSpec:
     lumen_fraction: float = 0.03
     region_size_um: float = 500.0
     classes: tuple[TissueClass, ...] = field(default=DEFAULT_CLASSES)
+    class_weights: tuple[float, ...] | None = None
     stain_jitter: float = 0.08
     blur_um: float = 0.5
     noise: float = 2.0
@@ -93,6 +97,12 @@ class SlideSpec:
         _require(1 <= len(self.classes) <= 255, "classes", len(self.classes), "1 to 255 classes")
         names = [c.name for c in self.classes]
         _require(len(set(names)) == len(names), "classes", names, "distinct class names")
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))  # frozen
+            _require(
+                len(self.class_weights) == len(self.classes) and min(self.class_weights) >= 0 and sum(self.class_weights) > 0,
+                "class_weights", self.class_weights, f"{len(self.classes)} non-negative weights, not all 0, or None",
+            )  # fmt: skip
         _require(0 <= self.stain_jitter <= 0.5, "stain_jitter", self.stain_jitter, "in [0, 0.5]")
         _require(0 <= self.blur_um <= 5, "blur_um", self.blur_um, "in [0, 5]")
         _require(0 <= self.noise <= 50, "noise", self.noise, "in [0, 50]")
@@ -155,6 +165,7 @@ def synthesize_slide(
         tissue_fraction=spec.tissue_fraction,
         lumen_fraction=spec.lumen_fraction,
         region_size_um=spec.region_size_um,
+        class_weights=spec.class_weights,
     )
     # Background texture is smooth at the scale of a pixel, so it is drawn at half size.
     half = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)

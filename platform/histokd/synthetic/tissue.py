@@ -151,6 +151,7 @@ def draw_layout(
     tissue_fraction: float,
     lumen_fraction: float,
     region_size_um: float,
+    class_weights: tuple[float, ...] | None = None,
 ) -> TissueLayout:
     """Draw a tissue outline, lumens and class regions.
 
@@ -162,6 +163,7 @@ def draw_layout(
         tissue_fraction: Fraction of the slide inside the tissue outline.
         lumen_fraction: Fraction of the outline that is left white as lumens.
         region_size_um: Typical diameter of one class region.
+        class_weights: Relative share of the regions per class; None: dealt out evenly.
 
     Returns:
         The layout at level 0.
@@ -188,7 +190,7 @@ def draw_layout(
     tissue = resize_field(margin, shape) > 0
 
     region_id = _region_map(
-        rng, coarse, outline_coarse, step * mpp, n_classes, region_size_um, shape
+        rng, coarse, outline_coarse, step * mpp, n_classes, region_size_um, shape, class_weights
     )
     regions = np.where(tissue, region_id, 0).astype(np.uint8)
     return TissueLayout(tissue=tissue, regions=regions)
@@ -216,6 +218,7 @@ def _region_map(
     n_classes: int,
     region_size_um: float,
     shape: tuple[int, int],
+    class_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Class id (1..n_classes) per level-0 pixel from a warped Voronoi diagram of seeds."""
     size = region_size_um / coarse_mpp  # region diameter in coarse pixels
@@ -225,9 +228,13 @@ def _region_map(
     if candidates.size == 0:
         candidates = np.argwhere(np.ones(coarse, bool))
     seeds = _spread_points(rng, candidates.astype(np.float32), n_regions, 0.6 * size)
-    # Balanced class assignment: whole permutations first, so every class is present.
-    repeats = int(np.ceil(len(seeds) / n_classes))
-    classes = np.concatenate([rng.permutation(n_classes) for _ in range(repeats)])[: len(seeds)]
+    if class_weights is None:
+        # Balanced class assignment: whole permutations first, so every class is present.
+        repeats = int(np.ceil(len(seeds) / n_classes))
+        classes = np.concatenate([rng.permutation(n_classes) for _ in range(repeats)])[: len(seeds)]
+    else:
+        p = np.asarray(class_weights, np.float64)
+        classes = rng.choice(n_classes, size=len(seeds), p=p / p.sum())
 
     yy, xx = np.mgrid[0 : coarse[0], 0 : coarse[1]].astype(np.float32)
     yy += 0.35 * size * smooth_noise(rng, coarse, size)
