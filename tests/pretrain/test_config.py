@@ -74,3 +74,15 @@ def test_custom_resources_from_yaml_and_flags(tmp_path):
     assert c.teacher_resources == {"teacher_node": 1.0} and c.trainer_resources == {"trainer_node": 0.5}
     with pytest.raises(SystemExit, match="trainer_resources='nope': not JSON"):
         parse_config(PretrainConfig, ["--trainer-resources", "nope"])
+
+
+def test_training_worker_resources_share_a_gpu_with_a_teacher_actor():
+    from histokd.pretrain.job import _worker_resources
+
+    cpu = PretrainConfig(cpus_per_worker=2.0)
+    assert _worker_resources(cpu, use_gpu=False, gpus=0) == {"CPU": 2.0}
+    shared = PretrainConfig(teacher_gpus=0.25, trainer_resources={"trainer_node": 1})
+    resources = _worker_resources(shared, use_gpu=True, gpus=8)
+    assert resources == {"trainer_node": 1, "CPU": 1.0, "GPU": 0.75}  # with a 0.25 teacher actor: one GPU
+    whole = PretrainConfig(teacher_gpus=1.0)  # teachers and trainers on separate GPUs
+    assert _worker_resources(whole, use_gpu=True, gpus=8)["GPU"] == 1.0
