@@ -8,9 +8,9 @@ What it does, in the paper's order (DiPalma Sec. 3.1, 4.5):
    read from the slides' ground truth: a synthetic region-level label, impure where a region
    spans several classes (labelled regions whose dominant class covers less than 75% of the
    tissue are left out). With ``--label-level slide`` every region of a slide carries the
-   slide's label instead (the class covering most of its tissue), as the paper's slide-level
-   labels do, noisy where a region is of another class; the labelled slides are then drawn with
-   one dominant class each (70% of their class regions). Slides are split into training,
+   slide's label instead: the labelled slides are drawn with one dominant class each (70% of
+   their class regions) and that class is the label of all their regions, as the paper's
+   slide-level labels are, noisy where a region is of another class. Slides are split into training,
    validation and test slides; a second set of slides is the unlabelled auxiliary set.
 2. Trains the teacher at 10x (cross-entropy, Adam 1e-3).
 3. At each student magnification (default 5x, 2.5x, 1.25x and 0.625x): a baseline from
@@ -62,7 +62,7 @@ class DemoConfig:
     epochs: int = field(default=12, metadata=_help("baseline and distillation epochs (paper: 100)"))
     finetune_epochs: int = field(default=10, metadata=_help("last-layer fine-tuning epochs after KD (AD)"))
     accumulation_steps: int = field(default=2, metadata=_help("images per optimizer step (paper's public code: 32; with few images, fewer per step leaves more steps)"))
-    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: every region of a slide carries the slide's label, the class covering most of its tissue, as the paper's slide-level labels (noisy where a region is of another class); the labelled slides are then drawn with one dominant class each (70%% of their class regions)"))
+    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: the labelled slides are drawn with one dominant class each (70%% of their class regions) and every region of a slide carries that class as its label, as the paper's slide-level labels (noisy where a region is of another class)"))
     min_purity: float = field(default=0.75, metadata=_help("labelled regions whose dominant class covers less of their tissue are left out"))
     paper_jitter: bool = field(default=False, metadata=_help("the public code's colour jitter (0.5, 0.5, 0.5, hue 0.2) instead of a mild one (0.1, 0.1, 0.1, hue 0.02): the synthetic classes differ in colour, which hue shifts of up to 72 degrees hide from a network trained for a few epochs"))
     temperature: float = field(default=1.0, metadata=_help("soft-loss temperature (public code: 1.0)"))
@@ -135,12 +135,13 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
         labelled = make_demo_slides(root / "labelled", n=config.labelled_slides, seed=config.seed, **size, **_SLIDE_FIELDS)
     else:  # one dominant class per slide (in turn), so that a slide's label says something about its regions
         n_classes = len(DEFAULT_CLASSES)
-        labelled = []
+        labelled, drawn = [], []
         for k in range(n_classes):
             weights = tuple(_DOMINANT_SHARE if j == k else (1 - _DOMINANT_SHARE) / (n_classes - 1) for j in range(n_classes))
             count = len(range(k, config.labelled_slides, n_classes))
             labelled += make_demo_slides(root / f"labelled-dominant-{k + 1}", n=count, seed=config.seed + 100 * (k + 1),
                                          class_weights=weights, **size, **_SLIDE_FIELDS)  # fmt: skip
+            drawn += [k] * count
     aux = make_demo_slides(root / "aux", n=config.aux_slides, seed=config.seed + 1000, **size, **_SLIDE_FIELDS)
     order = np.random.default_rng(config.seed).permutation(len(labelled))
     split_of = {}
@@ -152,8 +153,8 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
         for i, slide in enumerate(slides):
             split = split_of[i] if group == "labelled" else "aux"
             regions = [(region, _class_counts(slide, region)) for region in find_tissue_regions(slide.path, finder)]
-            # slide level: one label per slide, the class covering most of its regions' tissue
-            slide_k, _ = _dominant(sum((counts for _, counts in regions), np.zeros(len(slide.class_names), np.int64)))
+            # slide level: one label per slide, the class it was drawn dominant in (its "diagnosis")
+            slide_k = drawn[i] if config.label_level == "slide" and group == "labelled" else -1
             for region, counts in regions:
                 k, purity = _dominant(counts)
                 if k < 0 or (split != "aux" and config.label_level == "region" and purity < config.min_purity):
