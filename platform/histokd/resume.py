@@ -13,7 +13,21 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["restore_checkpoint"]
+__all__ = ["inject_fault", "restore_checkpoint"]
+
+
+def inject_fault(config: dict[str, Any], epoch: int, rank: int, world: int, folder: str) -> None:
+    """Test aid (``fail_at_epoch``): the last worker raises once in that epoch of a run.
+
+    A ``.fault_injected`` marker in ``folder`` (shared by the workers and their restarts) makes
+    it happen once, so the restarted worker group goes on from the last checkpoint.
+    """
+    if config.get("fail_at_epoch") != epoch or rank != world - 1:
+        return
+    marker = os.path.join(folder, ".fault_injected")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"injected fault (fail_at_epoch={epoch}), worker rank {rank}")
 
 
 def restore_checkpoint(

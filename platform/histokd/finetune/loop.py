@@ -27,7 +27,7 @@ from torch import nn
 
 from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
-from histokd.resume import restore_checkpoint
+from histokd.resume import inject_fault, restore_checkpoint
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def train_fn_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
         ddp_model.train()
         loss_sum, seen = 0.0, 0
-        _maybe_fail(config, epoch, rank, world)
+        inject_fault(config, epoch, rank, world, config["split_dir"])
         for image, target, _ in train_loader:
             image, target = normalize(image.to(device)), target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["_bf16"]):
@@ -359,16 +359,6 @@ def train_fn_per_worker(config: dict) -> None:
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
         ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out))
-
-
-def _maybe_fail(config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
-    """Test aid (``fail_at_epoch``): the last worker raises once, at the start of that epoch."""
-    if config.get("fail_at_epoch") != epoch or rank != world - 1:
-        return
-    marker = os.path.join(config["split_dir"], ".fault_injected")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        raise RuntimeError(f"injected fault (fail_at_epoch={epoch}), worker rank {rank}")
 
 
 def _final_metrics(result: dict) -> dict[str, Any]:

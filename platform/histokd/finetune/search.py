@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from histokd.cli import config_to_dict, load_yaml, save_config
+from histokd.cli import check_ints, config_to_dict, load_yaml, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
@@ -79,10 +79,7 @@ class SearchConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_samples", "grace_period", "reduction_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        check_ints(self, ["num_samples", "grace_period", "reduction_factor"])
         if self.workers_per_split == 0:
             raise ValueError(
                 "workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial "

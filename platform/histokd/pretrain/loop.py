@@ -108,6 +108,7 @@ def train_fn_per_worker(config: dict) -> None:
     from histokd.metrics import BinaryConfusion, binary_confusion
     from histokd.models import SegmentationModel, load_backbone_file
     from histokd.pretrain.overlay import save_overlay
+    from histokd.resume import inject_fault
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -163,7 +164,6 @@ def train_fn_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     holdout_shard = ray.train.get_dataset_shard("holdout")
     run_dir = config["run_dir"]
-    fault_marker = os.path.join(run_dir, ".fault_injected")
     augment_rng = torch.Generator().manual_seed(config["seed"] + 7919 * start_epoch + rank)
     run_start = time.monotonic()
     for epoch in range(start_epoch, epochs + 1):
@@ -178,14 +178,8 @@ def train_fn_per_worker(config: dict) -> None:
             local_shuffle_seed=config["seed"] * 1000 + epoch,
         )
         for i, batch in enumerate(batches):
-            if (
-                config.get("fail_at_epoch") == epoch
-                and rank == world - 1
-                and i == 1
-                and not os.path.exists(fault_marker)
-            ):
-                open(fault_marker, "w").close()
-                raise RuntimeError(f"injected fault (fail_at_epoch={epoch}), worker rank {rank}")
+            if i == 1:  # mid-epoch, with data flowing
+                inject_fault(config, epoch, rank, world, run_dir)
             image, label = _to_tensors(batch, device, channels_last)
             image, label = _augment(image, label, augment_rng)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from histokd.cli import check_ints
 from histokd.cluster import init_ray
 
 __all__ = ["DemoConfig", "DemoResult", "make_demo_data", "run_demo"]
@@ -72,11 +73,8 @@ class DemoConfig:
     mlflow_tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"))
 
     def __post_init__(self) -> None:
-        for name in ("labelled_slides", "aux_slides", "val_slides", "test_slides", "slide_size", "teacher_epochs", "epochs",
-                     "finetune_epochs", "accumulation_steps", "n_resamples"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        check_ints(self, ["labelled_slides", "aux_slides", "val_slides", "test_slides", "slide_size", "teacher_epochs",
+                          "epochs", "finetune_epochs", "accumulation_steps", "n_resamples"])  # fmt: skip
         if self.labelled_slides < self.val_slides + self.test_slides + 1:
             raise ValueError(
                 f"labelled_slides={self.labelled_slides}: need more than val_slides + test_slides = {self.val_slides + self.test_slides}"
@@ -154,16 +152,15 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
             split = split_of[i] if group == "labelled" else "aux"
             regions = [(region, _class_counts(slide, region)) for region in find_tissue_regions(slide.path, finder)]
             # slide level: one label per slide, the class it was drawn dominant in (its "diagnosis")
-            slide_k = drawn[i] if config.label_level == "slide" and group == "labelled" else -1
+            slide_label = slide.class_names[drawn[i]] if config.label_level == "slide" and group == "labelled" else None
             for region, counts in regions:
                 k, purity = _dominant(counts)
                 if k < 0 or (split != "aux" and config.label_level == "region" and purity < config.min_purity):
                     continue
                 name = slide.class_names[k]
-                label = name if config.label_level == "region" else slide.class_names[slide_k]
                 rows.append({
                     "slide": str(Path(slide.path).relative_to(root)), "split": split,
-                    "label": label if split != "aux" else "",  # the auxiliary set is unlabelled (Sec. 4.2)
+                    "label": "" if split == "aux" else slide_label or name,  # the auxiliary set is unlabelled (Sec. 4.2)
                     "x": region.x, "y": region.y, "width": region.width, "height": region.height,
                     "reference_label": name, "purity": round(purity, 3),
                 })  # fmt: skip
