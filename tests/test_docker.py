@@ -1,24 +1,35 @@
 """docker/Dockerfile and .dockerignore, checked without a Docker engine.
 
-What runs here: hadolint (from the `test` extra) on the file and on a deliberately bad copy; the
-build context (every COPY source exists and survives .dockerignore; what must stay out does);
-pins equal pyproject.toml's; the CUDA of the base image, of the torch build and of TensorFlow's
-CUDA wheels agree; the image runs as a non-root user. Marked slow, with PyPI: the image's pip
-requirements resolve for its platform (Ubuntu 24.04, CPython 3.12, x86_64).
+The Dockerfile has two targets: ``node`` (the default: CUDA 13.0 torch, no TensorFlow) and
+``teacher-training`` (CUDA 12.6 torch plus TensorFlow with CUDA, the tf-gpu extra).
 
-What cannot run here: `docker build` itself, and the PyTorch index (download.pytorch.org), which
-is not reachable from CI; torch's pins are checked against PyPI's copy of the same version.
+What runs here: hadolint (from the `test` extra) on the file and on a deliberately bad copy; the
+targets and the build commands in the file's header; the build context (every COPY source exists
+and survives .dockerignore; what must stay out does); pins equal pyproject.toml's; per target, the
+CUDA of the base image, of the torch build and (teacher-training) of TensorFlow's CUDA wheels agree;
+the default target installs no TensorFlow; the StarDist weights step, run here on a local archive,
+leaves StarDist's own cache layout; the images run as a non-root user. Marked slow, with PyPI: each
+target's pip requirements resolve for its platform (Ubuntu 24.04, CPython 3.12, x86_64).
+
+What cannot run here: `docker build` itself, the PyTorch index (download.pytorch.org) and GitHub
+(the weights), which are not reachable from CI; torch's pins are checked against PyPI's copy of
+the same version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +46,15 @@ except ModuleNotFoundError:  # Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+
+DEFAULT_TARGET = "node"
+TRAINING_TARGET = "teacher-training"
+TARGETS = (DEFAULT_TARGET, TRAINING_TARGET)
+# The extras each target installs the package with.
+TARGET_EXTRAS = {DEFAULT_TARGET: set(), TRAINING_TARGET: {"tf-gpu"}}
+TENSORFLOW_PACKAGES = {"tensorflow", "tensorflow-cpu", "stardist", "csbdeep"}
+WEIGHTS_STAGE = "stardist-weights"
+SYSTEM_STAGES = ("system-cu130", "system-cu126")
 
 # What the base image's Ubuntu release provides: its Python and its glibc (for wheel tags).
 UBUNTU = {"ubuntu24.04": ("3.12", (2, 39)), "ubuntu22.04": ("3.10", (2, 35))}
@@ -63,22 +83,113 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return result
 
 
+def shell_commands(run: str) -> list[list[str]]:
+    """The simple commands of a shell line (split at ``&&``, ``||``, ``;``, ``|``), as words."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in {"&&", "||", ";", "|"}:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+@dataclass
+class Stage:
+    """One build stage: its name, what it starts FROM, and its instructions after FROM."""
+
+    name: str
+    parent: str
+    body: list[tuple[str, str]]
+
+
+class Dockerfile:
+    """A multi-stage Dockerfile: global ARGs and stages, in file order."""
+
+    def __init__(self, text: str):
+        self.global_args: dict[str, str] = {}
+        self.stages: dict[str, Stage] = {}
+        current: Stage | None = None
+        for keyword, rest in instructions(text):
+            if keyword == "FROM":
+                words = rest.split()
+                assert len(words) == 3 and words[1].upper() == "AS", (
+                    f"FROM {rest}: name every stage (FROM <image> AS <name>)"
+                )
+                current = Stage(words[2], words[0], [])
+                assert current.name not in self.stages, f"two stages named {current.name}"
+                self.stages[current.name] = current
+            elif current is None:
+                assert keyword == "ARG", f"{keyword} before the first FROM"
+                name, _, value = rest.partition("=")
+                self.global_args[name] = value
+            else:
+                current.body.append((keyword, rest))
+
+    @property
+    def default_target(self) -> str:
+        """The stage `docker build` builds without --target: the last one."""
+        return list(self.stages)[-1]
+
+    def chain(self, target: str) -> list[Stage]:
+        """The stages ``target`` is built on, the one FROM an image first."""
+        out = [self.stages[target]]
+        while out[0].parent in self.stages:
+            out.insert(0, self.stages[out[0].parent])
+        return out
+
+    def base_image(self, target: str) -> str:
+        return self.chain(target)[0].parent
+
+    def all(self, target: str, keyword: str) -> list[str]:
+        """Arguments of every ``keyword`` instruction the target's image is built with."""
+        return [rest for stage in self.chain(target) for kw, rest in stage.body if kw == keyword]
+
+    def args(self, target: str) -> dict[str, str]:
+        """The stage's own ARGs (ARGs do not pass to child stages); bare ones take the global."""
+        out = {}
+        for keyword, rest in self.stages[target].body:
+            if keyword == "ARG":
+                name, eq, value = rest.partition("=")
+                out[name] = value if eq else self.global_args[name]
+        return out
+
+    def runs(self, target: str) -> list[str]:
+        """The stage's own RUN commands, build args substituted."""
+        args = self.args(target)
+        return [
+            re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest)
+            for keyword, rest in self.stages[target].body
+            if keyword == "RUN"
+        ]
+
+    def pip_installs(self, target: str) -> list[tuple[list[str], list[str]]]:
+        """Each `pip install` of the stage: (its options, its requirements), args substituted."""
+        with_value = {"--index-url", "-i", "--extra-index-url", "--constraint", "-c"}
+        with_value |= {"--requirement", "-r", "--find-links", "-f", "--target", "-t"}
+        out = []
+        for run in self.runs(target):
+            for words in shell_commands(run):
+                if words[:2] != ["pip", "install"]:
+                    continue
+                options, requirements = [], []
+                words = iter(words[2:])
+                for word in words:
+                    if word.startswith("-"):
+                        options.append(word)
+                        if word in with_value:
+                            options.append(next(words))
+                    else:
+                        requirements.append(word)
+                out.append((options, requirements))
+        return out
+
+
 @pytest.fixture(scope="module")
-def dockerfile() -> list[tuple[str, str]]:
-    return instructions(DOCKERFILE.read_text())
-
-
-def build_args(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
-    args = {}
-    for keyword, rest in dockerfile:
-        if keyword == "ARG" and "=" in rest:
-            name, _, value = rest.partition("=")
-            args[name] = value
-    return args
-
-
-def base_image(dockerfile: list[tuple[str, str]]) -> str:
-    return next(rest.split()[0] for keyword, rest in dockerfile if keyword == "FROM")
+def dockerfile() -> Dockerfile:
+    return Dockerfile(DOCKERFILE.read_text())
 
 
 def pyproject() -> dict:
@@ -94,6 +205,46 @@ def exact_pin(requirements: list[str], name: str) -> str:
             assert spec.operator == "==", f"pyproject.toml: {line!r} is not an exact pin"
             return spec.version
     raise AssertionError(f"pyproject.toml has no requirement on {name}")
+
+
+def package_requirement(dockerfile: Dockerfile, target: str) -> str:
+    """The one local-package requirement (``.`` or ``.[extra]``) the target installs."""
+    local = [r for _, reqs in dockerfile.pip_installs(target) for r in reqs if r.startswith(".")]
+    assert len(local) == 1, f"{target}: expected one pip install of the package, got {local}"
+    return local[0]
+
+
+def package_extras(requirement: str) -> set[str]:
+    match = re.fullmatch(r"\.(?:\[([\w,\s-]*)\])?", requirement)
+    assert match, f"pip install {requirement!r}: expected '.' or '.[extra,...]'"
+    return {e.strip() for e in (match.group(1) or "").split(",") if e.strip()}
+
+
+def test_dockerfile_reader_follows_stages():
+    """The reader's rules on a small file, so the tests below mean something."""
+    text = "\n".join(
+        [
+            "ARG A=1",
+            "FROM img:1 AS one",
+            "ENV X=1",
+            "FROM one AS two",
+            "ARG A",
+            "ARG B=b",
+            'RUN pip install --index-url "https://x/${B}" "p==${A}" \\',
+            '    && pip install -c c.txt "." q',
+        ]
+    )
+    parsed = Dockerfile(text)
+    assert parsed.default_target == "two"
+    assert parsed.base_image("two") == "img:1"
+    assert parsed.all("two", "ENV") == ["X=1"]
+    assert parsed.args("two") == {"A": "1", "B": "b"}
+    assert parsed.args("one") == {}
+    assert parsed.pip_installs("two") == [
+        (["--index-url", "https://x/b"], ["p==1"]),
+        (["-c", "c.txt"], [".", "q"]),
+    ]
+    assert package_extras(".[tf-gpu]") == {"tf-gpu"} and package_extras(".") == set()
 
 
 # --- .dockerignore, with Docker's semantics ------------------------------------------------------
@@ -177,11 +328,46 @@ def test_hadolint_catches_a_bad_copy(tmp_path):
     assert "DL3002" in run.stdout  # last USER is root
 
 
-# --- base image, CUDA, user ----------------------------------------------------------------------
+# --- targets -------------------------------------------------------------------------------------
 
 
-def test_base_image_is_pinned_cuda(dockerfile):
-    image = base_image(dockerfile)
+def test_targets_and_the_documented_build_commands(dockerfile):
+    """Both targets exist, `node` is what a plain `docker build` makes, and the header says how."""
+    assert set(TARGETS) <= set(dockerfile.stages), list(dockerfile.stages)
+    assert dockerfile.default_target == DEFAULT_TARGET, (
+        f"the last stage ({dockerfile.default_target}) is what `docker build` without --target makes"
+    )
+    header = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    commands = [line for line in header if line.startswith("docker build ")]
+    version = pyproject()["project"]["version"]
+    documented = {}
+    for command in commands:
+        words = shlex.split(command)
+        assert words[-1] == "." and words[words.index("-f") + 1] == "docker/Dockerfile", command
+        target = words[words.index("--target") + 1]
+        assert target in TARGETS, f"{command}: no target {target}"
+        # The tag names the package version and the CUDA build the image carries.
+        tag = words[words.index("-t") + 1].rpartition(":")[2]
+        assert tag.startswith(f"{version}-{dockerfile.args(target)['TORCH_CUDA']}"), command
+        documented[target] = tag
+    assert set(documented) == set(TARGETS), f"the header documents {commands}"
+    assert len(set(documented.values())) == len(TARGETS), "two targets, one tag"
+
+
+def test_system_stages_agree(dockerfile):
+    """The two system stages differ only in their base image (one copy to review, not two)."""
+    cu130, cu126 = (dockerfile.stages[name] for name in SYSTEM_STAGES)
+    assert cu130.body == cu126.body
+    assert cu130.parent != cu126.parent
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_base_image_is_pinned_cuda(target, dockerfile):
+    image = dockerfile.base_image(target)
     match = re.fullmatch(
         r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-(base|runtime|cudnn-runtime)-(ubuntu\d+\.\d+)", image
     )
@@ -193,23 +379,64 @@ def test_base_image_is_pinned_cuda(dockerfile):
     )
 
 
-def test_cuda_of_base_torch_and_tensorflow_agree(dockerfile):
-    """One CUDA major version for torch and TensorFlow; the base image matches the torch build.
+def _cuda_build(dockerfile: Dockerfile, target: str) -> tuple[int, int]:
+    torch_cuda = dockerfile.args(target)["TORCH_CUDA"]
+    assert re.fullmatch(r"cu\d{3}", torch_cuda), (
+        f"{target}: TORCH_CUDA={torch_cuda!r}: expected cuXYZ, e.g. cu130"
+    )
+    return int(torch_cuda[2:-1]), int(torch_cuda[-1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_base_image_matches_the_torch_build(target, dockerfile):
+    """The base's NVIDIA_REQUIRE_CUDA then asks the host driver for what torch's CUDA needs."""
+    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.", dockerfile.base_image(target))
+    assert (int(base.group(1)), int(base.group(2))) == _cuda_build(dockerfile, target), (
+        f"{target}: FROM {dockerfile.base_image(target)} but torch is the "
+        f"{dockerfile.args(target)['TORCH_CUDA']} build"
+    )
+
+
+def test_default_target_is_cuda_13_without_tensorflow(dockerfile):
+    """torch's CUDA 13.0 build (Blackwell included); the package with no extra, so no TensorFlow."""
+    assert dockerfile.args(DEFAULT_TARGET)["TORCH_CUDA"] == "cu130"
+    requirement = package_requirement(dockerfile, DEFAULT_TARGET)
+    assert package_extras(requirement) == set(), (
+        f"the default image installs {requirement}: it carries no TensorFlow extra"
+    )
+    named = {
+        canonicalize_name(Requirement(r).name)
+        for _, reqs in dockerfile.pip_installs(DEFAULT_TARGET)
+        for r in reqs
+        if not r.startswith(".")
+    }
+    assert named == {"torch", "torchvision", "boto3"}, named
+    # Nor does the package itself pull TensorFlow in without an extra.
+    for line in pyproject()["project"]["dependencies"]:
+        assert canonicalize_name(Requirement(line).name) not in TENSORFLOW_PACKAGES, line
+    # And the build fails if one arrives anyway.
+    assert any(
+        "find_spec" in run and "'tensorflow'" in run for run in dockerfile.runs(DEFAULT_TARGET)
+    )
+
+
+def test_training_target_adds_tensorflow(dockerfile):
+    """teacher-training installs the tf-gpu extra (TensorFlow with CUDA, StarDist, CSBDeep)."""
+    requirement = package_requirement(dockerfile, TRAINING_TARGET)
+    assert package_extras(requirement) == TARGET_EXTRAS[TRAINING_TARGET], requirement
+    tf_gpu = pyproject()["project"]["optional-dependencies"]["tf-gpu"]
+    assert Requirement(next(r for r in tf_gpu if r.startswith("tensorflow"))).extras == {"and-cuda"}
+    assert {canonicalize_name(Requirement(r).name) for r in tf_gpu} >= {"stardist", "csbdeep"}
+
+
+def test_training_target_cuda_agrees_with_tensorflow(dockerfile):
+    """One CUDA major version for torch and TensorFlow in teacher-training.
 
     TensorFlow's `and-cuda` extra installs nvidia-*-cuXX wheels; torch's cuXX build installs the
     same packages. The cu12 and cu13 wheels of cuDNN and NCCL unpack to the same file names, so
     two majors in one image overwrite each other's libraries.
     """
-    args = build_args(dockerfile)
-    torch_cuda = args["TORCH_CUDA"]
-    assert re.fullmatch(r"cu\d{3}", torch_cuda), (
-        f"TORCH_CUDA={torch_cuda!r}: expected cuXYZ, e.g. cu126"
-    )
-    major, minor = int(torch_cuda[2:-1]), int(torch_cuda[-1])
-    base = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.", base_image(dockerfile))
-    assert (int(base.group(1)), int(base.group(2))) == (major, minor), (
-        f"FROM {base_image(dockerfile)} but torch is the {torch_cuda} build"
-    )
+    major, _ = _cuda_build(dockerfile, TRAINING_TARGET)
     try:
         tf = importlib.metadata.distribution("tensorflow-cpu")
     except importlib.metadata.PackageNotFoundError:
@@ -226,24 +453,32 @@ def test_cuda_of_base_torch_and_tensorflow_agree(dockerfile):
     assert cuda_wheels, "TensorFlow's and-cuda extra lists no nvidia-* wheels any more"
     majors = {int(re.search(r"-cu(\d+)$", r.name).group(1)) for r in cuda_wheels}
     assert majors == {major}, (
-        f"TensorFlow {tf_pin} installs CUDA {majors} wheels, torch is {torch_cuda}"
+        f"TensorFlow {tf_pin} installs CUDA {majors} wheels, teacher-training's torch is "
+        f"{dockerfile.args(TRAINING_TARGET)['TORCH_CUDA']}"
     )
 
 
-def test_runs_as_non_root(dockerfile):
-    users = [rest for keyword, rest in dockerfile if keyword == "USER"]
-    assert users, "no USER: the container would run as root"
+@pytest.mark.parametrize("target", TARGETS)
+def test_runs_as_non_root(target, dockerfile):
+    users = dockerfile.all(target, "USER")
+    assert users, f"{target}: no USER: the container would run as root"
     user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}, f"last USER is {users[-1]!r}"
-    env = " ".join(rest for keyword, rest in dockerfile if keyword == "ENV")
+    assert user not in {"root", "0"}, f"{target}: last USER is {users[-1]!r}"
+    env = " ".join(dockerfile.all(target, "ENV"))
     # The Ray launcher reads HOME from the image config (not /etc/passwd) to place its files.
     assert re.search(r"\bHOME=/home/\w+", env), "ENV HOME must name the user's home"
-    assert any(keyword == "CMD" for keyword, _ in dockerfile)
+    assert dockerfile.all(target, "CMD"), f"{target}: no CMD"
 
 
 def test_no_secrets(dockerfile):
-    names = [rest.split("=")[0] for keyword, rest in dockerfile if keyword == "ARG"] + re.findall(
-        r"(\w+)=", " ".join(rest for keyword, rest in dockerfile if keyword == "ENV")
+    all_instructions = [
+        (kw, rest) for stage in dockerfile.stages.values() for kw, rest in stage.body
+    ]
+    names = list(dockerfile.global_args) + [
+        rest.split("=")[0] for keyword, rest in all_instructions if keyword == "ARG"
+    ]
+    names += re.findall(
+        r"(\w+)=", " ".join(rest for keyword, rest in all_instructions if keyword == "ENV")
     )
     for name in names:
         assert not re.search(r"(?i)key|secret|token|password|credential", name), (
@@ -259,31 +494,154 @@ def test_no_secrets(dockerfile):
 
 def test_pins_match_pyproject(dockerfile):
     project = pyproject()["project"]
-    args = build_args(dockerfile)
-    assert args["TORCH_VERSION"] == exact_pin(project["dependencies"], "torch")
-    assert args["TORCHVISION_VERSION"] == exact_pin(project["dependencies"], "torchvision")
-    assert Requirement(
-        next(r for r in project["optional-dependencies"]["tf-gpu"] if r.startswith("tensorflow"))
-    ).extras == {"and-cuda"}
-    runs = " ".join(rest for keyword, rest in dockerfile if keyword == "RUN")
-    assert '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in runs
-    assert '"torchvision==${TORCHVISION_VERSION}+${TORCH_CUDA}"' in runs
-    assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in runs
-    assert '".[tf-gpu]"' in runs, (
-        "the image installs the package from the repository with the tf-gpu extra"
+    torch_pin = exact_pin(project["dependencies"], "torch")
+    torchvision_pin = exact_pin(project["dependencies"], "torchvision")
+    assert dockerfile.global_args["TORCH_VERSION"] == torch_pin
+    assert dockerfile.global_args["TORCHVISION_VERSION"] == torchvision_pin
+    for target in TARGETS:
+        args = dockerfile.args(target)
+        assert args["TORCH_VERSION"] == torch_pin, f"{target} overrides the torch pin"
+        assert args["TORCHVISION_VERSION"] == torchvision_pin, target
+        cuda = args["TORCH_CUDA"]
+        (torch_options, torch_reqs), (package_options, package_reqs) = dockerfile.pip_installs(
+            target
+        )
+        # 1. torch from the PyTorch index alone, its CUDA build named in the version.
+        assert torch_reqs == [
+            f"torch=={torch_pin}+{cuda}",
+            f"torchvision=={torchvision_pin}+{cuda}",
+        ]
+        assert torch_options == [
+            "--no-cache-dir", "--index-url", f"https://download.pytorch.org/whl/{cuda}",
+        ]  # fmt: skip
+        # 2. The package from PyPI, constrained to what step 1 installed.
+        assert package_options == ["--no-cache-dir", "--constraint", "/tmp/cuda-constraints.txt"]
+        assert f"boto3=={args['BOTO3_VERSION']}" in package_reqs
+        runs = " ".join(dockerfile.runs(target))
+        assert "pip freeze" in runs and "> /tmp/cuda-constraints.txt" in runs
+        assert "pip check" in runs, target
+
+
+# --- the teacher's weights -----------------------------------------------------------------------
+
+
+def _registered_stardist_model(name: str) -> tuple[str, str]:
+    """(url, sha256) the installed stardist registers for ``name``, read without importing it."""
+    spec = importlib.util.find_spec("stardist")
+    if spec is None:
+        pytest.skip("stardist not installed (the tf-cpu extra): cannot read its model registry")
+    source = (Path(spec.origin).parent / "models" / "__init__.py").read_text()
+    match = re.search(
+        rf"register_model\(\s*StarDist2D\s*,\s*'{name}'\s*,\s*'([^']+)'\s*,\s*'([0-9a-f]+)'", source
     )
-    assert "pip check" in runs
+    assert match, f"stardist/models/__init__.py registers no {name}"
+    return match.group(1), match.group(2)
+
+
+def test_weights_are_the_ones_stardist_registers(dockerfile):
+    url, digest = _registered_stardist_model("2D_versatile_he")
+    args = dockerfile.args(WEIGHTS_STAGE)
+    assert args["STARDIST_HE_URL"] == url
+    assert args["STARDIST_HE_SHA256"] == digest
+    assert len(digest) == 64, "the Dockerfile checks a SHA-256"
+    for target in TARGETS:
+        copies = [c for c in dockerfile.all(target, "COPY") if f"--from={WEIGHTS_STAGE}" in c]
+        assert copies == [
+            f"--from={WEIGHTS_STAGE} --chown=1000:1000 /home/ray/.keras /home/ray/.keras"
+        ]
+        assert "KERAS_HOME=/home/ray/.keras" in " ".join(dockerfile.all(target, "ENV"))
+
+
+def _python_code(run: str) -> str:
+    words = shlex.split(run)
+    assert words[:2] in (["python3", "-c"], ["python", "-c"]) and len(words) == 3, run[:80]
+    return words[2]
+
+
+def test_weights_step_leaves_stardists_cache_layout(dockerfile, tmp_path):
+    """The weights step, run here on a local archive, gives the folder StarDist's loader returns.
+
+    csbdeep's get_model_folder (what StarDist2D.from_pretrained calls) finds the archive by its
+    hash, downloads nothing (the archive's origin is gone by then) and returns the model folder the
+    step made; the default image's check then passes on it. Real weights need GitHub: the archive
+    holds the published config.json and thresholds.json and a stand-in weights file.
+    """
+    if importlib.util.find_spec("csbdeep") is None:
+        pytest.skip("csbdeep not installed (the tf-cpu extra): cannot run StarDist's cache lookup")
+    published = REPO.parent / "shared" / "testdata" / "stardist" / "2D_versatile_he"
+    if not published.is_dir():
+        pytest.skip(f"{published} missing: the shared test data holds the model's config files")
+    origin = tmp_path / "python_2D_versatile_he.zip"
+    with zipfile.ZipFile(origin, "w") as archive:
+        for name in ("config.json", "thresholds.json"):
+            archive.write(published / name, name)
+        archive.writestr("weights_best.h5", b"stand-in weights")
+    digest = hashlib.sha256(origin.read_bytes()).hexdigest()
+    keras_home = tmp_path / "keras"
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(keras_home),
+        "STARDIST_HE_URL": origin.as_uri(),
+        "STARDIST_HE_SHA256": digest,
+    }
+    (step,) = dockerfile.runs(WEIGHTS_STAGE)
+    run = subprocess.run(
+        [sys.executable, "-c", _python_code(step)], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    origin.unlink()  # a download attempt from here on fails
+    folder = keras_home / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he"
+    assert (folder / "weights_best.h5").is_file(), "the step itself makes the model folder"
+    assert (folder.parent / "2D_versatile_he.zip").is_file(), "Keras' cache keeps the archive"
+
+    lookup = (
+        "import sys; from csbdeep.models.pretrained import register_model, get_model_folder; "
+        "StarDist2D = type('StarDist2D', (), {}); "
+        "register_model(StarDist2D, '2D_versatile_he', sys.argv[1], sys.argv[2]); "
+        "print(get_model_folder(StarDist2D, '2D_versatile_he'))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", lookup, origin.as_uri(), digest],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert Path(run.stdout.strip().splitlines()[-1]) == folder
+    assert (folder / "weights_best.h5").read_bytes() == b"stand-in weights"
+    assert json.loads((folder / "config.json").read_text())["n_rays"] == 32
+
+    # The default image's last check (histokd, openslide, ray import; the weights are there).
+    check = dockerfile.runs(DEFAULT_TARGET)[-1]
+    run = subprocess.run(
+        [sys.executable, "-c", _python_code(check)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("histokd ")
+    (folder / "weights_best.h5").unlink()
+    run = subprocess.run(
+        [sys.executable, "-c", _python_code(check)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0, "the default image's check passes without the weights"
 
 
 # --- build context -------------------------------------------------------------------------------
 
 
-def copy_sources(dockerfile: list[tuple[str, str]]) -> list[str]:
+def copy_sources(dockerfile: Dockerfile) -> list[str]:
+    """Sources of every COPY from the build context (COPY --from copies from a stage)."""
     sources = []
-    for keyword, rest in dockerfile:
-        if keyword == "COPY":
-            words = [w for w in shlex.split(rest) if not w.startswith("--")]
-            sources += words[:-1]
+    for stage in dockerfile.stages.values():
+        for keyword, rest in stage.body:
+            if keyword == "COPY":
+                words = shlex.split(rest)
+                from_stage = [w.split("=", 1)[1] for w in words if w.startswith("--from=")]
+                if from_stage:
+                    assert from_stage[0] in dockerfile.stages, f"COPY {rest}: no such stage"
+                    continue
+                sources += [w for w in words if not w.startswith("--")][:-1]
     return sources
 
 
@@ -311,6 +669,9 @@ def test_copy_sources_exist_and_reach_the_context(dockerfile, ignore_patterns):
         assert not dockerignore_excludes(path, ignore_patterns), (
             f"{path}: .dockerignore leaves it out"
         )
+    for target in TARGETS:  # each target copies what it installs
+        own = {rest for keyword, rest in dockerfile.stages[target].body if keyword == "COPY"}
+        assert {"pyproject.toml README.md ./", "platform/ platform/", "jobs/ jobs/"} <= own, target
 
 
 @pytest.mark.parametrize(
@@ -419,9 +780,14 @@ def _pip(*args: str, timeout: int) -> subprocess.CompletedProcess:
     )
 
 
-def _platform_args(dockerfile) -> tuple[str, list[str]]:
-    ubuntu = base_image(dockerfile).rsplit("-", 1)[1]
-    python, (_, glibc_minor) = UBUNTU[ubuntu]
+def _platform(image: str) -> tuple[str, int]:
+    """The image's Python version and glibc minor version."""
+    python, (_, glibc_minor) = UBUNTU[image.rsplit("-", 1)[1]]
+    return python, glibc_minor
+
+
+def _platform_args(image: str) -> tuple[str, list[str]]:
+    python, glibc_minor = _platform(image)
     platforms = [f"manylinux_2_{m}_x86_64" for m in range(glibc_minor, 4, -1)]
     platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
     args = ["--only-binary", ":all:", "--python-version", python, "--implementation", "cp"]
@@ -445,22 +811,25 @@ def _uv() -> str | None:
     return None
 
 
-def _image_requirements(dockerfile) -> list[str]:
-    """What the Dockerfile's two pip lines ask for (torch's builds by their PyPI version)."""
-    args = build_args(dockerfile)
-    return [
-        f"torch=={args['TORCH_VERSION']}",
-        f"torchvision=={args['TORCHVISION_VERSION']}",
-        ".[tf-gpu]",
-        f"boto3=={args['BOTO3_VERSION']}",
-    ]
+def _image_requirements(dockerfile: Dockerfile, target: str) -> list[str]:
+    """What the target's pip lines ask for, torch's builds by their PyPI version (no +cuXYZ)."""
+    out = []
+    for _, requirements in dockerfile.pip_installs(target):
+        for line in requirements:
+            if line.startswith("."):
+                out.append(line)
+                continue
+            req = Requirement(line)
+            (spec,) = req.specifier
+            out.append(f"{req.name}=={Version(spec.version).public}")
+    return out
 
 
-def _resolve_with_uv(uv: str, dockerfile, tmp_path: Path) -> dict[str, str]:
+def _resolve_with_uv(uv: str, image: str, lines: list[str], tmp_path: Path) -> dict[str, str]:
     """Everything, torch and TensorFlow included, without downloading their wheels."""
-    python, (_, glibc_minor) = UBUNTU[base_image(dockerfile).rsplit("-", 1)[1]]
+    python, glibc_minor = _platform(image)
     requirements = tmp_path / "image.in"
-    requirements.write_text("\n".join(_image_requirements(dockerfile)) + "\n")
+    requirements.write_text("\n".join(lines) + "\n")
     run = subprocess.run(
         [
             uv, "pip", "compile", "--no-config", "--no-header", "--quiet", "--native-tls",
@@ -477,16 +846,16 @@ def _resolve_with_uv(uv: str, dockerfile, tmp_path: Path) -> dict[str, str]:
 
 
 def _resolve_with_pip(
-    dockerfile, requirements: list[str], tmp_path: Path
+    image: str, requirements: list[str], expect_replaced: set[str], tmp_path: Path
 ) -> tuple[dict[str, str], dict[str, str]]:
     """pip's dry run, with the heavy packages standing in as their requirement lists.
 
     pip without PEP 658 metadata on the index downloads every wheel it considers, so torch,
     TensorFlow and the CUDA wheels (several GB) are kept out; about 0.5 GB is still fetched.
     """
-    python, platform_args = _platform_args(dockerfile)
+    python, platform_args = _platform_args(image)
     light, replaced = _light_requirements(requirements, _target_environment(python))
-    assert set(replaced) >= HEAVY | {"timm", "ultralytics-thop"}, replaced
+    assert set(replaced) >= expect_replaced, replaced
     report = tmp_path / "report.json"
     run = _pip(
         "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
@@ -506,23 +875,34 @@ def _resolve_with_pip(
 
 
 @pytest.mark.slow
-def test_image_requirements_resolve(dockerfile, index_reachable, tmp_path):
-    """The image's pip lines resolve for its platform (Ubuntu 24.04: CPython 3.12, glibc 2.39).
+@pytest.mark.parametrize("target", TARGETS)
+def test_image_requirements_resolve(target, dockerfile, index_reachable, tmp_path):
+    """The target's pip lines resolve for its platform (Ubuntu 24.04: CPython 3.12, glibc 2.39).
 
-    With uv installed: a full resolution of `torch==.. torchvision==.. .[tf-gpu] boto3==..` from
+    With uv installed: a full resolution of `torch==.. torchvision==.. .[extras] boto3==..` from
     wheel metadata (about 15 s, under 0.1 GB). Without: `pip install --dry-run --report` for the
     image's Python and wheel tags, torch/torchvision/TensorFlow (and timm, ultralytics-thop, which
     need them) standing in as their own requirements (about 60 s, 0.5-0.8 GB); their own versions
-    are checked by test_heavy_pins_exist_for_the_image.
+    are checked by test_heavy_pins_exist_for_the_image. The default target resolves no TensorFlow.
     """
     project = pyproject()["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["tf-gpu"]
-    requirements += [f"boto3=={build_args(dockerfile)['BOTO3_VERSION']}"]
+    extras = package_extras(package_requirement(dockerfile, target))
+    requirements = list(project["dependencies"])
+    for extra in sorted(extras):
+        requirements += project["optional-dependencies"][extra]
+    requirements += [
+        line for line in _image_requirements(dockerfile, target) if not line.startswith(".")
+    ]
+    image = dockerfile.base_image(target)
     uv = _uv()
     if uv:
-        resolved, replaced = _resolve_with_uv(uv, dockerfile, tmp_path), {}
+        resolved = _resolve_with_uv(uv, image, _image_requirements(dockerfile, target), tmp_path)
+        replaced: dict[str, str] = {}
     else:
-        resolved, replaced = _resolve_with_pip(dockerfile, requirements, tmp_path)
+        expect = {"torch", "torchvision", "timm", "ultralytics-thop"}
+        if extras:
+            expect.add("tensorflow")
+        resolved, replaced = _resolve_with_pip(image, requirements, expect, tmp_path)
     for line in requirements:
         req = Requirement(line)
         name = canonicalize_name(req.name)
@@ -532,11 +912,23 @@ def test_image_requirements_resolve(dockerfile, index_reachable, tmp_path):
         assert req.specifier.contains(resolved[name], prereleases=True), (
             f"{line} resolved to {resolved[name]}"
         )
+    if not extras:
+        found = (set(resolved) | set(replaced)) & TENSORFLOW_PACKAGES
+        assert not found, f"the {target} image would install {sorted(found)}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["torch", "torchvision", "tensorflow", "timm", "ultralytics-thop"])
-def test_heavy_pins_exist_for_the_image(name, dockerfile, index_reachable):
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        (DEFAULT_TARGET, "torch"),
+        (DEFAULT_TARGET, "torchvision"),
+        (DEFAULT_TARGET, "timm"),
+        (DEFAULT_TARGET, "ultralytics-thop"),
+        (TRAINING_TARGET, "tensorflow"),
+    ],
+)
+def test_heavy_pins_exist_for_the_image(target, name, dockerfile, index_reachable):
     """The pinned versions the resolution test stands in for have wheels for the image's platform.
 
     torch and torchvision come from the PyTorch index in the image; PyPI carries the same versions
@@ -544,7 +936,7 @@ def test_heavy_pins_exist_for_the_image(name, dockerfile, index_reachable):
     """
     project = pyproject()["project"]
     pin = exact_pin(project["dependencies"] + project["optional-dependencies"]["tf-gpu"], name)
-    _, platform_args = _platform_args(dockerfile)
+    _, platform_args = _platform_args(dockerfile.base_image(target))
     run = _pip("index", "versions", name, *platform_args, timeout=120)
     assert run.returncode == 0, run.stderr[-1000:]
     available = re.search(r"Available versions: (.*)", run.stdout).group(1).split(", ")
