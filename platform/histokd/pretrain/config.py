@@ -41,7 +41,10 @@ class PretrainConfig(RunStorage):
     # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
     teacher: str = field(default="2D_versatile_he", metadata=_help("teacher: a StarDist name (RCKD: 2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"))
     alpha: float | None = field(default=0.5, metadata=_help("RCKD Eq. 2 threshold on the teacher's probability (paper: 0.5); 'auto': the teacher's own default. For StarDist 0.5 marks nucleus cores, not whole nuclei; 0.1-0.2 recovers whole nuclei (see README)"))
-    mask_mode: Literal["probability", "instances"] = field(default="probability", metadata=_help("pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons"))
+    mask_mode: Literal["probability", "instances"] = field(default="probability", metadata=_help("pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons (StarDist's NMS: needs --teacher-backend tensorflow)"))
+    teacher_backend: Literal["torch", "tensorflow"] = field(default="torch", metadata=_help("how a StarDist teacher runs: torch (its network in PyTorch, no TensorFlow needed) or tensorflow (StarDist itself: the tf-cpu/tf-gpu extra)"))
+    teacher_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help("torch teacher on CUDA: fp32, or bf16 autocast of its network (fp32 on CPU)"))
+    teacher_compile: bool = field(default=False, metadata=_help("torch teacher: torch.compile its network (worth it for long runs; compiling takes ~30 s)"))
     teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call"))
     teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU"))
     teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU)"))
@@ -90,6 +93,7 @@ class PretrainConfig(RunStorage):
             raise ValueError(f"alpha={self.alpha!r}: must be in (0, 1] (RCKD Eq. 2: 0.5)")
         if self.mask_mode not in ("probability", "instances"):
             raise ValueError(f"mask_mode={self.mask_mode!r}: allowed: probability, instances")
+        _check_teacher_backend(self.teacher_backend, self.mask_mode, self.teacher_precision)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
         if not 0 < self.holdout_fraction < 0.5:
@@ -114,6 +118,13 @@ class PretrainConfig(RunStorage):
             self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
         self.demo_dir = os.path.abspath(self.demo_dir)
 
+    def teacher_kwargs(self) -> dict:
+        """The teacher's settings for :func:`histokd.teachers.build_teacher`."""
+        kwargs = {"alpha": self.alpha, "mask_mode": self.mask_mode, "backend": self.teacher_backend}
+        if self.teacher_backend == "torch":
+            kwargs.update(precision=self.teacher_precision, compile=self.teacher_compile)
+        return kwargs
+
 
 def _check_resources(name: str, value: dict | str) -> dict[str, float]:
     """Custom Ray resources: a mapping (or its JSON text, from the command line) of resource
@@ -135,10 +146,30 @@ def _check_resources(name: str, value: dict | str) -> dict[str, float]:
     return {key: float(amount) for key, amount in value.items()}
 
 
+def _check_teacher_backend(backend: str, mask_mode: str, precision: str) -> None:
+    """The teacher backend exists here and can do what is asked of it."""
+    import importlib.util
+
+    if backend not in ("torch", "tensorflow"):
+        raise ValueError(f"teacher_backend={backend!r}: allowed: torch, tensorflow")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"teacher_precision={precision!r}: allowed: fp32, bf16")
+    if mask_mode == "instances" and backend != "tensorflow":
+        raise ValueError(
+            "mask_mode='instances' runs StarDist's NMS, which needs TensorFlow: give --teacher-backend tensorflow "
+            "(and install the tf-cpu or tf-gpu extra)"
+        )
+    if backend == "tensorflow" and not all(importlib.util.find_spec(m) for m in ("tensorflow", "stardist")):
+        raise ValueError(
+            "teacher_backend='tensorflow' needs TensorFlow and StarDist: pip install 'histokd[tf-cpu]' "
+            "(or 'histokd[tf-gpu]' on NVIDIA GPUs), or use --teacher-backend torch"
+        )
+
+
 def _check_teacher_spec(spec: str) -> None:
     """The teacher spec names something that exists, without loading TensorFlow."""
     from histokd.teachers.registry import available_teachers
-    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
 
     if spec in available_teachers() or spec in STARDIST_PRETRAINED:
         return

@@ -133,7 +133,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     num_workers = config.num_workers or (max(1, int(gpus)) if use_gpu else 1)
     stream_kwargs = dict(
         teacher=config.teacher,
-        teacher_kwargs={"alpha": config.alpha, "mask_mode": config.mask_mode},
+        teacher_kwargs=config.teacher_kwargs(),
         input_size=config.input_size,
         cache_dir=str(work_dir / "pseudo_labels"),
         batch_size=config.teacher_batch_size,

@@ -66,14 +66,14 @@ def teacher_fingerprint(spec: str, teacher_kwargs: Mapping | None = None) -> str
     one published file by hash.
     """
     from histokd.teachers.registry import DEMO_TEACHER_DIR
-    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
 
     kwargs = dict(teacher_kwargs or {})
     if spec == "stardist":  # one name for one model, however it was asked for
         spec = f"stardist:{kwargs.pop('name', STARDIST_PRETRAINED[0])}"
     elif spec in STARDIST_PRETRAINED:
         spec = f"stardist:{spec}"
-    for key in ("batch_size", "intra_op_threads"):  # speed, not labels
+    for key in ("batch_size", "intra_op_threads", "device", "compile"):  # speed, not labels
         kwargs.pop(key, None)
     folder = DEMO_TEACHER_DIR if spec == "demo" else Path(spec).expanduser()
     files = _folder_digest(folder) if folder.is_dir() else ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -31,6 +30,14 @@ from histokd.teachers.base import (
     ThresholdTeacher,
     check_images,
 )
+from histokd.teachers.stardist_models import (
+    DEFAULTS_FILE,
+    NORMALIZE_PERCENTILES,
+    STARDIST_PRETRAINED,
+    check_model_folder,
+    folder_defaults,
+    pretrained_folder,
+)
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -42,18 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# StarDist2D's registered pretrained models (stardist/models/__init__.py, 0.9.2). Listed here so a
-# name resolves without importing TensorFlow; loading checks StarDist's own registry.
-STARDIST_PRETRAINED = ("2D_versatile_he", "2D_versatile_fluo", "2D_paper_dsb2018", "2D_demo")
-
-# A teacher's own defaults (alpha, mask mode), written beside its weights by the training job.
-DEFAULTS_FILE = "histokd_teacher.json"
-
-# StarDist's H&E example normalises each image jointly over its three channels at the 1st and
-# 99.8th percentiles: normalize(img, 1, 99.8, axis=(0, 1, 2)).
-NORMALIZE_PERCENTILES = (1.0, 99.8)
-
 
 def configure_tensorflow(intra_op_threads: int | None = None):
     """Import TensorFlow for a teacher: quiet logs, GPU memory growth on, optional thread cap.
@@ -69,7 +64,15 @@ def configure_tensorflow(intra_op_threads: int | None = None):
         The ``tensorflow`` module.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    try:
+        import stardist  # noqa: F401 - the backend needs both
+        import tensorflow as tf
+    except ImportError as exc:
+        raise TeacherError(
+            f"the TensorFlow StarDist backend needs TensorFlow and StarDist ({exc.name} is not installed): "
+            "pip install 'histokd[tf-cpu]' (or 'histokd[tf-gpu]' on NVIDIA GPUs), or use the PyTorch "
+            "backend (--teacher-backend torch)"
+        ) from exc
 
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
@@ -298,27 +301,8 @@ class StarDistTeacher(ThresholdTeacher):
         Raises:
             TeacherError: Unknown name, or not cached and the download fails (offline).
         """
-        if name not in STARDIST_PRETRAINED:
-            raise TeacherError(
-                f"StarDist model name {name!r} is not registered; allowed: {', '.join(STARDIST_PRETRAINED)}, "
-                "or a path to a model folder"
-            )
         configure_tensorflow(intra_op_threads)
-        from csbdeep.models.pretrained import get_model_folder
-        from keras.src.backend.config import keras_home
-        from stardist.models import StarDist2D
-
-        cached = Path(keras_home()) / "models" / "StarDist2D" / name / f"{name}.zip"
-        try:
-            folder = get_model_folder(StarDist2D, name)
-        except Exception as exc:  # noqa: BLE001 - keras raises a bare Exception when offline
-            where = "is not cached" if not cached.exists() else "is cached but could not be used"
-            raise TeacherError(
-                f"StarDist model {name!r} {where} ({cached}) and could not be downloaded: {exc}. "
-                "Run once with internet access (KERAS_HOME decides the cache folder), or give a "
-                "model folder with config.json, thresholds.json and weights_best.h5, or use the "
-                "offline teachers 'demo' or 'deconvolution'."
-            ) from exc
+        folder = pretrained_folder(name)  # StarDist's own download and cache
         return cls.from_folder(folder, intra_op_threads=intra_op_threads, source=f"stardist:{name}", **kwargs)
 
     @classmethod
@@ -347,27 +331,8 @@ class StarDistTeacher(ThresholdTeacher):
         Raises:
             TeacherError: The folder or a needed file is missing or the config is invalid.
         """
-        folder = Path(folder).expanduser().resolve()
-        if not (folder / "config.json").is_file():
-            raise TeacherError(
-                f"{folder}: not a StarDist model folder (no config.json); expected config.json, "
-                "thresholds.json and weights_best.h5"
-            )
-        weights = sorted(folder.glob("*.h5")) + sorted(folder.glob("*.hdf5"))
-        if require_weights and not weights:
-            raise TeacherError(
-                f"{folder}: no network weights (weights_best.h5); a teacher with random weights "
-                "labels nothing useful (require_weights=False allows it for tests)"
-            )
-        for key in ("alpha", "mask_mode"):  # None: the teacher's own default
-            if key in kwargs and kwargs[key] is None:
-                del kwargs[key]
-        defaults_path = folder / DEFAULTS_FILE
-        if defaults_path.is_file():
-            defaults = json.loads(defaults_path.read_text())
-            for key in ("alpha", "mask_mode"):
-                if key in defaults:
-                    kwargs.setdefault(key, defaults[key])
+        folder = check_model_folder(folder, require_weights=require_weights)
+        kwargs = folder_defaults(folder, kwargs)
         configure_tensorflow(intra_op_threads)
         from stardist.models import StarDist2D
 

@@ -467,7 +467,7 @@ def _check_spec(spec: str, teacher_kwargs: dict[str, Any] | None = None) -> None
     """
     from histokd.teachers.base import TeacherSettings
     from histokd.teachers.registry import available_teachers, build_teacher
-    from histokd.teachers.stardist_teacher import STARDIST_PRETRAINED
+    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
 
     if not isinstance(spec, str):
         raise TeacherError(f"teacher={spec!r}: must be a string spec")
