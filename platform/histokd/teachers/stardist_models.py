@@ -139,7 +139,7 @@ def pretrained_folder(name: str) -> Path:
         _download(name, base)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise TeacherError(
-            f"StarDist model {name!r} is not cached ({base}) and could not be downloaded: {exc}. "
+            f"StarDist model {name!r} is not cached ({base / f'{name}.zip'}) and could not be downloaded: {exc}. "
             "Run once with internet access (KERAS_HOME decides the cache folder), or give a "
             "model folder with config.json, thresholds.json and weights_best.h5, or use the "
             "offline teachers 'demo' or 'deconvolution'."

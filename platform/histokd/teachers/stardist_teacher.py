@@ -303,7 +303,7 @@ class StarDistTeacher(ThresholdTeacher):
         """
         configure_tensorflow(intra_op_threads)
         folder = pretrained_folder(name)  # StarDist's own download and cache
-        return cls.from_folder(folder, intra_op_threads=intra_op_threads, source=f"stardist:{name}", **kwargs)
+        return cls.from_folder(folder, intra_op_threads=intra_op_threads, source=name, **kwargs)
 
     @classmethod
     def from_folder(

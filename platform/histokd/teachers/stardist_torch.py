@@ -253,7 +253,7 @@ class TorchStarDistTeacher(ThresholdTeacher):
         The cache is Keras': ``$KERAS_HOME/models/StarDist2D/<name>/`` (``~/.keras`` when
         ``KERAS_HOME`` is unset); the converted weights are kept beside the h5 file.
         """
-        return cls.from_folder(pretrained_folder(name), source=f"stardist:{name}", cache_converted=True, **kwargs)
+        return cls.from_folder(pretrained_folder(name), source=name, cache_converted=True, **kwargs)
 
     # -- inference on tensors ------------------------------------------------------------------
     def grid_probability_tensor(self, images: torch.Tensor) -> torch.Tensor:

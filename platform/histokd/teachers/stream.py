@@ -18,6 +18,16 @@ Pseudo labels are written through to a :class:`PseudoLabelCache`; on later epoch
 patches with a cached label skip the teacher. Ray Data restarts a dead actor and retries the
 batch it held (``max_restarts=-1``, ``max_task_retries=-1``), so every manifest patch comes out
 exactly once.
+
+With the teacher in the training workers instead (``teacher_placement="trainer"``),
+:func:`patch_dataset` streams read tasks only, into records::
+
+    {image: uint8 (S, S, 3), patch: uint8 (P, P, 3), slide, x, y, patch_id}
+
+(``patch`` only when P != S), and each worker's :class:`TrainerTeacher` labels the full-size
+patch on its device with the PyTorch StarDist teacher and resizes the label with
+:func:`resize_label_tensor`, which equals :func:`resize_label` pixel for pixel: both placements
+train on the same labels.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,17 +46,24 @@ from PIL import Image
 from histokd.teachers.base import TeacherError
 from histokd.teachers.cache import PseudoLabelCache, patch_key, teacher_fingerprint
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "REQUIRED_COLUMNS",
     "StreamResources",
     "TeacherActor",
+    "TrainerTeacher",
     "load_manifest_table",
+    "patch_dataset",
     "plan_resources",
     "pseudo_label_dataset",
     "read_cached_batch",
     "read_patch_batch",
+    "read_resized_batch",
     "resize_image",
     "resize_label",
+    "resize_label_tensor",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +89,31 @@ def resize_label(label: np.ndarray, size: int) -> np.ndarray:
         return label.astype(np.uint8, copy=False)
     share = Image.fromarray((label > 0).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
     return (np.asarray(share) >= 0.5).astype(np.uint8)
+
+
+def resize_label_tensor(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`resize_label` on the labels' device: {0, 1} (N, H, W) to uint8 (N, size, size).
+
+    PIL's computation, pass for pass: antialiased bilinear weights (``antialias=True`` is
+    PIL's filter) in float64 along the width, the result rounded to float32 as PIL's "F" mode
+    stores it, then along the height, then the threshold at one half. Rounding to float32
+    between the passes is what makes shares of exactly one half come out as PIL's; in float32
+    throughout, about 5 in 100,000 pixels differ at ratios such as 1000 -> 512.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    height, width = labels.shape[-2:]
+    if height == size and width == size:
+        return (labels > 0).to(torch.uint8)
+    share = (labels > 0).to(torch.float64)[:, None]
+    with torch.no_grad():
+        if width != size:
+            share = F.interpolate(share, size=(height, size), mode="bilinear", align_corners=False, antialias=True)
+            share = share.to(torch.float32).to(torch.float64)
+        if height != size:
+            share = F.interpolate(share, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return (share[:, 0].to(torch.float32) >= 0.5).to(torch.uint8)
 
 
 # -- reading patches (Ray Data tasks) ---------------------------------------------------------
@@ -113,15 +155,31 @@ def read_cached_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str
     return _record(batch, np.stack([resize_image(im, input_size) for im in images]), labels)
 
 
-def _record(batch: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "image": images,
-        "pseudo_label": labels,
-        "slide": np.asarray(batch["slide_path"]).astype(str),
-        "x": np.asarray(batch["x"], np.int64),
-        "y": np.asarray(batch["y"], np.int64),
-        "patch_id": np.asarray(batch["patch_id"]).astype(str),
-    }
+def read_resized_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.ndarray]:
+    """Records for a teacher in the training workers: the resized image and the full-size patch.
+
+    The image is resized here exactly as :class:`TeacherActor` resizes it; ``patch`` (what the
+    teacher labels) is left out when the patch is already at the input size.
+    """
+    patches = _read_images(batch)
+    images = np.stack([resize_image(patch, input_size) for patch in patches])
+    record = _record(batch, images)
+    if patches.shape[1:3] != images.shape[1:3]:
+        record["patch"] = patches
+    return record
+
+
+def _record(batch: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    record = {"image": images}
+    if labels is not None:
+        record["pseudo_label"] = labels
+    record.update(
+        slide=np.asarray(batch["slide_path"]).astype(str),
+        x=np.asarray(batch["x"], np.int64),
+        y=np.asarray(batch["y"], np.int64),
+        patch_id=np.asarray(batch["patch_id"]).astype(str),
+    )
+    return record
 
 
 # -- the teacher actor -----------------------------------------------------------------------
@@ -211,13 +269,77 @@ class TeacherActor:
         return _record(batch, small_images, small_labels)
 
 
+# -- the teacher in a training worker ------------------------------------------------------------
+class TrainerTeacher:
+    """The teacher inside a training worker (``teacher_placement="trainer"``).
+
+    Built on first use, on the worker's device; labels a batch of :func:`patch_dataset`
+    records there, in calls of ``batch_size`` patches: the full-size patch through
+    ``label_tensor`` (normalisation, network, grid upsampling, RCKD Eq. 2), then
+    :func:`resize_label_tensor` to the input size, as :class:`TeacherActor` does on the CPU.
+
+    Args:
+        teacher: Teacher spec for :func:`histokd.teachers.build_teacher`: a StarDist teacher.
+        teacher_kwargs: Its settings (``alpha``, ``backend="torch"``, ``precision``, ...).
+        input_size: Side of the labels returned.
+        batch_size: Patches per teacher call.
+        device: The worker's device.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        teacher_kwargs: dict[str, Any] | None,
+        input_size: int,
+        batch_size: int,
+        device: torch.device | str,
+    ):
+        self._spec = teacher
+        self._kwargs = {**(teacher_kwargs or {}), "device": device}
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self._teacher = None
+
+    @property
+    def teacher(self):
+        """The PyTorch teacher, built on first use.
+
+        Raises:
+            TeacherError: The spec does not give a teacher that labels tensors (a StarDist
+                teacher on the torch backend).
+        """
+        if self._teacher is None:
+            from histokd.teachers.registry import build_teacher
+
+            teacher = build_teacher(self._spec, **self._kwargs)
+            if not callable(getattr(teacher, "label_tensor", None)):
+                raise TeacherError(
+                    f"teacher {self._spec!r} ({type(teacher).__name__}) cannot label tensors on a device; "
+                    "teacher_placement='trainer' needs a StarDist teacher with backend='torch'"
+                )
+            self._teacher = teacher
+        return self._teacher
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """Pseudo labels of a batch of records, uint8 (N, S, S) on the device."""
+        import torch
+
+        patches = np.asarray(batch["patch"] if "patch" in batch else batch["image"])
+        teacher = self.teacher
+        labels = []
+        for start in range(0, len(patches), self.batch_size):
+            chunk = torch.from_numpy(patches[start : start + self.batch_size]).to(teacher.device, non_blocking=True)
+            labels.append(resize_label_tensor(teacher.label_tensor(chunk), self.input_size))
+        return torch.cat(labels)
+
+
 # -- resources --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamResources:
     """How the stream uses the cluster.
 
     Attributes:
-        num_actors: Teacher actors in the pool.
+        num_actors: Teacher actors in the pool (0: the teacher runs in the training workers).
         actor_cpus: CPUs each actor reserves (fractional).
         actor_gpus: GPU share of each actor (0 on a CPU cluster).
         read_cpus: CPUs each read task reserves (fractional).
@@ -236,19 +358,23 @@ def plan_resources(
     num_actors: int | None = None,
     num_gpus: float = 0.5,
     reserved_cpus: float = 0.0,
+    placement: Literal["actors", "trainer"] = "actors",
 ) -> StreamResources:
     """Size the actor pool and the CPU shares from the cluster's resources.
 
     Half the CPUs left after ``reserved_cpus`` go to the actors, half to one read task's
     worth of reading, each share at most one CPU. Every share is fractional, so the stream
     always fits beside the training workers: on 2 CPUs with one worker reserving 1, an actor
-    takes 0.5 and a read task 0.5.
+    takes 0.5 and a read task 0.5. With ``placement="trainer"`` the teacher runs in the
+    training workers: no actors and no GPU for the stream, and read tasks of the same size
+    share the CPUs left (two at a time on that 2-CPU machine).
 
     Args:
         cluster: ``ray.cluster_resources()``.
         num_actors: Pool size; None: one per GPU (by ``num_gpus`` share), one on a CPU cluster.
         num_gpus: GPU share per actor when the cluster has GPUs; ignored without GPUs.
         reserved_cpus: CPUs the caller keeps for itself (training workers).
+        placement: ``"actors"`` (a teacher actor pool) or ``"trainer"`` (none).
 
     Raises:
         TeacherError: No CPU is left for the stream, or the GPU settings are impossible.
@@ -261,6 +387,10 @@ def plan_resources(
             f"reserved_cpus={reserved_cpus:g} leaves no CPU of the cluster's {cpus:g} for the teacher stream; "
             "reserve fewer CPUs for training (e.g. cpus_per_worker) or add CPUs"
         )
+    if placement == "trainer":
+        return StreamResources(num_actors=0, actor_cpus=0.0, actor_gpus=0.0, read_cpus=round(min(1.0, free / 2), 3), intra_op_threads=0)
+    if placement != "actors":
+        raise TeacherError(f"placement={placement!r}: allowed: actors, trainer")
     actor_gpus = 0.0
     if gpus > 0 and num_gpus > 0:
         if not 0 < num_gpus <= 1:
@@ -458,6 +588,59 @@ def pseudo_label_dataset(
     if not parts:
         raise TeacherError("the manifest has no rows: nothing to label")
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def patch_dataset(
+    manifest,
+    input_size: int = 512,
+    batch_size: int = 8,
+    reserved_cpus: float = 0.0,
+):
+    """A Ray Dataset of the manifest's patches for a teacher in the training workers.
+
+    Read tasks only (no actor pool, no pseudo labels, no cache): each record holds the image
+    resized to ``input_size`` as the teacher actors resize it and, when the patch is larger
+    or smaller, the full-size ``patch`` that :class:`TrainerTeacher` labels. Each patch comes
+    out exactly once.
+
+    Args:
+        manifest: Manifest Parquet file or folder, Arrow table or DataFrame.
+        input_size: Side of the records' image (RCKD: 512).
+        batch_size: Patches per read task call.
+        reserved_cpus: CPUs to leave for the training workers.
+
+    Returns:
+        A lazy ``ray.data.Dataset`` of records {image, patch, slide, x, y, patch_id}.
+
+    Raises:
+        TeacherError: A bad manifest, settings or cluster size (before any work starts).
+    """
+    import ray
+
+    if not (isinstance(input_size, int) and input_size > 0):
+        raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
+    table = load_manifest_table(manifest)
+    if not table.num_rows:
+        raise TeacherError("the manifest has no rows: nothing to read")
+    from histokd.cluster import init_ray
+
+    init_ray()
+    plan = plan_resources(ray.cluster_resources(), reserved_cpus=reserved_cpus, placement="trainer")
+    side = int(table.column("patch_size")[0].as_py())
+    log.info(
+        "patch stream for a teacher in the training workers: %d patches of %d px (records carry them beside "
+        "the %d px image); read tasks of %.2g CPU", table.num_rows, side, input_size, plan.read_cpus,
+    )  # fmt: skip
+    return ray.data.from_arrow(_blocks(table, batch_size * 2)).map_batches(
+        read_resized_batch,
+        fn_kwargs={"input_size": input_size},
+        batch_size=batch_size,
+        num_cpus=plan.read_cpus,
+        memory=_read_memory(table, batch_size) + batch_size * input_size * input_size * 3,
+        batch_format="numpy",
+    )
 
 
 def _check_spec(spec: str, teacher_kwargs: dict[str, Any] | None = None) -> None:
