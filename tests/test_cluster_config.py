@@ -136,8 +136,8 @@ def test_docker_image_and_gpu_run_options(cluster):
     assert tag and tag != "latest" and "/" not in tag, (
         f"docker.image={docker['image']!r}: pin a tag"
     )
-    assert tag.endswith("-cu126"), (
-        "the tag names the CUDA build the image carries (docker/Dockerfile: TORCH_CUDA)"
+    assert tag.endswith("-cu130"), (
+        "the tag names the CUDA build of the default image (docker/Dockerfile, target node: TORCH_CUDA)"
     )
     assert docker["container_name"]
     assert "--gpus all" in docker["worker_run_options"], "GPU workers must see their GPUs"
