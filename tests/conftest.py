@@ -109,6 +109,34 @@ def tiny_pretrain_config(tmp_path, demo_slides_dir):
     return make
 
 
+TENSORFLOW_STACK = ("tensorflow", "keras", "stardist", "csbdeep")
+HEAVY_IMPORTS = (*TENSORFLOW_STACK, "ray", "openslide", "mlflow", "pyarrow", "pandas")
+
+
+@pytest.fixture
+def blocked_imports_env(tmp_path):
+    """Makes an environment whose Python processes (and the Ray workers they start) cannot import
+    the given top-level packages: a ``sitecustomize`` first on ``PYTHONPATH`` refuses them."""
+
+    def make(blocked: tuple[str, ...], base: dict | None = None) -> dict[str, str]:
+        site = tmp_path / f"blocked-{len(blocked)}-{abs(hash(blocked))}"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(
+            "import sys\n"
+            f"BLOCKED = {tuple(blocked)!r}\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in BLOCKED:\n"
+            "            raise ImportError(f'{name} is blocked by the test')\n"
+            "sys.meta_path.insert(0, Block())\n"
+        )
+        env = dict(os.environ if base is None else base)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return env
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that run `ray stop` go last: it ends every Ray process, the session's too."""
     items.sort(key=lambda item: item.get_closest_marker("ray_cli") is not None)

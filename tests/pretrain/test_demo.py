@@ -15,8 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_the_demo_runs_offline_and_the_student_learns(tmp_path, record_property):
+def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(tmp_path, record_property, blocked_imports_env):
+    """README command 1 installs no TensorFlow: the demo runs with the TensorFlow stack unimportable
+    (in the driver and in every Ray worker it starts)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+    env = blocked_imports_env(("tensorflow", "keras", "stardist", "csbdeep"), base=env)
     env.update(HF_HUB_OFFLINE="1", KERAS_HOME=str(tmp_path / "keras"))  # nothing may be downloaded
     started = time.monotonic()
     out = subprocess.run(

@@ -1,5 +1,6 @@
-"""The StarDist teacher: normalisation, grid upsampling, loading, and the published architecture
-(2D_versatile_he's config with random weights: its weights need internet)."""
+"""The StarDist teacher's TensorFlow backend (StarDist itself): normalisation, grid upsampling,
+loading, and the published architecture (2D_versatile_he's config with random weights: its
+weights need internet). The PyTorch backend is tested against it in test_stardist_torch.py."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_upsample_grid_by_hand():
 
 @pytest.fixture(scope="module")
 def random_versatile_he(versatile_he_folder):
-    return build_teacher(str(versatile_he_folder), require_weights=False, batch_size=2)
+    return build_teacher(str(versatile_he_folder), require_weights=False, batch_size=2, backend="tensorflow")
 
 
 def test_folder_without_weights_is_refused(versatile_he_folder):
@@ -113,6 +114,7 @@ def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # where histokd looks, as Keras does at import
     monkeypatch.setattr(file_utils, "urlretrieve", offline)
     with pytest.raises(TeacherError) as err:
         build_teacher("stardist:2D_versatile_he")

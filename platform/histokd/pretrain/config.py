@@ -41,14 +41,24 @@ class PretrainConfig(RunStorage):
     # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
     teacher: str = field(default="2D_versatile_he", metadata=_help("teacher: a StarDist name (RCKD: 2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"))
     alpha: float | None = field(default=0.5, metadata=_help("RCKD Eq. 2 threshold on the teacher's probability (paper: 0.5); 'auto': the teacher's own default. For StarDist 0.5 marks nucleus cores, not whole nuclei; 0.1-0.2 recovers whole nuclei (see README)"))
-    mask_mode: Literal["probability", "instances"] = field(default="probability", metadata=_help("pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons (StarDist's NMS: needs --teacher-backend tensorflow)"))
+    mask_mode: Literal["probability", "instances"] = field(default="probability", metadata=_help("pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons (StarDist's NMS: runs in TensorFlow, the tf-cpu/tf-gpu extra)"))
     teacher_backend: Literal["torch", "tensorflow"] = field(default="torch", metadata=_help("how a StarDist teacher runs: torch (its network in PyTorch, no TensorFlow needed) or tensorflow (StarDist itself: the tf-cpu/tf-gpu extra)"))
     teacher_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_help("torch teacher on CUDA: fp32, or bf16 autocast of its network (fp32 on CPU)"))
     teacher_compile: bool = field(default=False, metadata=_help("torch teacher: torch.compile its network (worth it for long runs; compiling takes ~30 s)"))
-    teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call"))
-    teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU"))
-    teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU)"))
-    teacher_resources: dict[str, float] = field(default_factory=dict, metadata=_help("custom Ray resources each teacher actor asks for, e.g. {\"teacher_node\": 1} to place the actors on nodes started with that resource; JSON on the command line"))
+    teacher_placement: Literal["actors", "trainer"] = field(default="actors", metadata=_help(
+        "where the teacher runs. actors: a Ray Data pool of teacher actors (--teacher-actors, each with "
+        "--teacher-gpus of a GPU) labels the stream, and labels are cached in the run folder, so the teacher "
+        "runs once per patch. trainer: each training worker runs the teacher on its own device (cuda with "
+        "GPUs, else cpu) on every batch before its step; the stream carries the full-size patch beside the "
+        "resized image (about 1.25x the bytes of the patch alone), the worker labels the full patch and "
+        "resizes the label exactly as the actors do (labels equal pixel for pixel, hold-out included), no "
+        "actor pool is started, each worker takes a whole GPU, and the pseudo-label cache is not used (the "
+        "teacher labels every patch every epoch). trainer needs a StarDist teacher on --teacher-backend torch"
+    ))  # fmt: skip
+    teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call (in a teacher actor, or in a training worker with --teacher-placement trainer)"))
+    teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU (--teacher-placement actors only)"))
+    teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU); ignored with --teacher-placement trainer"))
+    teacher_resources: dict[str, float] = field(default_factory=dict, metadata=_help("custom Ray resources each teacher actor asks for, e.g. {\"teacher_node\": 1} to place the actors on nodes started with that resource; JSON on the command line (--teacher-placement actors only)"))
     # --- student (RCKD Sec. 2.2.1, 2.3) -------------------------------------------------------
     backbone: str = field(default="csat", metadata=_help("student backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"))
     input_size: int = field(default=512, metadata=_help("patches are resized (bilinear) to this side for the student (RCKD: 512)"))
@@ -112,6 +122,7 @@ class PretrainConfig(RunStorage):
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone={self.backbone!r}: unknown; allowed: {', '.join(BACKBONES)}")
         _check_teacher_spec(self.teacher)
+        _check_teacher_placement(self)
         if self.init is not None and not os.path.isfile(self.init):
             raise ValueError(f"init={self.init!r}: no such backbone file")
         if "://" not in self.storage_path:
@@ -154,16 +165,41 @@ def _check_teacher_backend(backend: str, mask_mode: str, precision: str) -> None
         raise ValueError(f"teacher_backend={backend!r}: allowed: torch, tensorflow")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"teacher_precision={precision!r}: allowed: fp32, bf16")
-    if mask_mode == "instances" and backend != "tensorflow":
+    asked = "mask_mode='instances' (StarDist's NMS)" if mask_mode == "instances" else "teacher_backend='tensorflow'"
+    if (backend == "tensorflow" or mask_mode == "instances") and not all(
+        importlib.util.find_spec(m) for m in ("tensorflow", "stardist")
+    ):
         raise ValueError(
-            "mask_mode='instances' runs StarDist's NMS, which needs TensorFlow: give --teacher-backend tensorflow "
-            "(and install the tf-cpu or tf-gpu extra)"
+            f"{asked} needs TensorFlow and StarDist: pip install 'histokd[tf-cpu]' "
+            "(or 'histokd[tf-gpu]' on NVIDIA GPUs)"
+            + ("" if mask_mode == "instances" else ", or use --teacher-backend torch")
         )
-    if backend == "tensorflow" and not all(importlib.util.find_spec(m) for m in ("tensorflow", "stardist")):
+
+
+def _check_teacher_placement(config: PretrainConfig) -> None:
+    """``trainer`` placement runs a StarDist network in PyTorch on the worker's device; the
+    actor pool's own settings mean nothing there, so setting them is a mistake."""
+    placement = config.teacher_placement
+    if placement not in ("actors", "trainer"):
+        raise ValueError(f"teacher_placement={placement!r}: allowed: actors, trainer")
+    if placement == "actors":
+        return
+    if config.teacher_backend != "torch":
         raise ValueError(
-            "teacher_backend='tensorflow' needs TensorFlow and StarDist: pip install 'histokd[tf-cpu]' "
-            "(or 'histokd[tf-gpu]' on NVIDIA GPUs), or use --teacher-backend torch"
+            f"teacher_placement='trainer' runs the teacher's network in the training worker's PyTorch; "
+            f"teacher_backend={config.teacher_backend!r} cannot: give --teacher-backend torch, or --teacher-placement actors"
         )
+    if config.teacher == "deconvolution":
+        raise ValueError(
+            "teacher_placement='trainer' needs a StarDist teacher (it runs its network on the worker's device); "
+            "teacher='deconvolution' has none: use --teacher-placement actors"
+        )
+    for name, unset in (("teacher_actors", None), ("teacher_resources", {})):
+        if getattr(config, name) != unset:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r}: a setting of the teacher actor pool, which "
+                "teacher_placement='trainer' does not start; leave it unset or use --teacher-placement actors"
+            )
 
 
 def _check_teacher_spec(spec: str) -> None:

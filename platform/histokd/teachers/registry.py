@@ -42,23 +42,27 @@ _TORCH_ONLY = {"device": (None, "auto", "cpu"), "precision": ("fp32",), "compile
 def stardist_class(backend: str = "torch", **kwargs) -> tuple[type, dict]:
     """The StarDist teacher class of a backend, and ``kwargs`` fit for it.
 
+    ``mask_mode="instances"`` (StarDist's NMS) always takes the TensorFlow backend.
+
     Raises:
         TeacherError: Unknown backend, or a PyTorch-only setting asked of TensorFlow.
     """
+    if backend not in BACKENDS:
+        raise TeacherError(f"backend={backend!r}: allowed: {', '.join(BACKENDS)}")
+    if kwargs.get("mask_mode") == "instances":
+        backend = "tensorflow"  # StarDist's NMS: only StarDist itself has it (the tf-cpu/tf-gpu extra)
     if backend == "torch":
         from histokd.teachers.stardist_torch import TorchStarDistTeacher
 
         return TorchStarDistTeacher, kwargs
-    if backend == "tensorflow":
-        for key, allowed in _TORCH_ONLY.items():
-            if key in kwargs:
-                if kwargs[key] not in allowed:
-                    raise TeacherError(f"{key}={kwargs[key]!r} is a setting of the torch backend; backend='tensorflow' allows {allowed}")
-                kwargs = {k: v for k, v in kwargs.items() if k != key}
-        from histokd.teachers.stardist_teacher import StarDistTeacher
+    for key, allowed in _TORCH_ONLY.items():
+        if key in kwargs:
+            if kwargs[key] not in allowed:
+                raise TeacherError(f"{key}={kwargs[key]!r} is a setting of the torch backend; backend='tensorflow' allows {allowed}")
+            kwargs = {k: v for k, v in kwargs.items() if k != key}
+    from histokd.teachers.stardist_teacher import StarDistTeacher
 
-        return StarDistTeacher, kwargs
-    raise TeacherError(f"backend={backend!r}: allowed: {', '.join(BACKENDS)}")
+    return StarDistTeacher, kwargs
 
 
 def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[..., Teacher]]:

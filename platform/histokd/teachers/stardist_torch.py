@@ -175,10 +175,11 @@ class TorchStarDistTeacher(ThresholdTeacher):
         intra_op_threads: int | None = None,
     ):
         super().__init__(alpha=alpha, mask_mode=mask_mode)
+        self.source = str(source)
         if self.mask_mode == "instances":
             raise TeacherError(
-                "mask_mode='instances' runs StarDist's NMS, which needs TensorFlow: install histokd's "
-                "'tf-cpu' (or 'tf-gpu') extra and use backend='tensorflow' (--teacher-backend tensorflow)"
+                "mask_mode='instances' runs StarDist's NMS, which needs TensorFlow: build the teacher with "
+                "build_teacher(), which runs it with backend='tensorflow' (histokd's 'tf-cpu' or 'tf-gpu' extra)"
             )
         if not (isinstance(batch_size, int) and batch_size > 0):
             raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
@@ -190,7 +191,6 @@ class TorchStarDistTeacher(ThresholdTeacher):
             )
         if intra_op_threads is not None:
             torch.set_num_threads(max(1, int(intra_op_threads)))
-        self.source = str(source)
         self.batch_size = batch_size
         self.device = _resolve_device(device)
         self.precision = precision
@@ -281,7 +281,8 @@ class TorchStarDistTeacher(ThresholdTeacher):
         images = check_images(images, self.name)
         parts = []
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(images[start : start + self.batch_size]).to(self.device, non_blocking=True)
+            chunk = np.require(images[start : start + self.batch_size], requirements="W")  # torch needs writable
+            x = torch.from_numpy(chunk).to(self.device, non_blocking=True)
             parts.append(fn(x).cpu().numpy())
         return np.concatenate(parts)
 
