@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from histokd.teachers import TeacherError, build_teacher
-from histokd.teachers.stardist_teacher import percentile_normalize, upsample_grid
+from histokd.teachers.stardist_base import percentile_normalize, upsample_grid
 
 
 def test_percentile_normalize_equals_csbdeep():

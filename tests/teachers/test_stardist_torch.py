@@ -22,14 +22,15 @@ import pytest
 import torch
 
 from histokd.teachers import DEMO_TEACHER_DIR, TeacherError, build_teacher
-from histokd.teachers.stardist_net import StarDistNet, StarDistNetConfig, load_keras_weights
-from histokd.teachers.stardist_teacher import percentile_normalize, upsample_grid
-from histokd.teachers.stardist_torch import (
-    TorchStarDistTeacher,
+from histokd.teachers.stardist_base import (
     grid_upsample,
     normalize_percentiles,
+    percentile_normalize,
     reflect_pad,
+    upsample_grid,
 )
+from histokd.teachers.stardist_net import StarDistNet, StarDistNetConfig, load_keras_weights
+from histokd.teachers.stardist_torch import TorchStarDistTeacher
 
 pytest.importorskip("stardist", reason="parity needs StarDist itself (the tf-cpu extra)")
 
@@ -324,3 +325,72 @@ def test_torch_teacher_runs_where_tensorflow_ray_openslide_mlflow_cannot_import(
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK"), out.stdout
+
+
+# -- the teacher as it was trained: normalisation and scale (issue 15) ----------------------------
+def test_per_channel_normalisation_equals_csbdeep():
+    from csbdeep.utils import normalize
+
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, (2, 31, 45, 3), dtype=np.uint8)
+    images[0, ..., 2] //= 3  # a weak blue channel: per channel differs from joint
+    theirs = np.stack([normalize(im, 2, 98, axis=(0, 1)) for im in images])
+    np.testing.assert_allclose(percentile_normalize(images, 2, 98, per_channel=True), theirs, rtol=1e-6, atol=1e-6)
+    ours = normalize_percentiles(torch.from_numpy(images), 2, 98, per_channel=True).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_resamples_to_the_teacher_and_back(real_tiles):
+    """20x patches and a 40x teacher: labelled at 2x, the probability brought back to 20x."""
+    from histokd.teachers.stardist_base import resample_images, resample_probability
+
+    images = crops(real_tiles, (96, 80), n=2, seed=3)
+    same = build_teacher("demo", device="cpu")
+    scaled = build_teacher("demo", device="cpu", teacher_mpp=0.25, patch_mpp=0.5)
+    assert scaled.scale == 2.0 and same.scale == 1.0 and scaled.name == "stardist:demo[alpha=0.1,x2]"
+    prob = scaled.probability(images)
+    assert prob.shape == (2, 96, 80)
+    x2 = resample_images(torch.from_numpy(images), (192, 160))
+    by_hand = resample_probability(torch.from_numpy(same.probability(x2.numpy())), (96, 80)).numpy()
+    np.testing.assert_allclose(prob, by_hand, atol=1e-6)
+    assert np.abs(prob - same.probability(images)).max() > 0.05  # the scale changes the answer
+    labels = scaled.pseudo_label(images)
+    np.testing.assert_array_equal(labels, (prob >= 0.1).astype(np.uint8))
+    assert build_teacher("demo", teacher_mpp=0.5, patch_mpp=0.505).scale == 1.0  # within 2 %: no resampling
+
+
+def test_both_backends_agree_with_scale_and_per_channel(real_tiles):
+    settings = dict(teacher_mpp=0.5, patch_mpp=0.25, normalization="per_channel", percentiles=(2, 99))
+    images = crops(real_tiles, (128, 100), n=2, seed=4)
+    tf_teacher = build_teacher("demo", backend="tensorflow", **settings)
+    torch_teacher = build_teacher("demo", device="cpu", **settings)
+    assert torch_teacher.scale == tf_teacher.scale == 0.5
+    assert_parity(tf_teacher, torch_teacher, images)
+    instances = tf_teacher.instance_labels(images)
+    assert instances.shape == images.shape[:3] and instances.max() > 0
+
+
+def test_settings_come_from_the_folder_and_yield_to_arguments(tmp_path):
+    folder = tmp_path / "teacher"
+    shutil.copytree(DEMO_TEACHER_DIR, folder)
+    stored = json.loads((folder / "histokd_teacher.json").read_text())
+    stored.update(normalization="per_channel", percentiles=[3, 97], teacher_mpp=0.25)
+    (folder / "histokd_teacher.json").write_text(json.dumps(stored))
+    teacher = build_teacher(str(folder), device="cpu", patch_mpp=0.5)
+    assert (teacher.normalization, teacher.percentiles, teacher.teacher_mpp, teacher.scale) == ("per_channel", (3.0, 97.0), 0.25, 2.0)
+    teacher = build_teacher(str(folder), device="cpu", normalization="joint", teacher_mpp=None, patch_mpp=0.5)
+    assert teacher.normalization == "joint" and teacher.teacher_mpp == 0.25  # None: the folder's own
+    for bad, match in [({"normalization": "rgb"}, "allowed: joint, per_channel"), ({"percentiles": [99, 1]}, "low < high"),
+                       ({"teacher_mpp": -1}, "teacher_mpp=-1: must be a pixel size")]:  # fmt: skip
+        with pytest.raises(TeacherError, match=match):
+            build_teacher(str(folder), **bad)
+
+
+def test_versatile_he_runs_at_40x_as_trained(tmp_path, monkeypatch):
+    """2D_versatile_he's documented training scale and normalisation apply without a settings file."""
+    folder = tmp_path / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he"
+    shutil.copytree(DEMO_TEACHER_DIR, folder)
+    (folder / "histokd_teacher.json").unlink()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    teacher = build_teacher("2D_versatile_he", device="cpu", patch_mpp=0.5)
+    assert (teacher.teacher_mpp, teacher.normalization, teacher.percentiles, teacher.scale) == (0.25, "joint", (1.0, 99.8), 2.0)

@@ -26,7 +26,9 @@ from histokd.teachers.base import TeacherError
 
 __all__ = [
     "DEFAULTS_FILE",
+    "NORMALIZATIONS",
     "NORMALIZE_PERCENTILES",
+    "PRETRAINED_SETTINGS",
     "STARDIST_PRETRAINED",
     "check_model_folder",
     "folder_defaults",
@@ -49,10 +51,20 @@ STARDIST_PRETRAINED = tuple(_PRETRAINED)
 # StarDist's H&E example normalises each image jointly over its three channels at the 1st and
 # 99.8th percentiles: normalize(img, 1, 99.8, axis=(0, 1, 2)).
 NORMALIZE_PERCENTILES = (1.0, 99.8)
+NORMALIZATIONS = ("joint", "per_channel")
+
+# How the registered models were trained, where nobody stored it beside their weights. 2D_versatile_he:
+# "trained on images from the MoNuSeg 2018 training data and the TNBC dataset" (StarDist's README,
+# pretrained models), MoNuSeg's 1000x1000 TCGA crops at 40x (0.25 um/px; Kumar et al. 2020), and
+# normalised jointly at 1/99.8 as its example notebook does (examples/other2D/predict_he.ipynb:
+# normalize(img, 1, 99.8, axis=(0, 1, 2))).
+PRETRAINED_SETTINGS = {
+    "2D_versatile_he": {"teacher_mpp": 0.25, "normalization": "joint", "percentiles": [1.0, 99.8]},
+}
 
 # A teacher's own defaults (alpha, mask mode), written beside its weights by the training job.
 DEFAULTS_FILE = "histokd_teacher.json"
-_DEFAULT_KEYS = ("alpha", "mask_mode")
+_DEFAULT_KEYS = ("alpha", "mask_mode", "normalization", "percentiles", "teacher_mpp")
 
 
 def check_model_folder(folder: str | os.PathLike, require_weights: bool = True) -> Path:
@@ -83,8 +95,12 @@ def check_model_folder(folder: str | os.PathLike, require_weights: bool = True) 
     return folder
 
 
-def folder_defaults(folder: Path, kwargs: dict) -> dict:
-    """``kwargs`` with the folder's ``histokd_teacher.json`` defaults where a key is missing or None."""
+def folder_defaults(folder: Path, kwargs: dict, source: str | None = None) -> dict:
+    """``kwargs`` with the teacher's own settings where a key is missing or None.
+
+    The folder's ``histokd_teacher.json`` first, then, for a registered model (``source``),
+    how it was trained (:data:`PRETRAINED_SETTINGS`).
+    """
     kwargs = {k: v for k, v in kwargs.items() if not (k in _DEFAULT_KEYS and v is None)}
     path = folder / DEFAULTS_FILE
     if path.is_file():
@@ -93,8 +109,10 @@ def folder_defaults(folder: Path, kwargs: dict) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TeacherError(f"{path}: not valid JSON ({exc})") from exc
         for key in _DEFAULT_KEYS:
-            if key in defaults:
+            if key in defaults and defaults[key] is not None:
                 kwargs.setdefault(key, defaults[key])
+    for key, value in PRETRAINED_SETTINGS.get(source or "", {}).items():
+        kwargs.setdefault(key, value)
     return kwargs
 
 

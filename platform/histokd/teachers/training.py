@@ -34,12 +34,9 @@ from PIL import Image
 
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou, iou_by_alpha
-from histokd.teachers.stardist_teacher import (
-    DEFAULTS_FILE,
-    StarDistTeacher,
-    configure_tensorflow,
-    percentile_normalize,
-)
+from histokd.teachers.stardist_base import percentile_normalize
+from histokd.teachers.stardist_models import DEFAULTS_FILE
+from histokd.teachers.stardist_teacher import StarDistTeacher, configure_tensorflow
 
 __all__ = [
     "IMAGE_EXTENSIONS",
