@@ -91,6 +91,7 @@ def test_split_holds_out_whole_sources():
         ("device", "tpu", "device='tpu': allowed: auto, cpu, gpu"),
         ("validation_fraction", 1.0, r"validation_fraction=1.0: must be in \(0, 1\)"),
         ("demo_slides", 0, "no training data"),
+        ("normalization", "rgb", "normalization='rgb': allowed: joint, per_channel"),
     ],
 )
 def test_config_validation(field, value, message):
@@ -120,6 +121,8 @@ def test_tiny_training_run_makes_a_loadable_teacher(tmp_path):
     defaults = json.loads((result.model_dir / "histokd_teacher.json").read_text())
     assert defaults["alpha"] == result.alpha and set(defaults["validation_iou_by_alpha"]) >= {"0.1", "0.5"}
     assert defaults["command"] == ["test"] and defaults["training"]["epochs"] == 1
+    # how it was trained, so that it labels the same way (issue 15): 20x tiles, joint normalisation
+    assert (defaults["teacher_mpp"], defaults["normalization"], defaults["percentiles"]) == (0.5, "joint", [1.0, 99.8])
     teacher = build_teacher(str(result.model_dir))
     assert teacher.alpha == result.alpha and teacher.grid == (2, 2)
     assert teacher.pseudo_label(np.zeros((1, 48, 48, 3), np.uint8)).shape == (1, 48, 48)

@@ -44,6 +44,7 @@ __all__ = [
     "TeacherTrainingConfig",
     "TeacherTrainingResult",
     "demo_slide_images",
+    "load_image_mask_pairs",
     "load_instance_folder",
     "read_monuseg_xml",
     "train_teacher",
@@ -186,6 +187,29 @@ def load_instance_folder(
             f"{folder}: not a MoNuSeg-like dataset; expected images/ with masks/ (instance masks), "
             "or 'Tissue Images/' with Annotations/ (MoNuSeg XML)"
         )
+    return load_image_mask_pairs(image_dir, mask_dirs, magnification / data_magnification)
+
+
+def load_image_mask_pairs(
+    image_dir: str | os.PathLike, mask_dirs: list[Path] | Path, factor: float = 1.0
+) -> list[InstanceImage]:
+    """Images and their nuclei masks, paired by file stem (``<stem>.png`` with ``<stem>.tif``).
+
+    Masks are instance labels (0 = background, 1..n = nuclei), binary masks (any value > 0 is
+    nucleus) or MoNuSeg XML.
+
+    Args:
+        image_dir: RGB images (tif, png, jpg, bmp).
+        mask_dirs: Folder(s) searched, in order, for each image's mask (tif, png, npy, xml).
+        factor: Resize both by this (0.5 takes 40x to 20x; labels nearest).
+
+    Raises:
+        TeacherError: No images, an image without a mask, a size mismatch or an unreadable file.
+    """
+    image_dir = Path(image_dir)
+    mask_dirs = [Path(mask_dirs)] if isinstance(mask_dirs, (str, os.PathLike)) else [Path(d) for d in mask_dirs]
+    if not image_dir.is_dir():
+        raise TeacherError(f"{image_dir}: no such image folder")
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise TeacherError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -210,7 +234,7 @@ def load_instance_folder(
             )
         if labels.shape != image.shape[:2]:
             raise TeacherError(f"{path}: mask shape {labels.shape} differs from image shape {image.shape[:2]}")
-        image, labels = _rescale(image, labels, magnification / data_magnification)
+        image, labels = _rescale(image, labels, factor)
         out.append(InstanceImage(image, labels, str(path)))
     return out
 
@@ -265,7 +289,9 @@ class TeacherTrainingConfig:
         demo_seed: Seed of the demo slides (the tests hold out other seeds).
         demo_slide_size: Width and height of each demo slide in pixels.
         demo_dir: Where the demo slides are written; ``<out_dir>/demo_slides`` when None.
-        magnification: Magnification of the training tiles, the stream's (RCKD: 20x).
+        magnification: Magnification of the training tiles, the stream's (RCKD: 20x); the
+            teacher's scale, stored as ``teacher_mpp``.
+        normalization: ``"joint"`` or ``"per_channel"`` percentile normalisation, stored too.
         tile_size: Side of the tiles cut from demo slides.
         patch_size: StarDist's random training patch side (a multiple of 16).
         n_rays: StarDist rays (2D_versatile_he: 32).
@@ -294,7 +320,8 @@ class TeacherTrainingConfig:
     demo_seed: int = field(default=0, metadata=_help("seed of the demo slides (tests hold out other seeds)"))
     demo_slide_size: int = field(default=2048, metadata=_help("width and height of each demo slide in pixels"))
     demo_dir: str | None = field(default=None, metadata=_help("where demo slides are written; default OUT_DIR/demo_slides"))
-    magnification: float = field(default=20.0, metadata=_help("magnification of the training tiles: the stream's (RCKD Sec. 2.1.1: 20)"))
+    magnification: float = field(default=20.0, metadata=_help("magnification of the training tiles: the stream's (RCKD Sec. 2.1.1: 20); stored as the teacher's scale (teacher_mpp = 10 / magnification)"))
+    normalization: Literal["joint", "per_channel"] = field(default="joint", metadata=_help("percentile normalisation of each training image (1, 99.8): joint over the three channels (StarDist's H&E example) or per channel; stored with the teacher, which labels the same way"))
     tile_size: int = field(default=512, metadata=_help("side of the tiles cut from demo slides"))
     patch_size: int = field(default=128, metadata=_help("StarDist's random training patch side (multiple of grid * 2**depth)"))
     n_rays: int = field(default=32, metadata=_help("StarDist rays (2D_versatile_he: 32)"))
@@ -339,6 +366,8 @@ class TeacherTrainingConfig:
             raise TeacherError(
                 "TeacherTrainingConfig.demo_slides=1: need at least 2 sources (one is held out for validation)"
             )
+        if self.normalization not in ("joint", "per_channel"):
+            raise TeacherError(f"TeacherTrainingConfig.normalization={self.normalization!r}: allowed: joint, per_channel")
         for name in ("magnification", "data_magnification", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise TeacherError(f"TeacherTrainingConfig.{name}={getattr(self, name)!r}: must be positive")
@@ -481,8 +510,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
         use_gpu=False,  # gputools (OpenCL) data generation, not TensorFlow's device
     )
     model = StarDist2D(conf, name=config.name, basedir=str(out_dir))
-    x_train = [percentile_normalize(i.image[None])[0] for i in train]
-    x_val = [percentile_normalize(i.image[None])[0] for i in val]
+    per_channel = config.normalization == "per_channel"
+    x_train = [percentile_normalize(i.image[None], per_channel=per_channel)[0] for i in train]
+    x_val = [percentile_normalize(i.image[None], per_channel=per_channel)[0] for i in val]
     started = time.monotonic()
     model.train(
         x_train, [i.labels for i in train], validation_data=(x_val, [i.labels for i in val]),
@@ -501,7 +531,8 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
         thresholds = {"prob": float(model.thresholds.prob), "nms": float(model.thresholds.nms)}
         (model_dir / "thresholds.json").write_text(json.dumps(thresholds))
 
-    teacher = StarDistTeacher(model, source=str(model_dir))
+    teacher_mpp = round(10.0 / config.magnification, 4)  # the pixel size it was trained at
+    teacher = StarDistTeacher(model, source=str(model_dir), normalization=config.normalization)
     val_images = np.stack([i.image for i in val]) if len({i.image.shape for i in val}) == 1 else None
     truth = [i.labels > 0 for i in val]
     if val_images is not None:
@@ -527,6 +558,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     defaults = {
         "alpha": alpha,
         "mask_mode": "probability",
+        "normalization": config.normalization,
+        "percentiles": list(teacher.percentiles),
+        "teacher_mpp": teacher_mpp,
         "chosen_by": "best pooled IoU of probability >= alpha against the true nuclei of the held-out data",
         "validation_iou_by_alpha": {f"{a:g}": round(v, 4) for a, v in ious.items()},
         "validation_iou_instances": round(iou_instances, 4),

@@ -1,0 +1,106 @@
+"""jobs/check_teacher.py: a teacher measured against annotated nuclei, and its best settings kept."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histokd.teachers import DEMO_TEACHER_DIR, TeacherError, build_teacher
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("check_teacher_job", REPO / "jobs" / "check_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def annotated(held_out_slides, tmp_path_factory) -> Path:
+    """images/ (PNG) and masks/ (instance TIFF, one binary PNG) of held-out demo tiles at 20x."""
+    import tifffile
+
+    from histokd.teachers.training import demo_slide_images
+
+    items = demo_slide_images(held_out_slides[:1], magnification=20, tile_size=256)[:4]
+    root = tmp_path_factory.mktemp("annotated")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i, item in enumerate(items):
+        Image.fromarray(item.image).save(root / "images" / f"tile{i}.png")
+        if i == 0:  # a binary mask works too
+            Image.fromarray(((item.labels > 0) * 255).astype(np.uint8)).save(root / "masks" / f"tile{i}.png")
+        else:
+            tifffile.imwrite(root / "masks" / f"tile{i}.tif", item.labels.astype(np.uint16))
+    return root
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_teacher_check(annotated, tmp_path, capsys):
+    out = tmp_path / "check"
+    code = _job().main(["--teacher", "demo", "--images", str(annotated / "images"), "--masks", str(annotated / "masks"),
+                        "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pooled IoU with the true nuclei" in printed and "best: alpha" in printed
+    rows = _rows(out)
+    assert len(rows) == 2 * 7  # joint and per channel, one scale (the demo teacher's is the patches'), 7 alphas
+    assert {r["normalization"] for r in rows} == {"joint", "per_channel"} and {r["scale"] for r in rows} == {"patch"}
+    best = json.loads((out / "histokd_teacher.json").read_text())
+    assert best["alpha"] in (0.05, 0.1) and best["normalization"] == "joint" and best["check_iou"] > 0.8
+    joint = {float(r["alpha"]): float(r["iou"]) for r in rows if r["normalization"] == "joint"}
+    assert joint[0.1] > joint[0.5] + 0.3  # alpha 0.5 marks nucleus cores only (TEACHER.md)
+    assert (out / "overlay.png").stat().st_size > 10_000 and (out / "results.json").is_file()
+    # The settings file drops into a model folder and the teacher labels that way
+    folder = tmp_path / "teacher"
+    shutil.copytree(DEMO_TEACHER_DIR, folder)
+    shutil.copy(out / "histokd_teacher.json", folder / "histokd_teacher.json")
+    teacher = build_teacher(str(folder), device="cpu")
+    assert (teacher.alpha, teacher.normalization, teacher.teacher_mpp) == (best["alpha"], "joint", 0.5)
+
+
+def test_the_teachers_own_scale_beats_a_wrong_one(annotated, tmp_path):
+    """Patches at 80x (patch_mpp 0.125) for a 20x teacher: labelled there, nuclei look 4x too large and
+    IoU falls; the check shows it and keeps the teacher's own scale."""
+    from histokd.teachers.check import CheckConfig, check_teacher
+
+    config = CheckConfig(teacher="demo", images=str(annotated / "images"), masks=str(annotated / "masks"),
+                         out=str(tmp_path), patch_mpp=0.125, device="cpu", alphas=(0.1,))  # fmt: skip
+    result = check_teacher(config)
+    iou = {(r["normalization"], r["scale"]): r["iou"] for r in result.rows}
+    assert set(iou) == {(n, s) for n in ("joint", "per_channel") for s in ("teacher", "patch")}
+    assert iou[("joint", "teacher")] > iou[("joint", "patch")] + 0.15, iou
+    assert result.best["teacher_mpp"] == 0.5
+
+
+def test_deconvolution_teacher_is_checked_by_alpha(annotated, tmp_path):
+    from histokd.teachers.check import CheckConfig, check_teacher
+
+    result = check_teacher(CheckConfig(teacher="deconvolution", images=str(annotated / "images"),
+                                       masks=str(annotated / "masks"), out=str(tmp_path)))  # fmt: skip
+    assert len(result.rows) == 7 and {r["normalization"] for r in result.rows} == {"-"}
+    assert "normalization" not in result.best and 0.2 < result.best["check_iou"] < 0.95
+
+
+def test_bad_input_is_one_clear_error(annotated, tmp_path, capsys):
+    job = _job()
+    (tmp_path / "masks").mkdir()
+    code = job.main(["--images", str(annotated / "images"), "--masks", str(tmp_path / "masks"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "tile0.png: no mask named tile0" in capsys.readouterr().err
+    with pytest.raises(TeacherError, match="mpp=0: must be a pixel size"):
+        from histokd.teachers.check import CheckConfig
+
+        CheckConfig(images="a", masks="b", mpp=0)
