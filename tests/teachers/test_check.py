@@ -104,3 +104,53 @@ def test_bad_input_is_one_clear_error(annotated, tmp_path, capsys):
         from histokd.teachers.check import CheckConfig
 
         CheckConfig(images="a", masks="b", mpp=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny StarDist teachers trained the same way but for the normalisation (~20 s each)."""
+    from histokd.teachers.training import TeacherTrainingConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("tiny_teachers")
+    folders = {}
+    for normalization in ("joint", "per_channel"):
+        config = TeacherTrainingConfig(
+            out_dir=str(out), name=f"tiny_{normalization}", demo_slides=2, demo_slide_size=768, tile_size=256,
+            patch_size=64, unet_n_depth=2, unet_n_filter_base=8, net_conv_after_unet=16, epochs=8, steps_per_epoch=20,
+            learning_rate=1e-3, batch_size=4, optimize_nms=False, device="cpu", command=["test"],
+            normalization=normalization, demo_dir=str(out / "slides"),
+        )  # fmt: skip
+        folders[normalization] = train_teacher(config).model_dir
+    return folders
+
+
+def _best_by_normalization(teacher: Path, images: Path, masks: Path, out: Path) -> dict[str, float]:
+    from histokd.teachers.check import CheckConfig, check_teacher
+
+    result = check_teacher(CheckConfig(teacher=str(teacher), images=str(images), masks=str(masks), out=str(out), device="cpu"))
+    best: dict[str, float] = {}
+    for row in result.rows:
+        best[row["normalization"]] = max(best.get(row["normalization"], 0.0), row["iou"])
+    assert result.best["normalization"] == max(best, key=best.get)  # the file keeps the winner
+    return best
+
+
+@pytest.mark.slow
+def test_check_finds_how_each_tiny_teacher_was_trained(tiny_teachers, annotated, tmp_path):
+    """Trained jointly: joint normalisation wins on the annotated tiles. Trained per channel: on the
+    same tiles from a scanner with another colour response (each channel scaled and offset), per
+    channel wins, and by as much as that normalisation undoes the scanner (its IoU stays put)."""
+    for normalization, folder in tiny_teachers.items():
+        stored = json.loads((folder / "histokd_teacher.json").read_text())
+        assert stored["normalization"] == normalization and build_teacher(str(folder)).normalization == normalization
+    joint = _best_by_normalization(tiny_teachers["joint"], annotated / "images", annotated / "masks", tmp_path / "a")
+    assert joint["joint"] > joint["per_channel"] + 0.1, joint
+    scanner = tmp_path / "scanner"
+    scanner.mkdir()
+    for path in sorted((annotated / "images").glob("*.png")):
+        image = np.asarray(Image.open(path)).astype(np.float32) * [0.3, 0.5, 1.0] + [170, 40, 0]
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(scanner / path.name)
+    per_channel = _best_by_normalization(tiny_teachers["per_channel"], scanner, annotated / "masks", tmp_path / "b")
+    assert per_channel["per_channel"] > per_channel["joint"] + 0.2, per_channel
+    as_scanned = _best_by_normalization(tiny_teachers["per_channel"], annotated / "images", annotated / "masks", tmp_path / "c")
+    assert abs(as_scanned["per_channel"] - per_channel["per_channel"]) < 0.03, (as_scanned, per_channel)
