@@ -13,8 +13,7 @@ in its folder's ``histokd_teacher.json`` beside alpha:
 
 Then, per batch: normalise, reflect-pad to the network's multiples, the probability head, crop,
 StarDist's grid upsampling, Eq. 2. All of it runs as tensor operations on the teacher's device;
-a backend supplies only :meth:`StarDistTeacherBase._network_probability`. The NumPy functions
-here are the references the tests hold both to.
+a backend supplies only :meth:`StarDistTeacherBase._network_probability`.
 """
 
 from __future__ import annotations
@@ -38,89 +37,31 @@ __all__ = [
     "StarDistTeacherBase",
     "grid_upsample",
     "normalize_percentiles",
-    "percentile_normalize",
     "reflect_pad",
     "resample_images",
     "resample_probability",
-    "upsample_grid",
 ]
 
 _SCALE_TOLERANCE = 0.02  # pixel sizes within 2 % are the same scale: no resampling
 
 
-# -- NumPy references --------------------------------------------------------------------------
-def percentile_normalize(
-    images: np.ndarray,
-    low: float = NORMALIZE_PERCENTILES[0],
-    high: float = NORMALIZE_PERCENTILES[1],
-    per_channel: bool = False,
-) -> np.ndarray:
-    """Per-image percentile normalisation of uint8 (N, H, W, C), as StarDist's examples do it.
-
-    Equal to ``csbdeep.utils.normalize(img, low, high, axis=(0, 1, 2))`` for each image (or
-    ``axis=(0, 1)`` with ``per_channel``), with exact percentiles from a 256-bin histogram
-    (uint8 has 256 values): one ``bincount`` over the batch instead of a sort of every image.
-
-    Returns:
-        float32 (N, H, W, C), not clipped.
-    """
-    n, channels = images.shape[0], images.shape[-1]
-    groups = images.transpose(0, 3, 1, 2).reshape(n * channels, -1) if per_channel else images.reshape(n, -1)
-    g, count = groups.shape
-    offsets = (np.arange(g, dtype=np.int64) * 256)[:, None]
-    hist = np.bincount((groups + offsets).ravel(), minlength=256 * g).reshape(g, 256)
-    cumulative = np.cumsum(hist, axis=1)  # cumulative[i, v]: values <= v
-    bounds = []
-    for q in (low, high):
-        position = q / 100.0 * (count - 1)  # numpy's "linear" method
-        below = math.floor(position)
-        v0 = np.argmax(cumulative > below, axis=1).astype(np.float64)
-        v1 = np.argmax(cumulative > min(below + 1, count - 1), axis=1).astype(np.float64)
-        shape = (n, 1, 1, channels) if per_channel else (n, 1, 1, 1)
-        bounds.append((v0 + (position - below) * (v1 - v0)).astype(np.float32).reshape(shape))
-    mi, ma = bounds
-    return (images.astype(np.float32) - mi) / (ma - mi + np.float32(1e-20))
-
-
-def upsample_grid(prob: np.ndarray, grid: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of a grid-subsampled StarDist output to pixel resolution.
-
-    StarDist trains its output at grid ``g`` on ``prob_full[::g, ::g]``: cell ``i`` is pixel
-    ``i * g``. Pixel ``y`` therefore reads the grid at ``y / g``, clamped at the last cell.
-
-    Args:
-        prob: (N, h, w) at the model's grid.
-        grid: The model's (gy, gx).
-        shape: Output (H, W).
-
-    Returns:
-        float32 (N, H, W).
-    """
-    gy, gx = grid
-    height, width = shape
-    if (gy, gx) == (1, 1) and prob.shape[1:] == (height, width):
-        return prob.astype(np.float32, copy=False)
-
-    def axis_weights(size: int, step: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.minimum(np.arange(size, dtype=np.float32) / step, cells - 1)
-        i0 = np.floor(pos).astype(np.int64)
-        i1 = np.minimum(i0 + 1, cells - 1)
-        return i0, i1, (pos - i0).astype(np.float32)
-
-    y0, y1, wy = axis_weights(height, gy, prob.shape[1])
-    x0, x1, wx = axis_weights(width, gx, prob.shape[2])
-    rows = prob[:, y0] * (1 - wy)[None, :, None] + prob[:, y1] * wy[None, :, None]
-    return (rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx).astype(np.float32)
-
-
-# -- the same on tensors ------------------------------------------------------------------------
+# -- the steps, on tensors ------------------------------------------------------------------------
 def normalize_percentiles(
     images: torch.Tensor,
     low: float = NORMALIZE_PERCENTILES[0],
     high: float = NORMALIZE_PERCENTILES[1],
     per_channel: bool = False,
 ) -> torch.Tensor:
-    """:func:`percentile_normalize` for a uint8 (N, H, W, C) tensor, on its device."""
+    """Per-image percentile normalisation of a uint8 (N, H, W, C) tensor, on its device.
+
+    Equal to ``csbdeep.utils.normalize(img, low, high, axis=(0, 1, 2))`` for each image (or
+    ``axis=(0, 1)`` with ``per_channel``), as StarDist's examples normalise, with exact
+    percentiles (numpy's "linear" method) from a 256-bin histogram per image: uint8 has 256
+    values, so one ``bincount`` replaces a sort of every image.
+
+    Returns:
+        float32 (N, H, W, C), not clipped.
+    """
     n, channels = images.shape[0], images.shape[-1]
     groups = images.permute(0, 3, 1, 2).reshape(n * channels, -1) if per_channel else images.reshape(n, -1)
     g, count = groups.shape
@@ -170,7 +111,11 @@ def reflect_pad(x: torch.Tensor, div_by: tuple[int, int]) -> torch.Tensor:
 
 
 def grid_upsample(prob: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """:func:`upsample_grid` for a tensor (N, h, w), on its device."""
+    """Bilinear upsampling of a grid-subsampled StarDist output (N, h, w) to pixels (N, H, W).
+
+    StarDist trains its output at grid ``g`` on ``prob_full[::g, ::g]``: cell ``i`` is pixel
+    ``i * g``. Pixel ``y`` therefore reads the grid at ``y / g``, clamped at the last cell.
+    """
     gy, gx = grid
     if (gy, gx) == (1, 1) and tuple(prob.shape[1:]) == tuple(shape):
         return prob

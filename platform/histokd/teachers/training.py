@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
 
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou, iou_by_alpha
-from histokd.teachers.stardist_base import percentile_normalize
+from histokd.teachers.stardist_base import normalize_percentiles
 from histokd.teachers.stardist_models import DEFAULTS_FILE
 from histokd.teachers.stardist_teacher import StarDistTeacher, configure_tensorflow
 
@@ -511,8 +512,12 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     )
     model = StarDist2D(conf, name=config.name, basedir=str(out_dir))
     per_channel = config.normalization == "per_channel"
-    x_train = [percentile_normalize(i.image[None], per_channel=per_channel)[0] for i in train]
-    x_val = [percentile_normalize(i.image[None], per_channel=per_channel)[0] for i in val]
+
+    def normalize(image: np.ndarray) -> np.ndarray:  # as the teacher will: stardist_base
+        return normalize_percentiles(torch.from_numpy(image[None]), per_channel=per_channel)[0].numpy()
+
+    x_train = [normalize(i.image) for i in train]
+    x_val = [normalize(i.image) for i in val]
     started = time.monotonic()
     model.train(
         x_train, [i.labels for i in train], validation_data=(x_val, [i.labels for i in val]),
