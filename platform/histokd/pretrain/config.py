@@ -47,13 +47,16 @@ class PretrainConfig(RunStorage):
     teacher_compile: bool = field(default=False, metadata=_help("torch teacher: torch.compile its network (worth it for long runs; compiling takes ~30 s)"))
     teacher_placement: Literal["actors", "trainer"] = field(default="actors", metadata=_help(
         "where the teacher runs. actors: a Ray Data pool of teacher actors (--teacher-actors, each with "
-        "--teacher-gpus of a GPU) labels the stream, and labels are cached in the run folder, so the teacher "
+        "--teacher-gpus of a GPU) labels the stream and caches the labels in the run folder, so the teacher "
         "runs once per patch. trainer: each training worker runs the teacher on its own device (cuda with "
-        "GPUs, else cpu) on every batch before its step; the stream carries the full-size patch beside the "
-        "resized image (about 1.25x the bytes of the patch alone), the worker labels the full patch and "
-        "resizes the label exactly as the actors do (labels equal pixel for pixel, hold-out included), no "
-        "actor pool is started, each worker takes a whole GPU, and the pseudo-label cache is not used (the "
-        "teacher labels every patch every epoch). trainer needs a StarDist teacher on --teacher-backend torch"
+        "GPUs, else cpu) on each batch, train and hold-out, before using it: no actor pool, each worker takes "
+        "a whole GPU, and no pseudo-label cache (the teacher labels every patch every epoch). The stream then "
+        "carries the full-size patch beside the resized image (1024 -> 512: 3.75 MiB a record, against 1 MiB "
+        "labelled; the actors' read tasks send the same 3 MiB patch to the actors); the worker labels the full "
+        "patch and resizes the label as the actors do, so both placements train on pixel-identical labels. "
+        "trainer needs a StarDist teacher, --teacher-backend torch and --mask-mode probability. On 2 CPUs "
+        "(demo teacher) trainer was faster at 256 px; at 512 px it lost each cached epoch "
+        "(benchmarks/RESULTS.md, Teacher placement)"
     ))  # fmt: skip
     teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call (in a teacher actor, or in a training worker with --teacher-placement trainer)"))
     teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU (--teacher-placement actors only)"))
@@ -193,6 +196,11 @@ def _check_teacher_placement(config: PretrainConfig) -> None:
         raise ValueError(
             "teacher_placement='trainer' needs a StarDist teacher (it runs its network on the worker's device); "
             "teacher='deconvolution' has none: use --teacher-placement actors"
+        )
+    if config.mask_mode != "probability":
+        raise ValueError(
+            f"mask_mode={config.mask_mode!r} runs StarDist's NMS in TensorFlow, which teacher_placement='trainer' "
+            "cannot: use --mask-mode probability (RCKD Eq. 2), or --teacher-placement actors"
         )
     for name, unset in (("teacher_actors", None), ("teacher_resources", {})):
         if getattr(config, name) != unset:

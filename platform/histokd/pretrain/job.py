@@ -2,12 +2,15 @@
 
 RCKD Algorithm 1 on Ray: the manifest fixes the patches (GetPatches, SelectTissuePatches,
 RandomSampling), a Ray Data actor pool runs the teacher on them (pseudo labels, cached), and
-Ray Train's TorchTrainer trains the student with DDP over the workers. Rerunning with the same
-run name resumes from the last checkpoint; the MLflow run of that name continues too.
+Ray Train's TorchTrainer trains the student with DDP over the workers. With
+``teacher_placement="trainer"`` the stream only reads patches and each training worker runs the
+teacher itself, on its own device, before each step. Rerunning with the same run name resumes
+from the last checkpoint; the MLflow run of that name continues too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -86,7 +89,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
 
     from histokd.manifest import ManifestConfig, build_manifest, read_manifest
     from histokd.pretrain.loop import CHECKPOINT_FILE, train_fn_per_worker
-    from histokd.teachers.stream import pseudo_label_dataset
+    from histokd.teachers.stream import patch_dataset, pseudo_label_dataset
     from histokd.tracking import MLflowRun
 
     check_storage_path(config.storage_path)
@@ -131,20 +134,27 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         # teacher actors and trainers ask for their shares and the autoscaler adds nodes.
         gpus = float(num_workers_hint(config))
     num_workers = config.num_workers or (max(1, int(gpus)) if use_gpu else 1)
-    stream_kwargs = dict(
-        teacher=config.teacher,
-        teacher_kwargs=config.teacher_kwargs(),
-        input_size=config.input_size,
-        cache_dir=str(work_dir / "pseudo_labels"),
-        batch_size=config.teacher_batch_size,
-        num_actors=config.teacher_actors,
-        num_gpus=config.teacher_gpus if gpus > 0 else 0.0,
-        resources=config.teacher_resources,
-        # leave the training workers their CPUs: the stream sizes itself from what is left
-        reserved_cpus=num_workers * config.cpus_per_worker,
-    )
-    train_ds = pseudo_label_dataset(str(work_dir / "manifest" / "train.parquet"), **stream_kwargs)
-    holdout_ds = pseudo_label_dataset(str(work_dir / "manifest" / "holdout.parquet"), **stream_kwargs)
+    # leave the training workers their CPUs: the stream sizes itself from what is left
+    reserved_cpus = num_workers * config.cpus_per_worker
+    if config.teacher_placement == "trainer":  # read tasks only; the workers label (TrainerTeacher)
+        make_stream = functools.partial(
+            patch_dataset, input_size=config.input_size, batch_size=config.teacher_batch_size, reserved_cpus=reserved_cpus
+        )
+    else:
+        make_stream = functools.partial(
+            pseudo_label_dataset,
+            teacher=config.teacher,
+            teacher_kwargs=config.teacher_kwargs(),
+            input_size=config.input_size,
+            cache_dir=str(work_dir / "pseudo_labels"),
+            batch_size=config.teacher_batch_size,
+            num_actors=config.teacher_actors,
+            num_gpus=config.teacher_gpus if gpus > 0 else 0.0,
+            resources=config.teacher_resources,
+            reserved_cpus=reserved_cpus,
+        )
+    train_ds = make_stream(str(work_dir / "manifest" / "train.parquet"))
+    holdout_ds = make_stream(str(work_dir / "manifest" / "holdout.parquet"))
 
     tracking = MLflowRun(
         config.tracking_uri,
@@ -167,6 +177,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         run_dir=str(work_dir) if "://" not in config.storage_path else config.run_dir,
         num_train_patches=train_table.num_rows,
         steps_per_epoch=steps_per_epoch,
+        teacher_kwargs=config.teacher_kwargs(),  # for a teacher in the workers (teacher_placement)
     )
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -235,11 +246,14 @@ def num_workers_hint(config: PretrainConfig) -> int:
 
 def _worker_resources(config: PretrainConfig, use_gpu: bool, gpus: float) -> dict[str, float]:
     """A training worker's resources. On GPUs it takes what the teacher actors leave of one
-    GPU (``1 - teacher_gpus``), so a teacher actor and a trainer share each GPU. Custom
-    resources (``trainer_resources``) pin the workers to the nodes that offer them."""
+    GPU (``1 - teacher_gpus``), so a teacher actor and a trainer share each GPU; with the
+    teacher in the workers (``teacher_placement="trainer"``) there are no actors and a worker
+    takes its whole GPU. Custom resources (``trainer_resources``) pin the workers to the nodes
+    that offer them."""
     resources = {**config.trainer_resources, "CPU": config.cpus_per_worker}
     if use_gpu and gpus > 0:
-        resources["GPU"] = 1.0 - config.teacher_gpus if config.teacher_gpus < 1 else 1.0
+        whole = config.teacher_placement == "trainer" or config.teacher_gpus >= 1
+        resources["GPU"] = 1.0 if whole else 1.0 - config.teacher_gpus
     return resources
 
 

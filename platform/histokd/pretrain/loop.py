@@ -5,6 +5,10 @@ the teacher's pseudo labels with pixel-wise cross-entropy (RCKD Eq. 3) under LAR
 warm-up, evaluates on the fixed hold-out slice, and reports once per epoch. Rank 0 writes the
 checkpoint (model, optimizer, scheduler, epoch, history), so a restarted or resumed run
 continues at the next epoch with the same state.
+
+With ``teacher_placement="trainer"`` the stream carries no labels: the worker's own
+:class:`~histokd.teachers.stream.TrainerTeacher` labels each batch (train and hold-out) on the
+worker's device before it is used.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class EpochStats:
     holdout_loss: float
     holdout_pixel_accuracy: float
     holdout_foreground_iou: float
+    holdout_label_foreground: float
     lr: float
     patches: int
     patches_per_second: float
@@ -59,9 +64,13 @@ class EpochStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _to_tensors(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_tensors(
+    batch: dict, device: torch.device, channels_last: bool, label: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised image and the pseudo label (the batch's, or ``label`` when given)."""
     image = torch.as_tensor(np.asarray(batch["image"])).to(device, non_blocking=True)
-    label = torch.as_tensor(np.asarray(batch["pseudo_label"])).to(device, non_blocking=True)
+    if label is None:
+        label = torch.as_tensor(np.asarray(batch["pseudo_label"])).to(device, non_blocking=True)
     image = image.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -120,6 +129,19 @@ def train_fn_per_worker(config: dict) -> None:
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     channels_last = use_cuda
     torch.manual_seed(config["seed"])
+
+    # The teacher in this worker (teacher_placement="trainer"), built at its first batch; else
+    # the labels come with the stream from the teacher actors.
+    trainer_teacher = None
+    if config.get("teacher_placement", "actors") == "trainer":
+        from histokd.teachers.stream import TrainerTeacher
+
+        trainer_teacher = TrainerTeacher(
+            config["teacher"], config["teacher_kwargs"], config["input_size"], config["teacher_batch_size"], device
+        )
+
+    def pseudo_label(batch: dict) -> torch.Tensor | None:
+        return trainer_teacher(batch) if trainer_teacher is not None else None
 
     model = SegmentationModel(config["backbone"], num_classes=2)
     if config.get("init"):
@@ -180,7 +202,7 @@ def train_fn_per_worker(config: dict) -> None:
         for i, batch in enumerate(batches):
             if i == 1:  # mid-epoch, with data flowing
                 inject_fault(config, epoch, rank, world, run_dir)
-            image, label = _to_tensors(batch, device, channels_last)
+            image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
             image, label = _augment(image, label, augment_rng)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(image)
@@ -201,7 +223,7 @@ def train_fn_per_worker(config: dict) -> None:
         overlay_images, overlay_labels, overlay_preds = [], [], []
         with torch.no_grad():
             for batch in holdout_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
-                image, label = _to_tensors(batch, device, channels_last)
+                image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = model(image)
                 holdout_loss += float(pixel_cross_entropy(logits, label)) * int(label.shape[0])
@@ -211,7 +233,7 @@ def train_fn_per_worker(config: dict) -> None:
                 if rank == 0 and len(overlay_images) < config["overlays"]:
                     keep = config["overlays"] - len(overlay_images)
                     overlay_images.extend(np.asarray(batch["image"])[:keep])
-                    overlay_labels.extend(np.asarray(batch["pseudo_label"])[:keep])
+                    overlay_labels.extend(label[:keep].cpu().numpy().astype(np.uint8))
                     overlay_preds.extend(prediction[:keep].cpu().numpy().astype(np.uint8))
         sums = _all_reduce(
             torch.tensor(
@@ -229,6 +251,8 @@ def train_fn_per_worker(config: dict) -> None:
             holdout_loss=holdout_loss / max(holdout_n, 1),
             holdout_pixel_accuracy=confusion.pixel_accuracy,
             holdout_foreground_iou=confusion.foreground_iou,
+            # the teacher's nuclei share of the hold-out: the same in both teacher placements
+            holdout_label_foreground=(confusion.tp + confusion.fn) / max(1, confusion.tp + confusion.fp + confusion.fn + confusion.tn),
             lr=float(optimizer.param_groups[0]["lr"]),
             patches=int(seen),
             patches_per_second=seen / max(seconds, 1e-9),

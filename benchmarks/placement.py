@@ -1,0 +1,165 @@
+"""Teacher placement: the teacher actor pool against the teacher in the training workers.
+
+Runs the real pretraining job (`histokd.pretrain.job.run_pretraining`) with
+``teacher_placement="actors"`` and ``"trainer"`` on the same demo slides and settings,
+interleaved (A T, then T A, ...), each in this process's one local Ray, on the demo slides of
+``benchmarks/pretrain_gpu.py`` (4096 px, written once into --slides-dir). It writes per run the
+job's wall time, each epoch's seconds and patches/s (from the job's history) and the hold-out
+labels' nuclei share (``holdout_label_foreground``, which must be equal in both placements:
+the same labels). Epoch 1 has the teacher label every patch in both placements; in later
+epochs the actors read their cache while the trainer labels again, so the split shows what
+each placement costs where.
+
+It also gives the bytes a record carries through Ray's object store in each placement
+(computed from the sizes): the actors' records hold the resized image and label; the trainer's
+the resized image and the full-size patch, which is what the actors' read tasks already send to
+the actors.
+
+    python benchmarks/placement.py                     # CPU, demo teacher, small: benchmarks/placement.json
+    python benchmarks/placement.py --patch-size 1024 --input-size 512 --num-patches 1024 \\
+        --batch-size 64 --teacher-precision bf16 --teacher 2D_versatile_he --repeats 1   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PLACEMENTS = ("actors", "trainer")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "placement.json"), help="the JSON report")
+    parser.add_argument("--teacher", default="demo", help="teacher spec of the job (a StarDist teacher)")
+    parser.add_argument("--patch-size", type=int, default=256, help="patch side at 20x (RCKD: 1024)")
+    parser.add_argument("--input-size", type=int, default=128, help="student input side (RCKD: 512)")
+    parser.add_argument("--num-patches", type=int, default=64, help="S_n, patches sampled (train + hold-out)")
+    parser.add_argument("--epochs", type=int, default=3, help="epoch 1 labels every patch; later ones show the cache")
+    parser.add_argument("--batch-size", type=int, default=16, help="global student batch")
+    parser.add_argument("--teacher-batch-size", type=int, default=8, help="patches per teacher call")
+    parser.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--backbone", default="csat", help="student backbone")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each placement, interleaved")
+    parser.add_argument("--slides-dir", default=str(REPO / "runs" / "benchmarks" / "placement_slides"),
+                        help="demo slides, written on first use and reused")  # fmt: skip
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "benchmarks" / "placement"),
+                        help="the job's storage path (removed afterwards unless --keep)")  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the runs")
+    return parser.parse_args(argv)
+
+
+def _machine() -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    return {
+        "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": [round(v, 2) for v in load] if load else None, "commit": commit,
+    }  # fmt: skip
+
+
+def record_bytes(patch_size: int, input_size: int) -> dict[str, int]:
+    """Bytes of image data per record (metadata aside) in each placement, and per read patch."""
+    image = input_size * input_size * 3
+    return {
+        "read_patch": patch_size * patch_size * 3,  # read task -> teacher actor (actors only)
+        "actors_record": image + input_size * input_size,  # image + pseudo label
+        "trainer_record": image + (patch_size * patch_size * 3 if patch_size != input_size else 0),
+    }
+
+
+def run_once(args: argparse.Namespace, slides: list[str], placement: str, repeat: int) -> dict:
+    from histokd.pretrain.config import PretrainConfig
+    from histokd.pretrain.job import run_pretraining
+
+    config = PretrainConfig(
+        slides=slides, storage_path=str(Path(args.work_dir) / "runs"), run_name=f"placement-{placement}-{repeat}",
+        teacher=args.teacher, alpha=None, teacher_placement=placement, teacher_precision=args.teacher_precision,
+        patch_size=args.patch_size, input_size=args.input_size, num_patches=args.num_patches, epochs=args.epochs,
+        warmup_epochs=min(1, args.epochs), batch_size=args.batch_size, lr=1.0, holdout_fraction=0.1,
+        teacher_batch_size=args.teacher_batch_size, backbone=args.backbone, max_failures=0, overlays=0,
+    )  # fmt: skip
+    started = time.monotonic()
+    result = run_pretraining(config)
+    seconds = time.monotonic() - started
+    epochs = [
+        {k: round(h[k], 4) if isinstance(h[k], float) else h[k]
+         for k in ("epoch", "patches", "seconds", "patches_per_second", "loss", "holdout_foreground_iou", "holdout_label_foreground")}
+        for h in result.history
+    ]  # fmt: skip
+    later = [e["seconds"] for e in epochs if e["epoch"] > 1]
+    print(f"{placement} run {repeat}: {seconds:.1f} s; epochs {[e['seconds'] for e in epochs]} s", flush=True)
+    if not args.keep:
+        shutil.rmtree(Path(args.work_dir) / "runs" / config.run_name, ignore_errors=True)
+    return {
+        "placement": placement, "repeat": repeat, "job_seconds": round(seconds, 1),
+        "epoch_1_seconds": epochs[0]["seconds"], "later_epoch_seconds_mean": round(statistics.fmean(later), 2) if later else None,
+        "train_patches": result.num_train_patches, "holdout_patches": result.num_holdout_patches, "epochs": epochs,
+    }  # fmt: skip
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {}
+    for placement in PLACEMENTS:
+        mine = [r for r in runs if r["placement"] == placement]
+        out[placement] = {
+            key: round(statistics.median(r[key] for r in mine), 2)
+            for key in ("job_seconds", "epoch_1_seconds", "later_epoch_seconds_mean")
+            if all(r[key] is not None for r in mine)
+        }
+    for key in out["actors"]:
+        if key in out["trainer"] and out["actors"][key]:
+            out.setdefault("trainer_over_actors", {})[key] = round(out["trainer"][key] / out["actors"][key], 3)
+    shares = {r["epochs"][-1]["holdout_label_foreground"] for r in runs}
+    out["same_holdout_labels"] = len(shares) == 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, not a cluster this shell points at
+    from pretrain_gpu import demo_slides  # benchmarks/ is this script's import path
+
+    started = time.time()
+    machine = _machine()
+    slides = demo_slides(Path(args.slides_dir), args.num_patches, args.patch_size)
+    runs = []
+    for repeat in range(args.repeats):
+        order = PLACEMENTS if repeat % 2 == 0 else PLACEMENTS[::-1]
+        for placement in order:
+            runs.append(run_once(args, slides, placement, repeat))
+    report = {
+        "benchmark": "teacher placement: actor pool vs training workers (benchmarks/placement.py)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "slides_dir", "work_dir", "keep")},
+        "record_bytes": record_bytes(args.patch_size, args.input_size),
+        "summary": _summary(runs),
+        "runs": runs,
+        "seconds": round(time.time() - started, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"], indent=2))
+    print(f"written {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
