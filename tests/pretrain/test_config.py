@@ -86,3 +86,30 @@ def test_training_worker_resources_share_a_gpu_with_a_teacher_actor():
     assert resources == {"trainer_node": 1, "CPU": 1.0, "GPU": 0.75}  # with a 0.25 teacher actor: one GPU
     whole = PretrainConfig(teacher_gpus=1.0)  # teachers and trainers on separate GPUs
     assert _worker_resources(whole, use_gpu=True, gpus=8)["GPU"] == 1.0
+
+
+def test_teacher_settings_reach_the_teacher(tmp_path):
+    """Flags, and a check_teacher settings file, become the teacher's keyword arguments."""
+    import json
+
+    from histokd.teachers import build_teacher
+
+    config = PretrainConfig(teacher="demo", magnification=20, teacher_normalization="per_channel", teacher_mpp=0.25)
+    kwargs = config.teacher_kwargs()
+    assert (kwargs["patch_mpp"], kwargs["normalization"], kwargs["teacher_mpp"], kwargs["backend"]) == (0.5, "per_channel", 0.25, "torch")
+    teacher = build_teacher("demo", **kwargs)
+    assert (teacher.scale, teacher.normalization) == (2.0, "per_channel")
+    settings = tmp_path / "histokd_teacher.json"
+    settings.write_text(json.dumps({"alpha": 0.15, "normalization": "joint", "percentiles": [2, 99], "teacher_mpp": 0.5, "check_iou": 0.9}))
+    config = PretrainConfig(teacher="demo", magnification=10, teacher_settings=str(settings), teacher_normalization="per_channel")
+    teacher = build_teacher("demo", **config.teacher_kwargs())
+    assert (teacher.alpha, teacher.normalization, teacher.percentiles, teacher.scale) == (0.15, "joint", (2.0, 99.0), 2.0)
+    assert build_teacher("deconvolution", **PretrainConfig(teacher="deconvolution").teacher_kwargs()).alpha == 0.5
+    (tmp_path / "bad.json").write_text("{}")
+    for path, message in [(tmp_path / "none.json", "cannot read it"), (tmp_path / "bad.json", "holds none of alpha")]:
+        with pytest.raises(ValueError, match=f"teacher_settings=.*{message}"):
+            PretrainConfig(teacher_settings=str(path))
+    with pytest.raises(ValueError, match="teacher_mpp=0: must be a pixel size"):
+        PretrainConfig(teacher_mpp=0)
+    with pytest.raises(ValueError, match="empty_slide_fraction=0"):
+        PretrainConfig(empty_slide_fraction=0)

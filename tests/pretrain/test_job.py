@@ -44,7 +44,14 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tiny_pretrain_config
     assert len(client.get_metric_history(result.mlflow_run_id, "holdout_foreground_iou")) == 3
     assert "histokd.git_commit" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {"backbone", "overlays", "curves.png", "config.yaml"} <= artifacts
+    assert {"backbone", "overlays", "curves.png", "config.yaml", "label_share.csv"} <= artifacts
+    # each slide's pseudo-label nucleus share (issue 15): both demo slides, every patch counted once
+    assert {Path(r["slide"]).name for r in result.label_share} == {"demo-s0-000.svs", "demo-s0-001.svs"}
+    assert sum(r["patches"] for r in result.label_share) == count
+    assert all(0.02 < r["mean_nucleus_share"] < 0.7 and r["empty_fraction"] < 0.5 for r in result.label_share)
+    assert "over 2 slides" in result.label_share_summary and "mostly empty" not in result.label_share_summary
+    shares = client.get_metric_history(result.mlflow_run_id, "train_label_nucleus_share")
+    assert len(shares) == 3 and len({m.value for m in shares}) == 1  # the teacher's labels: the same each epoch
     # beside the rolling checkpoints, the best epoch by hold-out IoU (first of any tie)
     best = torch.load(Path(result.run_dir) / "best" / "model.pt", weights_only=True)
     ious = [h["holdout_foreground_iou"] for h in result.history]

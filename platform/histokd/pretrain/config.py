@@ -58,6 +58,11 @@ class PretrainConfig(RunStorage):
         "(demo teacher) trainer was faster at 256 px; at 512 px it lost each cached epoch "
         "(benchmarks/RESULTS.md, Teacher placement)"
     ))  # fmt: skip
+    teacher_mpp: float | None = field(default=None, metadata=_help("pixel size (um/px) the teacher was trained at: patches are resampled to it, labelled, and the probability resampled back before Eq. 2; default: the teacher's own (its histokd_teacher.json; 2D_versatile_he: 0.25, 40x), else the patches' scale. Check with jobs/check_teacher.py"))
+    teacher_normalization: Literal["joint", "per_channel"] | None = field(default=None, metadata=_help("percentile normalisation the teacher was trained with: joint over the channels or per channel; default: the teacher's own (joint for 2D_versatile_he)"))
+    teacher_settings: str | None = field(default=None, metadata=_help("a histokd_teacher.json (jobs/check_teacher.py writes one): its alpha, normalization, percentiles and teacher_mpp replace --alpha, --teacher-normalization and --teacher-mpp"))
+    empty_patch_share: float = field(default=0.005, metadata=_help("a patch whose pseudo label has less than this share of nucleus pixels counts as empty"))
+    empty_slide_fraction: float = field(default=0.9, metadata=_help("warn, naming the slide, when more than this share of a slide's patches are empty (label_share.csv in the run folder has every slide)"))
     teacher_batch_size: int = field(default=8, metadata=_help("patches per teacher call (in a teacher actor, or in a training worker with --teacher-placement trainer)"))
     teacher_actors: int | None = field(default=None, metadata=_help("teacher actors in the pool; auto: one per GPU, or 1 on CPU (--teacher-placement actors only)"))
     teacher_gpus: float = field(default=0.5, metadata=_help("GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU); ignored with --teacher-placement trainer"))
@@ -107,6 +112,16 @@ class PretrainConfig(RunStorage):
         if self.mask_mode not in ("probability", "instances"):
             raise ValueError(f"mask_mode={self.mask_mode!r}: allowed: probability, instances")
         _check_teacher_backend(self.teacher_backend, self.mask_mode, self.teacher_precision)
+        self._teacher_settings = _read_teacher_settings(self.teacher_settings)
+        if self.teacher_mpp is not None and not 0.01 <= self.teacher_mpp <= 100:
+            raise ValueError(f"teacher_mpp={self.teacher_mpp!r}: must be a pixel size in um/px in [0.01, 100] (40x: 0.25), or unset")
+        if self.teacher_normalization not in (None, "joint", "per_channel"):
+            raise ValueError(f"teacher_normalization={self.teacher_normalization!r}: allowed: joint, per_channel, or unset")
+        if not 0 <= self.empty_patch_share < 1 or not 0 < self.empty_slide_fraction <= 1:
+            raise ValueError(
+                f"empty_patch_share={self.empty_patch_share!r}, empty_slide_fraction={self.empty_slide_fraction!r}: "
+                "need 0 <= empty_patch_share < 1 and 0 < empty_slide_fraction <= 1"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
         if not 0 < self.holdout_fraction < 0.5:
@@ -133,8 +148,18 @@ class PretrainConfig(RunStorage):
         self.demo_dir = os.path.abspath(self.demo_dir)
 
     def teacher_kwargs(self) -> dict:
-        """The teacher's settings for :func:`histokd.teachers.build_teacher`."""
-        kwargs = {"alpha": self.alpha, "mask_mode": self.mask_mode, "backend": self.teacher_backend}
+        """The teacher's settings for :func:`histokd.teachers.build_teacher`.
+
+        The patches' pixel size (``patch_mpp``, from ``magnification``: 20x is 0.5 um/px) lets
+        a StarDist teacher resample them to its own scale; other teachers ignore it.
+        """
+        kwargs = {"alpha": self.alpha, "mask_mode": self.mask_mode, "backend": self.teacher_backend,
+                  "patch_mpp": round(10.0 / self.magnification, 6)}  # fmt: skip
+        if self.teacher_mpp is not None:
+            kwargs["teacher_mpp"] = self.teacher_mpp
+        if self.teacher_normalization is not None:
+            kwargs["normalization"] = self.teacher_normalization
+        kwargs.update(getattr(self, "_teacher_settings", None) or {})
         if self.teacher_backend == "torch":
             kwargs.update(precision=self.teacher_precision, compile=self.teacher_compile)
         return kwargs
@@ -158,6 +183,22 @@ def _check_resources(name: str, value: dict | str) -> dict[str, float]:
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < math.inf:
             raise ValueError(f"{name}={value!r}: the amount of {key!r} must be a non-negative number")
     return {key: float(amount) for key, amount in value.items()}
+
+
+def _read_teacher_settings(path: str | None) -> dict:
+    """The teacher settings in a histokd_teacher.json (as jobs/check_teacher.py writes it)."""
+    if path is None:
+        return {}
+    try:
+        stored = json.loads(open(os.path.expanduser(path)).read())
+    except OSError as exc:
+        raise ValueError(f"teacher_settings={path!r}: cannot read it ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"teacher_settings={path!r}: not JSON ({exc.msg})") from exc
+    keys = ("alpha", "normalization", "percentiles", "teacher_mpp")
+    if not isinstance(stored, dict) or not any(k in stored for k in keys):
+        raise ValueError(f"teacher_settings={path!r}: holds none of {', '.join(keys)} (jobs/check_teacher.py writes them)")
+    return {k: stored[k] for k in keys if stored.get(k) is not None}
 
 
 def _check_teacher_backend(backend: str, mask_mode: str, precision: str) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ class PretrainResult:
     history: list[dict]
     num_train_patches: int
     num_holdout_patches: int
+    label_share: list[dict] = field(default_factory=list)  # per slide: the pseudo labels' nucleus share
+    label_share_summary: str = ""
 
 
 def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
@@ -88,7 +90,8 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     from histokd.manifest import ManifestConfig, build_manifest, read_manifest
-    from histokd.pretrain.loop import CHECKPOINT_FILE, train_fn_per_worker
+    from histokd.pretrain.label_share import read_label_share, summary_line
+    from histokd.pretrain.loop import CHECKPOINT_FILE, LABEL_SHARE_FILE, train_fn_per_worker
     from histokd.teachers.stream import patch_dataset, pseudo_label_dataset
     from histokd.tracking import MLflowRun
 
@@ -225,6 +228,11 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     tracking.log_artifact(work_dir / "config.yaml")
     tracking.log_artifact(curves)
     tracking.log_artifact(manifest.bad_slides_path, "manifest")
+    share_path = work_dir / LABEL_SHARE_FILE
+    label_share = read_label_share(share_path) if share_path.is_file() else []
+    share_summary = summary_line(label_share, config.empty_patch_share, config.empty_slide_fraction)
+    if share_path.is_file():
+        tracking.log_artifact(share_path)
     tracking.log_metrics({"wall_seconds": time.monotonic() - started}, step=int(state["epoch"]))
     tracking.finish("FINISHED" if finished else "KILLED")
     return PretrainResult(
@@ -236,6 +244,8 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         history=history,
         num_train_patches=train_table.num_rows,
         num_holdout_patches=holdout_table.num_rows,
+        label_share=label_share,
+        label_share_summary=share_summary,
     )
 
 

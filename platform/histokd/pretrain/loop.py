@@ -29,9 +29,10 @@ from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FILE", "EpochStats", "patch_checksum", "train_fn_per_worker"]
+__all__ = ["CHECKPOINT_FILE", "LABEL_SHARE_FILE", "EpochStats", "patch_checksum", "train_fn_per_worker"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+LABEL_SHARE_FILE = "label_share.csv"  # per slide: the pseudo labels' nucleus share (label_share.py)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -116,6 +117,7 @@ def train_fn_per_worker(config: dict) -> None:
     from histokd.losses import pixel_cross_entropy
     from histokd.metrics import BinaryConfusion, binary_confusion
     from histokd.models import SegmentationModel, load_backbone_file
+    from histokd.pretrain.label_share import LabelShare
     from histokd.pretrain.overlay import save_overlay
     from histokd.resume import inject_fault
 
@@ -192,6 +194,7 @@ def train_fn_per_worker(config: dict) -> None:
         model.train()
         epoch_start = time.monotonic()
         loss_sum, seen, checksum = 0.0, 0, 0
+        shares = LabelShare(config["empty_patch_share"])
         batches = train_shard.iter_batches(
             batch_size=per_worker_batch,
             batch_format="numpy",
@@ -203,6 +206,7 @@ def train_fn_per_worker(config: dict) -> None:
             if i == 1:  # mid-epoch, with data flowing
                 inject_fault(config, epoch, rank, world, run_dir)
             image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
+            shares.add(batch["slide"], label.float().mean(dim=(1, 2)).cpu().numpy())
             image, label = _augment(image, label, augment_rng)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(image)
@@ -243,6 +247,7 @@ def train_fn_per_worker(config: dict) -> None:
             )
         ).cpu()
         loss_sum, seen, checksum, holdout_loss, holdout_n = sums[:5].tolist()
+        shares = _gather_label_shares(shares, world)
         confusion = BinaryConfusion.from_tensor(sums[5:])
         seconds = time.monotonic() - epoch_start
         stats = EpochStats(
@@ -264,6 +269,7 @@ def train_fn_per_worker(config: dict) -> None:
         best_iou = max(best_iou, stats.holdout_foreground_iou)
         metrics = {k: v for k, v in history[-1].items()}
         metrics["best_holdout_foreground_iou"] = best_iou
+        metrics["train_label_nucleus_share"] = shares.mean_share
 
         if rank == 0:
             elapsed = time.monotonic() - run_start
@@ -272,10 +278,15 @@ def train_fn_per_worker(config: dict) -> None:
             print(
                 f"epoch {epoch}/{epochs}  loss {stats.loss:.4f}  holdout loss {stats.holdout_loss:.4f} "
                 f"acc {stats.holdout_pixel_accuracy:.3f} IoU {stats.holdout_foreground_iou:.3f}  "
-                f"lr {stats.lr:.4g}  {stats.patches} patches {stats.patches_per_second:.1f}/s  "
-                f"{seconds:.1f} s  ETA {_fmt_seconds(eta)}",
+                f"lr {stats.lr:.4g}  nuclei {shares.mean_share:.1%}  {stats.patches} patches "
+                f"{stats.patches_per_second:.1f}/s  {seconds:.1f} s  ETA {_fmt_seconds(eta)}",
                 flush=True,
             )
+            share_path = shares.write_csv(os.path.join(run_dir, LABEL_SHARE_FILE))
+            if epoch == start_epoch:  # the labels are the teacher's: the same every epoch
+                _warn_empty_slides(shares, config)
+                if mlflow_client is not None:
+                    mlflow_client.log_artifact(config["mlflow_run_id"], str(share_path))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -309,6 +320,26 @@ def train_fn_per_worker(config: dict) -> None:
             if rank == 0:
                 print(f"stopping after epoch {epoch} as asked (stop_after_epoch); rerun to resume", flush=True)
             break
+
+
+def _gather_label_shares(shares, world: int):
+    """Every worker's per-slide label counts, merged (on each worker)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return shares
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, shares.counts)
+    return type(shares)(shares.empty_patch_share).merge(gathered)
+
+
+def _warn_empty_slides(shares, config: dict) -> None:
+    """One line per slide whose pseudo labels are mostly empty, naming it."""
+    for row in shares.mostly_empty(config["empty_slide_fraction"]):
+        print(
+            f"warning: {row['slide']}: {row['empty_patches']}/{row['patches']} patches have pseudo labels with "
+            f"less than {config['empty_patch_share']:.1%} nucleus pixels (mean {row['mean_nucleus_share']:.2%}); "
+            "is the teacher right on this tissue? check it with jobs/check_teacher.py (scale, normalisation, alpha)",
+            flush=True,
+        )
 
 
 def _save_best(model: torch.nn.Module, run_dir: str, stats: EpochStats) -> None:

@@ -37,6 +37,7 @@ _REGISTRY: dict[str, Callable[..., Teacher]] = {}
 BACKENDS = ("torch", "tensorflow")  # StarDist's network in PyTorch (default) or StarDist itself
 STARDIST_SPECS = ("demo", "stardist")  # registered names that are StarDist models
 _TORCH_ONLY = {"device": (None, "auto", "cpu"), "precision": ("fp32",), "compile": (False,)}
+_STARDIST_ONLY = {**_TORCH_ONLY, "normalization": (None,), "percentiles": (None,), "teacher_mpp": (None,)}
 
 
 def stardist_class(backend: str = "torch", **kwargs) -> tuple[type, dict]:
@@ -136,10 +137,11 @@ def build_teacher(spec: str, backend: str = "torch", **kwargs) -> Teacher:
     if spec in _REGISTRY:
         if spec in STARDIST_SPECS:
             return _REGISTRY[spec](backend=backend, **kwargs)
-        for key, allowed in _TORCH_ONLY.items():  # settings of StarDist's network, at their defaults
+        for key, allowed in _STARDIST_ONLY.items():  # settings of StarDist teachers, at their defaults
             if kwargs.get(key, allowed[0]) not in allowed:
                 raise TeacherError(f"{key}={kwargs[key]!r} is a setting of StarDist teachers; teacher {spec!r} takes none")
             kwargs.pop(key, None)
+        kwargs.pop("patch_mpp", None)  # the patches' scale: only a teacher with a scale of its own uses it
         return _REGISTRY[spec](**kwargs)
     if spec.startswith("stardist:"):
         return _REGISTRY["stardist"](name=spec.split(":", 1)[1], backend=backend, **kwargs)
