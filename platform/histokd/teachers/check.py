@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class CheckConfig:
     patch_mpp: float = field(default=0.5, metadata=_help("pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the scale labelled at when the teacher is not resampled"))
     teacher_mpp: float | None = field(default=None, metadata=_help("the scale the teacher was trained at; default: its own setting (histokd_teacher.json, or 2D_versatile_he's 0.25)"))
     alphas: tuple[float, ...] = field(default=ALPHA_CANDIDATES, metadata=_help("Eq. 2 thresholds to try"))
-    teacher_backend: str = field(default="torch", metadata=_help("StarDist backend: torch or tensorflow"))
+    teacher_backend: Literal["torch", "tensorflow"] = field(default="torch", metadata=_help("StarDist backend: torch (default) or tensorflow (StarDist itself, the tf-cpu extra)"))
     device: str = field(default="auto", metadata=_help("torch device of the teacher: auto, cpu, cuda"))
     overlays: int = field(default=4, metadata=_help("images drawn in overlay.png"))
 
