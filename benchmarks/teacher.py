@@ -1,7 +1,16 @@
 """Pseudo labels per second for 1024x1024 patches, and where the time goes.
 
-The probability-map path against StarDist's ``predict_instances`` (same model, same patches),
-and the whole stream (read + label) against reading alone.
+Four parts (``--parts``, all by default):
+
+* ``label_rates``: TensorFlow's probability-map path against StarDist's ``predict_instances``
+  (same model, same patches);
+* ``backends``: the PyTorch backend (eager, and ``torch.compile`` measured after its warm-up
+  with the compile time apart) against the TensorFlow backend, same patches, same CPU threads
+  (``torch.set_num_threads`` and TensorFlow's intra-op threads both ``--threads``); the variants
+  take turns in every round (a rotating order) so a change in machine load hits all alike, and
+  the figures are medians over rounds, the torch/TF ratio the median of each round's ratio;
+* ``figure``: the picture described below;
+* ``stream``: the whole stream (read + label) against reading alone.
 
 Models: the 2D_versatile_he architecture (its published config from ../shared/testdata with
 random weights: the network's cost is that of the real model; its weights need internet) and
@@ -10,7 +19,10 @@ weights almost no pixel passes the probability threshold and NMS has nothing to 
 Patches are 1024x1024 at 20x from synthetic demo slides, read through the slide layer.
 
     python benchmarks/teacher.py --out benchmarks/teacher.json
+    python benchmarks/teacher.py --parts backends --rounds 5      # torch against TensorFlow only
     python benchmarks/teacher.py --num-patches 512 --batch-size 16   # on a GPU machine
+
+(``benchmarks/gpu_check.py`` measures the torch teacher on a GPU without TensorFlow.)
 
 Besides the JSON it draws an RCKD Fig. 3-like picture of the demo teacher's pseudo labels, a
 picture rather than a measurement, into the unversioned ``runs/benchmarks/teacher_pseudo_labels.png``
@@ -24,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +45,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 VERSATILE_HE = REPO.parent / "shared" / "testdata" / "stardist" / "2D_versatile_he"
+PARTS = ("label_rates", "backends", "figure", "stream")
 
 
 def demo_patches(work: Path, n: int, size: int = 1024) -> tuple[np.ndarray, Path]:
@@ -72,20 +86,32 @@ def time_labels(teacher, images: np.ndarray, batch_size: int, repeats: int = 1) 
     }
 
 
-def label_rates(images: np.ndarray, batch_size: int, instances_patches: int) -> dict:
-    """Both label paths of both models on the same patches."""
+def benchmark_models(work: Path) -> dict[str, tuple[str, dict]]:
+    """Label -> (teacher spec, keyword arguments) of the two models measured.
+
+    The 2D_versatile_he folder gets one set of random weights (written by TensorFlow, read by
+    both backends), so the two backends' masks can be compared on it too.
+    """
+    from histokd.teachers.stardist_teacher import StarDistTeacher
+
+    folder = work / "2D_versatile_he"
+    shutil.copytree(VERSATILE_HE, folder)
+    keras_model = StarDistTeacher.from_folder(folder, require_weights=False).model.keras_model
+    keras_model.save_weights(str(folder / "weights_best.h5"))  # the h5 layout both backends read
+    return {
+        "2D_versatile_he architecture (random weights)": (str(folder), {}),
+        "demo teacher (trained)": ("demo", {}),
+    }
+
+
+def label_rates(models: dict, images: np.ndarray, batch_size: int, instances_patches: int) -> dict:
+    """Both label paths of TensorFlow StarDist, both models, on the same patches."""
     from histokd.teachers import build_teacher
 
     out = {}
-    folder = Path(tempfile.mkdtemp()) / "2D_versatile_he"
-    shutil.copytree(VERSATILE_HE, folder)
-    models = {
-        "2D_versatile_he architecture (random weights)": (str(folder), {"require_weights": False}),
-        "demo teacher (trained)": ("demo", {}),
-    }
     for label, (spec, kwargs) in models.items():
-        fast = build_teacher(spec, batch_size=batch_size, **kwargs)
-        slow = build_teacher(spec, mask_mode="instances", **kwargs)
+        fast = build_teacher(spec, backend="tensorflow", batch_size=batch_size, **kwargs)
+        slow = build_teacher(spec, backend="tensorflow", mask_mode="instances", **kwargs)
         row = {
             "probability_map": time_labels(fast, images, batch_size),
             "predict_instances": time_labels(slow, images[:instances_patches], 1),
@@ -98,6 +124,65 @@ def label_rates(images: np.ndarray, batch_size: int, instances_patches: int) -> 
         print(f"{label}: probability map {row['probability_map']['patches_per_second']:.2f}/s, "
               f"predict_instances {row['predict_instances']['patches_per_second']:.2f}/s", flush=True)
     return out
+
+
+def backend_rates(models: dict, images: np.ndarray, batch_size: int, threads: int, rounds: int) -> dict:
+    """The torch backend (eager, compiled) against TensorFlow: labels/s, same patches and threads.
+
+    Each variant labels every patch once to warm up (the compiled one compiles then: its
+    ``first_pass_s`` less its median pass is the compile time), then the variants take turns,
+    in a rotating order, for ``rounds`` timed passes each.
+    """
+    import torch
+
+    from histokd.teachers import build_teacher
+
+    out = {}
+    common = {"batch_size": batch_size, "intra_op_threads": threads}
+    variants = {
+        "tensorflow": {"backend": "tensorflow"},
+        "torch_eager": {"backend": "torch", "device": "cpu"},
+        "torch_compiled": {"backend": "torch", "device": "cpu", "compile": True},
+    }
+    for label, (spec, kwargs) in models.items():
+        teachers = {name: build_teacher(spec, **variant, **common, **kwargs) for name, variant in variants.items()}
+        rows: dict[str, dict] = {name: {"passes_s": [], "cpu_passes_s": []} for name in teachers}
+        masks = {}
+        for name, teacher in teachers.items():
+            started = time.perf_counter()
+            masks[name] = teacher.pseudo_label(images)
+            rows[name]["first_pass_s"] = round(time.perf_counter() - started, 2)
+        for r in range(rounds):
+            names = list(teachers)[r % len(teachers) :] + list(teachers)[: r % len(teachers)]
+            for name in names:
+                wall, cpu = time.perf_counter(), time.process_time()
+                teachers[name].pseudo_label(images)
+                rows[name]["passes_s"].append(round(time.perf_counter() - wall, 3))
+                rows[name]["cpu_passes_s"].append(round(time.process_time() - cpu, 3))
+        for name, row in rows.items():
+            median = statistics.median(row["passes_s"])
+            row["labels_per_s"] = round(len(images) / median, 3)
+            row["labels_per_cpu_s"] = round(len(images) / statistics.median(row["cpu_passes_s"]), 3)
+            row["mask_agreement_with_tensorflow_percent"] = round(100 * float((masks[name] == masks["tensorflow"]).mean()), 3)
+            row["nuclei_fraction"] = round(float(masks[name].mean()), 4)
+        rows["torch_compiled"]["compile_s"] = round(rows["torch_compiled"]["first_pass_s"] - statistics.median(rows["torch_compiled"]["passes_s"]), 2)
+        tf_passes = rows["tensorflow"]["passes_s"]
+        ratios = {
+            f"{name}_over_tensorflow": round(statistics.median(t / p for t, p in zip(tf_passes, rows[name]["passes_s"], strict=True)), 3)
+            for name in ("torch_eager", "torch_compiled")
+        }  # fmt: skip
+        out[label] = {**rows, **ratios}
+        print(f"{label}: " + ", ".join(f"{n} {r['labels_per_s']:.2f}/s" for n, r in rows.items())
+              + f"; torch/TF eager {ratios['torch_eager_over_tensorflow']}x, compiled {ratios['torch_compiled_over_tensorflow']}x",
+              flush=True)  # fmt: skip
+        del teachers
+    return {
+        "patches": len(images),
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "threads": {"torch": torch.get_num_threads(), "tensorflow_intra_op": threads},
+        "models": out,
+    }
 
 
 def stream_rates(manifest: Path, batch_size: int, input_size: int) -> dict:
@@ -131,7 +216,7 @@ def stream_rates(manifest: Path, batch_size: int, input_size: int) -> dict:
         },  # fmt: skip
         "actors": plan.num_actors,
         "actor_cpus": plan.actor_cpus,
-        "note": "wall time of a fresh dataset each, including Ray Data start-up and (stream) the TensorFlow actor start",
+        "note": "wall time of a fresh dataset each, including Ray Data start-up and (stream) the teacher actor start (torch backend, the default)",
     }
 
 
@@ -170,31 +255,45 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--input-size", type=int, default=512, help="training size of the stream's records")
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of torch and of TensorFlow (intra-op)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the backends part")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     parser.add_argument("--figure", default=str(REPO / "runs" / "benchmarks" / "teacher_pseudo_labels.png"),
                         help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels, a picture, not a "
                              "measurement: under runs/ (not versioned) by default; '' for none")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import ray
+    import torch
 
     from histokd.teachers.stardist_teacher import configure_tensorflow
 
-    tf = configure_tensorflow()
+    # Before either library runs an op: both then use the same number of CPU threads.
+    tf = configure_tensorflow(args.threads)
+    torch.set_num_threads(args.threads)
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     work = Path(tempfile.mkdtemp(prefix="teacher-bench-"))
     images, manifest = demo_patches(work, args.num_patches)
     print(f"{len(images)} patches of {images.shape[1]}x{images.shape[2]}; GPUs: {gpus or 'none'}", flush=True)
+    models = benchmark_models(work)
     results = {
-        "machine": {"cpus": os.cpu_count(), "gpus": gpus, "python": platform.python_version(), "tensorflow": tf.__version__},
+        "machine": {"cpus": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
+                    "tensorflow": tf.__version__, "torch": torch.__version__,
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
         "patch_size": int(images.shape[1]),
-        "label_rates": label_rates(images, args.batch_size, min(args.instances_patches, len(images))),
     }
-    if args.figure:
+    if "label_rates" in args.parts:
+        results["label_rates"] = label_rates(models, images, args.batch_size, min(args.instances_patches, len(images)))
+    if "backends" in args.parts:
+        results["backends"] = backend_rates(models, images, args.batch_size, args.threads, args.rounds)
+    if "figure" in args.parts and args.figure:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         figure(images, Path(args.figure))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)
-    ray.shutdown()
+    if "stream" in args.parts:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)
+        ray.shutdown()
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
