@@ -109,27 +109,22 @@ def tiny_pretrain_config(tmp_path, demo_slides_dir):
     return make
 
 
-TENSORFLOW_STACK = ("tensorflow", "keras", "stardist", "csbdeep")
-HEAVY_IMPORTS = (*TENSORFLOW_STACK, "ray", "openslide", "mlflow", "pyarrow", "pandas")
 
 
-@pytest.fixture
-def blocked_imports_env(tmp_path):
+@pytest.fixture(scope="session")
+def blocked_imports_env(tmp_path_factory):
     """Makes an environment whose Python processes (and the Ray workers they start) cannot import
-    the given top-level packages: a ``sitecustomize`` first on ``PYTHONPATH`` refuses them."""
+    the given top-level packages, as on a machine without them.
+
+    A ``sitecustomize`` first on ``PYTHONPATH`` sets each to None in ``sys.modules``: that is how
+    Python spells "not installed" (``import x`` raises ModuleNotFoundError, ``find_spec(x)`` is
+    None). A meta-path finder that raised instead would also break libraries that probe for
+    optional packages with ``find_spec`` (torch._dynamo does, on import).
+    """
 
     def make(blocked: tuple[str, ...], base: dict | None = None) -> dict[str, str]:
-        site = tmp_path / f"blocked-{len(blocked)}-{abs(hash(blocked))}"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(
-            "import sys\n"
-            f"BLOCKED = {tuple(blocked)!r}\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in BLOCKED:\n"
-            "            raise ImportError(f'{name} is blocked by the test')\n"
-            "sys.meta_path.insert(0, Block())\n"
-        )
+        site = tmp_path_factory.mktemp("blocked-site")
+        (site / "sitecustomize.py").write_text(f"import sys\n\nfor _name in {tuple(blocked)!r}:\n    sys.modules[_name] = None\n")
         env = dict(os.environ if base is None else base)
         env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return env

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,25 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 BLOCKED = ("tensorflow", "ray", "openslide", "mlflow", "pyarrow", "pandas")
 
-# A None entry in sys.modules is how Python spells "not installed": ``import x`` raises
-# ModuleNotFoundError and ``importlib.util.find_spec(x)`` answers None. A meta-path finder that
-# raises instead would also break libraries that probe for optional packages with find_spec
-# (torch._dynamo does, on import), which a machine without those packages does not.
-SITECUSTOMIZE = f"""
-import sys
-
-for _name in {BLOCKED!r}:
-    sys.modules[_name] = None
-"""
-
-
 @pytest.fixture(scope="module")
-def bare_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def bare_env(blocked_imports_env) -> dict[str, str]:
     """Environment of a Python that cannot import the blocked packages."""
-    folder = tmp_path_factory.mktemp("bare-site")
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    path = os.pathsep.join([str(folder), str(REPO / "platform")])
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return {**blocked_imports_env(BLOCKED), "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def _load_gpu_check():
