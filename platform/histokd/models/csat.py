@@ -15,6 +15,11 @@ before the next down-sampling layer (ConvNeXt's convention), so stage ``i`` is a
 ``4 * 2**i``.
 
 Variants: ``csat`` (with SAT modules) and ``csat_nosat`` (the ablation of RCKD Table 6).
+
+Speed (issue 14, item 8): SAT blocks fold the GRN into the linear layer after it
+(`FusedGrnMlp`) and add ``x * attention`` to the shortcut in one pass. Parameters, state-dict
+keys and MAC counts are unchanged; ``tests/models/test_csat_speed.py`` checks the model
+against a plain transcription of the paper's formulas.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch import nn
 from histokd.models.peg import PositionalEncodingGenerator
 from histokd.models.sat import SpatialAttentionTransformer
 
-__all__ = ["Csat", "SatBlock", "TransformerBlock", "GlobalAttention"]
+__all__ = ["Csat", "SatBlock", "TransformerBlock", "GlobalAttention", "FusedGrnMlp"]
 
 # RCKD Table 2: channels D, SAT blocks L and Transformer blocks per stage.
 CSAT_DIMS = (32, 48, 96, 176)
@@ -139,6 +144,136 @@ class TransformerBlock(nn.Module):
         return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a hook watches any of ``modules`` (or every module).
+
+    A fused path computes what some modules would without calling them, so their hooks would
+    not fire: THOP counts RCKD's MACs with forward hooks on leaf modules, and feature hooks
+    read module outputs. The fused paths run only where nothing watches.
+    """
+    if torch.nn.modules.module._has_any_global_hook():
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
+
+
+def _spatial_norm(x: torch.Tensor, dtype: torch.dtype, rows: int = 1024) -> torch.Tensor:
+    """L2 norm over dim 1 of ``B x N x K``, in ``dtype``, summed over blocks of ``rows`` pixels.
+
+    About six times faster on CPU than ``torch.linalg.vector_norm(x, dim=1)`` (stage 1 of a
+    batch of four 512 px images, one thread), whose reduction over a non-innermost dim is slow
+    there; each block's squares stay in cache.
+    """
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+    total = None
+    for block in x.split(rows, dim=1):
+        squares = block.to(dtype).square().sum(dim=1)
+        total = squares if total is None else total.add_(squares)
+    return total.sqrt()
+
+
+class _GrnLinear(torch.autograd.Function):
+    """``Linear(GRN(x))`` on an NHWC map as one batched matrix product, hand-written backward.
+
+    GRN (ConvNeXt-V2 Eqs. 1-3) is ``x * (1 + gamma * N(x)) + beta`` with ``N(x)`` one factor per
+    image and channel, ``N = ||x||_HW / (mean_C ||x||_HW + eps)``. The factor moves into the
+    weight of the linear layer that follows, ``W_b = W^T * (1 + gamma * N_b)`` per image ``b``,
+    and ``beta`` into its bias, ``b + W beta``. The GRN then costs one reduction over the
+    4x-expanded tensor instead of a reduction and three element-wise passes, and its backward
+    one element-wise pass besides the products, where autograd of timm's ``GlobalResponseNorm``
+    makes several (that backward was the largest element-wise cost in CSAT's CPU profile).
+
+    Inputs: ``x`` (``B x H x W x K``), GRN ``gamma`` and ``beta`` (``K``), linear ``weight``
+    (``D x K``) and ``bias`` (``D``), ``eps``. The per-image statistics are kept in float32 (or
+    float64); the big products run in ``x``'s dtype (bf16 under autocast, as the linear layer
+    would).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        grn_weight: torch.Tensor,
+        grn_bias: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        batch, k = x.shape[0], x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # dtype of the statistics
+        x_flat = x.reshape(batch, -1, k)  # B x HW x K
+        norm = _spatial_norm(x_flat, acc)  # B x K
+        denom = norm.mean(dim=-1, keepdim=True) + eps
+        scale = torch.addcmul(torch.ones_like(norm), norm / denom, grn_weight.to(acc))
+        weight_t = weight.to(acc).t()  # K x D
+        weight_b = (weight_t.unsqueeze(0) * scale.unsqueeze(-1)).to(x.dtype)  # B x K x D
+        bias_eff = torch.addmv(bias.to(acc), weight.to(acc), grn_bias.to(acc))
+        out = torch.baddbmm(bias_eff.to(x.dtype), x_flat, weight_b)
+        ctx.save_for_backward(x_flat, grn_weight, grn_bias, weight, norm, denom, scale, weight_b)
+        ctx.x_shape = x.shape
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_flat, grn_weight, grn_bias, weight, norm, denom, scale, weight_b = ctx.saved_tensors
+        batch, pixels, k = x_flat.shape
+        acc = norm.dtype
+        grad_flat = grad_out.reshape(batch, pixels, -1).to(x_flat.dtype)
+        grad_weight_b = torch.bmm(x_flat.transpose(1, 2), grad_flat).to(acc)  # B x K x D
+        grad_bias = grad_flat.sum(dim=(0, 1), dtype=acc)
+        weight_t = weight.to(acc).t()
+        grad_scale = (grad_weight_b * weight_t.unsqueeze(0)).sum(dim=-1)  # B x K
+        grad_weight = torch.einsum("bkd,bk->dk", grad_weight_b, scale)
+        grad_weight = grad_weight + torch.outer(grad_bias, grn_bias.to(acc))
+        grad_grn_bias = weight_t @ grad_bias
+        grad_grn_weight = (grad_scale * (norm / denom)).sum(dim=0)
+        # through N = norm / (mean_K(norm) + eps) to the norms
+        grad_n = grad_scale * grn_weight.to(acc)
+        grad_norm = grad_n / denom - (grad_n * norm).sum(dim=-1, keepdim=True) / (denom * denom * k)
+        # d||x|| / dx = x / ||x||; an all-zero channel gets none, as in autograd of vector_norm
+        coef = torch.where(norm > 0, grad_norm / norm.clamp_min(1e-30), 0.0)
+        grad_x = torch.bmm(grad_flat, weight_b.transpose(1, 2))
+        grad_x.addcmul_(x_flat, coef.unsqueeze(1).to(x_flat.dtype))
+        return (
+            grad_x.reshape(ctx.x_shape),
+            grad_grn_weight.to(grn_weight.dtype),
+            grad_grn_bias.to(grn_bias.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(weight.dtype),
+            None,
+        )
+
+
+class FusedGrnMlp(GlobalResponseNormMlp):
+    """timm's ``GlobalResponseNormMlp`` (NHWC, linear layers) with the GRN fused into ``fc2``.
+
+    Same parameters and state-dict keys as the timm module; the output equals it within float
+    rounding. Falls back to the timm forward pass where the fusion does not apply (1x1
+    convolutions, no ``fc2`` bias, active dropout) and where a hook watches the GRN, ``fc2`` or
+    the dropouts (THOP's MAC count, for one).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc2(GRN(GELU(fc1(x))))`` on NHWC ``x``."""
+        dropout = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
+        if (
+            not isinstance(self.fc2, nn.Linear)
+            or self.fc2.bias is None
+            or dropout
+            or _hooked(self.drop1, self.grn, self.fc2, self.drop2)
+        ):
+            return super().forward(x)
+        x = self.act(self.fc1(x))
+        # _GrnLinear chooses its own dtypes (float32 statistics, products in x's dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _GrnLinear.apply(
+                x, self.grn.weight, self.grn.bias, self.fc2.weight, self.fc2.bias, self.grn.eps
+            )
+
+
 class SatBlock(nn.Module):
     """SAT block, RCKD Eq. 8: ``x + SAT(Linear(GRN(GELU(Linear(LN(DWConv7x7(x)))))))``.
 
@@ -171,9 +306,7 @@ class SatBlock(nn.Module):
             dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True, **dd
         )
         self.norm = LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = GlobalResponseNormMlp(
-            dim, int(mlp_ratio * dim), act_layer=nn.GELU, use_conv=False, **dd
-        )
+        self.mlp = FusedGrnMlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, use_conv=False, **dd)
         self.sat_module = SpatialAttentionTransformer(dim, **dd) if use_sat else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -184,6 +317,11 @@ class SatBlock(nn.Module):
         x = x.permute(0, 2, 3, 1)  # channels-last for LayerNorm and the pointwise MLP
         x = self.mlp(self.norm(x))
         x = x.permute(0, 3, 1, 2)
+        no_drop_path = isinstance(self.drop_path, nn.Identity) or not self.training
+        sat = self.sat_module
+        if isinstance(sat, SpatialAttentionTransformer) and no_drop_path and not _hooked(sat):
+            # shortcut + x * attention in one pass (RCKD Eqs. 8 and 11)
+            return torch.addcmul(shortcut, x, sat.attention(x))
         x = self.sat_module(x)
         return shortcut + self.drop_path(x)
 

@@ -78,9 +78,13 @@ class SpatialAttentionTransformer(nn.Module):
         tokens = tokens + self.mlp(self.norm2(tokens))
         return tokens.transpose(1, 2).reshape(b, 1, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rescale ``x`` (NCHW) by the upsampled spatial attention (RCKD Eq. 11)."""
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial attention of RCKD Eq. 11, ``B x 1 x H x W`` at ``x``'s size, in (0, 1)."""
         attn = F.interpolate(
             self.attention_map(x), size=x.shape[-2:], mode="bilinear", align_corners=False
         )
-        return x * attn.sigmoid().to(x.dtype)
+        return attn.sigmoid().to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rescale ``x`` (NCHW) by the upsampled spatial attention (RCKD Eq. 11)."""
+        return x * self.attention(x)
