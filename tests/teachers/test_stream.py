@@ -210,3 +210,13 @@ def test_published_architecture_through_the_stream(ray_cluster, manifest, versat
     out = _collect(ds)
     assert len(out["patch_id"]) == 6 and len(set(out["patch_id"])) == 6
     assert out["pseudo_label"].shape == (6, INPUT, INPUT) and set(np.unique(out["pseudo_label"])) <= {0, 1}
+
+
+@pytest.mark.parametrize(("field", "value"), [("input_size", 0), ("batch_size", 2.5)])
+def test_stream_sizes_are_checked_before_any_work(field, value):
+    from histokd.teachers.stream import patch_dataset
+
+    sizes = {"input_size": 64, "batch_size": 4, field: value}
+    for make in (lambda: pseudo_label_dataset("no-manifest", "deconvolution", **sizes), lambda: patch_dataset("no-manifest", **sizes)):
+        with pytest.raises(TeacherError, match=f"{field}={value!r}: must be a positive integer"):
+            make()

@@ -508,10 +508,7 @@ def pseudo_label_dataset(
 
     from histokd.teachers.registry import build_teacher  # noqa: F401 - fail early on import errors
 
-    if not (isinstance(input_size, int) and input_size > 0):
-        raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
+    _check_sizes(input_size, batch_size)
     _check_spec(teacher, teacher_kwargs)
     table = load_manifest_table(manifest)
     from histokd.cluster import init_ray
@@ -617,10 +614,7 @@ def patch_dataset(
     """
     import ray
 
-    if not (isinstance(input_size, int) and input_size > 0):
-        raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
+    _check_sizes(input_size, batch_size)
     table = load_manifest_table(manifest)
     if not table.num_rows:
         raise TeacherError("the manifest has no rows: nothing to read")
@@ -641,6 +635,14 @@ def patch_dataset(
         memory=_read_memory(table, batch_size) + batch_size * input_size * input_size * 3,
         batch_format="numpy",
     )
+
+
+def _check_sizes(input_size: int, batch_size: int) -> None:
+    """The records' side and the patches per call are positive integers."""
+    if not (isinstance(input_size, int) and input_size > 0):
+        raise TeacherError(f"input_size={input_size!r}: must be a positive integer (RCKD: 512)")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
 
 
 def _check_spec(spec: str, teacher_kwargs: dict[str, Any] | None = None) -> None:
