@@ -99,26 +99,6 @@ def test_two_ddp_workers_share_each_epoch(ray_cluster, tiny_pretrain_config):
         assert (h["patches"] == count) == (h["patch_checksum"] == checksum)
 
 
-def test_learning_student_iou_rises(ray_cluster, tiny_pretrain_config):
-    """The student learns the teacher: hold-out IoU climbs well above its first epoch's.
-
-    The order in which Ray Data delivers blocks varies from run to run, so the same seed does
-    not give the same curve. lr 3.0 (LARS scales each layer's step by its trust ratio) escapes
-    the all-background start reliably: over 9 runs (seeds 0-7) the best of the last two epochs
-    was 0.56-0.72. At lr 1.0 one run in six stayed at 0.03 (CI, 2026-11-26).
-    """
-    from histokd.pretrain.job import run_pretraining
-
-    result = run_pretraining(
-        tiny_pretrain_config(run_name="learning", teacher="deconvolution", alpha=0.5,
-             num_patches=96, epochs=5, batch_size=8, input_size=128, lr=3.0)
-    )  # fmt: skip
-    ious = [h["holdout_foreground_iou"] for h in result.history]
-    losses = [h["loss"] for h in result.history]
-    assert losses[-1] < 0.7 * losses[0], losses
-    assert max(ious[-2:]) > ious[0] + 0.2, ious
-
-
 def test_resume_after_stop(ray_cluster, tiny_pretrain_config):
     from histokd.pretrain.job import run_pretraining
 

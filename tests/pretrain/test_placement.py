@@ -140,7 +140,9 @@ def test_trainer_placement_trains_on_the_actors_labels(ray_cluster, tiny_pretrai
     from histokd.pretrain.job import run_pretraining
     from histokd.pretrain.loop import patch_checksum
 
-    config = tiny_pretrain_config(run_name="in-trainer", teacher_placement="trainer", epochs=2)
+    # The hold-out is chosen by a hash of the patch ids, which hold the slides' temporary paths:
+    # at 0.2 of 24 patches a run gets a single hold-out patch about once in 30; at 0.4, once in 20,000.
+    config = tiny_pretrain_config(run_name="in-trainer", teacher_placement="trainer", epochs=2, holdout_fraction=0.4)
     result = run_pretraining(config)
     run_dir = Path(result.run_dir)
     assert [h["epoch"] for h in result.history] == [1, 2]
