@@ -161,7 +161,12 @@ def he_patches(n: int, size: int, seed: int = 0) -> np.ndarray:
     for i in range(n):
         share = np.zeros((size, size), np.float32)
         count = int(rng.integers(size * size // 3000, size * size // 1500 + 1)) + 1
-        for cy, cx, r in zip(rng.uniform(0, size, count), rng.uniform(0, size, count), rng.uniform(3, 7, count), strict=True):
+        for cy, cx, r in zip(
+            rng.uniform(0, size, count),
+            rng.uniform(0, size, count),
+            rng.uniform(3, 7, count),
+            strict=True,
+        ):
             y0, y1 = max(0, int(cy - r - 2)), min(size, int(cy + r + 3))
             x0, x1 = max(0, int(cx - r - 2)), min(size, int(cx + r + 3))
             yy, xx = np.mgrid[y0:y1, x0:x1]
@@ -206,7 +211,11 @@ def reset_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> dict:
     """Peak GPU memory since :func:`reset_memory`, and the process's peak RSS (Linux: KiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out: dict = {"peak_gpu_mib": None, "peak_gpu_reserved_mib": None, "process_peak_rss_mib": round(rss, 1)}
+    out: dict = {
+        "peak_gpu_mib": None,
+        "peak_gpu_reserved_mib": None,
+        "process_peak_rss_mib": round(rss, 1),
+    }
     if device.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
@@ -247,7 +256,11 @@ def halving_batch(measure: Callable[[int], dict], batch: int, device: torch.devi
     while True:
         try:
             result = measure(batch)
-            return {**result, "batch_size": batch, **({"batch_asked": asked} if batch != asked else {})}
+            return {
+                **result,
+                "batch_size": batch,
+                **({"batch_asked": asked} if batch != asked else {}),
+            }
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -308,13 +321,21 @@ def profile_busy(step: Callable[[], object], steps: int, device: torch.device) -
 
 
 # -- what is measured ------------------------------------------------------------------------------
-def student_step(backbone: str, device: torch.device, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], float]:
+def student_step(
+    backbone: str, device: torch.device, compiled: bool
+) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """One training step of backbone + U-Net decoder as ``histokd.pretrain.loop`` takes it."""
     from timm.optim import create_optimizer_v2  # after histokd, whose import hook timm needs
 
     model = SegmentationModel(backbone, num_classes=2)
     model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = create_optimizer_v2(model, "lars", lr=PAPER["lr"], weight_decay=PAPER["weight_decay"], momentum=PAPER["momentum"])
+    optimizer = create_optimizer_v2(
+        model,
+        "lars",
+        lr=PAPER["lr"],
+        weight_decay=PAPER["weight_decay"],
+        momentum=PAPER["momentum"],
+    )
     forward = torch.compile(model) if compiled else model
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -329,7 +350,9 @@ def student_step(backbone: str, device: torch.device, compiled: bool) -> Callabl
     return step
 
 
-def to_student(patches: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def to_student(
+    patches: torch.Tensor, labels: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 patches (N, H, W, 3) and masks (N, H, W) to the student's input and target at ``size``.
 
     Bilinear with antialiasing, as PIL's bilinear in ``histokd.teachers.stream`` (image), and the
@@ -337,11 +360,19 @@ def to_student(patches: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[
     """
     with torch.no_grad():
         image = patches.permute(0, 3, 1, 2).float()
-        image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        image = F.interpolate(
+            image, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
         image = ((image / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
-        share = F.interpolate(labels[:, None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        share = F.interpolate(
+            labels[:, None].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         return image, (share[:, 0] >= 0.5).long()
 
 
@@ -363,7 +394,10 @@ def teacher_rate(folder: Path, patches: np.ndarray, precision: str, compiled: bo
 def bf16_agreement(patches: np.ndarray, config: CheckConfig, device: torch.device) -> dict:
     """(a) The demo teacher's bf16 masks against its fp32 masks on H&E-like patches."""
     same = both = either = fg32 = fg16 = 0
-    teachers = {p: TorchStarDistTeacher.from_folder(DEMO_TEACHER_DIR, device=device, precision=p) for p in ("fp32", "bf16")}
+    teachers = {
+        p: TorchStarDistTeacher.from_folder(DEMO_TEACHER_DIR, device=device, precision=p)
+        for p in ("fp32", "bf16")
+    }
     for start in range(0, len(patches), config.teacher_batch_size):
         x = torch.from_numpy(patches[start : start + config.teacher_batch_size]).to(device)
         a, b = (teachers[p].label_tensor(x).bool() for p in ("fp32", "bf16"))
@@ -381,7 +415,11 @@ def bf16_agreement(patches: np.ndarray, config: CheckConfig, device: torch.devic
         "nuclei_fraction_fp32": round(fg32 / pixels, 4),
         "nuclei_fraction_bf16": round(fg16 / pixels, 4),
         "goal_percent": GOALS["bf16_agreement_percent"],
-        **({} if device.type == "cuda" else {"note": "bf16 autocast applies on CUDA only: on a CPU both run fp32"}),
+        **(
+            {}
+            if device.type == "cuda"
+            else {"note": "bf16 autocast applies on CUDA only: on a CPU both run fp32"}
+        ),
     }
 
 
@@ -393,7 +431,9 @@ def student_rate(backbone: str, compiled: bool, config: CheckConfig, device: tor
         torch.manual_seed(config.seed)
         step = student_step(backbone, device, compiled)
         size = config.student_size
-        images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        images = torch.randn(batch, 3, size, size, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
         labels = torch.randint(0, 2, (batch, size, size), device=device)
         timing = rate(lambda: step(images, labels), batch, config, device)
         return {"images_per_s": timing.pop("per_s"), **timing, "memory": peak_memory(device)}
@@ -401,7 +441,9 @@ def student_rate(backbone: str, compiled: bool, config: CheckConfig, device: tor
     return halving_batch(measure, config.batch_size, device)
 
 
-def rckd_rate(folder: Path, patches: np.ndarray, compiled: bool, config: CheckConfig, device: torch.device) -> dict:
+def rckd_rate(
+    folder: Path, patches: np.ndarray, compiled: bool, config: CheckConfig, device: torch.device
+) -> dict:
     """(c) The whole RCKD step: copy in, teacher labels, resize, student steps."""
 
     def measure(batch: int) -> dict:
@@ -441,7 +483,10 @@ class Report:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "smoke": smoke,
             "machine": machine(device),
-            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
+            "settings": {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(config).items()
+            },
             "goals": GOALS,
             **{section: {} for section in SECTIONS},
             "errors": {},
@@ -462,7 +507,10 @@ class Report:
     def record(self, path: tuple[str, ...], value: dict) -> None:
         """Put ``value`` at ``path`` (its ``memory`` into the memory section) and write the file."""
         if "memory" in value:
-            self.data["memory"][" ".join(path)] = {"batch_size": value.get("batch_size"), **value.pop("memory")}
+            self.data["memory"][" ".join(path)] = {
+                "batch_size": value.get("batch_size"),
+                **value.pop("memory"),
+            }
         node = self.data
         for key in path[:-1]:
             node = node.setdefault(key, {})
@@ -497,7 +545,11 @@ def machine(device: torch.device) -> dict:
            "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        out["gpu"] = {"name": props.name, "memory_mib": props.total_memory // 2**20, "capability": f"{props.major}.{props.minor}"}
+        out["gpu"] = {
+            "name": props.name,
+            "memory_mib": props.total_memory // 2**20,
+            "capability": f"{props.major}.{props.minor}",
+        }
     return out
 
 
@@ -517,7 +569,9 @@ def table(data: dict) -> str:
     """The figures and their goals as a plain-text table."""
     rows: list[tuple[str, str, str, str]] = []
 
-    def add(section: str, name: str, entry: dict, figure: Callable[[dict], str], goal: str = "") -> None:
+    def add(
+        section: str, name: str, entry: dict, figure: Callable[[dict], str], goal: str = ""
+    ) -> None:
         if "error" in entry:
             rows.append((section, name, f"failed: {entry['error'][:60]}", goal))
         elif "skipped" in entry:
@@ -536,7 +590,14 @@ def table(data: dict) -> str:
                 f">= {goal:g}/s in bf16 {_mark(entry.get('labels_per_s'), goal)}" if "bf16" in key else "")  # fmt: skip
     for mode in ("eager", "compiled"):
         for name, entry in data["student"].get(mode, {}).items():
-            add("student", f"{name} {mode}", entry, lambda e: f"{e['images_per_s']:.1f} images/s (batch {e['batch_size']}, first step {e['first_call_s']:.1f} s)")
+            add(
+                "student",
+                f"{name} {mode}",
+                entry,
+                lambda e: (
+                    f"{e['images_per_s']:.1f} images/s (batch {e['batch_size']}, first step {e['first_call_s']:.1f} s)"
+                ),
+            )
         ratio = data["student"].get("csat_over_resnet18", {}).get(mode)
         if ratio is not None:
             rows.append(("student", f"csat/resnet18 {mode}", f"{ratio:.2f}x",
@@ -548,10 +609,24 @@ def table(data: dict) -> str:
             f">= {GOALS['gpu_busy_percent']} % busy {_mark(busy, GOALS['gpu_busy_percent'])}")  # fmt: skip
     for name, entry in data["memory"].items():
         gpu = entry.get("peak_gpu_mib")
-        rows.append(("memory", name, f"{gpu:.0f} MiB peak GPU" if gpu is not None else f"{entry['process_peak_rss_mib']:.0f} MiB process RSS (no GPU)", ""))
-    widths = [max(len(r[i]) for r in [("section", "measurement", "figure", "goal"), *rows]) for i in range(4)]
+        rows.append(
+            (
+                "memory",
+                name,
+                f"{gpu:.0f} MiB peak GPU"
+                if gpu is not None
+                else f"{entry['process_peak_rss_mib']:.0f} MiB process RSS (no GPU)",
+                "",
+            )
+        )
+    widths = [
+        max(len(r[i]) for r in [("section", "measurement", "figure", "goal"), *rows])
+        for i in range(4)
+    ]
     lines = [("section", "measurement", "figure", "goal"), *rows]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -562,7 +637,9 @@ def run(config: CheckConfig, report: Report) -> None:
         torch.set_num_threads(config.threads)
     report.data["machine"]["torch_threads"] = torch.get_num_threads()
     folder = versatile_folder(Path(tempfile.mkdtemp(prefix="gpu-check-")))
-    patches = he_patches(min(config.batch_size, config.teacher_batch_size, 8), config.teacher_size, config.seed)
+    patches = he_patches(
+        min(config.batch_size, config.teacher_batch_size, 8), config.teacher_size, config.seed
+    )
     report.data["settings"]["teacher_folder"] = str(folder)
 
     def measure(path: tuple[str, ...], compiled: bool, fn: Callable[[], dict]) -> None:
@@ -572,14 +649,30 @@ def run(config: CheckConfig, report: Report) -> None:
             entry = report.data
             for key in path:
                 entry = entry[key]
-            figures = {k: entry[k] for k in ("labels_per_s", "images_per_s", "agreement_percent", "gpu_busy_percent", "skipped") if k in entry}
+            figures = {
+                k: entry[k]
+                for k in (
+                    "labels_per_s",
+                    "images_per_s",
+                    "agreement_percent",
+                    "gpu_busy_percent",
+                    "skipped",
+                )
+                if k in entry
+            }
             print(f"{' '.join(path)}: {figures}", flush=True)
         if path[0] == "student":
-            report.data["student"]["csat_over_resnet18"] = {m: _ratio(report.data["student"], m) for m in ("eager", "compiled")}
+            report.data["student"]["csat_over_resnet18"] = {
+                m: _ratio(report.data["student"], m) for m in ("eager", "compiled")
+            }
             report.write()
 
     def teacher(key: str, precision: str, compiled: bool = False) -> None:
-        measure(("teacher", key), compiled, lambda: teacher_rate(folder, patches, precision, compiled, config, device))
+        measure(
+            ("teacher", key),
+            compiled,
+            lambda: teacher_rate(folder, patches, precision, compiled, config, device),
+        )
 
     def student(name: str, compiled: bool = False) -> None:
         path = ("student", "compiled" if compiled else "eager", name)
@@ -608,18 +701,38 @@ def run(config: CheckConfig, report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure, write the JSON, print the table; 2 without CUDA (and without --smoke)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "gpu_check.json"), help="the JSON report")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, no compiling (CI)")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"student batch (RCKD: {PAPER['batch_size']})")
-    parser.add_argument("--teacher-batch-size", type=int, default=None, help="patches per teacher call in (a)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "gpu_check.json"), help="the JSON report"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on the CPU, no compiling (CI)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"student batch (RCKD: {PAPER['batch_size']})"
+    )
+    parser.add_argument(
+        "--teacher-batch-size", type=int, default=None, help="patches per teacher call in (a)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed calls per measurement")
-    parser.add_argument("--backbones", nargs="+", default=None, help=f"students (default: {' '.join(BACKBONES)})")
+    parser.add_argument(
+        "--backbones", nargs="+", default=None, help=f"students (default: {' '.join(BACKBONES)})"
+    )
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--time-limit-s", type=float, default=None, help="compiled measurements start only while this allows")
+    parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="compiled measurements start only while this allows",
+    )
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        print("gpu_check: needs a CUDA GPU (torch sees none); --smoke runs it at tiny sizes on the CPU", file=sys.stderr)
+        print(
+            "gpu_check: needs a CUDA GPU (torch sees none); --smoke runs it at tiny sizes on the CPU",
+            file=sys.stderr,
+        )
         return 2
     config = CheckConfig.smoke() if args.smoke else CheckConfig()
     overrides = {"batch_size": args.batch_size, "teacher_batch_size": args.teacher_batch_size, "steps": args.steps,
@@ -634,7 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report.data))
     print(f"written {args.out} ({report.data['seconds']:.0f} s)", flush=True)
     if report.data["errors"]:
-        print(f"{len(report.data['errors'])} measurement(s) failed: {', '.join(report.data['errors'])}", file=sys.stderr)
+        print(
+            f"{len(report.data['errors'])} measurement(s) failed: {', '.join(report.data['errors'])}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-def naive_slide(path: str, patch_size: int, magnification: float, base_magnification: float | None) -> dict:
+def naive_slide(
+    path: str, patch_size: int, magnification: float, base_magnification: float | None
+) -> dict:
     """Every grid cell at level 0, then the mean rule; no thumbnail, no pyramid."""
     import openslide
 
@@ -43,29 +45,44 @@ def naive_slide(path: str, patch_size: int, magnification: float, base_magnifica
     return {"cells": total, "kept": kept}
 
 
-def run_naive(slides: list[tuple[str, float | None]], patch_size: int, magnification: float) -> tuple[float, int, int]:
+def run_naive(
+    slides: list[tuple[str, float | None]], patch_size: int, magnification: float
+) -> tuple[float, int, int]:
     import ray
 
     task = ray.remote(num_cpus=1)(naive_slide)
     start = time.perf_counter()
     results = ray.get([task.remote(p, patch_size, magnification, b) for p, b in slides])
-    return time.perf_counter() - start, sum(r["kept"] for r in results), sum(r["cells"] for r in results)
+    return (
+        time.perf_counter() - start,
+        sum(r["kept"] for r in results),
+        sum(r["cells"] for r in results),
+    )
 
 
-def run_layer(slides: list[tuple[str, float | None]], patch_size: int, magnification: float, out: Path) -> tuple[float, int]:
+def run_layer(
+    slides: list[tuple[str, float | None]], patch_size: int, magnification: float, out: Path
+) -> tuple[float, int]:
     from histokd.manifest import ManifestConfig, build_manifest
 
     total, start = 0, time.perf_counter()
     # The user's base magnification applies per slide set: group the slides by it.
     for base in sorted({b for _, b in slides}, key=lambda v: v or 0):
         group = [p for p, b in slides if b == base]
-        config = ManifestConfig(magnification=magnification, patch_size=patch_size, num_patches=None, base_magnification=base)
+        config = ManifestConfig(
+            magnification=magnification,
+            patch_size=patch_size,
+            num_patches=None,
+            base_magnification=base,
+        )
         total += build_manifest(group, out / f"m{base}", config, overwrite=True).num_patches
     return time.perf_counter() - start, total
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="benchmarks/patches.json")
     p.add_argument("--patch-size", type=int, default=1024, help="RCKD Sec. 2.1.1: 1024 at 20x")
     p.add_argument("--magnification", type=float, default=20.0)
@@ -78,14 +95,21 @@ def main() -> None:
     from histokd.synthetic import make_demo_slides
 
     work = Path(tempfile.mkdtemp(prefix="bench-patches-"))
-    slides: list[tuple[str, float | None]] = [(str(s.path), None) for s in make_demo_slides(work / "slides", n=args.demo_slides, seed=0)]
+    slides: list[tuple[str, float | None]] = [
+        (str(s.path), None) for s in make_demo_slides(work / "slides", n=args.demo_slides, seed=0)
+    ]
     testdata = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "slides"
     if testdata.is_dir():
-        slides += [(str(testdata / "cmu-1-small-region.svs"), None), (str(testdata / "tcga-cr-7395-01a-01-ts1.svs"), 40.0)]
+        slides += [
+            (str(testdata / "cmu-1-small-region.svs"), None),
+            (str(testdata / "tcga-cr-7395-01a-01-ts1.svs"), 40.0),
+        ]
 
     results = []
     for workers in (1, 2):
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         naive_best, layer_best = float("inf"), float("inf")
         for _ in range(args.repeats):  # interleaved, so background load hits both sides alike
             t, naive_kept, cells = run_naive(slides, args.patch_size, args.magnification)

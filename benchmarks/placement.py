@@ -39,18 +39,39 @@ PLACEMENTS = ("actors", "trainer")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "placement.json"), help="the JSON report")
-    parser.add_argument("--teacher", default="demo", help="teacher spec of the job (a StarDist teacher)")
-    parser.add_argument("--patch-size", type=int, default=256, help="patch side at 20x (RCKD: 1024)")
-    parser.add_argument("--input-size", type=int, default=128, help="student input side (RCKD: 512)")
-    parser.add_argument("--num-patches", type=int, default=64, help="S_n, patches sampled (train + hold-out)")
-    parser.add_argument("--epochs", type=int, default=3, help="epoch 1 labels every patch; later ones show the cache")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "placement.json"), help="the JSON report"
+    )
+    parser.add_argument(
+        "--teacher", default="demo", help="teacher spec of the job (a StarDist teacher)"
+    )
+    parser.add_argument(
+        "--patch-size", type=int, default=256, help="patch side at 20x (RCKD: 1024)"
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=128, help="student input side (RCKD: 512)"
+    )
+    parser.add_argument(
+        "--num-patches", type=int, default=64, help="S_n, patches sampled (train + hold-out)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epoch 1 labels every patch; later ones show the cache",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="global student batch")
-    parser.add_argument("--teacher-batch-size", type=int, default=8, help="patches per teacher call")
+    parser.add_argument(
+        "--teacher-batch-size", type=int, default=8, help="patches per teacher call"
+    )
     parser.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--backbone", default="csat", help="student backbone")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each placement, interleaved")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each placement, interleaved"
+    )
     parser.add_argument("--slides-dir", default=str(REPO / "runs" / "benchmarks" / "placement_slides"),
                         help="demo slides, written on first use and reused")  # fmt: skip
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "benchmarks" / "placement"),
@@ -63,7 +84,9 @@ def _machine() -> dict:
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
     return {
         "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__,
@@ -102,7 +125,10 @@ def run_once(args: argparse.Namespace, slides: list[str], placement: str, repeat
         for h in result.history
     ]  # fmt: skip
     later = [e["seconds"] for e in epochs if e["epoch"] > 1]
-    print(f"{placement} run {repeat}: {seconds:.1f} s; epochs {[e['seconds'] for e in epochs]} s", flush=True)
+    print(
+        f"{placement} run {repeat}: {seconds:.1f} s; epochs {[e['seconds'] for e in epochs]} s",
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(Path(args.work_dir) / "runs" / config.run_name, ignore_errors=True)
     return {
@@ -123,7 +149,9 @@ def _summary(runs: list[dict]) -> dict:
         }
     for key in out["actors"]:
         if key in out["trainer"] and out["actors"][key]:
-            out.setdefault("trainer_over_actors", {})[key] = round(out["trainer"][key] / out["actors"][key], 3)
+            out.setdefault("trainer_over_actors", {})[key] = round(
+                out["trainer"][key] / out["actors"][key], 3
+            )
     shares = {r["epochs"][-1]["holdout_label_foreground"] for r in runs}
     out["same_holdout_labels"] = len(shares) == 1
     return out
@@ -146,8 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "teacher placement: actor pool vs training workers (benchmarks/placement.py)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "slides_dir", "work_dir", "keep")},
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "settings": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "slides_dir", "work_dir", "keep")
+        },
         "record_bytes": record_bytes(args.patch_size, args.input_size),
         "summary": _summary(runs),
         "runs": runs,

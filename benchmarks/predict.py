@@ -36,7 +36,9 @@ CASES = {
 }
 
 
-def save_model(path: Path, task: str, backbone: str, class_names: tuple[str, ...], input_size: int) -> Path:
+def save_model(
+    path: Path, task: str, backbone: str, class_names: tuple[str, ...], input_size: int
+) -> Path:
     """A random-weight model file in the fine-tuning job's format."""
     import torch
 
@@ -53,12 +55,21 @@ def save_model(path: Path, task: str, backbone: str, class_names: tuple[str, ...
     return path
 
 
-def model_alone(model_path: Path, tiles: np.ndarray, batch_size: int, threads: int, seconds: float, tile_side: int) -> dict:
+def model_alone(
+    model_path: Path,
+    tiles: np.ndarray,
+    batch_size: int,
+    threads: int,
+    seconds: float,
+    tile_side: int,
+) -> dict:
     """Tiles per second of the actor's own predict() on decoded tiles, after one warm-up batch."""
     from histokd.inference.model_file import load_checkpoint
     from histokd.inference.stream import TilePredictor
 
-    predictor = TilePredictor(load_checkpoint(model_path), str(model_path), tile_side=tile_side, threads=threads)
+    predictor = TilePredictor(
+        load_checkpoint(model_path), str(model_path), tile_side=tile_side, threads=threads
+    )
     predictor.predict(tiles[:batch_size])
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -66,7 +77,12 @@ def model_alone(model_path: Path, tiles: np.ndarray, batch_size: int, threads: i
             predictor.predict(tiles[i : i + batch_size])
             count += len(tiles[i : i + batch_size])
     elapsed = time.perf_counter() - start
-    return {"tiles": count, "seconds": round(elapsed, 3), "tiles_per_second": round(count / elapsed, 2), "device": str(predictor.device)}
+    return {
+        "tiles": count,
+        "seconds": round(elapsed, 3),
+        "tiles_per_second": round(count / elapsed, 2),
+        "device": str(predictor.device),
+    }
 
 
 def _config(model_path: Path, slides: list[str], out: Path, case: tuple, batch_size: int):
@@ -99,7 +115,9 @@ def stream(model_path: Path, slides: list[str], out: Path, case: tuple, batch_si
     )  # fmt: skip
     tile_side = round(info.patch_size * OUTPUT_MAGNIFICATION / info.magnification)
     start = time.perf_counter()
-    dataset = prediction_dataset(slides, checkpoint, info.path, settings, tile_side, batch_size=batch_size)
+    dataset = prediction_dataset(
+        slides, checkpoint, info.path, settings, tile_side, batch_size=batch_size
+    )
     first, tiles, first_tiles = None, 0, 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         n = int((np.asarray(batch["status"], dtype=object) == TILE).sum())
@@ -111,11 +129,15 @@ def stream(model_path: Path, slides: list[str], out: Path, case: tuple, batch_si
         "tiles": tiles,
         "seconds_to_first_batch": round(first - start, 3),
         "wall_seconds": round(end - start, 3),
-        "steady_tiles_per_second": round((tiles - first_tiles) / (end - first), 2) if end > first else None,
+        "steady_tiles_per_second": round((tiles - first_tiles) / (end - first), 2)
+        if end > first
+        else None,
     }
 
 
-def end_to_end(model_path: Path, slides: list[str], out: Path, case: tuple, batch_size: int) -> dict:
+def end_to_end(
+    model_path: Path, slides: list[str], out: Path, case: tuple, batch_size: int
+) -> dict:
     """`run_prediction` end to end: the stream plus stitching and writing every output, start-up included."""
     from histokd.inference import run_prediction
 
@@ -143,21 +165,29 @@ def decoded_tiles(slides: list[str], case: tuple, input_size: int, count: int) -
         plan = plan_tiles(path, 20, patch_size, overlap, TissueFilter(min_tissue_fraction=0.1))
         with SlideReader(path) as reader:
             for x, y in zip(plan.xs, plan.ys, strict=True):
-                tiles.append(reader.read_region(int(x), int(y), input_size, 20 * input_size / patch_size))
+                tiles.append(
+                    reader.read_region(int(x), int(y), input_size, 20 * input_size / patch_size)
+                )
                 if len(tiles) == count:
                     return np.stack(tiles)
     return np.stack(tiles)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="csat")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--slides", type=int, default=4, help="demo slides (2048 px at 20x) per stream run")
+    parser.add_argument(
+        "--slides", type=int, default=4, help="demo slides (2048 px at 20x) per stream run"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model-seconds", type=float, default=8.0, help="duration of each model-alone measurement")
+    parser.add_argument(
+        "--model-seconds", type=float, default=8.0, help="duration of each model-alone measurement"
+    )
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
     parser.add_argument("--out", default="benchmarks/predict.json")
     args = parser.parse_args()
@@ -171,22 +201,44 @@ def main() -> None:
     from histokd.teachers.stream import plan_resources
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="histokd_predict_bench_"))
-    slides = [str(s.slide_path) for s in make_demo_slides(work / "slides", n=args.slides, seed=11, width=2048, height=2048)]
+    slides = [
+        str(s.slide_path)
+        for s in make_demo_slides(work / "slides", n=args.slides, seed=11, width=2048, height=2048)
+    ]
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     plan = plan_resources(ray.cluster_resources(), None, 1.0)
     load_before = os.getloadavg()
     results: dict = {}
     for name in args.cases:
         case = CASES[name]
-        model_path = save_model(work / name / "best_model.pt", case[0], args.backbone, case[1], args.input_size)
+        model_path = save_model(
+            work / name / "best_model.pt", case[0], args.backbone, case[1], args.input_size
+        )
         tiles = decoded_tiles(slides, case, args.input_size, 4 * args.batch_size)
         rounds = []
         for r in range(args.rounds):
-            tile_side = round(case[2] * OUTPUT_MAGNIFICATION / 20)  # as run_prediction resizes segmentation maps
-            alone = model_alone(model_path, tiles, args.batch_size, plan.intra_op_threads, args.model_seconds, tile_side)
+            tile_side = round(
+                case[2] * OUTPUT_MAGNIFICATION / 20
+            )  # as run_prediction resizes segmentation maps
+            alone = model_alone(
+                model_path,
+                tiles,
+                args.batch_size,
+                plan.intra_op_threads,
+                args.model_seconds,
+                tile_side,
+            )
             streamed = stream(model_path, slides, work / name / "runs", case, args.batch_size)
             whole = end_to_end(model_path, slides, work / name / "runs", case, args.batch_size)
-            rounds.append({"round": r, "model_alone": alone, "stream": streamed, "end_to_end": whole, "load_average_1min": round(os.getloadavg()[0], 2)})
+            rounds.append(
+                {
+                    "round": r,
+                    "model_alone": alone,
+                    "stream": streamed,
+                    "end_to_end": whole,
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                }
+            )
             print(name, json.dumps(rounds[-1]), flush=True)
         alone_rate = statistics.median(x["model_alone"]["tiles_per_second"] for x in rounds)
         steady = statistics.median(x["stream"]["steady_tiles_per_second"] or 0 for x in rounds)
@@ -204,16 +256,40 @@ def main() -> None:
         "slides": args.slides,
         "slide_size": "2048 x 2048 px at 20x (demo SVS)",
         "machine": {
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "ray": ray.__version__, "load_average_before": [round(v, 2) for v in load_before],
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "load_average_before": [round(v, 2) for v in load_before],
         },  # fmt: skip
-        "actor_plan": {"actors": plan.num_actors, "actor_cpus": plan.actor_cpus, "actor_gpus": plan.actor_gpus,
-                       "read_cpus": plan.read_cpus, "threads": plan.intra_op_threads},  # fmt: skip
+        "actor_plan": {
+            "actors": plan.num_actors,
+            "actor_cpus": plan.actor_cpus,
+            "actor_gpus": plan.actor_gpus,
+            "read_cpus": plan.read_cpus,
+            "threads": plan.intra_op_threads,
+        },  # fmt: skip
         "results": results,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: {m: v[m] for m in ("model_alone_tiles_per_second", "stream_steady_tiles_per_second", "end_to_end_tiles_per_second", "steady_over_model")} for k, v in results.items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: {
+                    m: v[m]
+                    for m in (
+                        "model_alone_tiles_per_second",
+                        "stream_steady_tiles_per_second",
+                        "end_to_end_tiles_per_second",
+                        "steady_over_model",
+                    )
+                }
+                for k, v in results.items()
+            },
+            indent=1,
+        )
+    )
     print(f"written: {args.out}")
 
 

@@ -67,27 +67,51 @@ TISSUE_FRACTION = 0.85
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "pretrain_gpu.json"), help="the JSON report")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "pretrain_gpu.json"), help="the JSON report"
+    )
     parser.add_argument("--teacher", default=RANDOM_VERSATILE,
                         help=f"{RANDOM_VERSATILE!r} (default): the 2D_versatile_he architecture with random weights, "
                              "offline; else a teacher spec of the job (2D_versatile_he, demo, a model folder)")  # fmt: skip
-    parser.add_argument("--patch-size", type=int, default=1024, help="patch side at 20x (RCKD: 1024)")
-    parser.add_argument("--input-size", type=int, default=512, help="student input side (RCKD: 512)")
+    parser.add_argument(
+        "--patch-size", type=int, default=1024, help="patch side at 20x (RCKD: 1024)"
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=512, help="student input side (RCKD: 512)"
+    )
     parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16")
-    parser.add_argument("--num-patches", type=int, default=512, help="S_n, patches sampled (train + hold-out)")
-    parser.add_argument("--epochs", type=int, default=3, help="epoch 1 runs the teacher; later ones read its cache")
-    parser.add_argument("--batch-size", type=int, default=64, help="global student batch (RCKD: 64)")
-    parser.add_argument("--teacher-batch-size", type=int, default=8, help="patches per teacher call")
-    parser.add_argument("--teacher-gpus", type=float, default=0.5, help="GPU share of each teacher actor")
+    parser.add_argument(
+        "--num-patches", type=int, default=512, help="S_n, patches sampled (train + hold-out)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epoch 1 runs the teacher; later ones read its cache"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="global student batch (RCKD: 64)"
+    )
+    parser.add_argument(
+        "--teacher-batch-size", type=int, default=8, help="patches per teacher call"
+    )
+    parser.add_argument(
+        "--teacher-gpus", type=float, default=0.5, help="GPU share of each teacher actor"
+    )
     parser.add_argument("--backbone", default="csat", help="student backbone")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between nvidia-smi samples")
+    parser.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between nvidia-smi samples"
+    )
     parser.add_argument("--slides-dir", default=str(REPO / "runs" / "benchmarks" / "pretrain_gpu_slides"),
                         help="demo slides, written on first use and reused")  # fmt: skip
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "benchmarks" / "pretrain_gpu"),
                         help="the job's storage path (its run folder is removed afterwards unless --keep)")  # fmt: skip
-    parser.add_argument("--keep", action="store_true", help="keep the run folder (checkpoints, pseudo labels)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join; default: a new local Ray")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the run folder (checkpoints, pseudo labels)"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join; default: a new local Ray"
+    )
     return parser.parse_args(argv)
 
 
@@ -143,7 +167,9 @@ class GpuSampler(threading.Thread):
 def _one_slide(folder: str, seed: int) -> str:
     from histokd.synthetic import make_demo_slides
 
-    slide = make_demo_slides(folder, n=1, seed=seed, width=SLIDE_SIDE, height=SLIDE_SIDE, tissue_fraction=TISSUE_FRACTION)[0]
+    slide = make_demo_slides(
+        folder, n=1, seed=seed, width=SLIDE_SIDE, height=SLIDE_SIDE, tissue_fraction=TISSUE_FRACTION
+    )[0]
     return str(slide.slide_path)
 
 
@@ -196,7 +222,9 @@ def _machine() -> dict:
     }  # fmt: skip
 
 
-def _epoch_windows(tracking_uri: str, run_id: str, history: list[dict]) -> dict[int, tuple[float, float]]:
+def _epoch_windows(
+    tracking_uri: str, run_id: str, history: list[dict]
+) -> dict[int, tuple[float, float]]:
     """Epoch -> (start, end) unix seconds: the MLflow timestamp of its metrics minus its seconds."""
     import mlflow
 
@@ -212,7 +240,12 @@ def _epoch_windows(tracking_uri: str, run_id: str, history: list[dict]) -> dict[
 def _stats(samples: list[tuple[float, list[tuple[float, float]]]]) -> dict:
     """Mean and median busy % (mean over GPUs per sample) and peak memory (summed over GPUs)."""
     if not samples:
-        return {"samples": 0, "gpu_busy_mean": None, "gpu_busy_median": None, "peak_memory_mib": None}
+        return {
+            "samples": 0,
+            "gpu_busy_mean": None,
+            "gpu_busy_median": None,
+            "peak_memory_mib": None,
+        }
     busy = [statistics.fmean(u for u, _ in gpus) for _, gpus in samples]
     return {
         "samples": len(samples),
@@ -227,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     why = check_gpu()
     if why is not None:
-        print(f"pretrain_gpu: no GPU to measure ({why}); run this benchmark on a machine with an NVIDIA GPU", file=sys.stderr)
+        print(
+            f"pretrain_gpu: no GPU to measure ({why}); run this benchmark on a machine with an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 2
     if args.ray_address is None:
         os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, not a cluster this shell points at
@@ -251,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher_gpus=args.teacher_gpus, backbone=args.backbone, ray_address=args.ray_address,
         max_failures=0,
     )  # fmt: skip
-    print(f"{len(slides)} demo slides ({slides_seconds:.0f} s); pretraining {run_name} with teacher {args.teacher}", flush=True)
+    print(
+        f"{len(slides)} demo slides ({slides_seconds:.0f} s); pretraining {run_name} with teacher {args.teacher}",
+        flush=True,
+    )
     sampler = GpuSampler(args.interval)
     sampler.start()
     job_started = time.time()
@@ -277,14 +316,27 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "RCKD pretraining on GPU (benchmarks/pretrain_gpu.py)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
         "settings": {
-            "teacher": args.teacher, "teacher_spec": teacher, "teacher_config_from": teacher_source,
-            "magnification": config.magnification, "patch_size": config.patch_size, "input_size": config.input_size,
-            "precision": config.precision, "num_patches": config.num_patches, "epochs": config.epochs,
-            "batch_size": config.batch_size, "teacher_batch_size": config.teacher_batch_size,
-            "teacher_gpus": config.teacher_gpus, "backbone": config.backbone, "alpha": config.alpha,
-            "sample_interval_s": args.interval, "slides": len(slides), "slide_side": SLIDE_SIDE,
+            "teacher": args.teacher,
+            "teacher_spec": teacher,
+            "teacher_config_from": teacher_source,
+            "magnification": config.magnification,
+            "patch_size": config.patch_size,
+            "input_size": config.input_size,
+            "precision": config.precision,
+            "num_patches": config.num_patches,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "teacher_batch_size": config.teacher_batch_size,
+            "teacher_gpus": config.teacher_gpus,
+            "backbone": config.backbone,
+            "alpha": config.alpha,
+            "sample_interval_s": args.interval,
+            "slides": len(slides),
+            "slide_side": SLIDE_SIDE,
         },  # fmt: skip
         "patches": {"train": result.num_train_patches, "holdout": result.num_holdout_patches},
         "seconds": {"slides": round(slides_seconds, 1), "job": round(job_seconds, 1)},
@@ -300,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("patches_per_second", "training_epochs", "whole_job")}, indent=2))
+    print(
+        json.dumps(
+            {k: report[k] for k in ("patches_per_second", "training_epochs", "whole_job")}, indent=2
+        )
+    )
     print(f"written {out}", flush=True)
     if not args.keep:
         shutil.rmtree(work / "runs" / run_name, ignore_errors=True)

@@ -55,7 +55,9 @@ def demo_patches(work: Path, n: int, size: int = 1024) -> tuple[np.ndarray, Path
     from histokd.teachers.stream import read_patch_batch
 
     slides_needed = max(2, -(-n // 3))
-    slides = make_demo_slides(work / "slides", n=slides_needed, seed=11, width=2 * size, height=2 * size)
+    slides = make_demo_slides(
+        work / "slides", n=slides_needed, seed=11, width=2 * size, height=2 * size
+    )
     result = build_manifest(
         [str(s.slide_path) for s in slides], work / "manifest",
         ManifestConfig(magnification=20, patch_size=size, num_patches=n), use_ray=False,
@@ -118,15 +120,22 @@ def label_rates(models: dict, images: np.ndarray, batch_size: int, instances_pat
             "parameters": int(fast.model.keras_model.count_params()),
         }
         row["speedup"] = round(
-            row["probability_map"]["patches_per_second"] / row["predict_instances"]["patches_per_second"], 2
+            row["probability_map"]["patches_per_second"]
+            / row["predict_instances"]["patches_per_second"],
+            2,
         )
         out[label] = row
-        print(f"{label}: probability map {row['probability_map']['patches_per_second']:.2f}/s, "
-              f"predict_instances {row['predict_instances']['patches_per_second']:.2f}/s", flush=True)
+        print(
+            f"{label}: probability map {row['probability_map']['patches_per_second']:.2f}/s, "
+            f"predict_instances {row['predict_instances']['patches_per_second']:.2f}/s",
+            flush=True,
+        )
     return out
 
 
-def backend_rates(models: dict, images: np.ndarray, batch_size: int, threads: int, rounds: int) -> dict:
+def backend_rates(
+    models: dict, images: np.ndarray, batch_size: int, threads: int, rounds: int
+) -> dict:
     """The torch backend (eager, compiled) against TensorFlow: labels/s, same patches and threads.
 
     Each variant labels every patch once to warm up (the compiled one compiles then: its
@@ -145,7 +154,10 @@ def backend_rates(models: dict, images: np.ndarray, batch_size: int, threads: in
         "torch_compiled": {"backend": "torch", "device": "cpu", "compile": True},
     }
     for label, (spec, kwargs) in models.items():
-        teachers = {name: build_teacher(spec, **variant, **common, **kwargs) for name, variant in variants.items()}
+        teachers = {
+            name: build_teacher(spec, **variant, **common, **kwargs)
+            for name, variant in variants.items()
+        }
         rows: dict[str, dict] = {name: {"passes_s": [], "cpu_passes_s": []} for name in teachers}
         masks = {}
         for name, teacher in teachers.items():
@@ -163,9 +175,15 @@ def backend_rates(models: dict, images: np.ndarray, batch_size: int, threads: in
             median = statistics.median(row["passes_s"])
             row["labels_per_s"] = round(len(images) / median, 3)
             row["labels_per_cpu_s"] = round(len(images) / statistics.median(row["cpu_passes_s"]), 3)
-            row["mask_agreement_with_tensorflow_percent"] = round(100 * float((masks[name] == masks["tensorflow"]).mean()), 3)
+            row["mask_agreement_with_tensorflow_percent"] = round(
+                100 * float((masks[name] == masks["tensorflow"]).mean()), 3
+            )
             row["nuclei_fraction"] = round(float(masks[name].mean()), 4)
-        rows["torch_compiled"]["compile_s"] = round(rows["torch_compiled"]["first_pass_s"] - statistics.median(rows["torch_compiled"]["passes_s"]), 2)
+        rows["torch_compiled"]["compile_s"] = round(
+            rows["torch_compiled"]["first_pass_s"]
+            - statistics.median(rows["torch_compiled"]["passes_s"]),
+            2,
+        )
         tf_passes = rows["tensorflow"]["passes_s"]
         ratios = {
             f"{name}_over_tensorflow": round(statistics.median(t / p for t, p in zip(tf_passes, rows[name]["passes_s"], strict=True)), 3)
@@ -210,9 +228,15 @@ def stream_rates(manifest: Path, batch_size: int, input_size: int) -> dict:
     stream_s = time.perf_counter() - start
     return {
         "patches": table.num_rows,
-        "read_only": {"patches": n_read, "seconds": round(read_s, 2), "patches_per_second": round(n_read / read_s, 3)},
+        "read_only": {
+            "patches": n_read,
+            "seconds": round(read_s, 2),
+            "patches_per_second": round(n_read / read_s, 3),
+        },
         "read_and_label_demo": {
-            "patches": n_labelled, "seconds": round(stream_s, 2), "patches_per_second": round(n_labelled / stream_s, 3),
+            "patches": n_labelled,
+            "seconds": round(stream_s, 2),
+            "patches_per_second": round(n_labelled / stream_s, 3),
         },  # fmt: skip
         "actors": plan.num_actors,
         "actor_cpus": plan.actor_cpus,
@@ -248,19 +272,41 @@ def figure(images: np.ndarray, path: Path) -> None:
 
 def main() -> None:
     """Run the benchmark and write its JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "teacher.json"))
-    parser.add_argument("--num-patches", type=int, default=8, help="1024x1024 patches labelled per model")
-    parser.add_argument("--instances-patches", type=int, default=4, help="patches through predict_instances")
+    parser.add_argument(
+        "--num-patches", type=int, default=8, help="1024x1024 patches labelled per model"
+    )
+    parser.add_argument(
+        "--instances-patches", type=int, default=4, help="patches through predict_instances"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--input-size", type=int, default=512, help="training size of the stream's records")
+    parser.add_argument(
+        "--input-size", type=int, default=512, help="training size of the stream's records"
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of torch and of TensorFlow (intra-op)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="CPU threads of torch and of TensorFlow (intra-op)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the backends part")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
-    parser.add_argument("--figure", default=str(REPO / "runs" / "benchmarks" / "teacher_pseudo_labels.png"),
-                        help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels, a picture, not a "
-                             "measurement: under runs/ (not versioned) by default; '' for none")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure (default: all)",
+    )
+    parser.add_argument(
+        "--figure",
+        default=str(REPO / "runs" / "benchmarks" / "teacher_pseudo_labels.png"),
+        help="RCKD Fig. 3-like PNG of the demo teacher's pseudo labels, a picture, not a "
+        "measurement: under runs/ (not versioned) by default; '' for none",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import ray
@@ -274,23 +320,40 @@ def main() -> None:
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     work = Path(tempfile.mkdtemp(prefix="teacher-bench-"))
     images, manifest = demo_patches(work, args.num_patches)
-    print(f"{len(images)} patches of {images.shape[1]}x{images.shape[2]}; GPUs: {gpus or 'none'}", flush=True)
+    print(
+        f"{len(images)} patches of {images.shape[1]}x{images.shape[2]}; GPUs: {gpus or 'none'}",
+        flush=True,
+    )
     models = benchmark_models(work)
     results = {
-        "machine": {"cpus": os.cpu_count(), "gpus": gpus, "python": platform.python_version(),
-                    "tensorflow": tf.__version__, "torch": torch.__version__,
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "gpus": gpus,
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "torch": torch.__version__,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },  # fmt: skip
         "patch_size": int(images.shape[1]),
     }
     if "label_rates" in args.parts:
-        results["label_rates"] = label_rates(models, images, args.batch_size, min(args.instances_patches, len(images)))
+        results["label_rates"] = label_rates(
+            models, images, args.batch_size, min(args.instances_patches, len(images))
+        )
     if "backends" in args.parts:
-        results["backends"] = backend_rates(models, images, args.batch_size, args.threads, args.rounds)
+        results["backends"] = backend_rates(
+            models, images, args.batch_size, args.threads, args.rounds
+        )
     if "figure" in args.parts and args.figure:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         figure(images, Path(args.figure))
     if "stream" in args.parts:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
         results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)
         ray.shutdown()
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

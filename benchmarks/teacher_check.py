@@ -38,7 +38,9 @@ def annotated_tiles(work: Path, slides: int, tiles: int) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="benchmarks/teacher_check.json")
     parser.add_argument("--slides", type=int, default=2)
     parser.add_argument("--tiles", type=int, default=24)
@@ -60,7 +62,11 @@ def main() -> None:
         result = check_teacher(config)
         seconds = time.perf_counter() - started
         print(f"{name} ({seconds:.0f} s):\n{format_table(result.rows)}\nbest: {result.best}\n")
-        report["teachers"][name] = {"rows": result.rows, "best": result.best, "seconds": round(seconds, 1)}
+        report["teachers"][name] = {
+            "rows": result.rows,
+            "best": result.best,
+            "seconds": round(seconds, 1),
+        }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -38,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except TeacherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"teacher {config.teacher} on {config.images} (images at {config.mpp:g} um/px), pooled IoU with the true nuclei:")
+    print(
+        f"teacher {config.teacher} on {config.images} (images at {config.mpp:g} um/px), pooled IoU with the true nuclei:"
+    )
     print(format_table(result.rows))
     best = result.best
     how = ", ".join(f"{k} {best[k]}" for k in ("normalization", "teacher_mpp") if k in best)
-    print(f"best: alpha {best['alpha']:g}{', ' + how if how else ''}: IoU {best['check_iou']:.3f}, Dice {best['check_dice']:.3f}"
-          f" (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)")
+    print(
+        f"best: alpha {best['alpha']:g}{', ' + how if how else ''}: IoU {best['check_iou']:.3f}, Dice {best['check_dice']:.3f}"
+        f" (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)"
+    )
     print(f"report:   {result.out_dir}  (results.csv, results.json, overlay.png)")
     print(f"settings: {result.out_dir / 'histokd_teacher.json'}")
     return 0

@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         description=__doc__,
         presets={"demo": DEMO_PRESET},
-        default_preset=lambda values: None if values.get("datasets") or values.get("segmentation_datasets") else "demo",
+        default_preset=lambda values: (
+            None if values.get("datasets") or values.get("segmentation_datasets") else "demo"
+        ),
     )
     from histokd.finetune.compare import run_comparison
 

@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     primary = result.summary["primary_metric"]
     entry = result.primary
     print()
-    print(f"{config.backbone} ({config.init_name}) test {primary} over {result.summary['num_splits']} splits: "
-          f"{entry['mean']:.4f} ± {entry['std']:.4f}  (95% CI of the mean [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}])")
+    print(
+        f"{config.backbone} ({config.init_name}) test {primary} over {result.summary['num_splits']} splits: "
+        f"{entry['mean']:.4f} ± {entry['std']:.4f}  (95% CI of the mean [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}])"
+    )
     print(f"results: {result.files['summary_md']}")
     print(f"MLflow:  {result.tracking_uri}  run {result.mlflow_run_id}")
     return 0

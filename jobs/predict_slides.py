@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
-    print(f"outputs:    {result.run_dir}/slides  ({len(result.slides)} slides, summary: {result.files['summary_table']})")
+    print(
+        f"outputs:    {result.run_dir}/slides  ({len(result.slides)} slides, summary: {result.files['summary_table']})"
+    )
     print(f"bad slides: {result.num_bad}  ({result.files['bad_slides']})")
     print(f"MLflow:     {config.tracking_uri}  run {result.mlflow_run_id}")
     return 0

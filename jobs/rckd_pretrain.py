@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints: {result.run_dir}  (last: {result.checkpoint_path})")
     print(f"MLflow:      {result.tracking_uri}  run {result.mlflow_run_id}")
     if last:
-        print(f"hold-out foreground IoU vs teacher: {result.history[0]['holdout_foreground_iou']:.3f} (epoch 1) "
-              f"-> {last['holdout_foreground_iou']:.3f} (epoch {last['epoch']})")
+        print(
+            f"hold-out foreground IoU vs teacher: {result.history[0]['holdout_foreground_iou']:.3f} (epoch 1) "
+            f"-> {last['holdout_foreground_iou']:.3f} (epoch {last['epoch']})"
+        )
     if result.label_share_summary:
         print(f"{result.label_share_summary}  (per slide: {result.run_dir}/label_share.csv)")
     return 0

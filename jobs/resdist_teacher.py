@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     history = result.result["history"]
     print()
-    print(f"model:  {result.model_path}  (epoch {result.result['kept_epoch']}, {result.result['selected']})")
+    print(
+        f"model:  {result.model_path}  (epoch {result.result['kept_epoch']}, {result.result['selected']})"
+    )
     if history and "val_accuracy" in history[-1]:
         print(f"validation accuracy, last epoch: {history[-1]['val_accuracy']:.3f}")
     print(f"MLflow: {config.tracking_uri}  run {result.mlflow_run_id}")

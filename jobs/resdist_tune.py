@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     for row in rows:
-        print(f"{row['magnification']:>6g}x  T={row['temperature']:<4g} {config.score} {row[config.score]:.3f}  {row['gflops']:.3g} GFLOPs")
+        print(
+            f"{row['magnification']:>6g}x  T={row['temperature']:<4g} {config.score} {row[config.score]:.3f}  {row['gflops']:.3g} GFLOPs"
+        )
     return 0
 
 

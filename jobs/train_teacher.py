@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ious = ", ".join(f"{a:g}: {v:.3f}" for a, v in result.validation_iou.items())
-    print(f"teacher:  {result.model_dir}  ({result.num_train} train / {result.num_validation} held-out images, "
-          f"{result.seconds:.0f} s)")
-    print(f"held-out pseudo-mask IoU by alpha: {ious}; predict_instances: {result.validation_iou_instances:.3f}")
+    print(
+        f"teacher:  {result.model_dir}  ({result.num_train} train / {result.num_validation} held-out images, "
+        f"{result.seconds:.0f} s)"
+    )
+    print(
+        f"held-out pseudo-mask IoU by alpha: {ious}; predict_instances: {result.validation_iou_instances:.3f}"
+    )
     print(f"default alpha: {result.alpha:g}  (override with --alpha in the jobs that use it)")
     return 0
 

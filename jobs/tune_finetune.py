@@ -21,7 +21,9 @@ from histokd.finetune.search import SearchConfig
 
 # The demo: the paper's grid scaled to the demo's 256 px patches (resolutions 56 and 96 for
 # 224 and 384; learning rates 10x larger, as in the fine-tuning demo), three splits.
-DEMO_SEARCH_PRESET = dict(DEMO_PRESET, input_sizes=[56, 96], lrs=[1e-2, 1e-3], num_splits=3, max_epochs=15, patience=5)
+DEMO_SEARCH_PRESET = dict(
+    DEMO_PRESET, input_sizes=[56, 96], lrs=[1e-2, 1e-3], num_splits=3, max_epochs=15, patience=5
+)
 
 
 def main(argv: list[str] | None = None) -> int:

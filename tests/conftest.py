@@ -33,7 +33,13 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield ray
     ray.shutdown()
 
@@ -102,13 +108,13 @@ def tiny_pretrain_config(tmp_path, demo_slides_dir):
     from histokd.pretrain.config import PretrainConfig
 
     def make(**overrides):
-        settings = dict(TINY_PRETRAIN, storage_path=str(tmp_path / "runs"), slides=[str(demo_slides_dir)])
+        settings = dict(
+            TINY_PRETRAIN, storage_path=str(tmp_path / "runs"), slides=[str(demo_slides_dir)]
+        )
         settings.update(overrides)
         return PretrainConfig(**settings)
 
     return make
-
-
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +130,13 @@ def blocked_imports_env(tmp_path_factory):
 
     def make(blocked: tuple[str, ...], base: dict | None = None) -> dict[str, str]:
         site = tmp_path_factory.mktemp("blocked-site")
-        (site / "sitecustomize.py").write_text(f"import sys\n\nfor _name in {tuple(blocked)!r}:\n    sys.modules[_name] = None\n")
+        (site / "sitecustomize.py").write_text(
+            f"import sys\n\nfor _name in {tuple(blocked)!r}:\n    sys.modules[_name] = None\n"
+        )
         env = dict(os.environ if base is None else base)
-        env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO / "platform"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(site), str(REPO / "platform"), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
         return env
 
     return make

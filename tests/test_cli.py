@@ -35,9 +35,18 @@ def test_check_ints_accepts_what_it_allows():
 
 
 def test_run_storage_local_and_remote():
-    assert (_Job().run_dir, _Job().tracking_uri) == ("/data/runs/r1", "sqlite:////data/runs/mlflow.db")
+    assert (_Job().run_dir, _Job().tracking_uri) == (
+        "/data/runs/r1",
+        "sqlite:////data/runs/mlflow.db",
+    )
     remote = _Job(storage_path="s3://bucket/runs/")
     assert remote.run_dir == "s3://bucket/runs/r1"
-    with pytest.raises(ValueError, match="mlflow_tracking_uri is unset and storage_path='s3://bucket/runs/' is remote"):
+    with pytest.raises(
+        ValueError,
+        match="mlflow_tracking_uri is unset and storage_path='s3://bucket/runs/' is remote",
+    ):
         _ = remote.tracking_uri
-    assert _Job(storage_path="s3://b", mlflow_tracking_uri="http://mlflow:5000").tracking_uri == "http://mlflow:5000"
+    assert (
+        _Job(storage_path="s3://b", mlflow_tracking_uri="http://mlflow:5000").tracking_uri
+        == "http://mlflow:5000"
+    )

@@ -328,8 +328,18 @@ def test_split_placement_resources_match_the_guide(cluster):
     assert teacher_types and trainer_types and not set(teacher_types) & set(trainer_types)
     for name in teacher_types + trainer_types:  # one label per GPU: any actor split fits
         resources = types[name]["resources"]
-        assert resources.get("teacher_node", resources.get("trainer_node")) == resources["GPU"], name
+        assert resources.get("teacher_node", resources.get("trainer_node")) == resources["GPU"], (
+            name
+        )
     guide = (REPO / "docs" / "operators_guide.md").read_text()
-    assert """--teacher-resources '{"teacher_node": 1}' --trainer-resources '{"trainer_node": 1}'""" in guide
-    config = PretrainConfig(teacher_resources={"teacher_node": 1}, trainer_resources={"trainer_node": 1})
-    assert (config.teacher_resources, config.trainer_resources) == ({"teacher_node": 1}, {"trainer_node": 1})
+    assert (
+        """--teacher-resources '{"teacher_node": 1}' --trainer-resources '{"trainer_node": 1}'"""
+        in guide
+    )
+    config = PretrainConfig(
+        teacher_resources={"teacher_node": 1}, trainer_resources={"trainer_node": 1}
+    )
+    assert (config.teacher_resources, config.trainer_resources) == (
+        {"teacher_node": 1},
+        {"trainer_node": 1},
+    )

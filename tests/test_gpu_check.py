@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 BLOCKED = ("tensorflow", "ray", "openslide", "mlflow", "pyarrow", "pandas")
 
+
 @pytest.fixture(scope="module")
 def bare_env(blocked_imports_env) -> dict[str, str]:
     """Environment of a Python that cannot import the blocked packages."""
@@ -42,7 +43,9 @@ def test_blocker_blocks(bare_env: dict[str, str]) -> None:
         f"print([importlib.util.find_spec(n) is None for n in {BLOCKED!r}])\n"
         "import tensorflow\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=bare_env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=bare_env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
     assert out.stdout.strip() == str([True] * len(BLOCKED))
     assert "ModuleNotFoundError: import of tensorflow halted" in out.stderr
@@ -65,7 +68,9 @@ def test_smoke_runs_without_heavy_packages(bare_env: dict[str, str], tmp_path: P
         assert teacher[key]["batch_size"] == 2
     agreement = teacher["bf16_agreement"]
     assert agreement["agreement_percent"] == 100.0  # on a CPU both precisions run fp32
-    assert 0.01 < agreement["nuclei_fraction_fp32"] < 0.2  # the demo teacher finds the synthetic nuclei
+    assert (
+        0.01 < agreement["nuclei_fraction_fp32"] < 0.2
+    )  # the demo teacher finds the synthetic nuclei
     assert "skipped" in teacher["bf16_compile"]
 
     student = data["student"]
@@ -83,7 +88,9 @@ def test_smoke_runs_without_heavy_packages(bare_env: dict[str, str], tmp_path: P
 
     memory = data["memory"]
     assert {"teacher fp32", "teacher bf16", "student eager csat", "rckd_step eager"} <= set(memory)
-    assert all(row["process_peak_rss_mib"] > 0 and row["peak_gpu_mib"] is None for row in memory.values())
+    assert all(
+        row["process_peak_rss_mib"] > 0 and row["peak_gpu_mib"] is None for row in memory.values()
+    )
 
 
 def test_without_cuda_it_exits_2(bare_env: dict[str, str], tmp_path: Path) -> None:

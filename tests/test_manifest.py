@@ -30,7 +30,9 @@ def _tissue_slide(tiled_tiff, name: str, seed: int, size: int = 2048):
     yy, xx = np.mgrid[:size, :size]
     disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size * 0.35) ** 2
     image[disc] = PURPLE
-    image[disc] = np.clip(image[disc].astype(int) + rng.integers(-20, 20, (int(disc.sum()), 3)), 0, 255)
+    image[disc] = np.clip(
+        image[disc].astype(int) + rng.integers(-20, 20, (int(disc.sum()), 3)), 0, 255
+    )
     return tiled_tiff(name, image, mpp=0.5, levels=3)
 
 
@@ -59,7 +61,11 @@ def test_build_on_ray_skips_and_reports_bad_slides(ray_cluster, slide_set, tmp_p
     assert len(table) == 40 == result.num_patches
     assert table.patch_id.is_unique
     assert list(table.sample_index) == list(range(40))
-    assert set(table.slide_path.map(lambda p: p.rsplit("/", 1)[1])) <= {"a.tiff", "b.tiff", "cmu-1-small-region.svs"}
+    assert set(table.slide_path.map(lambda p: p.rsplit("/", 1)[1])) <= {
+        "a.tiff",
+        "b.tiff",
+        "cmu-1-small-region.svs",
+    }
     assert table.mean_intensity.between(50, 245).all()
     assert (table.extent == 256).all() and (table.patch_size == 128).all()
     # Every patch lies on the grid and inside its slide.
@@ -89,10 +95,19 @@ def test_seeded_reproducible_and_reused(ray_cluster, slide_set, tmp_path):
     local = build_manifest(slide_set, tmp_path / "two", CONFIG, use_ray=False)
     ids = read_manifest(first.manifest_path).column("patch_id").to_pylist()
     assert read_manifest(local.manifest_path).column("patch_id").to_pylist() == ids
-    other = build_manifest(slide_set, tmp_path / "three", ManifestConfig(magnification=10, patch_size=128, num_patches=40, seed=8), use_ray=False)
+    other = build_manifest(
+        slide_set,
+        tmp_path / "three",
+        ManifestConfig(magnification=10, patch_size=128, num_patches=40, seed=8),
+        use_ray=False,
+    )
     assert read_manifest(other.manifest_path).column("patch_id").to_pylist() != ids
     # Changing the settings rebuilds rather than reusing a stale manifest.
-    bigger = build_manifest(slide_set, tmp_path / "one", ManifestConfig(magnification=10, patch_size=128, num_patches=50, seed=7))
+    bigger = build_manifest(
+        slide_set,
+        tmp_path / "one",
+        ManifestConfig(magnification=10, patch_size=128, num_patches=50, seed=7),
+    )
     assert not bigger.reused and bigger.num_patches == 50
     assert pq.read_metadata(bigger.manifest_path).num_rows == 50
 
@@ -121,7 +136,14 @@ def test_every_slide_bad_fails_with_summary(slides_dir, tmp_path):
 def _bad_slides(path) -> dict[str, dict]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert rows == [] or list(rows[0]) == ["slide_path", "stage", "reason", "status", "unreadable_patches", "tried_patches"]
+    assert rows == [] or list(rows[0]) == [
+        "slide_path",
+        "stage",
+        "reason",
+        "status",
+        "unreadable_patches",
+        "tried_patches",
+    ]
     return {row["slide_path"].rsplit("/", 1)[1]: row for row in rows}
 
 
@@ -139,19 +161,30 @@ def _corrupt_tiles(path, tiles) -> None:
 
 
 def test_unreadable_tiles_are_reported(slides_dir, tiled_tiff, tmp_path):
-    config = ManifestConfig(magnification=20, patch_size=16, num_patches=None, tissue={"min_tissue_fraction": 0.0})
+    config = ManifestConfig(
+        magnification=20, patch_size=16, num_patches=None, tissue={"min_tissue_fraction": 0.0}
+    )
     with pytest.raises(ManifestError, match="unreadable.svs: tiles cannot be read"):
         build_manifest([slides_dir / "unreadable.svs"], tmp_path / "m", config, use_ray=False)
     (row,) = _bad_slides(tmp_path / "m" / "bad_slides.csv").values()
-    assert (row["stage"], row["status"], row["unreadable_patches"]) == ("scan", "skipped", "")  # its thumbnail fails
+    assert (row["stage"], row["status"], row["unreadable_patches"]) == (
+        "scan",
+        "skipped",
+        "",
+    )  # its thumbnail fails
     assert "unreadable.svs: tiles cannot be read" in row["reason"]
 
     # Tissue everywhere, 4x4 patches of 256 px at 20x, each one level-0 tile; the thumbnail
     # reads level 2, so only the patches' own tiles fail. One tile bad: the slide is used in
     # part and listed as partial. Every level-0 tile bad: skipped, as a read failure.
     rng = np.random.default_rng(0)
-    image = np.clip(np.array(PURPLE) + rng.integers(-20, 20, (1024, 1024, 3)), 0, 255).astype(np.uint8)
-    some, dead = tiled_tiff("some.tiff", image, mpp=0.5, levels=3), tiled_tiff("dead.tiff", image, mpp=0.5, levels=3)
+    image = np.clip(np.array(PURPLE) + rng.integers(-20, 20, (1024, 1024, 3)), 0, 255).astype(
+        np.uint8
+    )
+    some, dead = (
+        tiled_tiff("some.tiff", image, mpp=0.5, levels=3),
+        tiled_tiff("dead.tiff", image, mpp=0.5, levels=3),
+    )
     _corrupt_tiles(some, [5])  # x=256, y=256
     _corrupt_tiles(dead, range(16))
     config = ManifestConfig(magnification=20, patch_size=256, num_patches=None, rule_size=None)
@@ -167,22 +200,35 @@ def test_unreadable_tiles_are_reported(slides_dir, tiled_tiff, tmp_path):
     }  # fmt: skip
     assert (result.num_bad_slides, result.num_partial_slides, result.num_patches) == (1, 1, 15)
     summary = result.summary
-    assert (summary["num_bad_slides"], summary["num_partial_slides"], summary["num_slides_used"]) == (1, 1, 1)
+    assert (
+        summary["num_bad_slides"],
+        summary["num_partial_slides"],
+        summary["num_slides_used"],
+    ) == (1, 1, 1)
     assert summary["num_unreadable_patches"] == 17
     table = read_manifest(result.manifest_path).to_pandas()
-    assert set(table.slide_path) == {str(some)} and "256_256" not in {p.rsplit("/", 1)[1] for p in table.patch_id}
+    assert set(table.slide_path) == {str(some)} and "256_256" not in {
+        p.rsplit("/", 1)[1] for p in table.patch_id
+    }
     again = build_manifest([some, dead], tmp_path / "m2", config, use_ray=False)
     assert again.reused and (again.num_bad_slides, again.num_partial_slides) == (1, 1)
 
 
 def test_patch_larger_than_slide(slides_dir):
-    with pytest.raises(SlideError, match=r"small.svs: patch of 1024 px at 20x covers 1024 level-0 px, larger than the slide \(16x16"):
+    with pytest.raises(
+        SlideError,
+        match=r"small.svs: patch of 1024 px at 20x covers 1024 level-0 px, larger than the slide \(16x16",
+    ):
         scan_slide(str(slides_dir / "small.svs"), ManifestConfig())
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"patch_size": 0}, "patch_size=0"), ({"magnification": -5}, "magnification=-5"), ({"num_patches": -1}, "num_patches=-1")],
+    [
+        ({"patch_size": 0}, "patch_size=0"),
+        ({"magnification": -5}, "magnification=-5"),
+        ({"num_patches": -1}, "num_patches=-1"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -18,7 +18,9 @@ def _readme_test_command() -> str:
     for i, line in enumerate(lines):
         if line.startswith("#") and "run the tests" in line:
             command = lines[i + 1].strip()
-            assert command and not command.startswith(("#", "```")), f"README line {i + 2}: no command under {line!r}"
+            assert command and not command.startswith(("#", "```")), (
+                f"README line {i + 2}: no command under {line!r}"
+            )
             return command
     raise AssertionError("README.md has no '# ... run the tests' line above its test command")
 
@@ -26,7 +28,9 @@ def _readme_test_command() -> str:
 def _ci_commands() -> list[str]:
     """The non-comment lines between the README markers of .ci/run."""
     lines = CI.read_text().splitlines()
-    assert lines.count(CI_BEGIN) == 1 and lines.count(CI_END) == 1, f".ci/run: needs one {CI_BEGIN!r} and one {CI_END!r}"
+    assert lines.count(CI_BEGIN) == 1 and lines.count(CI_END) == 1, (
+        f".ci/run: needs one {CI_BEGIN!r} and one {CI_END!r}"
+    )
     block = lines[lines.index(CI_BEGIN) + 1 : lines.index(CI_END)]
     return [line.strip() for line in block if line.strip() and not line.strip().startswith("#")]
 

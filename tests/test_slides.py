@@ -99,7 +99,9 @@ def test_unopenable_files_name_the_file(slides_dir, name, message):
 def test_unreadable_tiles_then_reader_still_usable(slides_dir):
     with SlideReader(slides_dir / "unreadable.svs") as r:
         for _ in range(2):  # the handle is reopened after each failure
-            with pytest.raises(SlideError, match=r"unreadable.svs: tiles cannot be read at x=0, y=0"):
+            with pytest.raises(
+                SlideError, match=r"unreadable.svs: tiles cannot be read at x=0, y=0"
+            ):
                 r.read_region(0, 0, 16, 20)
 
 
@@ -117,7 +119,9 @@ def test_truncated_file(slides_dir, tmp_path):
 
 def test_magnification_above_scan(slides_dir):
     with SlideReader(slides_dir / "cmu-1-small-region.svs") as r:
-        with pytest.raises(SlideError, match=r"magnification=40x is above the scan's 20x.*allowed: at most 20x"):
+        with pytest.raises(
+            SlideError, match=r"magnification=40x is above the scan's 20x.*allowed: at most 20x"
+        ):
             r.read_region(0, 0, 64, 40)
 
 
@@ -174,7 +178,9 @@ def test_thumbnail_reads_a_big_single_level_slide_in_bounded_pieces(tiled_tiff, 
         width, height = r.size_at(1.25)  # 1500 / 16 = 93.75: a non-integer scale
         assert (width, height) == (93, 68)
         whole = r._slide.read_region((0, 0), 0, r.info.dimensions)
-        expected = np.asarray(Image.fromarray(flatten_rgba(whole)).resize((width, height), Image.Resampling.BOX))
+        expected = np.asarray(
+            Image.fromarray(flatten_rgba(whole)).resize((width, height), Image.Resampling.BOX)
+        )
         assert np.array_equal(r.thumbnail(1.25), expected)  # fits the default bound: one read
 
         sizes = []

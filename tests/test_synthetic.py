@@ -316,7 +316,9 @@ def test_bad_parameters_name_the_field_and_the_value(tmp_path: Path) -> None:
 def test_class_weights_give_a_slide_a_dominant_class(tmp_path):
     from histokd.synthetic import SlideSpec, make_demo_slides
 
-    slide = make_demo_slides(tmp_path, n=1, seed=4, width=1024, height=1024, class_weights=(0.0, 1.0, 0.0))[0]
+    slide = make_demo_slides(
+        tmp_path, n=1, seed=4, width=1024, height=1024, class_weights=(0.0, 1.0, 0.0)
+    )[0]
     regions = slide.read_truth(0, 0, 1024, 1024, kind="regions", size=(256, 256))
     assert set(np.unique(regions)) <= {0, 2} and (regions == 2).any()  # tumour only, and glass
     with pytest.raises(ValueError, match="class_weights"):

@@ -57,7 +57,13 @@ def two_nodes():
         if recorded is not None:
             address_file.write_text(recorded)
         if session_ray:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
 
 
 def _actors() -> list[dict]:
@@ -81,7 +87,9 @@ def _registered_checkpoints(run_dir: Path) -> list[dict]:
         return []
 
 
-def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_nodes, tmp_path, tiny_pretrain_config):
+def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(
+    two_nodes, tmp_path, tiny_pretrain_config
+):
     """Teachers on the head, the training worker on the trainer node, checkpoints on the
     shared path. The trainer node is removed once epoch 1's checkpoint is written and a new
     one is started; Ray Train restarts the worker group there from that checkpoint
@@ -92,8 +100,13 @@ def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_no
 
     cluster, trainer_node = two_nodes
     head_id, first_trainer_id = cluster.head_node.node_id, trainer_node.node_id
-    assert ray.get_runtime_context().get_node_id() == head_id  # the driver (and Train's controller) on the head
-    assert ray.cluster_resources()["teacher_node"] == 1 and ray.cluster_resources()["trainer_node"] == 1
+    assert (
+        ray.get_runtime_context().get_node_id() == head_id
+    )  # the driver (and Train's controller) on the head
+    assert (
+        ray.cluster_resources()["teacher_node"] == 1
+        and ray.cluster_resources()["trainer_node"] == 1
+    )
 
     storage = tmp_path / "shared_storage"
     run_dir = storage / "two_nodes"
@@ -114,13 +127,21 @@ def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_no
     started = time.monotonic()
     runner = threading.Thread(target=job, daemon=True)
     runner.start()
-    while not _registered_checkpoints(run_dir) and runner.is_alive() and time.monotonic() - started < 240:
+    while (
+        not _registered_checkpoints(run_dir)
+        and runner.is_alive()
+        and time.monotonic() - started < 240
+    ):
         time.sleep(0.1)
-    assert runner.is_alive() and _registered_checkpoints(run_dir), f"no checkpoint while the run was alive: {outcome}"
+    assert runner.is_alive() and _registered_checkpoints(run_dir), (
+        f"no checkpoint while the run was alive: {outcome}"
+    )
     first_checkpoint = time.monotonic() - started
     cluster.remove_node(trainer_node)  # kills the raylet and the training worker on it
     removed = time.monotonic() - started
-    assert runner.is_alive(), "the run ended before the trainer node was removed: nothing was tested"
+    assert runner.is_alive(), (
+        "the run ended before the trainer node was removed: nothing was tested"
+    )
     new_trainer = cluster.add_node(**TRAINER_NODE)
     replaced = time.monotonic() - started
     assert new_trainer.node_id != first_trainer_id
@@ -145,11 +166,20 @@ def test_trainer_node_dies_mid_run_and_the_run_resumes_on_its_replacement(two_no
     # Resumed, not restarted: one checkpoint per epoch, all on the shared path.
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     registered = _registered_checkpoints(run_dir)
-    assert [c["metrics"]["epoch"] for c in registered] == [1, 2, 3], "an epoch was trained twice or lost"
+    assert [c["metrics"]["epoch"] for c in registered] == [1, 2, 3], (
+        "an epoch was trained twice or lost"
+    )
     for c in registered:
-        state = torch.load(run_dir / c["checkpoint_dir_name"] / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(
+            run_dir / c["checkpoint_dir_name"] / CHECKPOINT_FILE,
+            map_location="cpu",
+            weights_only=True,
+        )
         assert state["epoch"] == c["metrics"]["epoch"]
     assert Path(result.checkpoint_path).parent == run_dir
     ids = pq.read_table(run_dir / "manifest" / "train.parquet").column("patch_id").to_pylist()
-    assert all((h["patches"], h["patch_checksum"]) == (len(ids), patch_checksum(ids)) for h in result.history)
+    assert all(
+        (h["patches"], h["patch_checksum"]) == (len(ids), patch_checksum(ids))
+        for h in result.history
+    )
     assert Path(result.backbone_path).is_file()

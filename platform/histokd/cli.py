@@ -53,32 +53,58 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _build_parser(cls: type, description: str, presets: Mapping[str, Mapping[str, Any]]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of field: value pairs (flags override it)")
+def _build_parser(
+    cls: type, description: str, presets: Mapping[str, Mapping[str, Any]]
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file of field: value pairs (flags override it)"
+    )
     if presets:
         parser.add_argument(
             "--preset",
             choices=sorted(presets),
             help="named set of overrides applied before --config and flags: "
-            + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()),
+            + "; ".join(
+                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()
+            ),
         )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
         parse, is_list, optional = _field_kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
         if parse is None:  # bool
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif is_list:
-            parser.add_argument(flag, nargs="*", type=parse, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+            parser.add_argument(
+                flag,
+                nargs="*",
+                type=parse,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
         else:
             choices = None
             tp = hints[f.name]
@@ -103,7 +129,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"error: --config {path}: cannot read it as YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise SystemExit(f"error: --config {path}: must be a mapping of field: value, got {type(data).__name__}")
+        raise SystemExit(
+            f"error: --config {path}: must be a mapping of field: value, got {type(data).__name__}"
+        )
     return data
 
 
@@ -136,7 +164,9 @@ def parse_config(
         from_file = load_yaml(args["config"])
         unknown = sorted(set(from_file) - names)
         if unknown:
-            raise SystemExit(f"error: --config {args['config']}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+            raise SystemExit(
+                f"error: --config {args['config']}: unknown field(s) {unknown}; allowed: {sorted(names)}"
+            )
         values.update(from_file)
     values.update({k: v for k, v in args.items() if k in names})
     preset = args.get("preset") or (default_preset(values) if default_preset else None)
@@ -147,7 +177,10 @@ def parse_config(
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     if preset:
-        print(f"preset {preset!r}: " + ", ".join(f"{k}={v!r}" for k, v in presets[preset].items() if k not in values))
+        print(
+            f"preset {preset!r}: "
+            + ", ".join(f"{k}={v!r}" for k, v in presets[preset].items() if k not in values)
+        )
     if args.get("print_config"):
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         sys.exit(0)
@@ -176,7 +209,9 @@ def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, auto: boo
         minimum: Smallest allowed value (1: positive, 0: non-negative).
         auto: None is allowed too (the job picks the value).
     """
-    allowed = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    allowed = {1: "a positive integer", 0: "a non-negative integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
     for name in names:
         value = getattr(config, name)
         if auto and value is None:

@@ -32,7 +32,9 @@ def _extension_loads() -> bool:
     if spec is None or not spec.submodule_search_locations:
         return True  # no torchvision: nothing to fix
     folder = list(spec.submodule_search_locations)[0]
-    candidates = [f for f in os.listdir(folder) if f.startswith("_C.") and f.endswith((".so", ".pyd"))]
+    candidates = [
+        f for f in os.listdir(folder) if f.startswith("_C.") and f.endswith((".so", ".pyd"))
+    ]
     if not candidates:
         return False
     try:

@@ -124,16 +124,26 @@ class ManifestConfig:
             raise ValueError(f"patch_size={self.patch_size!r}: must be a positive integer")
         if not self.magnification > 0:
             raise ValueError(f"magnification={self.magnification!r}: must be positive (e.g. 20)")
-        if self.num_patches is not None and not (isinstance(self.num_patches, int) and self.num_patches > 0):
-            raise ValueError(f"num_patches={self.num_patches!r}: must be a positive integer or None (all)")
+        if self.num_patches is not None and not (
+            isinstance(self.num_patches, int) and self.num_patches > 0
+        ):
+            raise ValueError(
+                f"num_patches={self.num_patches!r}: must be a positive integer or None (all)"
+            )
         if self.base_magnification is not None and not self.base_magnification > 0:
-            raise ValueError(f"base_magnification={self.base_magnification!r}: must be positive or None")
+            raise ValueError(
+                f"base_magnification={self.base_magnification!r}: must be positive or None"
+            )
         if not self.thumbnail_pixels_per_patch >= 1:
             raise ValueError(
                 f"thumbnail_pixels_per_patch={self.thumbnail_pixels_per_patch!r}: must be at least 1"
             )
-        if self.rule_size is not None and not (isinstance(self.rule_size, int) and self.rule_size > 0):
-            raise ValueError(f"rule_size={self.rule_size!r}: must be a positive integer or None (full resolution)")
+        if self.rule_size is not None and not (
+            isinstance(self.rule_size, int) and self.rule_size > 0
+        ):
+            raise ValueError(
+                f"rule_size={self.rule_size!r}: must be a positive integer or None (full resolution)"
+            )
         if isinstance(self.tissue, dict):  # from YAML
             object.__setattr__(self, "tissue", TissueFilter(**self.tissue))
 
@@ -182,7 +192,14 @@ class _BadSlide:
     tried_patches: int | None = None
 
 
-BAD_SLIDES_COLUMNS = ("slide_path", "stage", "reason", "status", "unreadable_patches", "tried_patches")
+BAD_SLIDES_COLUMNS = (
+    "slide_path",
+    "stage",
+    "reason",
+    "status",
+    "unreadable_patches",
+    "tried_patches",
+)
 
 
 def slide_id_for(path: str) -> str:
@@ -207,7 +224,9 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         path = Path(item)
         if path.is_dir():
             for ext in SLIDE_EXTENSIONS:
-                found.update(os.path.abspath(p) for p in path.rglob(f"*{ext}") if not _is_demo_truth(p))
+                found.update(
+                    os.path.abspath(p) for p in path.rglob(f"*{ext}") if not _is_demo_truth(p)
+                )
         elif path.suffix == ".txt" and path.is_file():
             lines = [ln.strip() for ln in path.read_text().splitlines()]
             found.update(os.path.abspath(ln) for ln in lines if ln and not ln.startswith("#"))
@@ -280,7 +299,9 @@ def scan_slide(path: str, config: ManifestConfig) -> SlideScan:
         )
 
 
-def _block_means(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, extent: int, scale: float) -> np.ndarray:
+def _block_means(
+    mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, extent: int, scale: float
+) -> np.ndarray:
     """Mean of ``mask`` over each cell's footprint on the thumbnail, by an integral image."""
     integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     h, w = mask.shape
@@ -309,8 +330,15 @@ def verify_patches(
     try:
         reader = SlideReader(path, config.base_magnification)
     except SlideError as exc:
-        return {"mean_intensity": means, "tissue_fraction": fractions, "readable": readable, "errors": [str(exc)]}
-    size = config.patch_size if config.rule_size is None else min(config.rule_size, config.patch_size)
+        return {
+            "mean_intensity": means,
+            "tissue_fraction": fractions,
+            "readable": readable,
+            "errors": [str(exc)],
+        }
+    size = (
+        config.patch_size if config.rule_size is None else min(config.rule_size, config.patch_size)
+    )
     magnification = config.magnification * size / config.patch_size  # same level-0 extent
     with reader:
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
@@ -322,7 +350,12 @@ def verify_patches(
             readable[i] = True
             means[i] = mean_intensity(patch)
             fractions[i] = tissue_fraction(patch, config.tissue)
-    return {"mean_intensity": means, "tissue_fraction": fractions, "readable": readable, "errors": errors}
+    return {
+        "mean_intensity": means,
+        "tissue_fraction": fractions,
+        "readable": readable,
+        "errors": errors,
+    }
 
 
 def _scan_or_error(path: str, config: ManifestConfig) -> SlideScan | str:
@@ -416,9 +449,15 @@ def build_manifest(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = discover_slides(slides)
     if not paths:
-        raise ManifestError(f"no slides found in {slides!r} (extensions: {', '.join(SLIDE_EXTENSIONS)})")
+        raise ManifestError(
+            f"no slides found in {slides!r} (extensions: {', '.join(SLIDE_EXTENSIONS)})"
+        )
     fingerprint = _fingerprint(paths, config)
-    manifest_path, summary_path, bad_path = out_dir / MANIFEST_FILE, out_dir / SUMMARY_FILE, out_dir / BAD_SLIDES_FILE
+    manifest_path, summary_path, bad_path = (
+        out_dir / MANIFEST_FILE,
+        out_dir / SUMMARY_FILE,
+        out_dir / BAD_SLIDES_FILE,
+    )
     if not overwrite and manifest_path.exists() and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("fingerprint") == fingerprint:
@@ -441,7 +480,11 @@ def build_manifest(
             good.append(scan)
 
     # One seeded order over all candidates of all slides.
-    owner = np.concatenate([np.full(len(s.xs), i) for i, s in enumerate(good)]) if good else np.zeros(0, int)
+    owner = (
+        np.concatenate([np.full(len(s.xs), i) for i, s in enumerate(good)])
+        if good
+        else np.zeros(0, int)
+    )
     local = np.concatenate([np.arange(len(s.xs)) for s in good]) if good else np.zeros(0, int)
     order = np.random.default_rng(config.seed).permutation(len(owner))
     target = len(order) if config.num_patches is None else config.num_patches
@@ -471,11 +514,20 @@ def build_manifest(
             if res["errors"]:
                 read_errors.setdefault(slide, []).extend(res["errors"])
             rule = config.tissue
-            ok = res["readable"] & (res["mean_intensity"] >= rule.min_mean_intensity) & (
-                res["mean_intensity"] <= rule.max_mean_intensity
+            ok = (
+                res["readable"]
+                & (res["mean_intensity"] >= rule.min_mean_intensity)
+                & (res["mean_intensity"] <= rule.max_mean_intensity)
             )
             for j in np.flatnonzero(ok):
-                kept.append((int(positions[j]), int(chunk[j]), float(res["mean_intensity"][j]), float(res["tissue_fraction"][j])))
+                kept.append(
+                    (
+                        int(positions[j]),
+                        int(chunk[j]),
+                        float(res["mean_intensity"][j]),
+                        float(res["tissue_fraction"][j]),
+                    )
+                )
         kept.sort()
         kept = kept[:target]
 
@@ -485,11 +537,19 @@ def build_manifest(
             bad[path] = _BadSlide("read", errors[0], "skipped", len(errors), attempts[slide])
         else:
             partial[path] = _BadSlide("read", errors[0], "partial", len(errors), attempts[slide])
-            log.warning("%s: %d of %d patches unreadable, skipped: %s", path, len(errors), attempts[slide], errors[0])
+            log.warning(
+                "%s: %d of %d patches unreadable, skipped: %s",
+                path,
+                len(errors),
+                attempts[slide],
+                errors[0],
+            )
     used = {good[owner[c]].path for _, c, _, _ in kept}
     if not kept:
         _write_bad_slides(bad_path, bad, partial)
-        reasons = "\n".join(f"  {p}: {b.reason}" for p, b in sorted(bad.items())) or "  (no candidates)"
+        reasons = (
+            "\n".join(f"  {p}: {b.reason}" for p, b in sorted(bad.items())) or "  (no candidates)"
+        )
         raise ManifestError(
             f"no usable patches in {len(paths)} slides; {len(bad)} bad:\n{reasons}\n"
             f"report: {bad_path}"
@@ -537,12 +597,16 @@ def build_manifest(
     }
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     if config.num_patches is not None and len(rows) < config.num_patches:
-        log.warning("only %d tissue patches found of the %d asked for", len(rows), config.num_patches)
+        log.warning(
+            "only %d tissue patches found of the %d asked for", len(rows), config.num_patches
+        )
     log.info(
         "manifest: %d patches from %d of %d slides (%d bad, %d with unreadable patches, listed in %s)",
         len(rows), len(used), len(paths), len(bad), len(partial), bad_path,
     )  # fmt: skip
-    return ManifestResult(manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary, len(partial))
+    return ManifestResult(
+        manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary, len(partial)
+    )
 
 
 def _write_bad_slides(path: Path, bad: dict[str, _BadSlide], partial: dict[str, _BadSlide]) -> None:
@@ -594,7 +658,9 @@ class PatchReader:
     def read(self, row: dict) -> np.ndarray:
         """The patch of one manifest row, RGB uint8 (patch_size, patch_size, 3)."""
         reader = self._reader(row["slide_path"], float(row["base_magnification"]))
-        return reader.read_region(int(row["x"]), int(row["y"]), int(row["patch_size"]), float(row["magnification"]))
+        return reader.read_region(
+            int(row["x"]), int(row["y"]), int(row["patch_size"]), float(row["magnification"])
+        )
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -31,7 +31,10 @@ def inject_fault(config: dict[str, Any], epoch: int, rank: int, world: int, fold
 
 
 def restore_checkpoint(
-    state_file: str, result_file: str, final_metrics: Callable[[dict[str, Any]], dict[str, Any]], rank: int
+    state_file: str,
+    result_file: str,
+    final_metrics: Callable[[dict[str, Any]], dict[str, Any]],
+    rank: int,
 ) -> tuple[bool, dict[str, Any] | None]:
     """The state to continue from, or the finished run's result reported again.
 
@@ -57,6 +60,9 @@ def restore_checkpoint(
         if os.path.exists(result_path):
             with open(result_path) as f:
                 result = json.load(f)
-            ray.train.report(final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            ray.train.report(
+                final_metrics(result),
+                checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+            )
             return True, None
         return False, torch.load(os.path.join(d, state_file), map_location="cpu", weights_only=True)

@@ -288,7 +288,9 @@ class SlideReader:
         level_w, level_h = self.info.level_dimensions[level]
         level_downsample = self.info.level_downsamples[level]
         sx, sy = level_w / width, level_h / height  # level px per output px
-        tile_w, tile_h = _thumbnail_piece(level_w, level_h, width, height, sx, sy, _THUMBNAIL_READ_PIXELS)
+        tile_w, tile_h = _thumbnail_piece(
+            level_w, level_h, width, height, sx, sy, _THUMBNAIL_READ_PIXELS
+        )
         out = np.empty((height, width, 3), np.uint8)
         try:
             for r0 in range(0, height, tile_h):
@@ -307,7 +309,9 @@ class SlideReader:
                     image = self._slide.read_region(origin, level, (read_w, read_h))
                     piece = Image.fromarray(flatten_rgba(image))
                     box = (fx0 - ix0, fy0 - iy0, min(fx1 - ix0, read_w), min(fy1 - iy0, read_h))
-                    out[r0:r1, c0:c1] = np.asarray(piece.resize((c1 - c0, r1 - r0), Image.Resampling.BOX, box=box))
+                    out[r0:r1, c0:c1] = np.asarray(
+                        piece.resize((c1 - c0, r1 - r0), Image.Resampling.BOX, box=box)
+                    )
         except openslide.OpenSlideError as exc:
             self._reopen()
             raise SlideError(self.path, f"tiles cannot be read for the thumbnail: {exc}") from exc

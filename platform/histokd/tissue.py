@@ -76,7 +76,9 @@ def _hue_degrees(rgb: np.ndarray) -> np.ndarray:
     delta = cmax - rgb.min(-1)
     safe = np.where(delta == 0, 1.0, delta)
     hue = np.where(
-        cmax == r, ((g - b) / safe) % 6.0, np.where(cmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+        cmax == r,
+        ((g - b) / safe) % 6.0,
+        np.where(cmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
     return hue * 60.0
 
@@ -115,4 +117,6 @@ def passes_intensity_rule(rgb: np.ndarray, params: TissueFilter | None = None) -
 def is_tissue_patch(rgb: np.ndarray, params: TissueFilter | None = None) -> bool:
     """Both steps on one full-resolution patch: enough tissue pixels and the mean rule."""
     params = params or TissueFilter()
-    return tissue_fraction(rgb, params) >= params.min_tissue_fraction and passes_intensity_rule(rgb, params)
+    return tissue_fraction(rgb, params) >= params.min_tissue_fraction and passes_intensity_rule(
+        rgb, params
+    )

@@ -18,7 +18,19 @@ __all__ = ["MLflowRun", "package_versions", "git_commit"]
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ("histokd", "torch", "timm", "ray", "tensorflow-cpu", "tensorflow", "stardist", "openslide-python", "openslide-bin", "mlflow", "numpy")
+_VERSIONED = (
+    "histokd",
+    "torch",
+    "timm",
+    "ray",
+    "tensorflow-cpu",
+    "tensorflow",
+    "stardist",
+    "openslide-python",
+    "openslide-bin",
+    "mlflow",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -37,7 +49,10 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
     path = Path(path or Path(__file__).resolve().parent)
     try:
         out = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         commit = out.stdout.strip() if out.returncode == 0 else "unknown"
         dirty = subprocess.run(
@@ -59,10 +74,18 @@ class MLflowRun:
         artifact_location: Absolute path or URI for artifacts of a new experiment.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, artifact_location: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        artifact_location: str | None = None,
+    ):
         import mlflow
 
-        if tracking_uri.startswith("file:") or (":" not in tracking_uri and not tracking_uri.startswith("/")):
+        if tracking_uri.startswith("file:") or (
+            ":" not in tracking_uri and not tracking_uri.startswith("/")
+        ):
             raise ValueError(
                 f"mlflow_tracking_uri={tracking_uri!r}: MLflow 3 refuses file stores; use "
                 "sqlite:///ABSOLUTE/PATH.db or a tracking server URI"
@@ -75,7 +98,9 @@ class MLflowRun:
         if exp is None:
             if artifact_location and "://" not in artifact_location:
                 artifact_location = Path(artifact_location).absolute().as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location
+            )
         else:
             experiment_id = exp.experiment_id
         self.experiment_id = experiment_id
@@ -106,7 +131,11 @@ class MLflowRun:
         changed = {k: v for k, v in flat.items() if existing.get(k) != v}
         conflicts = {k: (existing[k], v) for k, v in changed.items() if k in existing}
         if conflicts:
-            log.warning("run %s resumed with changed params (kept the first values): %s", self.run_id, conflicts)
+            log.warning(
+                "run %s resumed with changed params (kept the first values): %s",
+                self.run_id,
+                conflicts,
+            )
         new = [mlflow.entities.Param(k, v) for k, v in changed.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
@@ -161,7 +190,9 @@ def worker_mlflow_client(config: Mapping[str, Any]):
         return None
 
 
-def log_epoch_metrics(client, config: Mapping[str, Any], metrics: Mapping[str, Any], step: int) -> None:
+def log_epoch_metrics(
+    client, config: Mapping[str, Any], metrics: Mapping[str, Any], step: int
+) -> None:
     """Log a worker's numeric, finite metrics at ``step`` in one batch; retried because a SQLite
     store locks briefly while another run writes, and never raises."""
     if client is None:
@@ -175,7 +206,10 @@ def log_epoch_metrics(client, config: Mapping[str, Any], metrics: Mapping[str, A
     batch = [
         mlflow.entities.Metric(k, float(v), now, int(step))
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch" and math.isfinite(float(v))
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k != "epoch"
+        and math.isfinite(float(v))
     ]
     for attempt in range(3):
         try:

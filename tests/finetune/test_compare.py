@@ -9,8 +9,15 @@ from histokd.finetune.compare import CompareConfig, parse_init_entry, run_compar
 
 
 def test_init_entries(tmp_path, backbone_file):
-    assert parse_init_entry(f"csat={backbone_file}", "backbone_files", "RCKD") == ("RCKD", "csat", str(backbone_file))
-    assert parse_init_entry(f"SPT on ImageNet@csat={backbone_file}", "timm_weights", "x")[0] == "SPT on ImageNet"
+    assert parse_init_entry(f"csat={backbone_file}", "backbone_files", "RCKD") == (
+        "RCKD",
+        "csat",
+        str(backbone_file),
+    )
+    assert (
+        parse_init_entry(f"SPT on ImageNet@csat={backbone_file}", "timm_weights", "x")[0]
+        == "SPT on ImageNet"
+    )
     with pytest.raises(ValueError, match="backbone 'vit' unknown"):
         parse_init_entry(f"vit={backbone_file}", "backbone_files", "RCKD")
     with pytest.raises(ValueError, match="expected \\[LABEL@\\]BACKBONE=PATH"):
@@ -26,23 +33,34 @@ def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, b
         num_splits=1, bootstrap_resamples=100, workers_per_split=0,
     )  # fmt: skip
     result = run_comparison(config)
-    assert [(r["model"], r["init"]) for r in result.rows] == [("csat", "Random Weight"), ("csat", "RCKD")]
+    assert [(r["model"], r["init"]) for r in result.rows] == [
+        ("csat", "Random Weight"),
+        ("csat", "RCKD"),
+    ]
     assert all(0 <= r["mean"] <= 1 and r["metric"] == "accuracy" for r in result.rows)
     assert result.rows[0]["params"] == result.rows[1]["params"] > 2e6  # CSAT backbone, ~2.8 M
     raw = pd.read_csv(result.files["csv"])
     assert len(raw) == 2
     text = Path(result.files["markdown"]).read_text()
-    assert "| csat |" in text and "Demo (acc %)" in text and "Random Weight" in text and "RCKD" in text
+    assert (
+        "| csat |" in text and "Demo (acc %)" in text and "Random Weight" in text and "RCKD" in text
+    )
     assert Path(result.files["chart"]).stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--data", "."], r"data='\.': a comparison sets it for every cell .* --datasets NAME=PATH"),
+        (
+            ["--data", "."],
+            r"data='\.': a comparison sets it for every cell .* --datasets NAME=PATH",
+        ),
         (["--task", "segmentation"], r"task='segmentation': .* --segmentation-datasets NAME=PATH"),
         (["--backbone", "resnet18"], r"backbone='resnet18': .* --backbones"),
-        (["--init", "random-weights.pth"], r"init='random-weights.pth': .* --backbone-files .* --timm-weights"),
+        (
+            ["--init", "random-weights.pth"],
+            r"init='random-weights.pth': .* --backbone-files .* --timm-weights",
+        ),
         (["--init-label", "Mine"], r"init_label='Mine': .* LABEL@ in --backbone-files"),
     ],
 )
@@ -65,6 +83,18 @@ def test_per_cell_values_come_from_the_lists(tmp_path, demo_tasks_small, backbon
         "--segmentation-datasets", f"Glands={demo_tasks_small.segmentation_dir}", "--backbones", "resnet18",
         "--backbone-files", f"Mine@csat={backbone_file}",
     ])  # fmt: skip
-    assert (config.data, config.task, config.backbone, config.init, config.init_label) == ("", "classification", "csat", "random", None)
-    assert [(n, t) for n, _, t in config.dataset_list()] == [("Demo", "classification"), ("Glands", "segmentation")]
-    assert config.initialisations() == [("Random Weight", "resnet18", "random"), ("Mine", "csat", str(backbone_file))]
+    assert (config.data, config.task, config.backbone, config.init, config.init_label) == (
+        "",
+        "classification",
+        "csat",
+        "random",
+        None,
+    )
+    assert [(n, t) for n, _, t in config.dataset_list()] == [
+        ("Demo", "classification"),
+        ("Glands", "segmentation"),
+    ]
+    assert config.initialisations() == [
+        ("Random Weight", "resnet18", "random"),
+        ("Mine", "csat", str(backbone_file)),
+    ]

@@ -26,7 +26,10 @@ def test_defaults_are_rckds(tmp_path):
     [
         ({"backbone": "vit_b"}, "backbone='vit_b': unknown; allowed: csat"),
         ({"init": "/no/such.pth"}, "init='/no/such.pth': no such file"),
-        ({"positional_encoding": "learned"}, "positional_encoding='learned': allowed: frozen, trained"),
+        (
+            {"positional_encoding": "learned"},
+            "positional_encoding='learned': allowed: frozen, trained",
+        ),
         ({"split_ratios": [0.6, 0.0, 0.4]}, "split_ratios=.*train, val > 0"),
         ({"input_size": 16}, "input_size=16: must be at least 32"),
         ({"lr": 0}, "lr=0: must be positive"),
@@ -41,7 +44,9 @@ def test_bad_values_name_field_value_and_allowed(tmp_path, overrides, message):
 
 def test_init_labels(tmp_path, backbone_file):
     assert FinetuneConfig(storage_path=str(tmp_path), init=str(backbone_file)).init_name == "RCKD"
-    timm_init = FinetuneConfig(storage_path=str(tmp_path), init=f"timm:{backbone_file}", init_label="SPT on ImageNet")
+    timm_init = FinetuneConfig(
+        storage_path=str(tmp_path), init=f"timm:{backbone_file}", init_label="SPT on ImageNet"
+    )
     assert timm_init.init == f"timm:{backbone_file}" and timm_init.init_name == "SPT on ImageNet"
 
 
@@ -58,7 +63,9 @@ def test_jobs_print_the_resolved_config_with_the_demo_preset(job, tmp_path, caps
         _job(job).main(["--storage-path", str(tmp_path), "--print-config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    config = yaml.safe_load(printed[printed.index("\n") + 1 :])  # after the "preset 'demo': ..." line
+    config = yaml.safe_load(
+        printed[printed.index("\n") + 1 :]
+    )  # after the "preset 'demo': ..." line
     assert printed.startswith("preset 'demo'") and config["storage_path"] == str(tmp_path)
     assert config["input_size"] == 96
 
@@ -68,4 +75,7 @@ def test_job_flag_errors_name_the_field(tmp_path, capsys):
         _job("finetune").main(["--storage-path", str(tmp_path), "--lr", "-1"])
     with pytest.raises(SystemExit) as exit_info:
         _job("tune_finetune").main(["--storage-path", str(tmp_path), "--scheduler", "pbt"])
-    assert exit_info.value.code == 2 and "--scheduler: invalid choice: 'pbt'" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "--scheduler: invalid choice: 'pbt'" in capsys.readouterr().err
+    )

@@ -27,7 +27,11 @@ def test_folder_per_class_finds_images_recursively(tmp_path):
     (tmp_path / "malignant" / "notes.txt").write_text("not an image")
     data = load_task_dataset(tmp_path, "classification")
     assert data.class_names == ("benign", "malignant")
-    assert sorted(zip([Path(p).name for p in data.images], data.labels, strict=True)) == [("a.png", 0), ("b.tif", 0), ("c.jpg", 1)]
+    assert sorted(zip([Path(p).name for p in data.images], data.labels, strict=True)) == [
+        ("a.png", 0),
+        ("b.tif", 0),
+        ("c.jpg", 1),
+    ]
     assert data.fixed is None and data.class_counts() == {"benign": 2, "malignant": 1}
 
 
@@ -38,15 +42,25 @@ def test_folder_with_split_folders(tmp_path):
     _png(tmp_path / "test" / "TUM" / "3.png")
     data = load_task_dataset(tmp_path, "classification")
     assert data.class_names == ("ADI", "TUM")
-    assert sorted(zip(data.fixed, data.labels, strict=True)) == [("test", 1), ("train", 0), ("train", 1)]
+    assert sorted(zip(data.fixed, data.labels, strict=True)) == [
+        ("test", 1),
+        ("train", 0),
+        ("train", 1),
+    ]
 
 
 def test_csv_with_relative_paths_and_split(tmp_path):
     _png(tmp_path / "img" / "x.png")
     _png(tmp_path / "img" / "y.png")
-    (tmp_path / "labels.csv").write_text("path,label,split\nimg/x.png,FL,train\nimg/y.png,CLL,test\n")
+    (tmp_path / "labels.csv").write_text(
+        "path,label,split\nimg/x.png,FL,train\nimg/y.png,CLL,test\n"
+    )
     data = load_task_dataset(tmp_path / "labels.csv", "classification")
-    assert data.class_names == ("CLL", "FL") and data.labels == [1, 0] and data.fixed == ["train", "test"]
+    assert (
+        data.class_names == ("CLL", "FL")
+        and data.labels == [1, 0]
+        and data.fixed == ["train", "test"]
+    )
 
 
 def test_csv_errors_name_the_line(tmp_path):
@@ -126,7 +140,9 @@ def test_colour_jitter_is_mild():
 
 def test_normalize_uses_imagenet_statistics():
     x = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
-    assert x[0, :, 0, 0].tolist() == pytest.approx([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5)
+    assert x[0, :, 0, 0].tolist() == pytest.approx(
+        [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5
+    )
 
 
 def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):
@@ -138,7 +154,9 @@ def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):
     dataset = load_task_dataset(tmp_path, "classification")
     assert (dataset.magnification, dataset.patch_size) == (20.0, 256)
     _png(tmp_path / "b" / "2.png", size=(40, 30))
-    assert load_task_dataset(tmp_path, "classification").common_side() is None  # mixed sizes: unknown
+    assert (
+        load_task_dataset(tmp_path, "classification").common_side() is None
+    )  # mixed sizes: unknown
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ from histokd.finetune import FinetuneConfig, run_finetune
 
 
 @pytest.mark.slow
-def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks_small, backbone_file):
+def test_two_splits_as_parallel_ray_train_runs(
+    ray_cluster, tmp_path, demo_tasks_small, backbone_file
+):
     import mlflow
 
     config = FinetuneConfig(
@@ -26,7 +28,11 @@ def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks
     for i in range(2):  # one Ray Train run per split, named by the run and the split
         assert (storage / f"job-split{i}").is_dir()
         assert Path(result.split_results[i]["best_model"]).name == "best_model.pt"
-        assert result.split_results[i]["sizes"] == {"train": 22, "val": 7, "test": 7}  # 36 x 6:2:2, stratified
+        assert result.split_results[i]["sizes"] == {
+            "train": 22,
+            "val": 7,
+            "test": 7,
+        }  # 36 x 6:2:2, stratified
         # the model file records the images' scale (the demo's dataset.json: 64 px at 20x) for inference
         saved = torch.load(result.split_results[i]["best_model"], weights_only=True)["config"]
         assert (saved["magnification"], saved["patch_size"]) == (20.0, 64)
@@ -43,9 +49,14 @@ def test_two_splits_as_parallel_ray_train_runs(ray_cluster, tmp_path, demo_tasks
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(acc["mean"])
     assert parent.data.tags["histokd.init"] == "RCKD"
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
     assert sorted(c.info.run_name for c in children) == ["job-split0", "job-split1"]
-    assert all("val_loss" in client.get_metric_history(c.info.run_id, "val_loss")[0].key for c in children)
+    assert all(
+        "val_loss" in client.get_metric_history(c.info.run_id, "val_loss")[0].key for c in children
+    )
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "splits.csv", "summary.json"} <= artifacts
 
@@ -72,7 +83,13 @@ def test_a_failed_split_worker_resumes_from_its_last_epoch(ray_cluster, tmp_path
     assert split["stopped_epoch"] == 4 and [h["epoch"] for h in split["history"]] == [1, 2, 3, 4]
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     child = client.search_runs(
-        [client.get_experiment_by_name(config.mlflow_experiment).experiment_id], filter_string="tags.`histokd.split` = '0'"
+        [client.get_experiment_by_name(config.mlflow_experiment).experiment_id],
+        filter_string="tags.`histokd.split` = '0'",
     )[0]
     # epochs 1 and 2 were trained once: a restart from scratch would log them twice
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [
+        1,
+        2,
+        3,
+        4,
+    ]

@@ -23,7 +23,14 @@ def _config(tmp_path, data, **overrides) -> FinetuneConfig:
 def test_early_stopping_triggers_at_the_right_epoch(ray_cluster, tmp_path, demo_tasks_small):
     # min_delta larger than any loss: only epoch 1 counts as an improvement, so with patience 2
     # every split stops at epoch 1 + 2 = 3, long before max_epochs, and tests epoch 1's weights.
-    config = _config(tmp_path, demo_tasks_small.classification_dir, max_epochs=10, patience=2, min_delta=1e9, num_splits=2)
+    config = _config(
+        tmp_path,
+        demo_tasks_small.classification_dir,
+        max_epochs=10,
+        patience=2,
+        min_delta=1e9,
+        num_splits=2,
+    )
     result = run_finetune(config, tracking=False)
     for split in result.split_results:
         assert (split["best_epoch"], split["stopped_epoch"], split["stopped_early"]) == (1, 3, True)
@@ -35,15 +42,26 @@ def test_early_stopping_triggers_at_the_right_epoch(ray_cluster, tmp_path, demo_
 
 def _peg_and_other_params(model: torch.nn.Module) -> tuple[dict, dict]:
     pegs, others = {}, {}
-    peg_names = {name for name, m in model.named_modules() if isinstance(m, PositionalEncodingGenerator)}
+    peg_names = {
+        name for name, m in model.named_modules() if isinstance(m, PositionalEncodingGenerator)
+    }
     for name, param in model.named_parameters():
-        (pegs if any(name.startswith(p + ".") for p in peg_names) else others)[name] = param.detach().clone()
+        (pegs if any(name.startswith(p + ".") for p in peg_names) else others)[name] = (
+            param.detach().clone()
+        )
     return pegs, others
 
 
 @pytest.mark.parametrize("positional_encoding", ["frozen", "trained"])
-def test_positional_encodings_frozen_or_trained(ray_cluster, tmp_path, demo_tasks_small, backbone_file, positional_encoding):
-    config = _config(tmp_path, demo_tasks_small.classification_dir, init=str(backbone_file), positional_encoding=positional_encoding)
+def test_positional_encodings_frozen_or_trained(
+    ray_cluster, tmp_path, demo_tasks_small, backbone_file, positional_encoding
+):
+    config = _config(
+        tmp_path,
+        demo_tasks_small.classification_dir,
+        init=str(backbone_file),
+        positional_encoding=positional_encoding,
+    )
     result = run_finetune(config, tracking=False)
     split = result.split_results[0]
     assert split["positional_encoding_params"] == 5580  # CSAT's PEGs
@@ -55,7 +73,9 @@ def test_positional_encodings_frozen_or_trained(ray_cluster, tmp_path, demo_task
     assert start_pegs and pegs.keys() == start_pegs.keys()
     unchanged = all(torch.equal(pegs[k], start_pegs[k]) for k in pegs)
     assert unchanged == (positional_encoding == "frozen")
-    backbone_changed = [k for k in other if k.startswith("backbone.") and not torch.equal(other[k], start_other[k])]
+    backbone_changed = [
+        k for k in other if k.startswith("backbone.") and not torch.equal(other[k], start_other[k])
+    ]
     assert backbone_changed  # the rest of the backbone did train
     total = sum(p.numel() for p in trained.parameters())
     assert split["trainable_params"] == total - (5580 if positional_encoding == "frozen" else 0)
@@ -81,7 +101,9 @@ def test_test_records_are_the_split_test_samples(ray_cluster, tmp_path, demo_tas
     records = result.split_results[0]["test_records"]
     assert records["dataset_index"] == splits["splits"][0]["test"]
     labels_by_path = {p: splits["class_names"].index(Path(p).parent.name) for p in splits["images"]}
-    assert records["target"] == [labels_by_path[splits["images"][i]] for i in records["dataset_index"]]
-    assert sum(records["target"][i] == records["prediction"][i] for i in range(len(records["target"]))) == pytest.approx(
-        result.split_results[0]["test"]["accuracy"] * len(records["target"])
-    )
+    assert records["target"] == [
+        labels_by_path[splits["images"][i]] for i in records["dataset_index"]
+    ]
+    assert sum(
+        records["target"][i] == records["prediction"][i] for i in range(len(records["target"]))
+    ) == pytest.approx(result.split_results[0]["test"]["accuracy"] * len(records["target"]))

@@ -35,17 +35,34 @@ def test_summary_over_splits_by_hand(tmp_path):
     assert acc["values"] == [0.75, 1.0]
     assert acc["mean"] == 0.875 and math.isclose(acc["std"], np.std([0.75, 1.0], ddof=1))
     assert acc["ci_low"] <= 0.875 <= acc["ci_high"] <= 1.0
-    assert summary["splits"][1]["accuracy_ci_low"] == summary["splits"][1]["accuracy_ci_high"] == 1.0
-    files = write_split_tables(dict(summary, backbone="csat", init_label="RCKD", dataset="demo"), tmp_path)
+    assert (
+        summary["splits"][1]["accuracy_ci_low"] == summary["splits"][1]["accuracy_ci_high"] == 1.0
+    )
+    files = write_split_tables(
+        dict(summary, backbone="csat", init_label="RCKD", dataset="demo"), tmp_path
+    )
     text = Path(files["summary_md"]).read_text()
     assert "| Accuracy | 87.5 ± 17.7 |" in text
     assert pd.read_csv(files["splits_csv"])["accuracy"].tolist() == [0.75, 1.0]
 
 
 def _trial(i, size, lr, pe, acc):
-    row = {"trial_id": f"abc_{i:05d}", "input_size": size, "lr": lr, "positional_encoding": pe, "num_splits": 5}
+    row = {
+        "trial_id": f"abc_{i:05d}",
+        "input_size": size,
+        "lr": lr,
+        "positional_encoding": pe,
+        "num_splits": 5,
+    }
     for name in ("accuracy", "macro_f1"):
-        row.update({f"{name}_mean": acc, f"{name}_std": 0.02, f"{name}_ci_low": acc - 0.03, f"{name}_ci_high": acc + 0.03})
+        row.update(
+            {
+                f"{name}_mean": acc,
+                f"{name}_std": 0.02,
+                f"{name}_ci_low": acc - 0.03,
+                f"{name}_ci_high": acc + 0.03,
+            }
+        )
     return row
 
 
@@ -53,20 +70,38 @@ def test_search_outputs(tmp_path):
     # RCKD Fig. 5's best: 384 / 1e-4 / frozen
     rows = [
         _trial(i, size, lr, pe, 0.80 + 0.01 * i)
-        for i, (size, lr, pe) in enumerate((s, lr, pe) for s in (224, 384) for lr in (1e-3, 1e-4) for pe in ("trained", "frozen"))
+        for i, (size, lr, pe) in enumerate(
+            (s, lr, pe) for s in (224, 384) for lr in (1e-3, 1e-4) for pe in ("trained", "frozen")
+        )
     ]
     files = write_search_outputs(rows, tmp_path)
     table = pd.read_csv(files["csv"])
-    assert table.iloc[0][["input_size", "lr", "positional_encoding"]].tolist() == [384, 1e-4, "frozen"]
+    assert table.iloc[0][["input_size", "lr", "positional_encoding"]].tolist() == [
+        384,
+        1e-4,
+        "frozen",
+    ]
     assert table["rank"].tolist() == list(range(1, 9))
-    assert "| 1 | abc_00007 | 384 | 0.0001 | frozen | 87.0 ± 2.0 | [84.0, 90.0] | 5 |" in Path(files["markdown"]).read_text()
+    assert (
+        "| 1 | abc_00007 | 384 | 0.0001 | frozen | 87.0 ± 2.0 | [84.0, 90.0] | 5 |"
+        in Path(files["markdown"]).read_text()
+    )
     image = np.asarray(Image.open(files["chart"]).convert("RGB"))
     assert image.shape[1] > 600
     assert ((image[..., 0] > 150) & (image[..., 1] < 90)).any()  # the red bar of the best setting
 
 
 def _cell(dataset, task, model, init, mean, params, gmac):
-    return {"dataset": dataset, "task": task, "model": model, "init": init, "mean": mean, "std": 0.01, "params": params, "gmac": gmac}
+    return {
+        "dataset": dataset,
+        "task": task,
+        "model": model,
+        "init": init,
+        "mean": mean,
+        "std": 0.01,
+        "params": params,
+        "gmac": gmac,
+    }
 
 
 def test_comparison_table_and_ball_chart(tmp_path):

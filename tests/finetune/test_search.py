@@ -16,18 +16,29 @@ def test_default_space_is_rckds_eight_settings(tmp_path):
     config = SearchConfig(storage_path=str(tmp_path))
     variants = [v for _, v in generate_variants(build_param_space(config))]
     settings = {(v["input_size"], v["lr"], v["positional_encoding"]) for v in variants}
-    assert settings == {(r, lr, pe) for r in (224, 384) for lr in (1e-3, 1e-4) for pe in ("frozen", "trained")}
+    assert settings == {
+        (r, lr, pe) for r in (224, 384) for lr in (1e-3, 1e-4) for pe in ("frozen", "trained")
+    }
     assert config.score_metric == "test_accuracy_mean"
-    assert SearchConfig(storage_path=str(tmp_path), task="segmentation").score_metric == "test_miou_mean"
+    assert (
+        SearchConfig(storage_path=str(tmp_path), task="segmentation").score_metric
+        == "test_miou_mean"
+    )
 
 
 def test_space_from_yaml(tmp_path):
     from ray import tune
 
-    (tmp_path / "space.yaml").write_text("batch_size: [32, 64]\nlr: {loguniform: [1.0e-5, 1.0e-2]}\nfocal_gamma: {choice: [0, 2]}\n")
-    space = build_param_space(SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "space.yaml")))
+    (tmp_path / "space.yaml").write_text(
+        "batch_size: [32, 64]\nlr: {loguniform: [1.0e-5, 1.0e-2]}\nfocal_gamma: {choice: [0, 2]}\n"
+    )
+    space = build_param_space(
+        SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "space.yaml"))
+    )
     assert space["batch_size"] == {"grid_search": [32, 64]}
-    assert isinstance(space["lr"], tune.search.sample.Float) and isinstance(space["focal_gamma"], tune.search.sample.Categorical)
+    assert isinstance(space["lr"], tune.search.sample.Float) and isinstance(
+        space["focal_gamma"], tune.search.sample.Categorical
+    )
     (tmp_path / "bad.yaml").write_text("learning_rate: [1, 2]\n")
     with pytest.raises(ValueError, match="'learning_rate' is not a fine-tuning field"):
         SearchConfig(storage_path=str(tmp_path), space=str(tmp_path / "bad.yaml"))
@@ -37,10 +48,15 @@ def test_asha_scheduler_by_flag(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
 
     assert build_scheduler(SearchConfig(storage_path=str(tmp_path))) is None
-    asha = build_scheduler(SearchConfig(storage_path=str(tmp_path), scheduler="asha", grace_period=2))
+    asha = build_scheduler(
+        SearchConfig(storage_path=str(tmp_path), scheduler="asha", grace_period=2)
+    )
     assert isinstance(asha, ASHAScheduler)
     assert (asha._max_t, asha._reduction_factor, asha._time_attr) == (5, 2, "training_iteration")
-    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 2]  # stop points: after 2 and 4 splits
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [
+        4,
+        2,
+    ]  # stop points: after 2 and 4 splits
 
 
 def test_bad_settings_name_the_field(tmp_path):
@@ -48,7 +64,10 @@ def test_bad_settings_name_the_field(tmp_path):
         SearchConfig(storage_path=str(tmp_path), metric="accuracy")
     with pytest.raises(ValueError, match="positional_encodings: 'learned'"):
         SearchConfig(storage_path=str(tmp_path), positional_encodings=["learned"])
-    with pytest.raises(ValueError, match="workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial"):
+    with pytest.raises(
+        ValueError,
+        match="workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial",
+    ):
         SearchConfig(storage_path=str(tmp_path), workers_per_split=0)
     with pytest.raises(ValueError, match="scheduler='hyperband'"):
         SearchConfig(storage_path=str(tmp_path), scheduler="hyperband")
@@ -68,24 +87,35 @@ def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, d
     result = run_search(config)
     table = pd.read_csv(result.files["csv"])
     assert len(table) == 8 and (table["num_splits"] == 1).all()
-    assert set(zip(table["input_size"], table["lr"], table["positional_encoding"], strict=True)) == {
-        (r, lr, pe) for r in (32, 48) for lr in (1e-2, 1e-3) for pe in ("frozen", "trained")
-    }
+    assert set(
+        zip(table["input_size"], table["lr"], table["positional_encoding"], strict=True)
+    ) == {(r, lr, pe) for r in (32, 48) for lr in (1e-2, 1e-3) for pe in ("frozen", "trained")}
     assert table["accuracy_mean"].is_monotonic_decreasing  # best first
-    assert table["accuracy_mean"].between(0, 1).all() and (table["accuracy_ci_low"] <= table["accuracy_mean"]).all()
+    assert (
+        table["accuracy_mean"].between(0, 1).all()
+        and (table["accuracy_ci_low"] <= table["accuracy_mean"]).all()
+    )
     markdown = Path(result.files["markdown"]).read_text()
     assert markdown.count("\n| ") == 9  # header + 8 trials
     assert Image.open(result.files["chart"]).size[0] > 600
     # trials are named by id, no timestamps, and each trial's splits live under it
     experiment = Path(result.experiment_path)
     trial_dirs = sorted(p.name for p in experiment.iterdir() if p.is_dir() and p.name != "trials")
-    assert trial_dirs == sorted(table["trial_id"]) and all(len(name.split("_")) == 2 for name in trial_dirs)
+    assert trial_dirs == sorted(table["trial_id"]) and all(
+        len(name.split("_")) == 2 for name in trial_dirs
+    )
     for trial_id in table["trial_id"]:
-        summary = json.loads((experiment / "trials" / f"tiny-{trial_id}" / "summary.json").read_text())
+        summary = json.loads(
+            (experiment / "trials" / f"tiny-{trial_id}" / "summary.json").read_text()
+        )
         assert summary["num_splits"] == 1
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"search_results.csv", "search_results.md", "search_results.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "search_results.csv",
+        "search_results.md",
+        "search_results.png",
+    }
     assert run.data.metrics["trials_finished"] == 8
 
     again = run_search(config)  # the same name restores the finished experiment: nothing retrains
@@ -105,26 +135,53 @@ def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monk
             out.add((trial.input_size, trial.lr, trial.positional_encoding, trial.batch_size))
         return out
 
-    flags = ["--storage-path", str(tmp_path), "--input-size", "64", "--lr", "0.5", "--positional-encoding", "trained"]
-    config = parse_config(SearchConfig, [*flags, "--input-sizes", "96", "128", "--lrs", "0.01", "--positional-encodings", "frozen"])
-    assert trial_settings(config) == {(96, 0.01, "frozen", 64), (128, 0.01, "frozen", 64)}  # the single flags are ignored
+    flags = [
+        "--storage-path",
+        str(tmp_path),
+        "--input-size",
+        "64",
+        "--lr",
+        "0.5",
+        "--positional-encoding",
+        "trained",
+    ]
+    config = parse_config(
+        SearchConfig,
+        [*flags, "--input-sizes", "96", "128", "--lrs", "0.01", "--positional-encodings", "frozen"],
+    )
+    assert trial_settings(config) == {
+        (96, 0.01, "frozen", 64),
+        (128, 0.01, "frozen", 64),
+    }  # the single flags are ignored
     # with --space, the single flags are the value of the settings the space does not search
     (tmp_path / "space.yaml").write_text("batch_size: [16, 32]\ninput_size: [48]\n")
-    config = parse_config(SearchConfig, [*flags, "--input-sizes", "96", "--space", str(tmp_path / "space.yaml")])
+    config = parse_config(
+        SearchConfig, [*flags, "--input-sizes", "96", "--space", str(tmp_path / "space.yaml")]
+    )
     assert trial_settings(config) == {(48, 0.5, "trained", 16), (48, 0.5, "trained", 32)}
     # and --help says so
-    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside --positional-encodings
+    monkeypatch.setenv(
+        "COLUMNS", "1000"
+    )  # one line per flag: no wrapping inside --positional-encodings
     with pytest.raises(SystemExit) as exit_info:
         parse_config(SearchConfig, ["--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for single, searched in (("--input-size", "--input-sizes"), ("--lr", "--lrs"), ("--positional-encoding", "--positional-encodings")):
+    for single, searched in (
+        ("--input-size", "--input-sizes"),
+        ("--lr", "--lrs"),
+        ("--positional-encoding", "--positional-encodings"),
+    ):
         entry = help_text.split(f" {single} ", 1)[1][:200]  # the flag's metavar and help
-        assert f"not used without --space: {searched} are searched and take precedence" in entry, entry
+        assert f"not used without --space: {searched} are searched and take precedence" in entry, (
+            entry
+        )
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_its_errored_trial(ray_cluster, tmp_path, demo_tasks_small, capsys):
+def test_an_interrupted_search_resumes_its_errored_trial(
+    ray_cluster, tmp_path, demo_tasks_small, capsys
+):
     """A search whose only trial failed is rerun under the same name: Tune restores it and the
     trial finishes (each split's injected fault happens once; the rerun's splits train)."""
     config = SearchConfig(
@@ -134,7 +191,9 @@ def test_an_interrupted_search_resumes_its_errored_trial(ray_cluster, tmp_path, 
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="no trial of the search finished"):
         run_search(config)
-    markers = sorted((tmp_path / "runs" / "interrupted" / "trials").glob("*/split_*/.fault_injected"))
+    markers = sorted(
+        (tmp_path / "runs" / "interrupted" / "trials").glob("*/split_*/.fault_injected")
+    )
     assert markers, "the fault did not happen"
     result = run_search(config)
     assert "resuming the search" in capsys.readouterr().out

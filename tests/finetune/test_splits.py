@@ -63,7 +63,11 @@ def test_all_fixed_repeats_the_lists():
     fixed = ["train"] * 5 + ["val"] * 3 + ["test"] * 2  # BACH (WSI): 5 / 3 / 2
     splits = make_splits(10, None, num_splits=2, fixed=fixed)
     for s in splits:
-        assert (s.train.tolist(), s.val.tolist(), s.test.tolist()) == ([0, 1, 2, 3, 4], [5, 6, 7], [8, 9])
+        assert (s.train.tolist(), s.val.tolist(), s.test.tolist()) == (
+            [0, 1, 2, 3, 4],
+            [5, 6, 7],
+            [8, 9],
+        )
     assert splits[0].seed != splits[1].seed  # the repeats differ in their training seed
 
 

@@ -29,7 +29,9 @@ def _save_task_model(
     from histokd.finetune.loop import build_task_model
 
     config = config_to_dict(FinetuneConfig(task=task, backbone=backbone, input_size=input_size))
-    config.update(num_classes=len(class_names), class_names=list(class_names), split_index=0, **extra)
+    config.update(
+        num_classes=len(class_names), class_names=list(class_names), split_index=0, **extra
+    )
     torch.manual_seed(seed)
     model = build_task_model(task, backbone, len(class_names))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,4 +63,6 @@ def small_demo_slides(tmp_path_factory) -> list:
     """Three small demo slides (768 px at 20x) of a seed no other test uses."""
     from histokd.synthetic import make_demo_slides
 
-    return make_demo_slides(tmp_path_factory.mktemp("predict_slides"), n=3, seed=11, width=768, height=768)
+    return make_demo_slides(
+        tmp_path_factory.mktemp("predict_slides"), n=3, seed=11, width=768, height=768
+    )

@@ -24,7 +24,9 @@ def _settings(task: str, names: tuple[str, ...]) -> OutputSettings:
                           overlay_max_side=512, base_magnification=None, fingerprint="f")  # fmt: skip
 
 
-def _rows(slide: str, xs: np.ndarray, ys: np.ndarray, status: list[str] | None = None) -> dict[str, np.ndarray]:
+def _rows(
+    slide: str, xs: np.ndarray, ys: np.ndarray, status: list[str] | None = None
+) -> dict[str, np.ndarray]:
     n = len(xs)
     batch = {
         "slide_index": np.zeros(n, np.int64), "slide_path": np.array([slide] * n, object),
@@ -51,11 +53,21 @@ def test_tiles_land_where_they_belong(slide, tmp_path):
     field[0] = 1 - field[1]
     xs, ys = lattice(WIDTH, HEIGHT, EXTENT, STRIDE)
     padded = np.pad(field, ((0, 0), (0, 32), (0, 32)))
-    maps = np.stack([padded[:, round(y / DOWNSAMPLE) :][:, :32, round(x / DOWNSAMPLE) :][:, :, :32] for x, y in zip(xs, ys, strict=True)])
+    maps = np.stack(
+        [
+            padded[:, round(y / DOWNSAMPLE) :][:, :32, round(x / DOWNSAMPLE) :][:, :, :32]
+            for x, y in zip(xs, ys, strict=True)
+        ]
+    )
     batch = _rows(slide, xs, ys)
     batch["probability_map"] = maps.astype(np.float16)
     batch["probabilities"] = maps.mean((2, 3))
-    assembly = SlideAssembly("slide-1", slide, {k: v[0] for k, v in batch.items()}, _settings("segmentation", ("background", "tissue")))
+    assembly = SlideAssembly(
+        "slide-1",
+        slide,
+        {k: v[0] for k, v in batch.items()},
+        _settings("segmentation", ("background", "tissue")),
+    )
     half = len(xs) // 2  # rows arrive in two batches
     assembly.add(batch, np.arange(half))
     assert not assembly.complete
@@ -67,10 +79,16 @@ def test_tiles_land_where_they_belong(slide, tmp_path):
     expected = (field[1] > field[0]).mean()
     assert summary["class_fractions"]["tissue"] == pytest.approx(expected, abs=0.01)
     assert summary["mean_probabilities"]["tissue"] == pytest.approx(field[1].mean(), abs=2e-3)
-    assert summary["class_areas_mm2"]["tissue"] == pytest.approx(expected * w * h * (0.5 * DOWNSAMPLE) ** 2 / 1e6, rel=0.02)
+    assert summary["class_areas_mm2"]["tissue"] == pytest.approx(
+        expected * w * h * (0.5 * DOWNSAMPLE) ** 2 / 1e6, rel=0.02
+    )
     folder = tmp_path / "slides" / "slide-1"
-    assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == ["slide-1"]  # no partial folders left
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*OUTPUT_FILES.values(), "summary.json"])
+    assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == [
+        "slide-1"
+    ]  # no partial folders left
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*OUTPUT_FILES.values(), "summary.json"]
+    )
     heat = tifffile.imread(folder / OUTPUT_FILES["heatmap"])
     assert heat.shape == (2, h, w)
     np.testing.assert_allclose(heat[1] / 255, field[1], atol=0.01)

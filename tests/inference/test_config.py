@@ -14,7 +14,11 @@ def test_flags_parse(tmp_path, classification_model_file):
         "--overlap", "auto", "--tissue-hue-range", "0", "360", "--class-names", "x", "y", "z", "--storage-path", str(tmp_path),
         "--no-overwrite", "--num-gpus", "0.5",
     ])  # fmt: skip
-    assert config.slides == ["a.svs", "b/"] and config.magnification == 20.0 and config.patch_size == 512
+    assert (
+        config.slides == ["a.svs", "b/"]
+        and config.magnification == 20.0
+        and config.patch_size == 512
+    )
     assert config.overlap is None and config.tissue_filter().hue_range == (0.0, 360.0)
     assert config.class_names == ["x", "y", "z"] and config.num_gpus == 0.5
     assert config.run_dir == str(tmp_path / "predict")
@@ -30,7 +34,11 @@ def test_flags_parse(tmp_path, classification_model_file):
         ("patch_size", 12.5, r"patch_size=12.5: must be a positive integer or None"),
         ("min_tissue_fraction", 1.5, r"min_tissue_fraction=1.5: must be in \[0, 1\]"),
         ("tissue_hue_range", [10.0], r"tissue_hue_range=\[10.0\]: give two hues"),
-        ("tissue_hue_range", [10.0, 400.0], r"tissue_hue_range=\[10.0, 400.0\]: .*within \[0, 360\]"),
+        (
+            "tissue_hue_range",
+            [10.0, 400.0],
+            r"tissue_hue_range=\[10.0, 400.0\]: .*within \[0, 360\]",
+        ),
         ("num_gpus", 1.5, r"num_gpus=1.5: the GPU share of an actor must be in \(0, 1\]"),
         ("batch_size", 0, r"batch_size=0: must be a positive integer"),
         ("run_name", "a/b", r"run_name='a/b': must be non-empty and contain no '/'"),

@@ -21,19 +21,30 @@ def _iou(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndar
 
 
 @pytest.mark.slow
-def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(ray_cluster, tmp_path, record_property):
+def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(
+    ray_cluster, tmp_path, record_property
+):
     from histokd.finetune import FinetuneConfig, make_demo_tasks, run_finetune
     from histokd.inference import PredictConfig, run_prediction
     from histokd.synthetic import make_demo_slides
 
-    tasks = make_demo_tasks(tmp_path / "tasks", n_slides=2, slide_size=2048, patch_size=256, segmentation_patch_size=256, max_per_class=8)
+    tasks = make_demo_tasks(
+        tmp_path / "tasks",
+        n_slides=2,
+        slide_size=2048,
+        patch_size=256,
+        segmentation_patch_size=256,
+        max_per_class=8,
+    )
     finetune = FinetuneConfig(
         data=str(tasks.segmentation_dir), task="segmentation", backbone="resnet18", storage_path=str(tmp_path / "runs"),
         run_name="seg", input_size=64, batch_size=16, max_epochs=10, patience=10, lr=0.05, num_splits=1,
         bootstrap_resamples=200, workers_per_split=0,
     )  # fmt: skip
     trained = run_finetune(finetune, tracking=False)
-    held_out = make_demo_slides(tmp_path / "held_out", n=1, seed=HELD_OUT_SEED, width=2048, height=2048)[0]
+    held_out = make_demo_slides(
+        tmp_path / "held_out", n=1, seed=HELD_OUT_SEED, width=2048, height=2048
+    )[0]
 
     # The run folder stands for its best split; its model file says the patches were 256 px at 20x.
     config = PredictConfig(
@@ -60,4 +71,6 @@ def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(ray_cl
     fractions = np.bincount(truth[truth > 0], minlength=4)[1:] / (truth > 0).sum()
     predicted = np.array([summary["class_fractions"][n] for n in ("stroma", "tumor", "lymphocyte")])
     predicted = predicted / predicted.sum()
-    np.testing.assert_allclose(predicted, fractions, atol=0.12)  # slide-level class fractions of the tissue
+    np.testing.assert_allclose(
+        predicted, fractions, atol=0.12
+    )  # slide-level class fractions of the tissue

@@ -26,7 +26,9 @@ def _read_csv(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_real_slide_formats_give_outputs_of_the_right_size_and_place(ray_cluster, slides_dir, tmp_path, classification_model_file):
+def test_real_slide_formats_give_outputs_of_the_right_size_and_place(
+    ray_cluster, slides_dir, tmp_path, classification_model_file
+):
     """The job's command line on every fixture: DICOM, generic TIFF, Aperio JPEG and JPEG 2000 SVS."""
     sys.path.insert(0, str(REPO / "jobs"))
     import predict_slides
@@ -41,24 +43,44 @@ def test_real_slide_formats_give_outputs_of_the_right_size_and_place(ray_cluster
     bad = {Path(r["slide_path"]).name: r for r in _read_csv(run_dir / "bad_slides.csv")}
     assert set(bad) == BAD_FIXTURES
     for name, row in bad.items():
-        assert row["reason"].startswith(str(slides_dir / name)) or name in row["reason"]  # names the file
+        assert (
+            row["reason"].startswith(str(slides_dir / name)) or name in row["reason"]
+        )  # names the file
     assert bad["unreadable.svs"]["stage"] == "read"  # opens, but no tile can be read
-    good = sorted(p.name for p in slides_dir.iterdir() if p.name not in BAD_FIXTURES and p.suffix in (".svs", ".tiff", ".tif", ".dcm"))
-    summaries = {Path(s["slide_path"]).name: s for s in (json.loads(p.read_text()) for p in run_dir.glob("slides/*/summary.json"))}
+    good = sorted(
+        p.name
+        for p in slides_dir.iterdir()
+        if p.name not in BAD_FIXTURES and p.suffix in (".svs", ".tiff", ".tif", ".dcm")
+    )
+    summaries = {
+        Path(s["slide_path"]).name: s
+        for s in (json.loads(p.read_text()) for p in run_dir.glob("slides/*/summary.json"))
+    }
     assert sorted(summaries) == good
     run = json.loads((run_dir / "run.json").read_text())
-    assert (run["num_slides"], run["num_predicted"], run["num_bad"]) == (len(good) + len(BAD_FIXTURES), len(good), len(BAD_FIXTURES))
+    assert (run["num_slides"], run["num_predicted"], run["num_bad"]) == (
+        len(good) + len(BAD_FIXTURES),
+        len(good),
+        len(BAD_FIXTURES),
+    )
     for name, summary in summaries.items():
         folder = run_dir / "slides" / summary["slide_id"]
         with SlideReader(slides_dir / name, 20) as reader:
             width, height = reader.info.dimensions
             out_w, out_h = reader.size_at(2.5)
         extent = summary["tiles"]["extent"]
-        assert extent == 256 and summary["tiles"]["stride"] == 256  # 256 px at 20x on a 20x scan, no overlap
-        cols, rows = -(-max(width - extent, 0) // extent) + 1, -(-max(height - extent, 0) // extent) + 1
+        assert (
+            extent == 256 and summary["tiles"]["stride"] == 256
+        )  # 256 px at 20x on a 20x scan, no overlap
+        cols, rows = (
+            -(-max(width - extent, 0) // extent) + 1,
+            -(-max(height - extent, 0) // extent) + 1,
+        )
         table = pq.read_table(folder / "predictions.parquet").to_pydict()
         assert len(table["x"]) == cols * rows == summary["num_tiles"]  # every lattice tile, once
-        assert sorted(zip(table["y"], table["x"], strict=True)) == [(r * extent, c * extent) for r in range(rows) for c in range(cols)]
+        assert sorted(zip(table["y"], table["x"], strict=True)) == [
+            (r * extent, c * extent) for r in range(rows) for c in range(cols)
+        ]
         probs = np.stack([table[f"prob_{c}"] for c in ("a", "b", "c")], 1)
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
         assert table["label"] == probs.argmax(1).tolist()
@@ -69,7 +91,9 @@ def test_real_slide_formats_give_outputs_of_the_right_size_and_place(ray_cluster
         # each tile's label is painted at its place: 256 level-0 px are 32 output px at 2.5x
         for x, y, label in zip(table["x"][:5], table["y"][:5], table["label"][:5], strict=True):
             assert labels[min(y // 8 + 4, out_h - 1), min(x // 8 + 4, out_w - 1)] == label
-        assert summary["output"]["width"] == out_w and summary["output"]["pixel_size_um"] == (summary["slide"]["mpp"] * 8 if summary["slide"]["mpp"] else None)
+        assert summary["output"]["width"] == out_w and summary["output"]["pixel_size_um"] == (
+            summary["slide"]["mpp"] * 8 if summary["slide"]["mpp"] else None
+        )
     assert summaries["cmu-1-small-region.svs"]["num_tiles"] == 9 * 12
 
     import mlflow
@@ -83,10 +107,17 @@ def test_real_slide_formats_give_outputs_of_the_right_size_and_place(ray_cluster
     assert params["task"] == "classification" and params["resolved_patch_size"] == "256"
     overlays = client.list_artifacts(found[0].info.run_id, "overlays")
     assert len(overlays) == 2
-    assert {a.path for a in client.list_artifacts(found[0].info.run_id)} >= {"bad_slides.csv", "run.json", "summary.csv", "overlays"}
+    assert {a.path for a in client.list_artifacts(found[0].info.run_id)} >= {
+        "bad_slides.csv",
+        "run.json",
+        "summary.csv",
+        "overlays",
+    }
 
 
-def test_segmentation_tiles_overlap_on_tissue_only(ray_cluster, slides_dir, tmp_path, segmentation_model_file):
+def test_segmentation_tiles_overlap_on_tissue_only(
+    ray_cluster, slides_dir, tmp_path, segmentation_model_file
+):
     config = PredictConfig(
         model=str(segmentation_model_file), slides=[str(slides_dir / "cmu-1-small-region.svs")], storage_path=str(tmp_path),
         magnification=20, patch_size=256, output_magnification=5,
@@ -113,7 +144,9 @@ class _Stop(Exception):
     pass
 
 
-def test_a_rerun_after_a_stop_skips_finished_slides(ray_cluster, tmp_path, small_demo_slides, classification_model_file):
+def test_a_rerun_after_a_stop_skips_finished_slides(
+    ray_cluster, tmp_path, small_demo_slides, classification_model_file
+):
     paths = [str(s.slide_path) for s in small_demo_slides]
     config = PredictConfig(
         model=str(classification_model_file), slides=paths, storage_path=str(tmp_path), run_name="resume",
@@ -138,7 +171,9 @@ def test_a_rerun_after_a_stop_skips_finished_slides(ray_cluster, tmp_path, small
     assert (result.num_skipped, result.num_predicted, result.num_bad) == (1, 2, 0)
     assert marker.stat().st_mtime_ns == stamp  # not written again
     assert sorted(s["slide_path"] for s in result.slides) == sorted(paths)
-    assert sorted(p.name for p in slides_dir.iterdir()) == sorted(s["slide_id"] for s in result.slides)
+    assert sorted(p.name for p in slides_dir.iterdir()) == sorted(
+        s["slide_id"] for s in result.slides
+    )
     assert len(_read_csv(result.files["summary_table"])) == 3
 
     again = run_prediction(config, tracking=False)  # nothing left: no stream at all
@@ -147,30 +182,69 @@ def test_a_rerun_after_a_stop_skips_finished_slides(ray_cluster, tmp_path, small
     assert changed.num_predicted == 3  # other settings: the outputs are made again
 
 
-def test_only_bad_slides_fail_the_run_with_a_report(ray_cluster, slides_dir, tmp_path, classification_model_file):
-    slides = [str(slides_dir / "broken.svs"), str(slides_dir / "unopenable.tiff"), str(tmp_path / "missing.svs")]
-    config = PredictConfig(model=str(classification_model_file), slides=slides, storage_path=str(tmp_path), magnification=20)
-    with pytest.raises(PredictError, match=r"(?s)no usable slides among 3; 3 bad:\n.*broken\.svs: not a slide format.*report: .*bad_slides\.csv") as info:
+def test_only_bad_slides_fail_the_run_with_a_report(
+    ray_cluster, slides_dir, tmp_path, classification_model_file
+):
+    slides = [
+        str(slides_dir / "broken.svs"),
+        str(slides_dir / "unopenable.tiff"),
+        str(tmp_path / "missing.svs"),
+    ]
+    config = PredictConfig(
+        model=str(classification_model_file),
+        slides=slides,
+        storage_path=str(tmp_path),
+        magnification=20,
+    )
+    with pytest.raises(
+        PredictError,
+        match=r"(?s)no usable slides among 3; 3 bad:\n.*broken\.svs: not a slide format.*report: .*bad_slides\.csv",
+    ) as info:
         run_prediction(config, tracking=False)
     assert "missing.svs: file not found" in str(info.value)
     rows = _read_csv(tmp_path / "predict" / "bad_slides.csv")
-    assert sorted(os.path.basename(r["slide_path"]) for r in rows) == ["broken.svs", "missing.svs", "unopenable.tiff"]
+    assert sorted(os.path.basename(r["slide_path"]) for r in rows) == [
+        "broken.svs",
+        "missing.svs",
+        "unopenable.tiff",
+    ]
     assert {r["status"] for r in rows} == {"skipped"}
 
 
 def test_settings_are_checked_before_any_slide_is_read(tmp_path, classification_model_file):
-    with pytest.raises(ValueError, match=r"best_model\.pt: the file does not record the magnification"):
-        run_prediction(PredictConfig(model=str(classification_model_file), slides=["x.svs"]), tracking=False)
-    with pytest.raises(ValueError, match=r"output_magnification=40: above the model's 20x; allowed: at most 20"):
-        run_prediction(PredictConfig(model=str(classification_model_file), slides=["x.svs"], magnification=20, output_magnification=40), tracking=False)
+    with pytest.raises(
+        ValueError, match=r"best_model\.pt: the file does not record the magnification"
+    ):
+        run_prediction(
+            PredictConfig(model=str(classification_model_file), slides=["x.svs"]), tracking=False
+        )
+    with pytest.raises(
+        ValueError, match=r"output_magnification=40: above the model's 20x; allowed: at most 20"
+    ):
+        run_prediction(
+            PredictConfig(
+                model=str(classification_model_file),
+                slides=["x.svs"],
+                magnification=20,
+                output_magnification=40,
+            ),
+            tracking=False,
+        )
     with pytest.raises(ValueError, match=r"model is empty"):
         run_prediction(PredictConfig(slides=["x.svs"]), tracking=False)
     with pytest.raises(PredictError, match=r"no slides found"):
-        run_prediction(PredictConfig(model=str(classification_model_file), magnification=20, storage_path=str(tmp_path)), tracking=False)
+        run_prediction(
+            PredictConfig(
+                model=str(classification_model_file), magnification=20, storage_path=str(tmp_path)
+            ),
+            tracking=False,
+        )
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs(ray_cluster, tmp_path, classification_model_file):
+def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs(
+    ray_cluster, tmp_path, classification_model_file
+):
     """Six slides, each cut into several model batches: the driver holds at most 2 at once."""
     from histokd.synthetic import make_demo_slides
 
@@ -182,15 +256,30 @@ def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs
     )  # fmt: skip
     result = run_prediction(config, tracking=False)
     # 512 px at 20x in 128 px tiles: a 4 x 4 lattice, 16 tiles in 4 batches per slide
-    assert (result.num_slides, result.num_predicted, result.num_bad, result.num_tiles) == (6, 6, 0, 6 * 16)
+    assert (result.num_slides, result.num_predicted, result.num_bad, result.num_tiles) == (
+        6,
+        6,
+        0,
+        6 * 16,
+    )
     assert 1 <= result.max_slides_in_flight <= 2, result.max_slides_in_flight
-    assert json.loads((Path(result.run_dir) / "run.json").read_text())["max_slides_in_flight"] == result.max_slides_in_flight
+    assert (
+        json.loads((Path(result.run_dir) / "run.json").read_text())["max_slides_in_flight"]
+        == result.max_slides_in_flight
+    )
     assert sorted(s["slide_path"] for s in result.slides) == sorted(paths)
     for summary in result.slides:
         folder = Path(summary["dir"])
         assert summary["num_tiles"] == 16 and summary["num_unreadable_tiles"] == 0
         assert sorted(p.name for p in folder.iterdir()) == sorted(
-            ["summary.json", "predictions.parquet", "heatmap.ome.tif", "labels.ome.tif", "overlay.png", "heatmap.png"]
+            [
+                "summary.json",
+                "predictions.parquet",
+                "heatmap.ome.tif",
+                "labels.ome.tif",
+                "overlay.png",
+                "heatmap.png",
+            ]
         )
         assert pq.read_table(folder / "predictions.parquet").num_rows == 16
         assert tifffile.imread(folder / "labels.ome.tif").shape == (128, 128)  # 512 px at 5x of 20x

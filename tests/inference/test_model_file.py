@@ -17,7 +17,13 @@ def test_round_trip_gives_the_saved_model(tmp_path, save_task_model, task):
     names = ("x", "y") if task == "classification" else ("background", "x", "y")
     path = save_task_model(tmp_path / "best_model.pt", task=task, class_names=names, seed=5)
     model, info = load_task_model(path)
-    assert (info.task, info.backbone, info.num_classes, info.class_names, info.input_size) == (task, "resnet18", len(names), names, 64)
+    assert (info.task, info.backbone, info.num_classes, info.class_names, info.input_size) == (
+        task,
+        "resnet18",
+        len(names),
+        names,
+        64,
+    )
     assert info.best_epoch == 3 and info.magnification is None and info.patch_size is None
     assert not model.training
     torch.manual_seed(5)
@@ -31,12 +37,23 @@ def test_round_trip_gives_the_saved_model(tmp_path, save_task_model, task):
 
 def test_missing_geometry_comes_from_the_caller(classification_model_file):
     _, info = load_task_model(classification_model_file)
-    with pytest.raises(ModelFileError, match=r"best_model\.pt: .*magnification the model was trained at.*--magnification"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"best_model\.pt: .*magnification the model was trained at.*--magnification",
+    ):
         info.resolve()
     resolved = info.resolve(magnification=20, patch_size=256)
-    assert (resolved.magnification, resolved.patch_size, resolved.read_magnification) == (20.0, 256, 5.0)
+    assert (resolved.magnification, resolved.patch_size, resolved.read_magnification) == (
+        20.0,
+        256,
+        5.0,
+    )
     assert info.resolve(magnification=10).patch_size == 64  # default: images used at the input size
-    assert info.resolve(magnification=20, class_names=["p", "q", "r"]).class_names == ("p", "q", "r")
+    assert info.resolve(magnification=20, class_names=["p", "q", "r"]).class_names == (
+        "p",
+        "q",
+        "r",
+    )
     with pytest.raises(ModelFileError, match=r"class_names has 2 names .* the model has 3 classes"):
         info.resolve(magnification=20, class_names=["p", "q"])
     with pytest.raises(ModelFileError, match=r"patch_size=0: must be a positive integer"):
@@ -57,7 +74,10 @@ def test_unusable_files_name_the_file_and_the_problem(tmp_path, save_task_model)
         load_task_model(tmp_path / "nope.pt")
     bare = tmp_path / "bare.pt"
     torch.save({"weight": torch.zeros(1)}, bare)
-    with pytest.raises(ModelFileError, match=r"bare\.pt: holds \['weight'\]; a fine-tuning model file holds 'model'"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"bare\.pt: holds \['weight'\]; a fine-tuning model file holds 'model'",
+    ):
         load_task_model(bare)
     text = tmp_path / "text.pt"
     text.write_text("not a torch file")
@@ -68,24 +88,35 @@ def test_unusable_files_name_the_file_and_the_problem(tmp_path, save_task_model)
     payload["config"]["num_classes"] = 5
     payload["config"]["class_names"] = list("abcde")
     torch.save(payload, tmp_path / "wrong.pt")
-    with pytest.raises(ModelFileError, match=r"wrong\.pt: weights do not fit a classification model with backbone 'resnet18' and 5 classes"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"wrong\.pt: weights do not fit a classification model with backbone 'resnet18' and 5 classes",
+    ):
         load_task_model(tmp_path / "wrong.pt")
     payload["config"]["backbone"] = "vgg16"
     torch.save(payload, tmp_path / "vgg.pt")
-    with pytest.raises(ModelFileError, match=r"config\['backbone'\]='vgg16': allowed: csat, .*resnet18"):
+    with pytest.raises(
+        ModelFileError, match=r"config\['backbone'\]='vgg16': allowed: csat, .*resnet18"
+    ):
         load_task_model(tmp_path / "vgg.pt")
 
 
 def test_a_run_folder_gives_the_split_with_the_lowest_validation_loss(tmp_path, save_task_model):
     for split, loss in ((0, 0.5), (1, 0.3), (2, 0.9)):
-        model = save_task_model(tmp_path / "run" / f"split_{split}" / "ckpt" / "best_model.pt", seed=split)
+        model = save_task_model(
+            tmp_path / "run" / f"split_{split}" / "ckpt" / "best_model.pt", seed=split
+        )
         result = {"split": split, "best_val_loss": loss, "best_model": str(model)}
         (tmp_path / "run" / f"split_{split}" / "result.json").write_text(json.dumps(result))
-    assert find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
+    assert (
+        find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
+    )
     moved = json.loads((tmp_path / "run" / "split_1" / "result.json").read_text())
     moved["best_model"] = "/gone/best_model.pt"  # a checkpoint path that no longer exists
     (tmp_path / "run" / "split_1" / "result.json").write_text(json.dumps(moved))
-    assert find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
+    assert (
+        find_best_model(tmp_path / "run") == tmp_path / "run" / "split_1" / "ckpt" / "best_model.pt"
+    )
     _, info = load_task_model(tmp_path / "run")
     assert info.path.endswith("split_1/ckpt/best_model.pt")
     with pytest.raises(ModelFileError, match=r"empty: no split_\*/result.json with a best_model"):

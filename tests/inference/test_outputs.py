@@ -19,13 +19,24 @@ from histokd.inference.outputs import (
 def test_probability_tiff_is_a_tiled_pyramid_with_named_channels(tmp_path):
     rng = np.random.default_rng(0)
     heat = rng.integers(0, 256, (3, 700, 600), dtype=np.uint8)
-    path = write_ome_tiff(tmp_path / "heatmap.ome.tif", heat, channel_names=["stroma", "tumor", "lymphocyte"], pixel_size_um=4.0)
+    path = write_ome_tiff(
+        tmp_path / "heatmap.ome.tif",
+        heat,
+        channel_names=["stroma", "tumor", "lymphocyte"],
+        pixel_size_um=4.0,
+    )
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
         series = tif.series[0]
         assert series.axes == "CYX" and series.shape == (3, 700, 600)
-        assert [level.shape for level in series.levels] == [(3, 700, 600), (3, 350, 300), (3, 175, 150)]
-        assert tif.pages[0].is_tiled and tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert [level.shape for level in series.levels] == [
+            (3, 700, 600),
+            (3, 350, 300),
+            (3, 175, 150),
+        ]
+        assert (
+            tif.pages[0].is_tiled and tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        )
         np.testing.assert_array_equal(series.asarray(), heat)
         block = heat[:, :2, :2].astype(float).mean((1, 2))
         np.testing.assert_allclose(series.levels[1].asarray()[:, 0, 0], block, atol=0.5)
@@ -40,7 +51,11 @@ def test_label_tiff_pyramid_keeps_class_indices(tmp_path):
     labels[100:, 300:] = 1
     path = write_ome_tiff(tmp_path / "labels.ome.tif", labels, kind="nearest")
     series = tifffile.TiffFile(path).series[0]
-    assert series.axes == "YX" and [lv.shape for lv in series.levels] == [(300, 520), (150, 260), (75, 130)]
+    assert series.axes == "YX" and [lv.shape for lv in series.levels] == [
+        (300, 520),
+        (150, 260),
+        (75, 130),
+    ]
     assert set(np.unique(series.levels[1].asarray())) == {1, 2, NO_LABEL}
     np.testing.assert_array_equal(series.asarray(), labels)
 
@@ -55,7 +70,9 @@ def test_overlay_paints_predicted_classes_only():
     labels = np.full((40, 60), NO_LABEL, np.uint8)
     labels[:20, :30] = 0  # background: not painted
     labels[20:, 30:] = 2
-    picture = label_overlay(thumb, labels, ["background", "stroma", "tumor"], opacity=0.5, legend=False)
+    picture = label_overlay(
+        thumb, labels, ["background", "stroma", "tumor"], opacity=0.5, legend=False
+    )
     assert (picture[:20, :30] == 200).all() and (picture[20:, :30] == 200).all()
     expected = np.round(0.5 * 200 + 0.5 * class_palette(3)[2].astype(float))
     np.testing.assert_array_equal(picture[25, 40], expected)
@@ -67,12 +84,30 @@ def test_overlay_paints_predicted_classes_only():
 
 def test_tile_table_rows_and_columns():
     probs = np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)
-    table = tile_table("s-1", np.array([0, 512]), np.array([256, 256]), 512, np.array([0.5, 1.0]), probs, ["stroma", "tumor"], 20.0, 256)
+    table = tile_table(
+        "s-1",
+        np.array([0, 512]),
+        np.array([256, 256]),
+        512,
+        np.array([0.5, 1.0]),
+        probs,
+        ["stroma", "tumor"],
+        20.0,
+        256,
+    )
     rows = table.to_pylist()
     assert table.column_names == [
         "slide_id", "x", "y", "extent", "magnification", "patch_size", "tissue_fraction", "label", "class_name", "prob_stroma", "prob_tumor",
     ]  # fmt: skip
-    assert [(r["x"], r["y"], r["label"], r["class_name"]) for r in rows] == [(0, 256, 1, "tumor"), (512, 256, 0, "stroma")]
+    assert [(r["x"], r["y"], r["label"], r["class_name"]) for r in rows] == [
+        (0, 256, 1, "tumor"),
+        (512, 256, 0, "stroma"),
+    ]
     assert rows[0]["prob_tumor"] == pytest.approx(0.9) and rows[1]["extent"] == 512
     assert table.schema.metadata[b"class_names"] == b"stroma\ntumor"
-    assert tile_table("s", np.zeros(0), np.zeros(0), 1, np.zeros(0), np.zeros((0, 2)), ["a", "b"], 20, 8).num_rows == 0
+    assert (
+        tile_table(
+            "s", np.zeros(0), np.zeros(0), 1, np.zeros(0), np.zeros((0, 2)), ["a", "b"], 20, 8
+        ).num_rows
+        == 0
+    )

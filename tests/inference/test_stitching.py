@@ -41,7 +41,9 @@ def test_overlapping_tiles_blend_without_a_seam():
     profile = {blend: _two_tiles(blend) for blend in ("cosine", "linear", "none")}
     for blend in ("cosine", "linear"):
         p = profile[blend]
-        assert p[:24].max() == pytest.approx(0) and p[32:].min() == pytest.approx(1)  # one tile only
+        assert p[:24].max() == pytest.approx(0) and p[32:].min() == pytest.approx(
+            1
+        )  # one tile only
         assert (np.diff(p) >= -1e-6).all()  # rises monotonically through the overlap
         assert np.abs(np.diff(p)).max() < 0.25  # over 8 px, no step
     flat = profile["none"]
@@ -54,7 +56,9 @@ def test_classification_tiles_paint_their_footprint_and_labels_mark_gaps():
     np.testing.assert_allclose(mean, [0.2, 0.7, 0.1])
     canvas.add(8, 2, np.array([0.6, 0.3, 0.1]))  # crosses the right edge: clipped
     probs, labels = canvas.probabilities(), canvas.labels()
-    np.testing.assert_allclose(probs[:, :4, :4].reshape(3, -1).T, np.tile([0.2, 0.7, 0.1], (16, 1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        probs[:, :4, :4].reshape(3, -1).T, np.tile([0.2, 0.7, 0.1], (16, 1)), rtol=1e-6
+    )
     assert (labels[:4, :4] == 1).all() and (labels[2:6, 8:10] == 0).all()
     assert (labels[4:, :8] == NO_LABEL).all() and (probs[:, 4:, :8] == 0).all()
     assert canvas.covered.sum() == 16 + 8
@@ -62,5 +66,7 @@ def test_classification_tiles_paint_their_footprint_and_labels_mark_gaps():
 
 def test_tile_shape_is_checked():
     canvas = SlideCanvas(10, 10, 2, 4)
-    with pytest.raises(ValueError, match=r"tile probabilities of shape \(2, 5, 5\); expected \(2, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"tile probabilities of shape \(2, 5, 5\); expected \(2, 4, 4\)"
+    ):
         canvas.add(0, 0, np.zeros((2, 5, 5)))

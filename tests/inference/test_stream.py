@@ -17,12 +17,24 @@ from histokd.tissue import TissueFilter
 
 
 def _settings(min_tissue: float = 0.1) -> TileStreamSettings:
-    return TileStreamSettings(magnification=20, patch_size=256, input_size=64, overlap=0.0, tissue=TissueFilter(min_tissue_fraction=min_tissue))
+    return TileStreamSettings(
+        magnification=20,
+        patch_size=256,
+        input_size=64,
+        overlap=0.0,
+        tissue=TissueFilter(min_tissue_fraction=min_tissue),
+    )
 
 
 def test_plan_gives_tile_rows_and_one_marker_per_unusable_slide(slides_dir, tmp_path):
-    paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "broken.svs"), str(slides_dir / "boxes.tiff")]
-    rows = plan_slide_batch({"slide_index": np.arange(3), "slide_path": np.array(paths, object)}, _settings())
+    paths = [
+        str(slides_dir / "cmu-1-small-region.svs"),
+        str(slides_dir / "broken.svs"),
+        str(slides_dir / "boxes.tiff"),
+    ]
+    rows = plan_slide_batch(
+        {"slide_index": np.arange(3), "slide_path": np.array(paths, object)}, _settings()
+    )
     assert set(rows) == set(META_COLUMNS)
     status = rows["status"]
     cmu = rows["slide_index"] == 0
@@ -30,14 +42,21 @@ def test_plan_gives_tile_rows_and_one_marker_per_unusable_slide(slides_dir, tmp_
     assert (rows["tissue_fraction"][cmu] >= 0.1).all()
     assert (rows["width"][cmu] == 2220).all() and (rows["extent"][cmu] == 256).all()
     broken = rows["slide_index"] == 1
-    assert broken.sum() == 1 and status[broken][0] == "bad" and "broken.svs: not a slide format" in rows["message"][broken][0]
+    assert (
+        broken.sum() == 1
+        and status[broken][0] == "bad"
+        and "broken.svs: not a slide format" in rows["message"][broken][0]
+    )
     boxes = rows["slide_index"] == 2  # no magnification recorded and none given
     assert status[boxes][0] == "bad" and "base magnification unknown" in rows["message"][boxes][0]
 
 
 def test_read_marks_unreadable_tiles_and_leaves_markers_alone(slides_dir):
     paths = [str(slides_dir / "unreadable.svs"), str(slides_dir / "cmu-1-small-region.svs")]
-    rows = plan_slide_batch({"slide_index": np.arange(2), "slide_path": np.array(paths, object)}, _settings(min_tissue=0))
+    rows = plan_slide_batch(
+        {"slide_index": np.arange(2), "slide_path": np.array(paths, object)},
+        _settings(min_tissue=0),
+    )
     rows = {k: v[:3] for k, v in rows.items()}  # unreadable.svs's one tile and two CMU tiles
     out = read_tile_batch(rows, input_size=64, read_magnification=5.0)
     assert list(out["status"]) == ["unreadable", "tile", "tile"]
@@ -51,16 +70,34 @@ def test_actor_predicts_tile_rows_only(classification_model_file, segmentation_m
     batch = {k: np.zeros(3, np.int64) for k in META_COLUMNS}
     batch["status"] = np.array(["tile", "unreadable", "tile"], object)
     batch["image"] = images
-    cls = TilePredictor(load_checkpoint(classification_model_file), str(classification_model_file), tile_side=8, threads=1)
+    cls = TilePredictor(
+        load_checkpoint(classification_model_file),
+        str(classification_model_file),
+        tile_side=8,
+        threads=1,
+    )
     out = cls(batch)
-    assert "image" not in out and out["probabilities"].shape == (3, 3) and "probability_map" not in out
+    assert (
+        "image" not in out and out["probabilities"].shape == (3, 3) and "probability_map" not in out
+    )
     np.testing.assert_allclose(out["probabilities"][[0, 2]].sum(1), 1, atol=1e-5)
     assert (out["probabilities"][1] == 0).all()
-    seg = TilePredictor(load_checkpoint(segmentation_model_file), str(segmentation_model_file), tile_side=8, threads=1)
+    seg = TilePredictor(
+        load_checkpoint(segmentation_model_file),
+        str(segmentation_model_file),
+        tile_side=8,
+        threads=1,
+    )
     out = seg(batch)
-    assert out["probability_map"].shape == (3, 4, 8, 8) and out["probability_map"].dtype == np.float16
+    assert (
+        out["probability_map"].shape == (3, 4, 8, 8) and out["probability_map"].dtype == np.float16
+    )
     np.testing.assert_allclose(out["probability_map"][0].astype(np.float32).sum(0), 1, atol=2e-3)
-    np.testing.assert_allclose(out["probabilities"][2], out["probability_map"][2].astype(np.float32).mean((1, 2)), atol=2e-3)
+    np.testing.assert_allclose(
+        out["probabilities"][2],
+        out["probability_map"][2].astype(np.float32).mean((1, 2)),
+        atol=2e-3,
+    )
 
 
 @pytest.mark.gpu

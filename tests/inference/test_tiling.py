@@ -13,7 +13,12 @@ PINK = (200, 100, 180)  # hue 312 degrees: inside the default H&E range
 
 
 def test_lattice_covers_every_pixel_and_starts_inside():
-    for width, height, extent, stride in [(1000, 700, 256, 256), (1000, 700, 256, 192), (100, 50, 256, 192), (512, 512, 256, 256)]:
+    for width, height, extent, stride in [
+        (1000, 700, 256, 256),
+        (1000, 700, 256, 192),
+        (100, 50, 256, 192),
+        (512, 512, 256, 256),
+    ]:
         xs, ys = lattice(width, height, extent, stride)
         covered = np.zeros((height, width), bool)
         for x, y in zip(xs, ys, strict=True):
@@ -42,21 +47,36 @@ def tissue_rectangle_slide(tiled_tiff):
 
 def test_tissue_tiles_are_those_over_the_tissue(tissue_rectangle_slide):
     path = tissue_rectangle_slide()
-    every = plan_tiles(str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0))
+    every = plan_tiles(
+        str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0)
+    )
     assert (every.extent, every.stride, every.grid_shape, len(every)) == (128, 128, (8, 6), 48)
     assert np.isnan(every.tissue_fraction).all()  # no mask computed without a threshold
-    kept = plan_tiles(str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0.5))
+    kept = plan_tiles(
+        str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0.5)
+    )
     expected = {(x, y) for x in range(256, 768, 128) for y in range(128, 512, 128)}
     assert set(zip(kept.xs.tolist(), kept.ys.tolist(), strict=True)) == expected
     assert kept.tissue_fraction.min() > 0.9
-    half = plan_tiles(str(path), magnification=10, patch_size=128, overlap=0.5, tissue=TissueFilter(min_tissue_fraction=0.2))
+    half = plan_tiles(
+        str(path),
+        magnification=10,
+        patch_size=128,
+        overlap=0.5,
+        tissue=TissueFilter(min_tissue_fraction=0.2),
+    )
     assert (half.extent, half.stride) == (256, 128)
-    assert all(x + 256 > 256 and x < 768 and y + 256 > 128 and y < 512 for x, y in zip(half.xs, half.ys, strict=True))
+    assert all(
+        x + 256 > 256 and x < 768 and y + 256 > 128 and y < 512
+        for x, y in zip(half.xs, half.ys, strict=True)
+    )
 
 
 def test_a_40x_scan_gives_tiles_of_twice_the_level0_extent(tissue_rectangle_slide):
     path = tissue_rectangle_slide(mpp=0.25, scale=2)
-    kept = plan_tiles(str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0.5))
+    kept = plan_tiles(
+        str(path), magnification=20, patch_size=128, tissue=TissueFilter(min_tissue_fraction=0.5)
+    )
     assert kept.base_magnification == 40 and kept.extent == 256
     expected = {(2 * x, 2 * y) for x in range(256, 768, 128) for y in range(128, 512, 128)}
     assert set(zip(kept.xs.tolist(), kept.ys.tolist(), strict=True)) == expected

@@ -37,7 +37,9 @@ def test_equals_cross_entropy_at_gamma_0_alpha_1(shape):
     logits = torch.randn(*shape) * 3
     target = torch.randint(0, shape[1], (shape[0], *shape[2:]))
     expected = F.cross_entropy(logits, target)
-    assert focal_loss(logits, target, alpha=1.0, gamma=0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert focal_loss(logits, target, alpha=1.0, gamma=0.0).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_segmentation_equals_cross_entropy_with_ignored_pixels():
@@ -59,7 +61,9 @@ def test_segmentation_is_the_per_pixel_focal_term_averaged():
 
 def test_scalar_alpha_scales_and_class_alpha_weights():
     base = focal_loss(LOGITS, TARGET, alpha=1.0, reduction="none")
-    assert focal_loss(LOGITS, TARGET, alpha=0.25, reduction="none").tolist() == pytest.approx((0.25 * base).tolist())
+    assert focal_loss(LOGITS, TARGET, alpha=0.25, reduction="none").tolist() == pytest.approx(
+        (0.25 * base).tolist()
+    )
     weighted = focal_loss(LOGITS, TARGET, alpha=[0.5, 2.0, 9.0], reduction="none")
     assert weighted.tolist() == pytest.approx([0.5 * base[0].item(), 2.0 * base[1].item()])
 

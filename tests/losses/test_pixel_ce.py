@@ -21,7 +21,9 @@ def test_batch_mean_of_per_image_means():
     torch.manual_seed(0)
     logits, target = torch.randn(3, 2, 4, 5), torch.randint(0, 2, (3, 4, 5))
     per_image = [pixel_cross_entropy(logits[i : i + 1], target[i : i + 1]) for i in range(3)]
-    assert pixel_cross_entropy(logits, target).item() == pytest.approx(torch.stack(per_image).mean().item(), rel=1e-6)
+    assert pixel_cross_entropy(logits, target).item() == pytest.approx(
+        torch.stack(per_image).mean().item(), rel=1e-6
+    )
 
 
 def test_size_mismatch_is_an_error():

@@ -70,7 +70,9 @@ BICUBIC = [[2.03125, 4.21875], [10.78125, 12.96875]]
 
 
 def _mse(a: list[list[float]], b: list[list[float]]) -> float:
-    values = [(x - y) ** 2 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    values = [
+        (x - y) ** 2 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)
+    ]
     return sum(values) / len(values)
 
 
@@ -86,9 +88,13 @@ def test_pixel_loss_averages_the_two_paths():
     mse_bic = _mse(BICUBIC, zeros)
     assert mse_max == 117.0
     assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, ["maxpool"])) == pytest.approx(mse_max)
-    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, ["bicubic"])) == pytest.approx(mse_bic, rel=1e-6)
+    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, ["bicubic"])) == pytest.approx(
+        mse_bic, rel=1e-6
+    )
     # Eq. 3: 1/2 (maxpool term + bicubic term)
-    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP)) == pytest.approx((mse_max + mse_bic) / 2, rel=1e-6)
+    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP)) == pytest.approx(
+        (mse_max + mse_bic) / 2, rel=1e-6
+    )
     # against a non-zero student the terms differ
     student = torch.tensor([[[[5.0, 4.0], [11.0, 13.0]]]])
     expected = (_mse(MAXPOOL, student[0, 0].tolist()) + _mse(BICUBIC, student[0, 0].tolist())) / 2
@@ -97,12 +103,16 @@ def test_pixel_loss_averages_the_two_paths():
 
 def test_public_code_flag_is_the_halved_maxpool_term():
     # the public code's "maxpool+bicubic" mode: only the max-pool MSE, divided by 2
-    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, public_code_maxpool_only=True)) == pytest.approx(117.0 / 2)
+    assert float(
+        pixel_loss(STUDENT_MAP, TEACHER_MAP, public_code_maxpool_only=True)
+    ) == pytest.approx(117.0 / 2)
     assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP)) != pytest.approx(117.0 / 2)
 
 
 def test_l1_distance():
-    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, ["maxpool"], distance="l1")) == pytest.approx((5 + 7 + 13 + 15) / 4)
+    assert float(pixel_loss(STUDENT_MAP, TEACHER_MAP, ["maxpool"], distance="l1")) == pytest.approx(
+        (5 + 7 + 13 + 15) / 4
+    )
 
 
 def test_total_is_soft_plus_pixel_and_only_the_student_gets_gradients():
@@ -110,14 +120,22 @@ def test_total_is_soft_plus_pixel_and_only_the_student_gets_gradients():
     student_logits = torch.zeros(1, 2, requires_grad=True)
     student_map = torch.zeros(1, 1, 2, 2, requires_grad=True)
     teacher_map = TEACHER_MAP.clone().requires_grad_(True)
-    terms = ResolutionKDLoss(temperature=2.0)((student_map, student_logits), (teacher_map, teacher_logits))
+    terms = ResolutionKDLoss(temperature=2.0)(
+        (student_map, student_logits), (teacher_map, teacher_logits)
+    )
     assert float(terms.soft.detach()) == pytest.approx(0.1453631, abs=1e-6)
-    assert float(terms.pixel.detach()) == pytest.approx((117.0 + _mse(BICUBIC, [[0, 0], [0, 0]])) / 2, rel=1e-6)
-    assert float(terms.total.detach()) == pytest.approx(float(terms.soft.detach()) + float(terms.pixel.detach()), rel=1e-7)
+    assert float(terms.pixel.detach()) == pytest.approx(
+        (117.0 + _mse(BICUBIC, [[0, 0], [0, 0]])) / 2, rel=1e-6
+    )
+    assert float(terms.total.detach()) == pytest.approx(
+        float(terms.soft.detach()) + float(terms.pixel.detach()), rel=1e-7
+    )
     terms.total.backward()
     assert student_logits.grad is not None and student_map.grad is not None
     assert teacher_map.grad is None  # the teacher is frozen: its outputs are detached
-    functional = resolution_kd_loss(student_map, student_logits, TEACHER_MAP, teacher_logits, temperature=2.0)
+    functional = resolution_kd_loss(
+        student_map, student_logits, TEACHER_MAP, teacher_logits, temperature=2.0
+    )
     assert float(functional.total.detach()) == pytest.approx(float(terms.total.detach()), rel=1e-7)
 
 

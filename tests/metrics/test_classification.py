@@ -24,7 +24,10 @@ HAND = np.array([[1, 1, 0], [0, 2, 0], [1, 0, 1]])
 
 def test_confusion_matrix_by_hand():
     assert confusion_matrix(PREDICTION, TARGET, 3).tolist() == HAND.tolist()
-    assert confusion_matrix(torch.tensor(PREDICTION), torch.tensor(TARGET), 3).tolist() == HAND.tolist()
+    assert (
+        confusion_matrix(torch.tensor(PREDICTION), torch.tensor(TARGET), 3).tolist()
+        == HAND.tolist()
+    )
 
 
 def test_metrics_by_hand():
@@ -48,10 +51,14 @@ def test_matches_scikit_learn():
     prediction = np.where(rng.random(200) < 0.6, target, rng.integers(0, 4, 200))
     prediction[prediction == 3] = 2  # class 3 is never predicted: precision 0 by convention
     cm = confusion_matrix(prediction, target, 4)
-    p, r, f, _ = sklearn_metrics.precision_recall_fscore_support(target, prediction, average="macro", labels=range(4), zero_division=0)
+    p, r, f, _ = sklearn_metrics.precision_recall_fscore_support(
+        target, prediction, average="macro", labels=range(4), zero_division=0
+    )
     assert macro_precision_recall_f1(cm) == pytest.approx((p, r, f))
     assert accuracy(cm) == pytest.approx(sklearn_metrics.accuracy_score(target, prediction))
-    assert mean_iou(cm) == pytest.approx(sklearn_metrics.jaccard_score(target, prediction, average="macro", zero_division=0))
+    assert mean_iou(cm) == pytest.approx(
+        sklearn_metrics.jaccard_score(target, prediction, average="macro", zero_division=0)
+    )
 
 
 def test_absent_classes():
@@ -113,7 +120,9 @@ def test_bootstrap_of_segmentation_resamples_images():
     # two images: one all correct (4 px), one all wrong (4 px)
     good = np.array([[2, 0], [0, 2]])
     bad = np.array([[0, 2], [2, 0]])
-    interval = bootstrap_confusion_ci(np.stack([good, bad] * 10), accuracy, n_resamples=1000, seed=0)
+    interval = bootstrap_confusion_ci(
+        np.stack([good, bad] * 10), accuracy, n_resamples=1000, seed=0
+    )
     assert interval.estimate == pytest.approx(0.5)
     assert interval.low < 0.5 < interval.high
     # 20 images: width about 2 x 1.96 x sqrt(0.25 / 20) = 0.44; resampling the 80 pixels
@@ -126,7 +135,9 @@ def test_bootstrap_ci_of_a_mean():
     interval = bootstrap_ci(np.mean, [values], n_resamples=2000, seed=0)
     assert interval.estimate == pytest.approx(values.mean())
     assert interval.high - interval.low == pytest.approx(2 * 1.96 / np.sqrt(1000), rel=0.15)
-    paired = bootstrap_ci(lambda a, b, axis: np.mean(a - b, axis=axis), [values, values], n_resamples=200)
+    paired = bootstrap_ci(
+        lambda a, b, axis: np.mean(a - b, axis=axis), [values, values], n_resamples=200
+    )
     assert (paired.low, paired.high) == (0.0, 0.0)
 
 

@@ -20,8 +20,14 @@ from histokd.pretrain.config import DEMO_PRESET, PretrainConfig, check_storage_p
         ({"alpha": 1.5}, r"alpha=1.5: must be in \(0, 1\]"),
         ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs=20: must be at most epochs=10"),
         ({"run_name": "a/b"}, "run_name='a/b'"),
-        ({"trainer_resources": {"trainer_node": -1}}, "trainer_resources=.*'trainer_node' must be a non-negative number"),
-        ({"teacher_resources": {"GPU": 1}}, "teacher_resources=.*'GPU' is not a custom resource; set cpus_per_worker, teacher_gpus"),
+        (
+            {"trainer_resources": {"trainer_node": -1}},
+            "trainer_resources=.*'trainer_node' must be a non-negative number",
+        ),
+        (
+            {"teacher_resources": {"GPU": 1}},
+            "teacher_resources=.*'GPU' is not a custom resource; set cpus_per_worker, teacher_gpus",
+        ),
         ({"teacher_resources": "{teacher_node: 1}"}, "teacher_resources=.*not JSON"),
         ({"trainer_resources": [1]}, r"trainer_resources=\[1\]: must be a mapping"),
     ],
@@ -41,8 +47,19 @@ def test_unreachable_storage_path(tmp_path):
 
 def test_paper_defaults():
     c = PretrainConfig()
-    assert (c.magnification, c.patch_size, c.num_patches, c.input_size) == (20.0, 1024, 400_000, 512)
-    assert (c.batch_size, c.epochs, c.warmup_epochs, c.alpha, c.backbone) == (64, 100, 10, 0.5, "csat")
+    assert (c.magnification, c.patch_size, c.num_patches, c.input_size) == (
+        20.0,
+        1024,
+        400_000,
+        512,
+    )
+    assert (c.batch_size, c.epochs, c.warmup_epochs, c.alpha, c.backbone) == (
+        64,
+        100,
+        10,
+        0.5,
+        "csat",
+    )
     assert c.teacher == "2D_versatile_he"
 
 
@@ -56,7 +73,12 @@ def test_cli_precedence(tmp_path, capsys):
         default_preset=lambda v: None if v.get("slides") else "demo",
     )
     assert (c.epochs, c.batch_size, c.slides, c.patch_size) == (17, 4, ["a.svs", "b.svs"], 1024)
-    demo = parse_config(PretrainConfig, [], presets={"demo": DEMO_PRESET}, default_preset=lambda v: None if v.get("slides") else "demo")
+    demo = parse_config(
+        PretrainConfig,
+        [],
+        presets={"demo": DEMO_PRESET},
+        default_preset=lambda v: None if v.get("slides") else "demo",
+    )
     assert demo.teacher == "demo" and demo.patch_size == DEMO_PRESET["patch_size"]
     with pytest.raises(SystemExit, match="patch_size=0"):
         parse_config(PretrainConfig, ["--patch-size", "0"])
@@ -69,9 +91,15 @@ def test_custom_resources_from_yaml_and_flags(tmp_path):
     """A YAML mapping or a JSON flag (the flag overrides), as floats; empty by default."""
     assert PretrainConfig().teacher_resources == {} and PretrainConfig().trainer_resources == {}
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("teacher_resources:\n  teacher_node: 1\ntrainer_resources:\n  trainer_node: 2\n")
-    c = parse_config(PretrainConfig, ["--config", str(yaml_file), "--trainer-resources", '{"trainer_node": 0.5}'])
-    assert c.teacher_resources == {"teacher_node": 1.0} and c.trainer_resources == {"trainer_node": 0.5}
+    yaml_file.write_text(
+        "teacher_resources:\n  teacher_node: 1\ntrainer_resources:\n  trainer_node: 2\n"
+    )
+    c = parse_config(
+        PretrainConfig, ["--config", str(yaml_file), "--trainer-resources", '{"trainer_node": 0.5}']
+    )
+    assert c.teacher_resources == {"teacher_node": 1.0} and c.trainer_resources == {
+        "trainer_node": 0.5
+    }
     with pytest.raises(SystemExit, match="trainer_resources='nope': not JSON"):
         parse_config(PretrainConfig, ["--trainer-resources", "nope"])
 
@@ -83,7 +111,11 @@ def test_training_worker_resources_share_a_gpu_with_a_teacher_actor():
     assert _worker_resources(cpu, use_gpu=False, gpus=0) == {"CPU": 2.0}
     shared = PretrainConfig(teacher_gpus=0.25, trainer_resources={"trainer_node": 1})
     resources = _worker_resources(shared, use_gpu=True, gpus=8)
-    assert resources == {"trainer_node": 1, "CPU": 1.0, "GPU": 0.75}  # with a 0.25 teacher actor: one GPU
+    assert resources == {
+        "trainer_node": 1,
+        "CPU": 1.0,
+        "GPU": 0.75,
+    }  # with a 0.25 teacher actor: one GPU
     whole = PretrainConfig(teacher_gpus=1.0)  # teachers and trainers on separate GPUs
     assert _worker_resources(whole, use_gpu=True, gpus=8)["GPU"] == 1.0
 
@@ -94,19 +126,54 @@ def test_teacher_settings_reach_the_teacher(tmp_path):
 
     from histokd.teachers import build_teacher
 
-    config = PretrainConfig(teacher="demo", magnification=20, teacher_normalization="per_channel", teacher_mpp=0.25)
+    config = PretrainConfig(
+        teacher="demo", magnification=20, teacher_normalization="per_channel", teacher_mpp=0.25
+    )
     kwargs = config.teacher_kwargs()
-    assert (kwargs["patch_mpp"], kwargs["normalization"], kwargs["teacher_mpp"], kwargs["backend"]) == (0.5, "per_channel", 0.25, "torch")
+    assert (
+        kwargs["patch_mpp"],
+        kwargs["normalization"],
+        kwargs["teacher_mpp"],
+        kwargs["backend"],
+    ) == (0.5, "per_channel", 0.25, "torch")
     teacher = build_teacher("demo", **kwargs)
     assert (teacher.scale, teacher.normalization) == (2.0, "per_channel")
     settings = tmp_path / "histokd_teacher.json"
-    settings.write_text(json.dumps({"alpha": 0.15, "normalization": "joint", "percentiles": [2, 99], "teacher_mpp": 0.5, "check_iou": 0.9}))
-    config = PretrainConfig(teacher="demo", magnification=10, teacher_settings=str(settings), teacher_normalization="per_channel")
+    settings.write_text(
+        json.dumps(
+            {
+                "alpha": 0.15,
+                "normalization": "joint",
+                "percentiles": [2, 99],
+                "teacher_mpp": 0.5,
+                "check_iou": 0.9,
+            }
+        )
+    )
+    config = PretrainConfig(
+        teacher="demo",
+        magnification=10,
+        teacher_settings=str(settings),
+        teacher_normalization="per_channel",
+    )
     teacher = build_teacher("demo", **config.teacher_kwargs())
-    assert (teacher.alpha, teacher.normalization, teacher.percentiles, teacher.scale) == (0.15, "joint", (2.0, 99.0), 2.0)
-    assert build_teacher("deconvolution", **PretrainConfig(teacher="deconvolution").teacher_kwargs()).alpha == 0.5
+    assert (teacher.alpha, teacher.normalization, teacher.percentiles, teacher.scale) == (
+        0.15,
+        "joint",
+        (2.0, 99.0),
+        2.0,
+    )
+    assert (
+        build_teacher(
+            "deconvolution", **PretrainConfig(teacher="deconvolution").teacher_kwargs()
+        ).alpha
+        == 0.5
+    )
     (tmp_path / "bad.json").write_text("{}")
-    for path, message in [(tmp_path / "none.json", "cannot read it"), (tmp_path / "bad.json", "holds none of alpha")]:
+    for path, message in [
+        (tmp_path / "none.json", "cannot read it"),
+        (tmp_path / "bad.json", "holds none of alpha"),
+    ]:
         with pytest.raises(ValueError, match=f"teacher_settings=.*{message}"):
             PretrainConfig(teacher_settings=str(path))
     with pytest.raises(ValueError, match="teacher_mpp=0: must be a pixel size"):

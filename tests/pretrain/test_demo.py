@@ -15,10 +15,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(tmp_path, record_property, blocked_imports_env):
+def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(
+    tmp_path, record_property, blocked_imports_env
+):
     """README command 1 installs no TensorFlow: the demo runs with the TensorFlow stack unimportable
     (in the driver and in every Ray worker it starts)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+    }
     env = blocked_imports_env(("tensorflow", "keras", "stardist", "csbdeep"), base=env)
     env.update(HF_HUB_OFFLINE="1", KERAS_HOME=str(tmp_path / "keras"))  # nothing may be downloaded
     started = time.monotonic()
@@ -34,6 +40,10 @@ def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(tmp_pat
     record_property("demo", {"wall_seconds": round(wall), "ious": ious})
     assert max(ious[-2:]) > ious[0] + 0.3, ious
     backbone = re.search(r"^backbone:\s+(\S+)$", out.stdout, re.M)
-    assert backbone and Path(backbone.group(1)).is_file() and Path(backbone.group(1)).is_relative_to(tmp_path)
+    assert (
+        backbone
+        and Path(backbone.group(1)).is_file()
+        and Path(backbone.group(1)).is_relative_to(tmp_path)
+    )
     assert (tmp_path / "demo_data").is_dir() and (tmp_path / "runs" / "mlflow.db").is_file()
     assert wall < 600, f"the demo took {wall:.0f} s; README promises minutes"

@@ -46,23 +46,40 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tiny_pretrain_config
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"backbone", "overlays", "curves.png", "config.yaml", "label_share.csv"} <= artifacts
     # each slide's pseudo-label nucleus share (issue 15): both demo slides, every patch counted once
-    assert {Path(r["slide"]).name for r in result.label_share} == {"demo-s0-000.svs", "demo-s0-001.svs"}
+    assert {Path(r["slide"]).name for r in result.label_share} == {
+        "demo-s0-000.svs",
+        "demo-s0-001.svs",
+    }
     assert sum(r["patches"] for r in result.label_share) == count
-    assert all(0.02 < r["mean_nucleus_share"] < 0.7 and r["empty_fraction"] < 0.5 for r in result.label_share)
-    assert "over 2 slides" in result.label_share_summary and "mostly empty" not in result.label_share_summary
+    assert all(
+        0.02 < r["mean_nucleus_share"] < 0.7 and r["empty_fraction"] < 0.5
+        for r in result.label_share
+    )
+    assert (
+        "over 2 slides" in result.label_share_summary
+        and "mostly empty" not in result.label_share_summary
+    )
     shares = client.get_metric_history(result.mlflow_run_id, "train_label_nucleus_share")
-    assert len(shares) == 3 and len({m.value for m in shares}) == 1  # the teacher's labels: the same each epoch
+    assert (
+        len(shares) == 3 and len({m.value for m in shares}) == 1
+    )  # the teacher's labels: the same each epoch
     # beside the rolling checkpoints, the best epoch by hold-out IoU (first of any tie)
     best = torch.load(Path(result.run_dir) / "best" / "model.pt", weights_only=True)
     ious = [h["holdout_foreground_iou"] for h in result.history]
-    assert best["epoch"] == 1 + ious.index(max(ious)) and best["holdout_foreground_iou"] == max(ious)
-    assert any(k.startswith("decoder.") for k in best["model"])  # the whole student, decoder included
+    assert best["epoch"] == 1 + ious.index(max(ious)) and best["holdout_foreground_iou"] == max(
+        ious
+    )
+    assert any(
+        k.startswith("decoder.") for k in best["model"]
+    )  # the whole student, decoder included
 
 
 def test_worker_fault_recovers_from_checkpoint(ray_cluster, tiny_pretrain_config):
     from histokd.pretrain.job import run_pretraining
 
-    config = tiny_pretrain_config(run_name="faulty", fail_at_epoch=2, max_failures=1, teacher="deconvolution")
+    config = tiny_pretrain_config(
+        run_name="faulty", fail_at_epoch=2, max_failures=1, teacher="deconvolution"
+    )
     result = run_pretraining(config)
     run_dir = Path(result.run_dir)
     assert (run_dir / ".fault_injected").exists()  # the fault did happen
@@ -102,7 +119,9 @@ def test_two_ddp_workers_share_each_epoch(ray_cluster, tiny_pretrain_config):
 def test_resume_after_stop(ray_cluster, tiny_pretrain_config):
     from histokd.pretrain.job import run_pretraining
 
-    first = run_pretraining(tiny_pretrain_config(run_name="resumable", stop_after_epoch=1, teacher="deconvolution"))
+    first = run_pretraining(
+        tiny_pretrain_config(run_name="resumable", stop_after_epoch=1, teacher="deconvolution")
+    )
     assert [h["epoch"] for h in first.history] == [1]
     second = run_pretraining(tiny_pretrain_config(run_name="resumable", teacher="deconvolution"))
     assert [h["epoch"] for h in second.history] == [1, 2, 3]

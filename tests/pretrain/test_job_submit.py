@@ -30,7 +30,11 @@ def test_ray_job_submit_then_ray_stop(tmp_path, demo_slides_dir):
     ray.shutdown()  # the session's in-process cluster; `ray stop` would end it anyway
     env = dict(os.environ)
     # Ray 2.60 clusters require a token; the CLI sends it when RAY_AUTH_MODE=token.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
     start = _run(
         [RAY, "start", "--head", "--port=6391", "--dashboard-port=8276", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],

@@ -15,7 +15,13 @@ def test_counts_by_hand_and_merge_over_workers(tmp_path):
     b.add(["s2.svs", "s3.svs"], np.array([0.004, 0.3]))
     merged = a.merge([b.counts])
     rows = {r["slide"]: r for r in merged.rows()}
-    assert rows["s1.svs"] == {"slide": "s1.svs", "patches": 2, "mean_nucleus_share": 0.1005, "empty_patches": 1, "empty_fraction": 0.5}
+    assert rows["s1.svs"] == {
+        "slide": "s1.svs",
+        "patches": 2,
+        "mean_nucleus_share": 0.1005,
+        "empty_patches": 1,
+        "empty_fraction": 0.5,
+    }
     assert rows["s2.svs"]["patches"] == 2 and rows["s2.svs"]["empty_fraction"] == 1.0
     assert merged.rows()[0]["slide"] == "s2.svs"  # emptiest first
     assert merged.mean_share == pytest.approx((0.2 + 0.001 + 0.0 + 0.004 + 0.3) / 5)
@@ -35,5 +41,7 @@ def test_warning_names_each_mostly_empty_slide(capsys):
     shares.add(["glassy.svs"] * 10 + ["good.svs"] * 10, np.r_[np.zeros(10), np.full(10, 0.2)])
     _warn_empty_slides(shares, {"empty_patch_share": 0.005, "empty_slide_fraction": 0.9})
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("warning: glassy.svs: 10/10 patches have pseudo labels with less than 0.5%")
+    assert len(out) == 1 and out[0].startswith(
+        "warning: glassy.svs: 10/10 patches have pseudo labels with less than 0.5%"
+    )
     assert "jobs/check_teacher.py" in out[0]

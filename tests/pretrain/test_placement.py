@@ -48,16 +48,23 @@ def _collect(ds) -> dict[str, np.ndarray]:
 
 
 def _by_patch(records: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
-    return {str(pid): value for pid, value in zip(records["patch_id"], records[column], strict=True)}
+    return {
+        str(pid): value for pid, value in zip(records["patch_id"], records[column], strict=True)
+    }
 
 
-@pytest.mark.parametrize("side, size", [(256, 64), (1024, 512), (1000, 512), (300, 128), (512, 200), (100, 128), (64, 64)])
+@pytest.mark.parametrize(
+    "side, size",
+    [(256, 64), (1024, 512), (1000, 512), (300, 128), (512, 200), (100, 128), (64, 64)],
+)
 def test_resize_label_tensor_is_resize_label(side, size):
     """Nucleus-like blobs and salt noise, at integer, non-integer and upsampling ratios."""
     from scipy.ndimage import uniform_filter
 
     rng = np.random.default_rng(side * 1000 + size)
-    blobs = [(uniform_filter(rng.random((side, side)), 9) > 0.52).astype(np.uint8) for _ in range(2)]
+    blobs = [
+        (uniform_filter(rng.random((side, side)), 9) > 0.52).astype(np.uint8) for _ in range(2)
+    ]
     noise = [(rng.random((side, side)) < 0.3).astype(np.uint8) for _ in range(2)]
     labels = np.stack(blobs + noise)
     expected = np.stack([resize_label(label, size) for label in labels])
@@ -73,7 +80,10 @@ def test_resize_label_tensor_is_resize_label(side, size):
         ({"teacher_placement": "gpu"}, "teacher_placement='gpu': allowed: actors, trainer"),
         ({"teacher": "deconvolution"}, "needs a StarDist teacher.*teacher='deconvolution'"),
         ({"teacher_actors": 2}, "teacher_actors=2: a setting of the teacher actor pool"),
-        ({"teacher_resources": {"teacher_node": 1}}, "teacher_resources=.*a setting of the teacher actor pool"),
+        (
+            {"teacher_resources": {"teacher_node": 1}},
+            "teacher_resources=.*a setting of the teacher actor pool",
+        ),
     ],
 )
 def test_trainer_placement_settings_fail_early(kwargs, message):
@@ -84,8 +94,14 @@ def test_trainer_placement_settings_fail_early(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"teacher_backend": "tensorflow"}, "teacher_placement='trainer' runs the teacher's network in the training worker's PyTorch"),
-        ({"mask_mode": "instances"}, "mask_mode='instances' runs StarDist's NMS in TensorFlow, which teacher_placement='trainer' cannot"),
+        (
+            {"teacher_backend": "tensorflow"},
+            "teacher_placement='trainer' runs the teacher's network in the training worker's PyTorch",
+        ),
+        (
+            {"mask_mode": "instances"},
+            "mask_mode='instances' runs StarDist's NMS in TensorFlow, which teacher_placement='trainer' cannot",
+        ),
     ],
 )
 def test_trainer_placement_needs_torch(kwargs, message):
@@ -101,7 +117,9 @@ def test_trainer_placement_resources():
     """No actor pool and no GPU for the stream; each training worker takes a whole GPU."""
     from histokd.pretrain.job import _worker_resources
 
-    plan = plan_resources({"CPU": 2.0, "GPU": 1.0}, num_gpus=0.5, reserved_cpus=1.0, placement="trainer")
+    plan = plan_resources(
+        {"CPU": 2.0, "GPU": 1.0}, num_gpus=0.5, reserved_cpus=1.0, placement="trainer"
+    )
     assert (plan.num_actors, plan.actor_cpus, plan.actor_gpus) == (0, 0.0, 0.0)
     assert plan.read_cpus == 0.5  # two read tasks at a time in the CPU the worker leaves
     actors = PretrainConfig(teacher_gpus=0.25)
@@ -114,10 +132,14 @@ def test_both_placements_give_the_same_records(ray_cluster, manifest):
     """The actor pool's records against the patch stream labelled as a training worker does."""
     table = pq.read_table(manifest)
     kwargs = PretrainConfig(teacher="demo", alpha=None).teacher_kwargs()
-    actors = _collect(pseudo_label_dataset(manifest, "demo", kwargs, input_size=INPUT, batch_size=4))
+    actors = _collect(
+        pseudo_label_dataset(manifest, "demo", kwargs, input_size=INPUT, batch_size=4)
+    )
     stream = _collect(patch_dataset(manifest, input_size=INPUT, batch_size=4))
     ids = sorted(table.column("patch_id").to_pylist())
-    assert sorted(stream["patch_id"]) == ids and sorted(actors["patch_id"]) == ids  # each patch once
+    assert (
+        sorted(stream["patch_id"]) == ids and sorted(actors["patch_id"]) == ids
+    )  # each patch once
     assert "pseudo_label" not in stream and stream["patch"].shape == (len(ids), 256, 256, 3)
     assert stream["image"].shape == (len(ids), INPUT, INPUT, 3)
 
@@ -130,7 +152,9 @@ def test_both_placements_give_the_same_records(ray_cluster, manifest):
         np.testing.assert_array_equal(image, expected_images[pid])
     for pid, label in _by_patch(stream, "pseudo_label").items():
         np.testing.assert_array_equal(label, expected_labels[pid], err_msg=pid)
-    assert 0.02 < labels.mean() < 0.6  # the demo teacher found nuclei: the comparison meant something
+    assert (
+        0.02 < labels.mean() < 0.6
+    )  # the demo teacher found nuclei: the comparison meant something
 
 
 @pytest.mark.slow
@@ -142,7 +166,9 @@ def test_trainer_placement_trains_on_the_actors_labels(ray_cluster, tiny_pretrai
 
     # The hold-out is chosen by a hash of the patch ids, which hold the slides' temporary paths:
     # at 0.2 of 24 patches a run gets a single hold-out patch about once in 30; at 0.4, once in 20,000.
-    config = tiny_pretrain_config(run_name="in-trainer", teacher_placement="trainer", epochs=2, holdout_fraction=0.4)
+    config = tiny_pretrain_config(
+        run_name="in-trainer", teacher_placement="trainer", epochs=2, holdout_fraction=0.4
+    )
     result = run_pretraining(config)
     run_dir = Path(result.run_dir)
     assert [h["epoch"] for h in result.history] == [1, 2]

@@ -27,24 +27,51 @@ def teacher_file(tmp_path) -> str:
     from histokd.resdist.model import create_resdist_model
     from histokd.resdist.training import save_model_file
 
-    meta = {"arch": "resdist_resnet", "num_classes": 2, "magnification": 10.0, "stats": ([0.5] * 3, [0.2] * 3)}
-    return str(save_model_file(tmp_path / "teacher" / "model.pt", create_resdist_model(num_classes=2), meta))
+    meta = {
+        "arch": "resdist_resnet",
+        "num_classes": 2,
+        "magnification": 10.0,
+        "stats": ([0.5] * 3, [0.2] * 3),
+    }
+    return str(
+        save_model_file(
+            tmp_path / "teacher" / "model.pt", create_resdist_model(num_classes=2), meta
+        )
+    )
 
 
 def test_paper_defaults(table, teacher_file):
     config = SupervisedConfig(data=table)
     assert config.magnification == 10.0 and config.epochs == 100 and config.lr == 1e-3  # Sec. 4.5.1
-    assert config.accumulation_steps == 32 and config.weight_decay == 1e-4 and config.lr_gamma == 1.0  # public code
-    assert (config.brightness, config.contrast, config.saturation, config.hue) == (0.5, 0.5, 0.5, 0.2)
+    assert (
+        config.accumulation_steps == 32 and config.weight_decay == 1e-4 and config.lr_gamma == 1.0
+    )  # public code
+    assert (config.brightness, config.contrast, config.saturation, config.hue) == (
+        0.5,
+        0.5,
+        0.5,
+        0.2,
+    )
     assert config.magnifications == [10.0, 5.0, 2.5, 1.25, 0.625]
     assert config.arch == "resdist_resnet" and config.num_groups == 32
     kd = DistillConfig(data=table, teacher=str(Path(teacher_file).parent))  # a run folder works too
     assert kd.teacher == teacher_file
-    assert kd.temperature == 1.0 and kd.resize_modes == ["maxpool", "bicubic"] and not kd.public_code_maxpool_only
-    assert kd.train_splits == ["train", "val"] and kd.method_name == "KD" and not kd.do_finetune  # Sec. 4.5.3
+    assert (
+        kd.temperature == 1.0
+        and kd.resize_modes == ["maxpool", "bicubic"]
+        and not kd.public_code_maxpool_only
+    )
+    assert (
+        kd.train_splits == ["train", "val"] and kd.method_name == "KD" and not kd.do_finetune
+    )  # Sec. 4.5.3
     aux = DistillConfig(data=table, teacher=teacher_file, train_splits=["aux"])
     assert aux.method_name == "KD (AD)" and aux.do_finetune  # Sec. 3.4, 4.5.4
-    assert DistillConfig(data=table, teacher=teacher_file, train_splits=["aux"], finetune="no").do_finetune is False
+    assert (
+        DistillConfig(
+            data=table, teacher=teacher_file, train_splits=["aux"], finetune="no"
+        ).do_finetune
+        is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,13 +119,34 @@ def test_bad_distill_values(table, teacher_file, tmp_path):
 def test_command_line_and_yaml(table, teacher_file, tmp_path):
     config_file = tmp_path / "kd.yaml"
     config_file.write_text(yaml.safe_dump({"temperature": 4.0, "train_splits": ["aux"]}))
-    config = parse_config(DistillConfig, ["--data", table, "--teacher", teacher_file, "--config", str(config_file), "--magnification", "0.625"])
-    assert config.temperature == 4.0 and config.train_splits == ["aux"] and config.magnification == 0.625
+    config = parse_config(
+        DistillConfig,
+        [
+            "--data",
+            table,
+            "--teacher",
+            teacher_file,
+            "--config",
+            str(config_file),
+            "--magnification",
+            "0.625",
+        ],
+    )
+    assert (
+        config.temperature == 4.0
+        and config.train_splits == ["aux"]
+        and config.magnification == 0.625
+    )
     with pytest.raises(SystemExit, match="temperature=-1.0"):
-        parse_config(DistillConfig, ["--data", table, "--teacher", teacher_file, "--temperature", "-1"])
+        parse_config(
+            DistillConfig, ["--data", table, "--teacher", teacher_file, "--temperature", "-1"]
+        )
 
 
-@pytest.mark.parametrize("job", ["resdist_teacher", "resdist_distill", "resdist_evaluate", "resdist_tune", "resdist_demo"])
+@pytest.mark.parametrize(
+    "job",
+    ["resdist_teacher", "resdist_distill", "resdist_evaluate", "resdist_tune", "resdist_demo"],
+)
 def test_jobs_show_their_help(job, capsys):
     spec = importlib.util.spec_from_file_location(job, REPO / "jobs" / f"{job}.py")
     module = importlib.util.module_from_spec(spec)
@@ -108,4 +156,3 @@ def test_jobs_show_their_help(job, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out and "--storage-path" in out
-

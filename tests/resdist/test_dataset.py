@@ -28,7 +28,16 @@ def pair(tmp_path):
     coarse = (rng.random((8, 12, 3)) * 255).astype(np.uint8)
     big = np.asarray(Image.fromarray(coarse).resize((96, 64), Image.Resampling.BICUBIC))
     small = np.asarray(Image.fromarray(big).resize((24, 16), Image.Resampling.LANCZOS))
-    items = [{"region_id": "r0", "label": 2, "paths": {"10x": _save(tmp_path / "b.png", big), "2.5x": _save(tmp_path / "s.png", small)}}]
+    items = [
+        {
+            "region_id": "r0",
+            "label": 2,
+            "paths": {
+                "10x": _save(tmp_path / "b.png", big),
+                "2.5x": _save(tmp_path / "s.png", small),
+            },
+        }
+    ]
     return items, big, small
 
 
@@ -63,13 +72,18 @@ def test_views_get_the_same_geometry_and_colour(pair):
     dataset.set_epoch(6)
     other = dataset[0]["images"][0]
     dataset.set_epoch(5)
-    assert other.shape != dataset[0]["images"][0].shape or not torch.equal(other, dataset[0]["images"][0])
+    assert other.shape != dataset[0]["images"][0].shape or not torch.equal(
+        other, dataset[0]["images"][0]
+    )
 
 
 def test_colour_jitter_is_shared_and_within_the_public_code_ranges():
     generator = torch.Generator().manual_seed(0)
     draws = [draw_augment(generator, ColorJitter()) for _ in range(200)]
-    assert all(0.5 <= d.brightness <= 1.5 and 0.5 <= d.contrast <= 1.5 and 0.5 <= d.saturation <= 1.5 for d in draws)
+    assert all(
+        0.5 <= d.brightness <= 1.5 and 0.5 <= d.contrast <= 1.5 and 0.5 <= d.saturation <= 1.5
+        for d in draws
+    )
     assert all(-0.2 <= d.hue <= 0.2 for d in draws)
     assert max(d.hue for d in draws) > 0.15 and min(d.hue for d in draws) < -0.15
     flat = draw_augment(generator, None)
@@ -83,7 +97,9 @@ def test_standardised_with_the_training_statistics(pair, tmp_path):
     items, big, _ = pair
     mean, std = channel_stats([items[0]["paths"]["10x"]])
     pixels = big.reshape(-1, 3) / 255.0
-    assert np.allclose(mean, pixels.mean(0), atol=1e-9) and np.allclose(std, pixels.std(0), atol=1e-9)
+    assert np.allclose(mean, pixels.mean(0), atol=1e-9) and np.allclose(
+        std, pixels.std(0), atol=1e-9
+    )
     dataset = RegionImages(items, ["10x"], {"10x": (mean, std)}, augment=False)
     image = dataset[0]["images"][0]
     assert torch.allclose(image.mean((1, 2)), torch.zeros(3), atol=1e-5)
@@ -110,10 +126,14 @@ def test_loader_processes_give_the_same_items(pair):
 
     items, _, _ = pair
     two = items + [dict(items[0], region_id="r1", label=0)]
-    dataset = RegionImages(two, ["10x"], {"10x": ([0.5] * 3, [0.25] * 3)}, augment=True, seed=1, cache=False)
+    dataset = RegionImages(
+        two, ["10x"], {"10x": ([0.5] * 3, [0.25] * 3)}, augment=True, seed=1, cache=False
+    )
     dataset.set_epoch(2)
     direct = [dataset[i] for i in (1, 0)]
     loaded = list(_items(dataset, [1, 0], workers=1))
     assert [x["index"] for x in loaded] == [1, 0] and [x["label"] for x in loaded] == [0, 2]
     for a, b in zip(direct, loaded, strict=True):
-        assert torch.equal(a["images"][0], b["images"][0])  # the epoch's augmentation, in the worker too
+        assert torch.equal(
+            a["images"][0], b["images"][0]
+        )  # the epoch's augmentation, in the worker too

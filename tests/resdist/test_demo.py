@@ -29,33 +29,55 @@ def test_demo_runs_teacher_distillation_and_evaluation(tmp_path):
     regions = result.data_summary["regions"]
     assert {"train", "val", "test", "aux"} <= set(regions) and set(regions["aux"]) == {"unlabelled"}
     n_test = sum(regions["test"].values())
-    assert n_test >= 1 and len(pd.read_csv(result.data_summary["table"])) == sum(sum(c.values()) for c in regions.values())
+    assert n_test >= 1 and len(pd.read_csv(result.data_summary["table"])) == sum(
+        sum(c.values()) for c in regions.values()
+    )
 
     # one model per run: the teacher, then baseline, KD and KD (AD) at each student magnification
     expected = ["teacher"] + [f"{m}-{tag}" for tag in STUDENTS for m in METHODS]
     assert sorted(result.models) == sorted(expected)
     for key, path in result.models.items():
         assert Path(path) == storage / key / "model.pt" and Path(path).is_file()
-    phases = {key: json.loads((storage / key / "result.json").read_text())["phase"] for key in result.models}
-    for tag in STUDENTS:  # KD on the labelled regions keeps the distilled student; KD (AD) is fine-tuned after
+    phases = {
+        key: json.loads((storage / key / "result.json").read_text())["phase"]
+        for key in result.models
+    }
+    for tag in (
+        STUDENTS
+    ):  # KD on the labelled regions keeps the distilled student; KD (AD) is fine-tuned after
         assert (phases["teacher"], phases[f"baseline-{tag}"], phases[f"kd-{tag}"], phases[f"kd-aux-{tag}"]) == (
             "supervised", "supervised", "distill", "finetune")  # fmt: skip
 
     # the evaluation: Tables 5-8 (csv, markdown), Fig. 3 (chart), the evaluations (json)
     assert set(result.files) == {"csv", "markdown", "chart", "json"}
-    assert all(Path(p).is_file() and Path(p).parent == storage / "evaluation" for p in result.files.values())
+    assert all(
+        Path(p).is_file() and Path(p).parent == storage / "evaluation"
+        for p in result.files.values()
+    )
     assert Path(result.files["chart"]).stat().st_size > 10_000
     table = pd.read_csv(result.files["csv"])
     assert len(table) == 7 * 5  # 7 models x accuracy, F1, precision, recall, top-1 accuracy
     assert set(table["metric"]) == {"accuracy", "f1", "precision", "recall", "top1_accuracy"}
     runs = table.drop_duplicates("run_name").set_index("run_name")
     assert sorted(runs.index) == sorted(expected)
-    assert (runs.loc["teacher", "method"], runs.loc["teacher", "magnification"]) == ("teacher", 10.0)
+    assert (runs.loc["teacher", "method"], runs.loc["teacher", "magnification"]) == (
+        "teacher",
+        10.0,
+    )
     for tag, mag in STUDENTS.items():
         for key, method in METHODS.items():
-            assert (runs.loc[f"{key}-{tag}", "method"], runs.loc[f"{key}-{tag}", "magnification"]) == (method, mag)
-    assert table["estimate"].between(0, 1).all() and table["ci_low"].between(0, 1).all() and table["ci_high"].between(0, 1).all()
-    assert (table["ci_low"] <= table["estimate"] + 1e-12).all() and (table["estimate"] <= table["ci_high"] + 1e-12).all()
+            assert (
+                runs.loc[f"{key}-{tag}", "method"],
+                runs.loc[f"{key}-{tag}", "magnification"],
+            ) == (method, mag)
+    assert (
+        table["estimate"].between(0, 1).all()
+        and table["ci_low"].between(0, 1).all()
+        and table["ci_high"].between(0, 1).all()
+    )
+    assert (table["ci_low"] <= table["estimate"] + 1e-12).all() and (
+        table["estimate"] <= table["ci_high"] + 1e-12
+    ).all()
     assert (table["num_images"] == n_test).all() and (table["n_resamples"] == 200).all()
     # a lower magnification has fewer pixels: fewer GFLOPs (teacher 10x > 2.5x > 1.25x)
     gflops = runs["gflops_median"]
@@ -72,7 +94,9 @@ def test_demo_runs_teacher_distillation_and_evaluation(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")
     experiment = client.get_experiment_by_name("histokd-resdist")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`histokd.job` = 'resdist_demo'")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "tags.`histokd.job` = 'resdist_demo'"
+    )
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {Path(p).name for p in result.files.values()} | {"demo_summary.json"} <= artifacts

@@ -45,7 +45,9 @@ def test_intervals_contain_the_estimate_and_narrow_as_the_test_set_grows():
             assert iv.low <= iv.estimate <= iv.high, name
             assert iv.n_resamples == 10_000 and iv.confidence == 0.95
         widths[n] = {name: iv.high - iv.low for name, iv in intervals.items()}
-        assert intervals["top1_accuracy"].estimate == pytest.approx(float(np.mean(targets == predictions)))
+        assert intervals["top1_accuracy"].estimate == pytest.approx(
+            float(np.mean(targets == predictions))
+        )
     for name in METRICS:
         assert widths[160][name] < widths[40][name] and widths[640][name] < widths[160][name], name
         # the width falls about as 1 / sqrt(n): four times the images, about half the width
@@ -62,7 +64,12 @@ def test_intervals_are_seeded():
 
 
 def test_gflops_of_a_convolution_by_hand():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     # conv: 2 x (8 x 3 x 9) x (20 x 30) multiply-adds; linear: 2 x 8 x 2 (+ nothing for the bias)
     expected = (2 * 8 * 3 * 9 * 20 * 30 + 2 * 8 * 2) / 1e9
     assert forward_gflops(model, 20, 30) == pytest.approx(expected)
@@ -81,4 +88,7 @@ def test_gflops_fall_with_the_square_of_the_magnification():
     assert 15.0 < at_10x / at_2_5x < 16.5
     assert 14.0 < at_2_5x / at_0_625x < 17.0
     # counted on the meta device: the weights are untouched and still on the CPU
-    assert next(model.parameters()).device.type == "cpu" and torch.isfinite(next(model.parameters())).all()
+    assert (
+        next(model.parameters()).device.type == "cpu"
+        and torch.isfinite(next(model.parameters())).all()
+    )

@@ -29,8 +29,18 @@ def _common(tiny_demo, **extra) -> dict:
 @pytest.fixture(scope="module")
 def trained(tiny_demo):
     """Teacher (10x, 2 epochs), KD at 2.5x and KD (AD) at 1.25x with fine-tuning, 1 epoch each."""
-    teacher = run_supervised(SupervisedConfig(**_common(tiny_demo), run_name="t-teacher", magnification=10.0, epochs=2))
-    kd = run_distill(DistillConfig(**_common(tiny_demo), run_name="t-kd", teacher=teacher.model_path, magnification=2.5, epochs=1))
+    teacher = run_supervised(
+        SupervisedConfig(**_common(tiny_demo), run_name="t-teacher", magnification=10.0, epochs=2)
+    )
+    kd = run_distill(
+        DistillConfig(
+            **_common(tiny_demo),
+            run_name="t-kd",
+            teacher=teacher.model_path,
+            magnification=2.5,
+            epochs=1,
+        )
+    )
     kd_aux = run_distill(DistillConfig(**_common(tiny_demo), run_name="t-kd-aux", teacher=teacher.run_dir, magnification=1.25,
                                        epochs=1, train_splits=["aux"], val_splits=["val"], finetune_epochs=2))  # fmt: skip
     return {"teacher": teacher, "kd": kd, "kd_aux": kd_aux}
@@ -39,12 +49,21 @@ def trained(tiny_demo):
 def test_teacher(trained, tiny_demo):
     teacher = trained["teacher"]
     model, meta = load_model_file(teacher.model_path)
-    assert meta["method"] == "teacher" and meta["magnification"] == 10.0 and meta["arch"] == "resdist_resnet"
+    assert (
+        meta["method"] == "teacher"
+        and meta["magnification"] == 10.0
+        and meta["arch"] == "resdist_resnet"
+    )
     assert meta["class_names"] == ["lymphocyte", "stroma", "tumor"]
-    assert [list(v) for v in meta["stats"]] == [list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 10.0)]
+    assert [list(v) for v in meta["stats"]] == [
+        list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 10.0)
+    ]
     result = teacher.result
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert result["selected"] == "best" and result["kept_epoch"] in (1, 2)  # validation set outside training
+    assert result["selected"] == "best" and result["kept_epoch"] in (
+        1,
+        2,
+    )  # validation set outside training
     n_train = len(tiny_demo["region_set"].select(["train"], labelled=True))
     assert result["sizes"]["train"] == n_train
     # accumulation over 2 images: ceil(n / 2) optimizer steps per epoch
@@ -56,11 +75,19 @@ def test_teacher(trained, tiny_demo):
 def test_kd_on_the_labelled_set_skips_fine_tuning(trained, tiny_demo):
     kd = trained["kd"]
     _, meta = load_model_file(kd.model_path)
-    assert meta["method"] == "KD" and meta["magnification"] == 2.5 and meta["teacher_magnification"] == 10.0
+    assert (
+        meta["method"] == "KD"
+        and meta["magnification"] == 2.5
+        and meta["teacher_magnification"] == 10.0
+    )
     assert meta["phase"] == "distill"
-    assert [list(v) for v in meta["stats"]] == [list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 2.5)]
+    assert [list(v) for v in meta["stats"]] == [
+        list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 2.5)
+    ]
     rows = kd.result["history"]
-    assert rows[0]["train_loss"] == pytest.approx(rows[0]["train_soft"] + rows[0]["train_pixel"], rel=1e-5)
+    assert rows[0]["train_loss"] == pytest.approx(
+        rows[0]["train_soft"] + rows[0]["train_pixel"], rel=1e-5
+    )
     assert kd.result["selected"] == "last"  # no validation outside the distillation set
     assert kd.result["sizes"]["train"] == len(tiny_demo["region_set"].select(["train", "val"]))
     assert not (Path(kd.run_dir) / "finetune").exists()  # Sec. 3.4: same data in both phases
@@ -72,7 +99,13 @@ def test_kd_aux_is_fine_tuned_on_the_last_layer_only(trained, tiny_demo):
     final, meta = load_model_file(kd_aux.model_path)
     assert meta["method"] == "KD (AD)" and meta["finetuned"] and meta["phase"] == "finetune"
     assert kd_aux.result["trainable_params"] == 256 * 3 + 3  # the linear layer alone
-    body_same = [torch.equal(a, b) for (name, a), (_, b) in zip(distilled.state_dict().items(), final.state_dict().items(), strict=True) if not name.startswith("fc.")]
+    body_same = [
+        torch.equal(a, b)
+        for (name, a), (_, b) in zip(
+            distilled.state_dict().items(), final.state_dict().items(), strict=True
+        )
+        if not name.startswith("fc.")
+    ]
     assert all(body_same)
     assert not torch.equal(distilled.fc.weight, final.fc.weight)
     distill_result = json.loads((Path(kd_aux.run_dir) / "distill" / "result.json").read_text())
@@ -80,14 +113,24 @@ def test_kd_aux_is_fine_tuned_on_the_last_layer_only(trained, tiny_demo):
 
 
 def test_rerun_reuses_the_finished_run(trained, tiny_demo, capsys):
-    again = run_supervised(SupervisedConfig(**_common(tiny_demo), run_name="t-teacher", magnification=10.0, epochs=2))
+    again = run_supervised(
+        SupervisedConfig(**_common(tiny_demo), run_name="t-teacher", magnification=10.0, epochs=2)
+    )
     assert "finished before" in capsys.readouterr().out
     assert again.result == trained["teacher"].result
 
 
 def test_student_must_be_below_the_teacher(trained, tiny_demo):
     with pytest.raises(ValueError, match="below the teacher"):
-        run_distill(DistillConfig(**_common(tiny_demo), run_name="t-bad", teacher=trained["teacher"].model_path, magnification=10.0, epochs=1))
+        run_distill(
+            DistillConfig(
+                **_common(tiny_demo),
+                run_name="t-bad",
+                teacher=trained["teacher"].model_path,
+                magnification=10.0,
+                epochs=1,
+            )
+        )
 
 
 def test_evaluation_tables_chart_and_mlflow(trained, tiny_demo):
@@ -106,17 +149,35 @@ def test_evaluation_tables_chart_and_mlflow(trained, tiny_demo):
     gflops = {ev.magnification: ev.gflops_median for ev in result.evaluations}
     assert gflops[10.0] > gflops[2.5] > gflops[1.25] > 0
     rows = list(csv.DictReader(open(result.files["csv"])))
-    assert len(rows) == 3 * 5 and {r["metric"] for r in rows} == {"accuracy", "f1", "precision", "recall", "top1_accuracy"}
+    assert len(rows) == 3 * 5 and {r["metric"] for r in rows} == {
+        "accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "top1_accuracy",
+    }
     markdown = Path(result.files["markdown"]).read_text()
-    assert "## Teacher (Table 5)" in markdown and "mag = 2.5x (4 µm/pixel)" in markdown and "KD (AD)" in markdown
+    assert (
+        "## Teacher (Table 5)" in markdown
+        and "mag = 2.5x (4 µm/pixel)" in markdown
+        and "KD (AD)" in markdown
+    )
     assert Path(result.files["chart"]).stat().st_size > 10_000
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
-    assert "teacher_10x_accuracy" in run.data.metrics and "KD_AD_1.25x_f1_ci_low" in run.data.metrics
+    assert (
+        "teacher_10x_accuracy" in run.data.metrics and "KD_AD_1.25x_f1_ci_low" in run.data.metrics
+    )
     teacher_run = client.get_run(trained["teacher"].mlflow_run_id)
-    assert teacher_run.data.params["magnification"] == "10.0" and "val_loss" in teacher_run.data.metrics
+    assert (
+        teacher_run.data.params["magnification"] == "10.0"
+        and "val_loss" in teacher_run.data.metrics
+    )
     kd_aux_run = client.get_run(trained["kd_aux"].mlflow_run_id)
-    assert "train_pixel" in kd_aux_run.data.metrics and "finetune_train_loss" in kd_aux_run.data.metrics
+    assert (
+        "train_pixel" in kd_aux_run.data.metrics
+        and "finetune_train_loss" in kd_aux_run.data.metrics
+    )
 
 
 @pytest.mark.slow
@@ -124,11 +185,17 @@ def test_ray_train_workers_with_ddp(tiny_demo, ray_cluster):
     """The loop on a real Ray Train worker group of two (DDP, fractional CPUs), with checkpoints."""
     common = _common(tiny_demo)
     common.update(num_workers=2, cpus_per_worker=0.5)
-    result = run_supervised(SupervisedConfig(**common, run_name="t-ray-baseline", magnification=1.25, method="baseline", epochs=2))
+    result = run_supervised(
+        SupervisedConfig(
+            **common, run_name="t-ray-baseline", magnification=1.25, method="baseline", epochs=2
+        )
+    )
     _, meta = load_model_file(result.model_path)
     assert meta["method"] == "baseline" and meta["magnification"] == 1.25
     n_train = len(tiny_demo["region_set"].select(["train"], labelled=True))
     per_worker = -(-n_train // 2)  # the epoch's images shared out, padded to equal shares
     steps = per_worker  # accumulation over 2 images in all: 1 per worker and step
     assert [row["optimizer_steps"] for row in result.result["history"]] == [steps, 2 * steps]
-    assert list((Path(result.run_dir) / "ray").rglob("result.json"))  # the final report's checkpoint
+    assert list(
+        (Path(result.run_dir) / "ray").rglob("result.json")
+    )  # the final report's checkpoint

@@ -19,7 +19,9 @@ from histokd.resdist.model import (
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+    return [
+        m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))
+    ]
 
 
 def test_groupnorm_everywhere_and_no_batchnorm():

@@ -25,7 +25,9 @@ def test_demo_region_set(tiny_demo):
     assert region_set.magnifications == (10.0, 2.5, 1.25)
     counts = region_set.counts()
     assert set(counts) == {"train", "val", "test", "aux"}
-    assert counts["aux"] == {"unlabelled": len(region_set.select(["aux"]))}  # aux labels are not kept
+    assert counts["aux"] == {
+        "unlabelled": len(region_set.select(["aux"]))
+    }  # aux labels are not kept
     # every region has an image at every magnification, of the size its box gives
     from histokd.resdist.dataset import load_rgb
     from histokd.resdist.regions import TissueRegion
@@ -33,7 +35,15 @@ def test_demo_region_set(tiny_demo):
     for record in region_set.records:
         for mag in region_set.magnifications:
             image = load_rgb(str(region_set.image_path(record.region_id, mag)))
-            box = TissueRegion(record.slide, 0, record.x, record.y, record.width, record.height, record.base_magnification)
+            box = TissueRegion(
+                record.slide,
+                0,
+                record.x,
+                record.y,
+                record.width,
+                record.height,
+                record.base_magnification,
+            )
             assert (image.shape[1], image.shape[0]) == box.size_at(mag)
     items = region_set.items(["train"], [10.0, 1.25], labelled=True)
     assert items and set(items[0]["paths"]) == {"10x", "1.25x"}
@@ -47,7 +57,9 @@ def test_demo_region_set(tiny_demo):
 def test_same_inputs_reuse_the_set(tiny_demo):
     region_set = tiny_demo["region_set"]
     started = time.monotonic()
-    again = build_region_set(tiny_demo["table"], region_set.root, [10.0, 2.5, 1.25], RegionFinder(min_area_um2=5000.0))
+    again = build_region_set(
+        tiny_demo["table"], region_set.root, [10.0, 2.5, 1.25], RegionFinder(min_area_um2=5000.0)
+    )
     assert time.monotonic() - started < 2.0  # nothing was re-read
     assert [r.region_id for r in again.records] == [r.region_id for r in region_set.records]
 
@@ -59,11 +71,19 @@ def test_regions_found_when_no_box_is_given(tiny_demo, tmp_path):
         {"slide": str(tiny_demo["table"].parent / slides[0]), "split": "train", "label": "tumor"},
         {"slide": str(tiny_demo["table"].parent / slides[1]), "split": "test", "label": "stroma"},
     ])  # fmt: skip
-    region_set = build_region_set(table, tmp_path / "set", [2.5], RegionFinder(min_area_um2=5000.0), class_names=["stroma", "tumor"])
+    region_set = build_region_set(
+        table,
+        tmp_path / "set",
+        [2.5],
+        RegionFinder(min_area_um2=5000.0),
+        class_names=["stroma", "tumor"],
+    )
     assert region_set.class_names == ("stroma", "tumor")
     train, test = region_set.select(["train"]), region_set.select(["test"])
     assert train and test
-    assert {r.label for r in train} == {1} and {r.label for r in test} == {0}  # slide labels go to every region
+    assert {r.label for r in train} == {1} and {r.label for r in test} == {
+        0
+    }  # slide labels go to every region
 
 
 def test_data_table_errors_name_the_line(tmp_path, tiny_demo):
@@ -73,19 +93,31 @@ def test_data_table_errors_name_the_line(tmp_path, tiny_demo):
     bad_split = _write(tmp_path / "a.csv", [{"slide": slide, "split": "dev", "label": "tumor"}])
     with pytest.raises(ValueError, match=r"line 2: split='dev'"):
         read_data_table(bad_split)
-    no_split = _write(tmp_path / "b.csv", [{"slide": slide, "label": "tumor"}], fields=("slide", "label"))
+    no_split = _write(
+        tmp_path / "b.csv", [{"slide": slide, "label": "tumor"}], fields=("slide", "label")
+    )
     with pytest.raises(ValueError, match="column 'split' missing"):
         read_data_table(no_split)
     bad_label = _write(tmp_path / "c.csv", [{"slide": slide, "split": "train", "label": "tumour"}])
     with pytest.raises(ValueError, match="label='tumour' is not a class"):
         read_data_table(bad_label, class_names=["stroma", "tumor"])
-    partial = _write(tmp_path / "d.csv", [{"slide": slide, "split": "train", "label": "x", "x": 1}], fields=("slide", "split", "label", "x"))
+    partial = _write(
+        tmp_path / "d.csv",
+        [{"slide": slide, "split": "train", "label": "x", "x": 1}],
+        fields=("slide", "split", "label", "x"),
+    )
     with pytest.raises(ValueError, match="all of"):
         read_data_table(partial)
     bad_box = _write(tmp_path / "e.csv", [{"slide": slide, "split": "train", "label": "x", "x": 0, "y": 0, "width": 0, "height": 5}],
                      fields=("slide", "split", "label", "x", "y", "width", "height"))  # fmt: skip
     with pytest.raises(ValueError, match="line 2: box"):
         read_data_table(bad_box)
-    two_splits = _write(tmp_path / "f.csv", [{"slide": slide, "split": "train", "label": "a"}, {"slide": slide, "split": "test", "label": "a"}])
+    two_splits = _write(
+        tmp_path / "f.csv",
+        [
+            {"slide": slide, "split": "train", "label": "a"},
+            {"slide": slide, "split": "test", "label": "a"},
+        ],
+    )
     with pytest.raises(ValueError, match="several splits"):
         build_region_set(two_splits, tmp_path / "f", [1.25])

@@ -50,11 +50,21 @@ def test_expected_sizes_at_each_magnification(scan_20x):
         whole = TissueRegion(str(path), 0, 0, 0, 1000, 600, 20.0)
         images = read_region_magnifications(reader, whole, MAGS)
         sizes = {mag: (im.shape[1], im.shape[0]) for mag, im in images.items()}
-        assert sizes == {10.0: (500, 300), 5.0: (250, 150), 2.5: (125, 75), 1.25: (63, 38), 0.625: (31, 19)}
+        assert sizes == {
+            10.0: (500, 300),
+            5.0: (250, 150),
+            2.5: (125, 75),
+            1.25: (63, 38),
+            0.625: (31, 19),
+        }
         odd = TissueRegion(str(path), 1, 100, 50, 333, 201, 20.0)
         images = read_region_magnifications(reader, odd, MAGS)
         assert {m: (im.shape[1], im.shape[0]) for m, im in images.items()} == {
-            10.0: (167, 101), 5.0: (83, 50), 2.5: (42, 25), 1.25: (21, 13), 0.625: (10, 6)
+            10.0: (167, 101),
+            5.0: (83, 50),
+            2.5: (42, 25),
+            1.25: (21, 13),
+            0.625: (10, 6),
         }
         assert all(im.dtype == np.uint8 and im.shape[2] == 3 for im in images.values())
         assert odd.size_at(2.5) == (42, 25)

@@ -16,7 +16,17 @@ def _evaluation(method: str, mag: float, accuracy: float) -> ModelEvaluation:
         for i, name in enumerate(METRICS)
     }  # fmt: skip
     gflops = 2.0 * (mag / 10) ** 2
-    return ModelEvaluation(method, mag, f"{method}-{mag:g}x", f"/runs/{method}/model.pt", 40, metrics, gflops, gflops * 1.1, (100, 120))
+    return ModelEvaluation(
+        method,
+        mag,
+        f"{method}-{mag:g}x",
+        f"/runs/{method}/model.pt",
+        40,
+        metrics,
+        gflops,
+        gflops * 1.1,
+        (100, 120),
+    )
 
 
 EVALUATIONS = [
@@ -38,7 +48,10 @@ def test_markdown_layout_as_in_the_paper():
     # magnifications from low to high, with their pixel size
     assert text.index("mag = 0.625x (16 µm/pixel)") < text.index("mag = 1.25x (8 µm/pixel)")
     block = lines[lines.index(next(line for line in lines if "mag = 1.25x" in line)) + 1]
-    assert block == "| Accuracy | 79.00 (74.00–83.00) | 81.00 (76.00–85.00) | **83.00 (78.00–87.00)** |"
+    assert (
+        block
+        == "| Accuracy | 79.00 (74.00–83.00) | 81.00 (76.00–85.00) | **83.00 (78.00–87.00)** |"
+    )
     # a tie marks nothing; a missing method shows a dash
     tied = lines[lines.index(next(line for line in lines if "mag = 0.625x" in line)) + 1]
     assert tied == "| Accuracy | 70.00 (65.00–74.00) | 70.00 (65.00–74.00) | - |"
@@ -50,7 +63,11 @@ def test_files(tmp_path):
     rows = list(csv.DictReader(open(files["csv"])))
     assert len(rows) == len(EVALUATIONS) * len(METRICS)
     first = rows[0]
-    assert first["method"] == "teacher" and float(first["magnification"]) == 10.0 and float(first["um_per_pixel"]) == 1.0
+    assert (
+        first["method"] == "teacher"
+        and float(first["magnification"]) == 10.0
+        and float(first["um_per_pixel"]) == 1.0
+    )
     assert float(first["ci_low"]) <= float(first["estimate"]) <= float(first["ci_high"])
     chart = write_chart(EVALUATIONS, tmp_path / "chart.png", "demo")
     from PIL import Image

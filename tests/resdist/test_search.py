@@ -23,7 +23,13 @@ def teacher_file(tiny_demo) -> str:
     region_set = tiny_demo["region_set"]
     meta = {"arch": "resdist_resnet", "num_classes": 3, "magnification": 10.0, "method": "teacher",
             "class_names": list(region_set.class_names), "stats": training_stats(region_set, ["train"], 10.0)}  # fmt: skip
-    return str(save_model_file(tiny_demo["storage"] / "search-teacher" / "model.pt", create_resdist_model(num_classes=3), meta))
+    return str(
+        save_model_file(
+            tiny_demo["storage"] / "search-teacher" / "model.pt",
+            create_resdist_model(num_classes=3),
+            meta,
+        )
+    )
 
 
 def _config(tiny_demo, teacher_file, **extra) -> DistillSearchConfig:
@@ -41,7 +47,10 @@ def test_grid_over_magnification_and_temperature(tiny_demo, teacher_file):
     space = build_param_space(config)
     assert space["magnification"] == {"grid_search": [2.5, 1.25]}
     assert space["temperature"] == {"grid_search": [1.0, 4.0]}
-    assert config.distill_fields()["teacher"] == teacher_file and "temperatures" not in config.distill_fields()
+    assert (
+        config.distill_fields()["teacher"] == teacher_file
+        and "temperatures" not in config.distill_fields()
+    )
     with pytest.raises(ValueError, match="searched_magnifications"):
         _config(tiny_demo, teacher_file, searched_magnifications=[3.0])
     with pytest.raises(ValueError, match="score='auc'"):
@@ -65,18 +74,28 @@ def test_tune_runs_one_distillation_per_trial(tiny_demo, teacher_file, ray_clust
     assert len(table) == 2
 
 
-def test_single_magnification_and_temperature_are_refused(tiny_demo, teacher_file, capsys, monkeypatch):
+def test_single_magnification_and_temperature_are_refused(
+    tiny_demo, teacher_file, capsys, monkeypatch
+):
     from histokd.cli import parse_config
     from histokd.resdist.config import DistillConfig
 
     base = ["--data", str(tiny_demo["table"]), "--storage-path", str(tiny_demo["storage"]), "--teacher", teacher_file,
             "--magnifications", "10", "2.5", "--searched-magnifications", "2.5", "--temperatures", "1", "4"]  # fmt: skip
     # every trial takes both from the grid: a single value would be silently ignored
-    with pytest.raises(SystemExit, match=r"magnification=5\.0: a search takes every trial's magnification .* --searched-magnifications"):
+    with pytest.raises(
+        SystemExit,
+        match=r"magnification=5\.0: a search takes every trial's magnification .* --searched-magnifications",
+    ):
         parse_config(DistillSearchConfig, [*base, "--magnification", "5"])
-    with pytest.raises(SystemExit, match=r"temperature=2\.0: a search takes every trial's temperature .* --temperatures"):
+    with pytest.raises(
+        SystemExit,
+        match=r"temperature=2\.0: a search takes every trial's temperature .* --temperatures",
+    ):
         parse_config(DistillSearchConfig, [*base, "--temperature", "2"])
-    with pytest.raises(SystemExit, match=r"searched_magnifications=1\.25: not among magnifications"):
+    with pytest.raises(
+        SystemExit, match=r"searched_magnifications=1\.25: not among magnifications"
+    ):
         parse_config(DistillSearchConfig, [*base, "--searched-magnifications", "2.5", "1.25"])
     # without them: a grid whose magnifications lack DistillConfig's default 1.25x is fine, and
     # each trial's distillation gets the grid's values
@@ -85,10 +104,21 @@ def test_single_magnification_and_temperature_are_refused(tiny_demo, teacher_fil
     trials = [DistillConfig(**dict(config.distill_fields(), magnification=m, temperature=t))
               for m in build_param_space(config)["magnification"]["grid_search"]
               for t in build_param_space(config)["temperature"]["grid_search"]]  # fmt: skip
-    assert [(c.magnification, c.temperature, c.teacher) for c in trials] == [(2.5, 1.0, teacher_file), (2.5, 4.0, teacher_file)]
-    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside --searched-magnifications
+    assert [(c.magnification, c.temperature, c.teacher) for c in trials] == [
+        (2.5, 1.0, teacher_file),
+        (2.5, 4.0, teacher_file),
+    ]
+    monkeypatch.setenv(
+        "COLUMNS", "1000"
+    )  # one line per flag: no wrapping inside --searched-magnifications
     with pytest.raises(SystemExit):
         parse_config(DistillSearchConfig, ["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--magnification MAGNIFICATION not used (giving it is an error): every trial's student magnification comes from --searched-magnifications" in help_text
-    assert "--temperature TEMPERATURE not used (giving it is an error): every trial's temperature comes from --temperatures" in help_text
+    assert (
+        "--magnification MAGNIFICATION not used (giving it is an error): every trial's student magnification comes from --searched-magnifications"
+        in help_text
+    )
+    assert (
+        "--temperature TEMPERATURE not used (giving it is an error): every trial's temperature comes from --temperatures"
+        in help_text
+    )

@@ -28,7 +28,12 @@ def _loss(model: nn.Module, image: torch.Tensor, label: int) -> torch.Tensor:
 def test_accumulated_gradients_equal_the_summed_loss():
     torch.manual_seed(0)
     model = create_resdist_model(num_classes=3)
-    images = [torch.randn(3, 48, 64), torch.randn(3, 80, 40), torch.randn(3, 33, 71), torch.randn(3, 64, 64)]
+    images = [
+        torch.randn(3, 48, 64),
+        torch.randn(3, 80, 40),
+        torch.randn(3, 33, 71),
+        torch.randn(3, 64, 64),
+    ]
     labels = [0, 2, 1, 2]
     k = len(images)
     # one graph of the summed loss (mean over the k images)
@@ -112,6 +117,8 @@ def test_model_file_round_trip(tmp_path):
         assert torch.allclose(loaded(x)[1], model(x)[1], atol=1e-6)
         assert feature_channels(loaded) == 256
     with pytest.raises(ValueError, match="stats"):
-        save_model_file(tmp_path / "bad.pt", model, {"arch": "resnet18", "num_classes": 3, "magnification": 1.0})
+        save_model_file(
+            tmp_path / "bad.pt", model, {"arch": "resnet18", "num_classes": 3, "magnification": 1.0}
+        )
     with pytest.raises(FileNotFoundError):
         load_model_file(tmp_path / "missing.pt")

@@ -32,7 +32,9 @@ def held_out_slides(tmp_path_factory):
     """Two demo slides the demo teacher never saw (another seed than its training slides)."""
     from histokd.synthetic import make_demo_slides
 
-    return make_demo_slides(tmp_path_factory.mktemp("held_out"), n=2, seed=HELD_OUT_SEED, width=1024, height=1024)
+    return make_demo_slides(
+        tmp_path_factory.mktemp("held_out"), n=2, seed=HELD_OUT_SEED, width=1024, height=1024
+    )
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +72,12 @@ def assert_nuclei_score_order(teacher, chains: dict) -> dict[str, list[float]]:
         fractions = [float(teacher.pseudo_label(image).mean()) for _, image in tiles]
         found[chain] = fractions
         names = [name for name, _ in tiles]
-        assert all(a < b for a, b in zip(fractions, fractions[1:], strict=False)), (teacher.name, chain, names, fractions)
+        assert all(a < b for a, b in zip(fractions, fractions[1:], strict=False)), (
+            teacher.name,
+            chain,
+            names,
+            fractions,
+        )
     return found
 
 

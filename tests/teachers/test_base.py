@@ -53,7 +53,9 @@ def test_eq2_threshold_is_inclusive():
 
 
 def test_instances_mode_unsupported_is_clear():
-    with pytest.raises(TeacherError, match="mask_mode='instances' is not supported.*allowed: 'probability'"):
+    with pytest.raises(
+        TeacherError, match="mask_mode='instances' is not supported.*allowed: 'probability'"
+    ):
         RampTeacher(mask_mode="instances").pseudo_label(np.zeros((1, 4, 4, 3), np.uint8))
 
 

@@ -22,7 +22,9 @@ def test_roundtrip_and_index(tmp_path):
     assert index[keys[1]] == (str(shard), 1)
     np.testing.assert_array_equal(PseudoLabelCache.read_labels(shard, [2, 0]), labels[[2, 0]])
     table = pq.read_table(shard)
-    assert table.column("nuclei_fraction").to_pylist() == np.float32(labels.mean(axis=(1, 2))).tolist()
+    assert (
+        table.column("nuclei_fraction").to_pylist() == np.float32(labels.mean(axis=(1, 2))).tolist()
+    )
     assert table.column("slide").to_pylist() == ["/s/a.svs"] * 3
 
 
@@ -51,8 +53,12 @@ def test_key_includes_everything_that_changes_the_label():
 
 
 def test_fingerprint_follows_settings_and_weights(tmp_path):
-    assert teacher_fingerprint("deconvolution", {"alpha": 0.5}) == teacher_fingerprint("deconvolution", {"alpha": 0.5})
-    assert teacher_fingerprint("deconvolution", {"alpha": 0.5}) != teacher_fingerprint("deconvolution", {"alpha": 0.2})
+    assert teacher_fingerprint("deconvolution", {"alpha": 0.5}) == teacher_fingerprint(
+        "deconvolution", {"alpha": 0.5}
+    )
+    assert teacher_fingerprint("deconvolution", {"alpha": 0.5}) != teacher_fingerprint(
+        "deconvolution", {"alpha": 0.2}
+    )
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "weights_best.h5").write_bytes(b"one")
@@ -60,6 +66,10 @@ def test_fingerprint_follows_settings_and_weights(tmp_path):
     (folder / "weights_best.h5").write_bytes(b"two")
     assert teacher_fingerprint(str(folder)) != before
     assert teacher_fingerprint("demo").startswith("demo-")
-    same = {teacher_fingerprint(s) for s in ("stardist", "2D_versatile_he", "stardist:2D_versatile_he")}
+    same = {
+        teacher_fingerprint(s) for s in ("stardist", "2D_versatile_he", "stardist:2D_versatile_he")
+    }
     assert len(same) == 1
-    assert teacher_fingerprint("demo", {"batch_size": 4}) == teacher_fingerprint("demo", {"batch_size": 16})
+    assert teacher_fingerprint("demo", {"batch_size": 4}) == teacher_fingerprint(
+        "demo", {"batch_size": 16}
+    )

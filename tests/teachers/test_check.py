@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("check_teacher_job", REPO / "jobs" / "check_teacher.py")
+    spec = importlib.util.spec_from_file_location(
+        "check_teacher_job", REPO / "jobs" / "check_teacher.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,7 +40,9 @@ def annotated(held_out_slides, tmp_path_factory) -> Path:
     for i, item in enumerate(items):
         Image.fromarray(item.image).save(root / "images" / f"tile{i}.png")
         if i == 0:  # a binary mask works too
-            Image.fromarray(((item.labels > 0) * 255).astype(np.uint8)).save(root / "masks" / f"tile{i}.png")
+            Image.fromarray(((item.labels > 0) * 255).astype(np.uint8)).save(
+                root / "masks" / f"tile{i}.png"
+            )
         else:
             tifffile.imwrite(root / "masks" / f"tile{i}.tif", item.labels.astype(np.uint16))
     return root
@@ -57,10 +61,18 @@ def test_demo_teacher_check(annotated, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pooled IoU with the true nuclei" in printed and "best: alpha" in printed
     rows = _rows(out)
-    assert len(rows) == 2 * 7  # joint and per channel, one scale (the demo teacher's is the patches'), 7 alphas
-    assert {r["normalization"] for r in rows} == {"joint", "per_channel"} and {r["scale"] for r in rows} == {"patch"}
+    assert (
+        len(rows) == 2 * 7
+    )  # joint and per channel, one scale (the demo teacher's is the patches'), 7 alphas
+    assert {r["normalization"] for r in rows} == {"joint", "per_channel"} and {
+        r["scale"] for r in rows
+    } == {"patch"}
     best = json.loads((out / "histokd_teacher.json").read_text())
-    assert best["alpha"] in (0.05, 0.1) and best["normalization"] == "joint" and best["check_iou"] > 0.8
+    assert (
+        best["alpha"] in (0.05, 0.1)
+        and best["normalization"] == "joint"
+        and best["check_iou"] > 0.8
+    )
     joint = {float(r["alpha"]): float(r["iou"]) for r in rows if r["normalization"] == "joint"}
     assert joint[0.1] > joint[0.5] + 0.3  # alpha 0.5 marks nucleus cores only (TEACHER.md)
     assert (out / "overlay.png").stat().st_size > 10_000 and (out / "results.json").is_file()
@@ -69,7 +81,11 @@ def test_demo_teacher_check(annotated, tmp_path, capsys):
     shutil.copytree(DEMO_TEACHER_DIR, folder)
     shutil.copy(out / "histokd_teacher.json", folder / "histokd_teacher.json")
     teacher = build_teacher(str(folder), device="cpu")
-    assert (teacher.alpha, teacher.normalization, teacher.teacher_mpp) == (best["alpha"], "joint", 0.5)
+    assert (teacher.alpha, teacher.normalization, teacher.teacher_mpp) == (
+        best["alpha"],
+        "joint",
+        0.5,
+    )
 
 
 def test_the_teachers_own_scale_beats_a_wrong_one(annotated, tmp_path):
@@ -98,7 +114,16 @@ def test_deconvolution_teacher_is_checked_by_alpha(annotated, tmp_path):
 def test_bad_input_is_one_clear_error(annotated, tmp_path, capsys):
     job = _job()
     (tmp_path / "masks").mkdir()
-    code = job.main(["--images", str(annotated / "images"), "--masks", str(tmp_path / "masks"), "--out", str(tmp_path / "o")])
+    code = job.main(
+        [
+            "--images",
+            str(annotated / "images"),
+            "--masks",
+            str(tmp_path / "masks"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "tile0.png: no mask named tile0" in capsys.readouterr().err
     with pytest.raises(TeacherError, match="mpp=0: must be a pixel size"):
         from histokd.teachers.check import CheckConfig
@@ -127,7 +152,11 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
 def _best_by_normalization(teacher: Path, images: Path, masks: Path, out: Path) -> dict[str, float]:
     from histokd.teachers.check import CheckConfig, check_teacher
 
-    result = check_teacher(CheckConfig(teacher=str(teacher), images=str(images), masks=str(masks), out=str(out), device="cpu"))
+    result = check_teacher(
+        CheckConfig(
+            teacher=str(teacher), images=str(images), masks=str(masks), out=str(out), device="cpu"
+        )
+    )
     best: dict[str, float] = {}
     for row in result.rows:
         best[row["normalization"]] = max(best.get(row["normalization"], 0.0), row["iou"])
@@ -142,15 +171,27 @@ def test_check_finds_how_each_tiny_teacher_was_trained(tiny_teachers, annotated,
     channel wins, and by as much as that normalisation undoes the scanner (its IoU stays put)."""
     for normalization, folder in tiny_teachers.items():
         stored = json.loads((folder / "histokd_teacher.json").read_text())
-        assert stored["normalization"] == normalization and build_teacher(str(folder)).normalization == normalization
-    joint = _best_by_normalization(tiny_teachers["joint"], annotated / "images", annotated / "masks", tmp_path / "a")
+        assert (
+            stored["normalization"] == normalization
+            and build_teacher(str(folder)).normalization == normalization
+        )
+    joint = _best_by_normalization(
+        tiny_teachers["joint"], annotated / "images", annotated / "masks", tmp_path / "a"
+    )
     assert joint["joint"] > joint["per_channel"] + 0.1, joint
     scanner = tmp_path / "scanner"
     scanner.mkdir()
     for path in sorted((annotated / "images").glob("*.png")):
         image = np.asarray(Image.open(path)).astype(np.float32) * [0.3, 0.5, 1.0] + [170, 40, 0]
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(scanner / path.name)
-    per_channel = _best_by_normalization(tiny_teachers["per_channel"], scanner, annotated / "masks", tmp_path / "b")
+    per_channel = _best_by_normalization(
+        tiny_teachers["per_channel"], scanner, annotated / "masks", tmp_path / "b"
+    )
     assert per_channel["per_channel"] > per_channel["joint"] + 0.2, per_channel
-    as_scanned = _best_by_normalization(tiny_teachers["per_channel"], annotated / "images", annotated / "masks", tmp_path / "c")
-    assert abs(as_scanned["per_channel"] - per_channel["per_channel"]) < 0.03, (as_scanned, per_channel)
+    as_scanned = _best_by_normalization(
+        tiny_teachers["per_channel"], annotated / "images", annotated / "masks", tmp_path / "c"
+    )
+    assert abs(as_scanned["per_channel"] - per_channel["per_channel"]) < 0.03, (
+        as_scanned,
+        per_channel,
+    )

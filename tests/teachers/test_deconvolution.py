@@ -34,7 +34,9 @@ def test_alpha_is_the_density_midpoint():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     density = teacher.haematoxylin_density(images)
-    assert np.array_equal(teacher.pseudo_label(images), (density >= teacher.density_midpoint).astype(np.uint8))
+    assert np.array_equal(
+        teacher.pseudo_label(images), (density >= teacher.density_midpoint).astype(np.uint8)
+    )
     # a lower alpha marks a superset
     low = DeconvolutionTeacher(alpha=0.1, sigma=0).pseudo_label(images)
     assert np.all(low >= teacher.pseudo_label(images))

@@ -33,7 +33,9 @@ def held_out(held_out_slides):
 
 def test_defaults_come_from_its_training(demo):
     defaults = json.loads((DEMO_TEACHER_DIR / "histokd_teacher.json").read_text())
-    assert demo.alpha == defaults["alpha"] and demo.mask_mode == defaults["mask_mode"] == "probability"
+    assert (
+        demo.alpha == defaults["alpha"] and demo.mask_mode == defaults["mask_mode"] == "probability"
+    )
     assert demo.name == f"stardist:demo[alpha={defaults['alpha']:g}]"
     assert defaults["command"][:2] == ["python", "jobs/train_teacher.py"]
     # chosen on its own held-out demo slide, never on the test seed
@@ -49,7 +51,12 @@ def test_pseudo_mask_iou_on_held_out_slides(demo, held_out):
     prob = demo.probability(images)
     ious = iou_by_alpha(prob, truth, DEFAULT_ALPHAS)
     instances = binary_iou(build_teacher("demo", mask_mode="instances").pseudo_label(images), truth)
-    print("demo teacher IoU by alpha:", {a: round(v, 3) for a, v in ious.items()}, "instances:", round(instances, 3))
+    print(
+        "demo teacher IoU by alpha:",
+        {a: round(v, 3) for a, v in ious.items()},
+        "instances:",
+        round(instances, 3),
+    )
     assert binary_iou(demo.pseudo_label(images), truth) >= 0.7
     assert ious[0.5] < ious[0.2]  # cores at 0.5
     assert instances >= 0.7
@@ -64,7 +71,10 @@ def _cached_versatile_he() -> bool:
     return (home / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip").is_file()
 
 
-@pytest.mark.skipif(not _cached_versatile_he(), reason="2D_versatile_he not in StarDist's cache ($KERAS_HOME); it needs internet once")
+@pytest.mark.skipif(
+    not _cached_versatile_he(),
+    reason="2D_versatile_he not in StarDist's cache ($KERAS_HOME); it needs internet once",
+)
 def test_versatile_he_nuclei_score_order(nuclei_score_chains, nuclei_score_order):
     nuclei_score_order(build_teacher("2D_versatile_he"), nuclei_score_chains)
 

@@ -30,13 +30,19 @@ def test_grid_layout_and_png(tmp_path):
     labels[:, :, :32] = 1  # left half
     grid = pseudo_label_grid(images, labels, columns=columns, tile=tile, gap=gap)
     groups = 2
-    assert grid.shape == (groups * (2 * tile + 3 * gap) + gap, columns * tile + (columns + 1) * gap, 3)
+    assert grid.shape == (
+        groups * (2 * tile + 3 * gap) + gap,
+        columns * tile + (columns + 1) * gap,
+        3,
+    )
     # second row of the first group: left half blue-ish, right half untouched
     overlay_top = gap + tile + gap
     left = grid[overlay_top + 5, gap + 5]
     right = grid[overlay_top + 5, gap + tile - 5]
     assert left[2] > left[0] and tuple(right) == (230, 230, 230)
-    path = save_pseudo_label_grid(tmp_path / "f" / "grid.png", images, labels, [f"p{i}" for i in range(n)])
+    path = save_pseudo_label_grid(
+        tmp_path / "f" / "grid.png", images, labels, [f"p{i}" for i in range(n)]
+    )
     assert Image.open(path).size[0] > 0
 
 

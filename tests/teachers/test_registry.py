@@ -60,5 +60,7 @@ def test_register_refuses_duplicates_and_reserved_characters():
 
 def test_demo_teacher_ships_small():
     files = {p.name: p.stat().st_size for p in DEMO_TEACHER_DIR.iterdir()}
-    assert {"config.json", "thresholds.json", "weights_best.h5", "histokd_teacher.json"} <= set(files)
+    assert {"config.json", "thresholds.json", "weights_best.h5", "histokd_teacher.json"} <= set(
+        files
+    )
     assert sum(files.values()) < 4 * 2**20  # "a few MB at most"

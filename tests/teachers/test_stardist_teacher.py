@@ -46,7 +46,9 @@ def test_upsample_grid_by_hand():
 
 @pytest.fixture(scope="module")
 def random_versatile_he(versatile_he_folder):
-    return build_teacher(str(versatile_he_folder), require_weights=False, batch_size=2, backend="tensorflow")
+    return build_teacher(
+        str(versatile_he_folder), require_weights=False, batch_size=2, backend="tensorflow"
+    )
 
 
 def test_folder_without_weights_is_refused(versatile_he_folder):
@@ -121,7 +123,10 @@ def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
         build_teacher("stardist:2D_versatile_he")
     message = str(err.value)
     assert "'2D_versatile_he' is not cached" in message
-    assert str(Path(tmp_path) / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip") in message
+    assert (
+        str(Path(tmp_path) / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip")
+        in message
+    )
     assert "'demo' or 'deconvolution'" in message
 
 
@@ -158,19 +163,30 @@ def test_keras_home_from_the_environment_names_the_cache_in_the_offline_error(tm
         https_proxy=dead_proxy,
     )  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_CHILD], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+        [sys.executable, "-c", _OFFLINE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     message = report["error"]
-    assert message is not None, "2D_versatile_he loaded although nothing was cached and the network was off"
+    assert message is not None, (
+        "2D_versatile_he loaded although nothing was cached and the network was off"
+    )
     cached = keras_home / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he.zip"
     assert f"'2D_versatile_he' is not cached ({cached}) and could not be downloaded" in message
-    assert "KERAS_HOME decides the cache folder" in message and "'demo' or 'deconvolution'" in message
+    assert (
+        "KERAS_HOME decides the cache folder" in message and "'demo' or 'deconvolution'" in message
+    )
     assert str(home) not in message and not (home / ".keras" / "models").exists()
     # Keras itself made the cache folder under KERAS_HOME, and nothing was downloaded into it
     assert cached.parent.is_dir() and not cached.exists()
-    assert all("127.0.0.1" in a for a in report["attempts"]), report["attempts"]  # only the dead proxy
+    assert all("127.0.0.1" in a for a in report["attempts"]), report[
+        "attempts"
+    ]  # only the dead proxy
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 100, 75)])
@@ -180,7 +196,9 @@ def test_device_fast_path_equals_numpy_reference(random_versatile_he, shape):
     images = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     images[0, :10] = 250
     teacher = random_versatile_he
-    reference = grid_upsample(torch.from_numpy(teacher.grid_probability(images)), teacher.grid, shape[1:]).numpy()
+    reference = grid_upsample(
+        torch.from_numpy(teacher.grid_probability(images)), teacher.grid, shape[1:]
+    ).numpy()
     prob = teacher.probability(images)
     np.testing.assert_allclose(prob, reference, atol=2e-5)
     # Eq. 2 on the device: equal except where the probability sits on alpha within rounding

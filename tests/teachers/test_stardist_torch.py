@@ -28,7 +28,12 @@ from histokd.teachers.stardist_torch import TorchStarDistTeacher
 
 pytest.importorskip("stardist", reason="parity needs StarDist itself (the tf-cpu extra)")
 
-SIZES = [(256, 256), (250, 190), (100, 77), (37, 300)]  # 2^depth x grid = 16: most are not multiples
+SIZES = [
+    (256, 256),
+    (250, 190),
+    (100, 77),
+    (37, 300),
+]  # 2^depth x grid = 16: most are not multiples
 
 
 def keras2_layout(keras3: Path, out: Path, rename: dict[str, str] | None = None) -> Path:
@@ -79,7 +84,11 @@ def versatile_he_weights(versatile_he_folder, tmp_path_factory) -> dict[str, Pat
 def real_tiles(tiles_dir) -> list[np.ndarray]:
     from PIL import Image
 
-    names = ["high-nuclei-score-level0.png", "medium-nuclei-score-level1.png", "tissue-level2-4640-4649-8736-8746.png"]
+    names = [
+        "high-nuclei-score-level0.png",
+        "medium-nuclei-score-level1.png",
+        "tissue-level2-4640-4649-8736-8746.png",
+    ]
     return [np.asarray(Image.open(tiles_dir / n).convert("RGB")) for n in names]
 
 
@@ -108,7 +117,10 @@ def assert_parity(tf_teacher, torch_teacher, images: np.ndarray) -> tuple[float,
 def test_demo_teacher_parity_on_real_tiles(real_tiles, size):
     tf_teacher = build_teacher("demo", backend="tensorflow")
     torch_teacher = build_teacher("demo", backend="torch", device="cpu")
-    assert isinstance(torch_teacher, TorchStarDistTeacher) and torch_teacher.alpha == tf_teacher.alpha == 0.1
+    assert (
+        isinstance(torch_teacher, TorchStarDistTeacher)
+        and torch_teacher.alpha == tf_teacher.alpha == 0.1
+    )
     images = crops(real_tiles, size, n=3)
     assert_parity(tf_teacher, torch_teacher, images)
     assert torch_teacher.pseudo_label(images).mean() > 0.02  # real nuclei found: not an empty map
@@ -141,7 +153,9 @@ def test_versatile_he_parity_both_layouts(versatile_he_weights, real_tiles, layo
     # and the mask comparison means something.
     alpha = float(np.median(torch_teacher.probability(images)))
     torch_teacher = build_teacher(str(folder), device="cpu", alpha=alpha)
-    tf_teacher = build_teacher(str(versatile_he_weights["keras3"]), backend="tensorflow", alpha=alpha)
+    tf_teacher = build_teacher(
+        str(versatile_he_weights["keras3"]), backend="tensorflow", alpha=alpha
+    )
     assert_parity(tf_teacher, torch_teacher, images)
     assert 0.3 < torch_teacher.pseudo_label(images).mean() < 0.7
 
@@ -151,13 +165,20 @@ def test_keras2_renamed_and_reordered_layers_load_the_same(versatile_he_weights,
     config = json.loads((folder / "config.json").read_text())
     reference = StarDistNet.from_folder(folder)
     with h5py.File(folder / "weights_best.h5", "r") as f:  # Keras numbered them in this process
-        first, second = sorted((n for n in f if n.startswith("conv2d")), key=lambda n: int(n.rsplit("_", 1)[-1]) if "_" in n else 0)
-    renamed = keras2_layout(folder / "weights_best.h5", tmp_path / "w.h5", {first: "conv2d_7", second: "conv2d_12"})
+        first, second = sorted(
+            (n for n in f if n.startswith("conv2d")),
+            key=lambda n: int(n.rsplit("_", 1)[-1]) if "_" in n else 0,
+        )
+    renamed = keras2_layout(
+        folder / "weights_best.h5", tmp_path / "w.h5", {first: "conv2d_7", second: "conv2d_12"}
+    )
     net = load_keras_weights(StarDistNet(config), renamed).eval()
     for (name, a), b in zip(reference.state_dict().items(), net.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # Swapping the numbers swaps the layers: order of creation decides, not order in the file
-    swapped = keras2_layout(folder / "weights_best.h5", tmp_path / "s.h5", {first: "conv2d_12", second: "conv2d_7"})
+    swapped = keras2_layout(
+        folder / "weights_best.h5", tmp_path / "s.h5", {first: "conv2d_12", second: "conv2d_7"}
+    )
     with pytest.raises(TeacherError, match="shape"):
         load_keras_weights(StarDistNet(config), swapped)
 
@@ -195,17 +216,29 @@ def test_missing_and_extra_layers_are_named(versatile_he_weights, tmp_path):
         ("grid", [2, 0], "two positive integers"),
     ],
 )
-def test_other_configs_are_refused_naming_field_and_value(versatile_he_folder, field, value, allowed):
+def test_other_configs_are_refused_naming_field_and_value(
+    versatile_he_folder, field, value, allowed
+):
     config = json.loads((versatile_he_folder / "config.json").read_text())
     config[field] = value
-    with pytest.raises(TeacherError, match=rf"{field}={value!r}".replace("[", r"\[") + f".*allowed: {allowed}"):
+    with pytest.raises(
+        TeacherError, match=rf"{field}={value!r}".replace("[", r"\[") + f".*allowed: {allowed}"
+    ):
         StarDistNet(config)
 
 
 def test_config_variants_build_and_run():
     """Batch norm, depth 2, grid (1, 2) and 1 input channel: Keras-equal layer counts and shapes."""
     base = json.loads((DEMO_TEACHER_DIR / "config.json").read_text())
-    config = dict(base, unet_batch_norm=True, unet_n_depth=2, grid=[1, 2], n_channel_in=1, net_conv_after_unet=0, net_input_shape=[None, None, 1])
+    config = dict(
+        base,
+        unet_batch_norm=True,
+        unet_n_depth=2,
+        grid=[1, 2],
+        n_channel_in=1,
+        net_conv_after_unet=0,
+        net_input_shape=[None, None, 1],
+    )
     net = StarDistNet(config).eval()
     cfg = StarDistNetConfig(config)
     assert cfg.div_by == (4, 8) and len(net._norms) == 2 * 2 + 2 + 2 * 2
@@ -219,13 +252,27 @@ def test_batch_norm_parity_with_keras(tmp_path):
     from stardist.models import Config2D, StarDist2D
 
     keras.utils.set_random_seed(3)
-    config = Config2D(n_rays=8, grid=(2, 2), n_channel_in=3, unet_batch_norm=True, unet_n_depth=2, unet_n_filter_base=8)
+    config = Config2D(
+        n_rays=8,
+        grid=(2, 2),
+        n_channel_in=3,
+        unet_batch_norm=True,
+        unet_n_depth=2,
+        unet_n_filter_base=8,
+    )
     model = StarDist2D(config, name="bn", basedir=str(tmp_path))
     for layer in model.keras_model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             gamma, beta, mean, var = layer.get_weights()
             rng = np.random.default_rng(len(gamma))
-            layer.set_weights([gamma * 1.5, beta + 0.1, rng.normal(0, 0.2, mean.shape), var + rng.random(var.shape)])
+            layer.set_weights(
+                [
+                    gamma * 1.5,
+                    beta + 0.1,
+                    rng.normal(0, 0.2, mean.shape),
+                    var + rng.random(var.shape),
+                ]
+            )
     model.keras_model.save_weights(str(tmp_path / "bn" / "weights_best.h5"))
     net = StarDistNet.from_folder(tmp_path / "bn")
     x = np.random.default_rng(0).random((2, 48, 64, 3), np.float32)
@@ -244,7 +291,9 @@ def test_padding_and_upsampling_as_numpy_and_stardist_do():
     prob = rng.random((1, 7, 9)).astype(np.float32)
     up = grid_upsample(torch.from_numpy(prob), (2, 2), (13, 18)).numpy()
     np.testing.assert_allclose(up[:, ::2, ::2], prob, atol=1e-6)  # cell i is pixel 2i
-    np.testing.assert_allclose(up[0, 1, 0], (prob[0, 0, 0] + prob[0, 1, 0]) / 2, atol=1e-6)  # halfway between
+    np.testing.assert_allclose(
+        up[0, 1, 0], (prob[0, 0, 0] + prob[0, 1, 0]) / 2, atol=1e-6
+    )  # halfway between
     np.testing.assert_array_equal(up[0, :, 17], up[0, :, 16])  # past the last cell: the last cell
 
 
@@ -269,10 +318,16 @@ def test_instances_run_in_tensorflow():
 
 def test_instances_without_tensorflow_is_one_line_naming_the_extra(blocked_imports_env):
     env = blocked_imports_env(("tensorflow", "keras", "stardist", "csbdeep"))
-    code = "from histokd.teachers import build_teacher\nbuild_teacher('demo', mask_mode='instances')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    code = (
+        "from histokd.teachers import build_teacher\nbuild_teacher('demo', mask_mode='instances')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0
-    assert "TeacherError: the TensorFlow StarDist backend needs TensorFlow and StarDist" in out.stderr
+    assert (
+        "TeacherError: the TensorFlow StarDist backend needs TensorFlow and StarDist" in out.stderr
+    )
     assert "pip install 'histokd[tf-cpu]'" in out.stderr
 
 
@@ -311,11 +366,19 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_torch_teacher_runs_where_tensorflow_ray_openslide_mlflow_cannot_import(blocked_imports_env):
-    env = blocked_imports_env(("tensorflow", "keras", "stardist", "csbdeep", "ray", "openslide", "mlflow"))
-    blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
+def test_torch_teacher_runs_where_tensorflow_ray_openslide_mlflow_cannot_import(
+    blocked_imports_env,
+):
+    env = blocked_imports_env(
+        ("tensorflow", "keras", "stardist", "csbdeep", "ray", "openslide", "mlflow")
+    )
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True
+    )
     assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr  # the block works
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK"), out.stdout
 
@@ -339,7 +402,9 @@ def test_scale_resamples_to_the_teacher_and_back(real_tiles):
     images = crops(real_tiles, (96, 80), n=2, seed=3)
     same = build_teacher("demo", device="cpu")
     scaled = build_teacher("demo", device="cpu", teacher_mpp=0.25, patch_mpp=0.5)
-    assert scaled.scale == 2.0 and same.scale == 1.0 and scaled.name == "stardist:demo[alpha=0.1,x2]"
+    assert (
+        scaled.scale == 2.0 and same.scale == 1.0 and scaled.name == "stardist:demo[alpha=0.1,x2]"
+    )
     prob = scaled.probability(images)
     assert prob.shape == (2, 96, 80)
     x2 = resample_images(torch.from_numpy(images), (192, 160))
@@ -348,11 +413,15 @@ def test_scale_resamples_to_the_teacher_and_back(real_tiles):
     assert np.abs(prob - same.probability(images)).max() > 0.05  # the scale changes the answer
     labels = scaled.pseudo_label(images)
     np.testing.assert_array_equal(labels, (prob >= 0.1).astype(np.uint8))
-    assert build_teacher("demo", teacher_mpp=0.5, patch_mpp=0.505).scale == 1.0  # within 2 %: no resampling
+    assert (
+        build_teacher("demo", teacher_mpp=0.5, patch_mpp=0.505).scale == 1.0
+    )  # within 2 %: no resampling
 
 
 def test_both_backends_agree_with_scale_and_per_channel(real_tiles):
-    settings = dict(teacher_mpp=0.5, patch_mpp=0.25, normalization="per_channel", percentiles=(2, 99))
+    settings = dict(
+        teacher_mpp=0.5, patch_mpp=0.25, normalization="per_channel", percentiles=(2, 99)
+    )
     images = crops(real_tiles, (128, 100), n=2, seed=4)
     tf_teacher = build_teacher("demo", backend="tensorflow", **settings)
     torch_teacher = build_teacher("demo", device="cpu", **settings)
@@ -369,9 +438,18 @@ def test_settings_come_from_the_folder_and_yield_to_arguments(tmp_path):
     stored.update(normalization="per_channel", percentiles=[3, 97], teacher_mpp=0.25)
     (folder / "histokd_teacher.json").write_text(json.dumps(stored))
     teacher = build_teacher(str(folder), device="cpu", patch_mpp=0.5)
-    assert (teacher.normalization, teacher.percentiles, teacher.teacher_mpp, teacher.scale) == ("per_channel", (3.0, 97.0), 0.25, 2.0)
-    teacher = build_teacher(str(folder), device="cpu", normalization="joint", teacher_mpp=None, patch_mpp=0.5)
-    assert teacher.normalization == "joint" and teacher.teacher_mpp == 0.25  # None: the folder's own
+    assert (teacher.normalization, teacher.percentiles, teacher.teacher_mpp, teacher.scale) == (
+        "per_channel",
+        (3.0, 97.0),
+        0.25,
+        2.0,
+    )
+    teacher = build_teacher(
+        str(folder), device="cpu", normalization="joint", teacher_mpp=None, patch_mpp=0.5
+    )
+    assert (
+        teacher.normalization == "joint" and teacher.teacher_mpp == 0.25
+    )  # None: the folder's own
     for bad, match in [({"normalization": "rgb"}, "allowed: joint, per_channel"), ({"percentiles": [99, 1]}, "low < high"),
                        ({"teacher_mpp": -1}, "teacher_mpp=-1: must be a pixel size")]:  # fmt: skip
         with pytest.raises(TeacherError, match=match):
@@ -385,4 +463,9 @@ def test_versatile_he_runs_at_40x_as_trained(tmp_path, monkeypatch):
     (folder / "histokd_teacher.json").unlink()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     teacher = build_teacher("2D_versatile_he", device="cpu", patch_mpp=0.5)
-    assert (teacher.teacher_mpp, teacher.normalization, teacher.percentiles, teacher.scale) == (0.25, "joint", (1.0, 99.8), 2.0)
+    assert (teacher.teacher_mpp, teacher.normalization, teacher.percentiles, teacher.scale) == (
+        0.25,
+        "joint",
+        (1.0, 99.8),
+        2.0,
+    )

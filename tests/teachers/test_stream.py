@@ -34,7 +34,10 @@ def manifest(held_out_slides, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("manifest")
     result = build_manifest(
-        [str(s.slide_path) for s in held_out_slides], out, ManifestConfig(magnification=20, patch_size=256), use_ray=False
+        [str(s.slide_path) for s in held_out_slides],
+        out,
+        ManifestConfig(magnification=20, patch_size=256),
+        use_ray=False,
     )
     table = pq.read_table(result.manifest_path)
     assert table.num_rows >= 12
@@ -49,7 +52,9 @@ def _collect(ds) -> dict[str, np.ndarray]:
 def _assert_same_labels(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     """Every patch of ``got`` has the pseudo label ``expected`` has for it."""
     for pid, label in zip(got["patch_id"], got["pseudo_label"], strict=True):
-        np.testing.assert_array_equal(expected["pseudo_label"][expected["patch_id"] == pid][0], label)
+        np.testing.assert_array_equal(
+            expected["pseudo_label"][expected["patch_id"] == pid][0], label
+        )
 
 
 # -- resources ----------------------------------------------------------------------------------
@@ -94,19 +99,28 @@ def test_manifest_checks(manifest):
     with pytest.raises(TeacherError, match=r"alpha=2.*\(0, 1\]"):
         pseudo_label_dataset(manifest, teacher="demo", teacher_kwargs={"alpha": 2})
     with pytest.raises(TeacherError, match="mask_mode='instances'.*allowed: 'probability'"):
-        pseudo_label_dataset(manifest, teacher="deconvolution", teacher_kwargs={"mask_mode": "instances"})
+        pseudo_label_dataset(
+            manifest, teacher="deconvolution", teacher_kwargs={"mask_mode": "instances"}
+        )
 
 
 # -- the stream ---------------------------------------------------------------------------------
 def test_every_patch_once_with_its_label(ray_cluster, manifest, tmp_path):
     table = pq.read_table(manifest)
-    ds = pseudo_label_dataset(manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4)
+    ds = pseudo_label_dataset(
+        manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+    )
     out = _collect(ds)
     # reads run as their own tasks, not fused into the teacher actor
     assert "read_patch_batch)->MapBatches(TeacherActor)" not in ds.stats()
     assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())
-    assert out["image"].shape == (table.num_rows, INPUT, INPUT, 3) and out["image"].dtype == np.uint8
-    assert out["pseudo_label"].shape == (table.num_rows, INPUT, INPUT) and out["pseudo_label"].dtype == np.uint8
+    assert (
+        out["image"].shape == (table.num_rows, INPUT, INPUT, 3) and out["image"].dtype == np.uint8
+    )
+    assert (
+        out["pseudo_label"].shape == (table.num_rows, INPUT, INPUT)
+        and out["pseudo_label"].dtype == np.uint8
+    )
     assert set(np.unique(out["pseudo_label"])) <= {0, 1} and out["pseudo_label"].mean() > 0.02
     # one record checked against the teacher run by hand on the same patch
     from histokd.manifest import PatchReader
@@ -123,29 +137,45 @@ def test_every_patch_once_with_its_label(ray_cluster, manifest, tmp_path):
 def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
     table = pq.read_table(manifest)
     half = table.slice(0, table.num_rows // 2)
-    first = _collect(pseudo_label_dataset(half, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    first = _collect(
+        pseudo_label_dataset(
+            half, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+        )
+    )
     cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
     before = {p: p.stat().st_mtime_ns for p in cache.shards()}
     assert len(cache.index()) == half.num_rows
 
-    second = _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    second = _collect(
+        pseudo_label_dataset(
+            table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+        )
+    )
     assert sorted(second["patch_id"]) == sorted(table.column("patch_id").to_pylist())
     after = cache.shards()
     new = [p for p in after if p not in before]
-    labelled_again = {k for p in new for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+    labelled_again = {
+        k for p in new for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
+    }
     assert len(labelled_again) == table.num_rows - half.num_rows  # only the missing half
     assert all(p.stat().st_mtime_ns == before[p] for p in before)  # cached shards untouched
     # cached labels come back identical
     _assert_same_labels(first, second)
     # a third run labels nothing
-    _collect(pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4))
+    _collect(
+        pseudo_label_dataset(
+            table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+        )
+    )
     assert len(cache.shards()) == len(after)
 
 
 def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_path):
     """Training iterates one lazy dataset every epoch: epoch 2 must reuse epoch 1's labels."""
     table = pq.read_table(manifest)
-    ds = pseudo_label_dataset(table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4)
+    ds = pseudo_label_dataset(
+        table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+    )
     first = _collect(ds)  # epoch 1: every patch is missing, the teacher labels all
     cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
     before = {p: p.stat().st_mtime_ns for p in cache.shards()}
@@ -155,7 +185,9 @@ def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_pat
     assert sorted(second["patch_id"]) == sorted(first["patch_id"])
     _assert_same_labels(second, first)
     # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
-    actor = TeacherActor("deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution"))
+    actor = TeacherActor(
+        "deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution")
+    )
     batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
     out = actor(batch)
     assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
@@ -205,11 +237,17 @@ def test_published_architecture_through_the_stream(ray_cluster, manifest, versat
     """2D_versatile_he's real config (random weights): shapes and grid through loader and stream."""
     table = pq.read_table(manifest).slice(0, 6)
     ds = pseudo_label_dataset(
-        table, str(versatile_he_folder), teacher_kwargs={"require_weights": False}, input_size=INPUT, batch_size=3
+        table,
+        str(versatile_he_folder),
+        teacher_kwargs={"require_weights": False},
+        input_size=INPUT,
+        batch_size=3,
     )
     out = _collect(ds)
     assert len(out["patch_id"]) == 6 and len(set(out["patch_id"])) == 6
-    assert out["pseudo_label"].shape == (6, INPUT, INPUT) and set(np.unique(out["pseudo_label"])) <= {0, 1}
+    assert out["pseudo_label"].shape == (6, INPUT, INPUT) and set(
+        np.unique(out["pseudo_label"])
+    ) <= {0, 1}
 
 
 @pytest.mark.parametrize(("field", "value"), [("input_size", 0), ("batch_size", 2.5)])
@@ -217,6 +255,9 @@ def test_stream_sizes_are_checked_before_any_work(field, value):
     from histokd.teachers.stream import patch_dataset
 
     sizes = {"input_size": 64, "batch_size": 4, field: value}
-    for make in (lambda: pseudo_label_dataset("no-manifest", "deconvolution", **sizes), lambda: patch_dataset("no-manifest", **sizes)):
+    for make in (
+        lambda: pseudo_label_dataset("no-manifest", "deconvolution", **sizes),
+        lambda: patch_dataset("no-manifest", **sizes),
+    ):
         with pytest.raises(TeacherError, match=f"{field}={value!r}: must be a positive integer"):
             make()

@@ -72,12 +72,17 @@ def test_bad_folders_are_clear(tmp_path):
     with pytest.raises(TeacherError, match=r"lonely.png: no mask named lonely\.\("):
         load_instance_folder(tmp_path)
     np.save(tmp_path / "masks" / "lonely.npy", np.zeros((9, 8), np.int32))
-    with pytest.raises(TeacherError, match=r"mask shape \(9, 8\) differs from image shape \(8, 8\)"):
+    with pytest.raises(
+        TeacherError, match=r"mask shape \(9, 8\) differs from image shape \(8, 8\)"
+    ):
         load_instance_folder(tmp_path)
 
 
 def test_split_holds_out_whole_sources():
-    items = [InstanceImage(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), f"slide{i % 4}") for i in range(16)]
+    items = [
+        InstanceImage(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), f"slide{i % 4}")
+        for i in range(16)
+    ]
     train, val = _split(items, 0.25, seed=0)
     assert len(val) == 4 and len({i.source for i in val}) == 1
     assert not {i.source for i in val} & {i.source for i in train}
@@ -119,10 +124,17 @@ def test_tiny_training_run_makes_a_loadable_teacher(tmp_path):
     files = {p.name for p in result.model_dir.iterdir()}
     assert files == {"config.json", "thresholds.json", "weights_best.h5", "histokd_teacher.json"}
     defaults = json.loads((result.model_dir / "histokd_teacher.json").read_text())
-    assert defaults["alpha"] == result.alpha and set(defaults["validation_iou_by_alpha"]) >= {"0.1", "0.5"}
+    assert defaults["alpha"] == result.alpha and set(defaults["validation_iou_by_alpha"]) >= {
+        "0.1",
+        "0.5",
+    }
     assert defaults["command"] == ["test"] and defaults["training"]["epochs"] == 1
     # how it was trained, so that it labels the same way (issue 15): 20x tiles, joint normalisation
-    assert (defaults["teacher_mpp"], defaults["normalization"], defaults["percentiles"]) == (0.5, "joint", [1.0, 99.8])
+    assert (defaults["teacher_mpp"], defaults["normalization"], defaults["percentiles"]) == (
+        0.5,
+        "joint",
+        [1.0, 99.8],
+    )
     teacher = build_teacher(str(result.model_dir))
     assert teacher.alpha == result.alpha and teacher.grid == (2, 2)
     assert teacher.pseudo_label(np.zeros((1, 48, 48, 3), np.uint8)).shape == (1, 48, 48)
@@ -137,7 +149,9 @@ def _monuseg_like_folder(root, n_images: int = 4, side: int = 256):
 
     from histokd.synthetic import make_demo_slides
 
-    slide = make_demo_slides(root / "slide", n=1, seed=11, width=3 * side, height=3 * side, mpp=0.25)[0]
+    slide = make_demo_slides(
+        root / "slide", n=1, seed=11, width=3 * side, height=3 * side, mpp=0.25
+    )[0]
     assert slide.magnification == 40
     tiles = [(x, y) for y in range(0, 3 * side, side) for x in range(0, 3 * side, side)]
     tiles.sort(key=lambda xy: -len(np.unique(slide.read_truth(*xy, side, side))))
@@ -191,14 +205,27 @@ def test_tiny_training_from_a_data_folder_without_demo_slides(tmp_path, capsys):
     assert defaults["num_train_images"] == 3 and defaults["num_validation_images"] == 1
     images = sorted(str(p) for p in (folder / "images").iterdir())
     assert len(defaults["validation_sources"]) == 1 and defaults["validation_sources"][0] in images
-    assert defaults["training"]["demo_slides"] == 0 and defaults["training"]["data"] == [str(folder)]
-    assert defaults["command"][:2] == ["python", "jobs/train_teacher.py"] and defaults["command"][2:] == argv
+    assert defaults["training"]["demo_slides"] == 0 and defaults["training"]["data"] == [
+        str(folder)
+    ]
+    assert (
+        defaults["command"][:2] == ["python", "jobs/train_teacher.py"]
+        and defaults["command"][2:] == argv
+    )
 
     teacher = build_teacher(str(model_dir))
     assert teacher.alpha == defaults["alpha"] and teacher.grid == (2, 2)
-    patch = np.asarray(Image.open(images[0]))[:96, :80][None]  # any size, not a multiple of the grid
+    patch = np.asarray(Image.open(images[0]))[:96, :80][
+        None
+    ]  # any size, not a multiple of the grid
     labels = teacher.pseudo_label(patch)
-    assert labels.shape == (1, 96, 80) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    assert (
+        labels.shape == (1, 96, 80)
+        and labels.dtype == np.uint8
+        and set(np.unique(labels)) <= {0, 1}
+    )
     # the training images were 128 px: what the held-out IoU was measured on is 20x
     items = load_instance_folder(folder, data_magnification=40, magnification=20)
-    assert [i.image.shape for i in items] == [(128, 128, 3)] * 4 and all(i.labels.max() > 0 for i in items)
+    assert [i.image.shape for i in items] == [(128, 128, 3)] * 4 and all(
+        i.labels.max() > 0 for i in items
+    )

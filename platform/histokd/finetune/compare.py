@@ -41,10 +41,14 @@ def parse_init_entry(entry: str, field_name: str, default_label: str) -> tuple[s
 
     match = re.fullmatch(r"(?:(?P<label>[^@=]+)@)?(?P<backbone>[\w]+)=(?P<path>.+)", entry.strip())
     if not match:
-        raise ValueError(f"{field_name}: {entry!r}; expected [LABEL@]BACKBONE=PATH, e.g. csat=runs/rckd/backbone.pth")
+        raise ValueError(
+            f"{field_name}: {entry!r}; expected [LABEL@]BACKBONE=PATH, e.g. csat=runs/rckd/backbone.pth"
+        )
     backbone, path = match["backbone"], match["path"]
     if backbone not in BACKBONES:
-        raise ValueError(f"{field_name}: {entry!r}: backbone {backbone!r} unknown; allowed: {', '.join(BACKBONES)}")
+        raise ValueError(
+            f"{field_name}: {entry!r}: backbone {backbone!r} unknown; allowed: {', '.join(BACKBONES)}"
+        )
     if not os.path.isfile(path):
         raise ValueError(f"{field_name}: {entry!r}: no such file {path!r}")
     return (match["label"] or default_label).strip(), backbone, os.path.abspath(path)
@@ -74,27 +78,76 @@ class CompareConfig(FinetuneConfig):
     """Backbones x initialisations x datasets, fine-tuned with the shared settings below
     (``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set per cell)."""
 
-    run_name: str = field(default="compare", metadata=_help("name of the comparison; rerunning with the same name skips finished cells"))
+    run_name: str = field(
+        default="compare",
+        metadata=_help("name of the comparison; rerunning with the same name skips finished cells"),
+    )
     # set per cell by run_comparison: kept as flags (so that --data is not read as an abbreviation
     # of --datasets), refused when given
-    data: str = field(default="", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['data']}"))
-    task: Literal["classification", "segmentation"] = field(default="classification", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['task']}"))
-    backbone: str = field(default="csat", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['backbone']}"))
-    init: str = field(default="random", metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init']}"))
-    init_label: str | None = field(default=None, metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init_label']}"))
-    backbones: list[str] = field(default_factory=lambda: ["csat"], metadata=_help("backbones fine-tuned from random weights (and listed in the tables)"))
-    random_init: bool = field(default=True, metadata=_help("include random initialisation of every backbone (RCKD Table 3: Random Weight)"))
-    backbone_files: list[str] = field(default_factory=list, metadata=_help("backbone files, [LABEL@]BACKBONE=PATH; label default RCKD (e.g. csat=runs/rckd/backbone.pth)"))
-    timm_weights: list[str] = field(default_factory=list, metadata=_help("timm weights from local files, [LABEL@]BACKBONE=PATH; label default 'SPT on ImageNet'"))
-    datasets: list[str] = field(default_factory=list, metadata=_help("classification datasets, NAME=PATH; none given and no segmentation datasets: the demo task"))
-    segmentation_datasets: list[str] = field(default_factory=list, metadata=_help("segmentation datasets, NAME=PATH"))
-    mlflow_experiment: str = field(default="histokd-compare", metadata=_help("MLflow experiment name"))
+    data: str = field(
+        default="",
+        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['data']}"),
+    )
+    task: Literal["classification", "segmentation"] = field(
+        default="classification",
+        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['task']}"),
+    )
+    backbone: str = field(
+        default="csat",
+        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['backbone']}"),
+    )
+    init: str = field(
+        default="random",
+        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init']}"),
+    )
+    init_label: str | None = field(
+        default=None,
+        metadata=_help(
+            f"not used, set per cell (giving it is an error): {_PER_CELL['init_label']}"
+        ),
+    )
+    backbones: list[str] = field(
+        default_factory=lambda: ["csat"],
+        metadata=_help("backbones fine-tuned from random weights (and listed in the tables)"),
+    )
+    random_init: bool = field(
+        default=True,
+        metadata=_help(
+            "include random initialisation of every backbone (RCKD Table 3: Random Weight)"
+        ),
+    )
+    backbone_files: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "backbone files, [LABEL@]BACKBONE=PATH; label default RCKD (e.g. csat=runs/rckd/backbone.pth)"
+        ),
+    )
+    timm_weights: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "timm weights from local files, [LABEL@]BACKBONE=PATH; label default 'SPT on ImageNet'"
+        ),
+    )
+    datasets: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "classification datasets, NAME=PATH; none given and no segmentation datasets: the demo task"
+        ),
+    )
+    segmentation_datasets: list[str] = field(
+        default_factory=list, metadata=_help("segmentation datasets, NAME=PATH")
+    )
+    mlflow_experiment: str = field(
+        default="histokd-compare", metadata=_help("MLflow experiment name")
+    )
 
     def __post_init__(self) -> None:
         # run_comparison sets these per cell: a value given here would be silently ignored
         for name, value in ((n, getattr(self, n)) for n in _PER_CELL):
             if value != FinetuneConfig.__dataclass_fields__[name].default:
-                raise ValueError(f"{name}={value!r}: a comparison sets it for every cell and would ignore it; {_PER_CELL[name]}")
+                raise ValueError(
+                    f"{name}={value!r}: a comparison sets it for every cell and would ignore it; {_PER_CELL[name]}"
+                )
         super().__post_init__()
         from histokd.models import BACKBONES
 
@@ -103,7 +156,9 @@ class CompareConfig(FinetuneConfig):
                 raise ValueError(f"backbones: {name!r} unknown; allowed: {', '.join(BACKBONES)}")
         inits = self.initialisations()
         if not inits:
-            raise ValueError("no initialisation to compare: set random_init, backbone_files or timm_weights")
+            raise ValueError(
+                "no initialisation to compare: set random_init, backbone_files or timm_weights"
+            )
         self.dataset_list()  # validates
 
     def initialisations(self) -> list[tuple[str, str, str]]:
@@ -111,14 +166,27 @@ class CompareConfig(FinetuneConfig):
         cells: list[tuple[str, str, str]] = []
         if self.random_init:
             cells += [("Random Weight", b, "random") for b in self.backbones]
-        cells += [(label, b, f"timm:{p}") for label, b, p in (parse_init_entry(e, "timm_weights", "SPT on ImageNet") for e in self.timm_weights)]
-        cells += [(label, b, p) for label, b, p in (parse_init_entry(e, "backbone_files", "RCKD") for e in self.backbone_files)]
+        cells += [
+            (label, b, f"timm:{p}")
+            for label, b, p in (
+                parse_init_entry(e, "timm_weights", "SPT on ImageNet") for e in self.timm_weights
+            )
+        ]
+        cells += [
+            (label, b, p)
+            for label, b, p in (
+                parse_init_entry(e, "backbone_files", "RCKD") for e in self.backbone_files
+            )
+        ]
         return cells
 
     def dataset_list(self) -> list[tuple[str, str, str]]:
         """(name, path, task) of every dataset; empty when the demo task is meant."""
         out = [(*_parse_dataset(e, "datasets"), "classification") for e in self.datasets]
-        out += [(*_parse_dataset(e, "segmentation_datasets"), "segmentation") for e in self.segmentation_datasets]
+        out += [
+            (*_parse_dataset(e, "segmentation_datasets"), "segmentation")
+            for e in self.segmentation_datasets
+        ]
         names = [n for n, _, _ in out]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must differ, got {names}")
@@ -147,7 +215,14 @@ def run_comparison(config: CompareConfig) -> ComparisonResult:
     from histokd.tracking import MLflowRun
 
     datasets = config.dataset_list() or [("Demo tissue", "", "classification")]
-    work_dir = Path(config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")) / config.run_name
+    work_dir = (
+        Path(
+            config.storage_path
+            if "://" not in config.storage_path
+            else os.path.abspath("histokd_work")
+        )
+        / config.run_name
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "compare_config.yaml")
     run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name,

@@ -80,10 +80,16 @@ class TaskDataset:
 
     def __post_init__(self) -> None:
         if not self.images:
-            raise ValueError(f"{self.source or 'dataset'}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        if self.task == "classification" and (self.labels is None or len(self.labels) != len(self.images)):
+            raise ValueError(
+                f"{self.source or 'dataset'}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        if self.task == "classification" and (
+            self.labels is None or len(self.labels) != len(self.images)
+        ):
             raise ValueError(f"{self.source}: a classification dataset needs one label per image")
-        if self.task == "segmentation" and (self.masks is None or len(self.masks) != len(self.images)):
+        if self.task == "segmentation" and (
+            self.masks is None or len(self.masks) != len(self.images)
+        ):
             raise ValueError(f"{self.source}: a segmentation dataset needs one mask per image")
 
     def __len__(self) -> int:
@@ -114,7 +120,7 @@ class TaskDataset:
                 sides.add(image.size)
             if len(sides) > 1:
                 return None
-        (width, height), = sides
+        ((width, height),) = sides
         return width if width == height else None
 
     def subset(self, indices: Sequence[int]) -> dict[str, list]:
@@ -129,7 +135,9 @@ class TaskDataset:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
 
 
 def _subfolders(root: Path) -> list[Path]:
@@ -154,7 +162,9 @@ def load_classification_folder(root: str | os.PathLike) -> TaskDataset:
     roots = _split_roots(root)
     class_names = sorted({p.name for _, folder in roots for p in _subfolders(folder)})
     if not class_names:
-        raise ValueError(f"data={str(root)!r}: no class folders; expected ROOT/<class>/<images> or ROOT/train/<class>/<images>")
+        raise ValueError(
+            f"data={str(root)!r}: no class folders; expected ROOT/<class>/<images> or ROOT/train/<class>/<images>"
+        )
     images, labels, fixed = [], [], []
     for split, folder in roots:
         for label, name in enumerate(class_names):
@@ -163,7 +173,9 @@ def load_classification_folder(root: str | os.PathLike) -> TaskDataset:
                 continue
             found = sorted(str(p) for p in class_dir.rglob("*") if _is_image(p))
             if not found and split is None:
-                raise ValueError(f"data={str(root)!r}: class folder {str(class_dir)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(
+                    f"data={str(root)!r}: class folder {str(class_dir)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
             images += found
             labels += [label] * len(found)
             fixed += [split] * len(found)
@@ -181,7 +193,9 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:
-            raise ValueError(f"data={str(path)!r}: CSV lacks column(s) {missing}; has {columns}; need {list(required)} (and optionally split)")
+            raise ValueError(
+                f"data={str(path)!r}: CSV lacks column(s) {missing}; has {columns}; need {list(required)} (and optionally split)"
+            )
         rows = list(reader)
     if not rows:
         raise ValueError(f"data={str(path)!r}: CSV has no rows")
@@ -192,14 +206,18 @@ def _resolve(base: Path, value: str, csv_path: Path, line: int, column: str) -> 
     path = Path(value)
     path = path if path.is_absolute() else base / path
     if not path.is_file():
-        raise ValueError(f"{csv_path}: line {line}: {column} {value!r} does not exist (looked for {path})")
+        raise ValueError(
+            f"{csv_path}: line {line}: {column} {value!r} does not exist (looked for {path})"
+        )
     return str(path)
 
 
 def _split_of(row: dict[str, str], csv_path: Path, line: int) -> str | None:
     split = (row.get("split") or "").strip().lower() or None
     if split is not None and split not in SPLIT_NAMES:
-        raise ValueError(f"{csv_path}: line {line}: split {split!r}; allowed: train, val, test or empty")
+        raise ValueError(
+            f"{csv_path}: line {line}: split {split!r}; allowed: train, val, test or empty"
+        )
     return split
 
 
@@ -234,7 +252,9 @@ def _read_class_names(root: Path, masks: Sequence[str]) -> tuple[str, ...]:
     if names_file.is_file():
         names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
         if not names:
-            raise ValueError(f"{names_file}: empty; write one class name per line (line k names mask value k)")
+            raise ValueError(
+                f"{names_file}: empty; write one class name per line (line k names mask value k)"
+            )
         return names
     from PIL import Image
 
@@ -260,11 +280,15 @@ def load_segmentation_pairs(root: str | os.PathLike) -> TaskDataset:
     for split, folder in roots:
         image_dir, mask_dir = folder / "images", folder / "masks"
         if not image_dir.is_dir() or not mask_dir.is_dir():
-            raise ValueError(f"data={str(root)!r}: expected folders {image_dir} and {mask_dir} (image/mask pairs with the same stem)")
+            raise ValueError(
+                f"data={str(root)!r}: expected folders {image_dir} and {mask_dir} (image/mask pairs with the same stem)"
+            )
         mask_by_stem = {p.stem: str(p) for p in mask_dir.iterdir() if _is_image(p)}
         for image in sorted(p for p in image_dir.iterdir() if _is_image(p)):
             if image.stem not in mask_by_stem:
-                raise ValueError(f"data={str(root)!r}: image {image} has no mask {mask_dir}/{image.stem}.*")
+                raise ValueError(
+                    f"data={str(root)!r}: image {image} has no mask {mask_dir}/{image.stem}.*"
+                )
             images.append(str(image))
             masks.append(mask_by_stem[image.stem])
             fixed.append(split)
@@ -299,9 +323,17 @@ def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task={task!r}: allowed: classification, segmentation")
     if path.suffix.lower() == ".csv":
-        dataset = load_classification_csv(path) if task == "classification" else load_segmentation_csv(path)
+        dataset = (
+            load_classification_csv(path)
+            if task == "classification"
+            else load_segmentation_csv(path)
+        )
     else:
-        dataset = load_classification_folder(path) if task == "classification" else load_segmentation_pairs(path)
+        dataset = (
+            load_classification_folder(path)
+            if task == "classification"
+            else load_segmentation_pairs(path)
+        )
     scale = read_scale(path.parent if path.suffix.lower() == ".csv" else path)
     dataset.magnification, dataset.patch_size = scale.get("magnification"), scale.get("patch_size")
     return dataset
@@ -321,18 +353,30 @@ def read_scale(root: str | os.PathLike) -> dict[str, float | int]:
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); expected e.g. {{\"magnification\": 20, \"patch_size\": 256}}") from exc
+        raise ValueError(
+            f'{path}: not valid JSON ({exc}); expected e.g. {{"magnification": 20, "patch_size": 256}}'
+        ) from exc
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: holds a {type(meta).__name__}; expected an object like {{\"magnification\": 20}}")
+        raise ValueError(
+            f'{path}: holds a {type(meta).__name__}; expected an object like {{"magnification": 20}}'
+        )
     out: dict[str, float | int] = {}
     magnification = meta.get("magnification")
     if magnification is not None:
-        if isinstance(magnification, bool) or not isinstance(magnification, (int, float)) or not magnification > 0:
-            raise ValueError(f"{path}: magnification={magnification!r}: must be a positive number (e.g. 20)")
+        if (
+            isinstance(magnification, bool)
+            or not isinstance(magnification, (int, float))
+            or not magnification > 0
+        ):
+            raise ValueError(
+                f"{path}: magnification={magnification!r}: must be a positive number (e.g. 20)"
+            )
         out["magnification"] = float(magnification)
     patch_size = meta.get("patch_size")
     if patch_size is not None:
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"{path}: patch_size={patch_size!r}: must be a positive integer (pixels at the magnification)")
+            raise ValueError(
+                f"{path}: patch_size={patch_size!r}: must be a positive integer (pixels at the magnification)"
+            )
         out["patch_size"] = patch_size
     return out

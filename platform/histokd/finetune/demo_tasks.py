@@ -88,8 +88,14 @@ def make_demo_tasks(
     from histokd.synthetic import make_demo_slides
 
     if not 0.5 <= purity <= 1 or not 0 <= min_tissue <= 1:
-        raise ValueError(f"purity={purity!r}, min_tissue={min_tissue!r}: need 0.5 <= purity <= 1 and 0 <= min_tissue <= 1")
-    for name, value in (("n_slides", n_slides), ("patch_size", patch_size), ("segmentation_patch_size", segmentation_patch_size)):
+        raise ValueError(
+            f"purity={purity!r}, min_tissue={min_tissue!r}: need 0.5 <= purity <= 1 and 0 <= min_tissue <= 1"
+        )
+    for name, value in (
+        ("n_slides", n_slides),
+        ("patch_size", patch_size),
+        ("segmentation_patch_size", segmentation_patch_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
     out = Path(out_dir)
@@ -103,7 +109,9 @@ def make_demo_tasks(
         meta = json.loads(marker.read_text())
         if meta.get("params") == params:
             return _tasks_from(out, meta)
-    slides = make_demo_slides(out / "slides", n=n_slides, seed=seed, width=slide_size, height=slide_size)
+    slides = make_demo_slides(
+        out / "slides", n=n_slides, seed=seed, width=slide_size, height=slide_size
+    )
     class_names = slides[0].class_names
     cls_dir, seg_dir = out / "classification", out / "segmentation"
     for name in class_names:
@@ -112,25 +120,41 @@ def make_demo_tasks(
     _clear(seg_dir / "masks")
     (seg_dir / "classes.txt").write_text("\n".join(("background", *class_names)) + "\n")
 
-    by_class: dict[int, list[tuple[np.ndarray, str]]] = {k: [] for k in range(1, len(class_names) + 1)}
+    by_class: dict[int, list[tuple[np.ndarray, str]]] = {
+        k: [] for k in range(1, len(class_names) + 1)
+    }
     segmentation_count = 0
     for slide in slides:
         with SlideReader(slide.slide_path) as reader:
             scale = reader.downsample_for(magnification)
-            for size, task in ((patch_size, "classification"), (segmentation_patch_size, "segmentation")):
+            for size, task in (
+                (patch_size, "classification"),
+                (segmentation_patch_size, "segmentation"),
+            ):
                 extent = int(round(size * scale))
                 for y in range(0, slide.height - extent + 1, extent):
                     for x in range(0, slide.width - extent + 1, extent):
-                        regions = slide.read_truth(x, y, extent, extent, kind="regions", size=(size, size))
-                        fractions = np.bincount(regions.ravel(), minlength=len(class_names) + 1) / regions.size
+                        regions = slide.read_truth(
+                            x, y, extent, extent, kind="regions", size=(size, size)
+                        )
+                        fractions = (
+                            np.bincount(regions.ravel(), minlength=len(class_names) + 1)
+                            / regions.size
+                        )
                         stem = f"{slide.slide_path.stem}_x{x}_y{y}"
                         if task == "classification":
                             label = int(np.argmax(fractions[1:])) + 1
                             if fractions[label] >= purity:
-                                by_class[label].append((reader.read_region(x, y, size, magnification), stem))
+                                by_class[label].append(
+                                    (reader.read_region(x, y, size, magnification), stem)
+                                )
                         elif 1 - fractions[0] >= min_tissue:
-                            Image.fromarray(reader.read_region(x, y, size, magnification)).save(seg_dir / "images" / f"{stem}.png")
-                            Image.fromarray(regions.astype(np.uint8)).save(seg_dir / "masks" / f"{stem}.png")
+                            Image.fromarray(reader.read_region(x, y, size, magnification)).save(
+                                seg_dir / "images" / f"{stem}.png"
+                            )
+                            Image.fromarray(regions.astype(np.uint8)).save(
+                                seg_dir / "masks" / f"{stem}.png"
+                            )
                             segmentation_count += 1
     rng = np.random.default_rng(seed)
     counts = {}
@@ -142,7 +166,9 @@ def make_demo_tasks(
             Image.fromarray(image).save(cls_dir / class_names[label - 1] / f"{stem}.png")
         counts[class_names[label - 1]] = len(patches)
     for folder, size in ((cls_dir, patch_size), (seg_dir, segmentation_patch_size)):
-        (folder / SCALE_FILE).write_text(json.dumps({"magnification": magnification, "patch_size": size}) + "\n")
+        (folder / SCALE_FILE).write_text(
+            json.dumps({"magnification": magnification, "patch_size": size}) + "\n"
+        )
     meta = {
         "params": params,
         "class_names": list(class_names),

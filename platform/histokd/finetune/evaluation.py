@@ -94,7 +94,11 @@ def summarize_splits(
             row[name] = float(result["test"][name])
             if len(counts) >= 2:
                 interval = bootstrap_confusion_ci(
-                    counts, METRICS[name], n_resamples=n_resamples, confidence=confidence, seed=seed + int(result["split"])
+                    counts,
+                    METRICS[name],
+                    n_resamples=n_resamples,
+                    confidence=confidence,
+                    seed=seed + int(result["split"]),
                 )
                 row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval.low, interval.high
                 distributions[name].append(interval.distribution)

@@ -82,7 +82,9 @@ def resolve_scale(config: FinetuneConfig, dataset: TaskDataset) -> tuple[float |
     common side when they are all one square size. The magnification may stay unknown
     (None): inference then asks for it.
     """
-    magnification = config.magnification if config.magnification is not None else dataset.magnification
+    magnification = (
+        config.magnification if config.magnification is not None else dataset.magnification
+    )
     patch_size = config.patch_size if config.patch_size is not None else dataset.patch_size
     if patch_size is None:
         patch_size = dataset.common_side()
@@ -99,7 +101,9 @@ def split_slots(config: FinetuneConfig, use_gpu: bool) -> int:
     per_split_cpu = config.workers_per_split * config.cpus_per_worker
     slots = int(total.get("CPU", 0) // per_split_cpu) if per_split_cpu else 1
     if use_gpu:
-        slots = min(slots, int(total.get("GPU", 0) // (config.workers_per_split * config.gpus_per_worker)))
+        slots = min(
+            slots, int(total.get("GPU", 0) // (config.workers_per_split * config.gpus_per_worker))
+        )
     return max(1, slots)
 
 
@@ -110,7 +114,9 @@ def _cache_images(config: FinetuneConfig, n: int) -> bool:
 
 
 def _local_dir(config: FinetuneConfig) -> Path:
-    base = config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")
+    base = (
+        config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")
+    )
     return Path(base) / config.run_name
 
 
@@ -147,7 +153,9 @@ def run_finetune(
     check_storage_path(config.storage_path)
     dataset = dataset if dataset is not None else prepare_dataset(config)
     if dataset.task != config.task:
-        raise ValueError(f"task={config.task!r} but the dataset {dataset.source} is a {dataset.task} dataset")
+        raise ValueError(
+            f"task={config.task!r} but the dataset {dataset.source} is a {dataset.task} dataset"
+        )
     splits = make_splits(
         len(dataset), labels=dataset.labels if config.task == "classification" else None, num_splits=config.num_splits,
         ratios=config.split_ratios, seed=config.split_seed, fixed=dataset.fixed,
@@ -174,17 +182,36 @@ def run_finetune(
     ))  # fmt: skip
 
     init_ray()
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = (
+        config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    )
     parallel = parallel_splits or config.max_parallel_splits or split_slots(config, use_gpu)
 
     run = None
     if tracking:
         from histokd.tracking import MLflowRun
 
-        run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name, artifact_location=_artifacts(config))
-        run.log_params({**config_to_dict(config), "num_samples": len(dataset), "class_names": ",".join(dataset.class_names)})
+        run = MLflowRun(
+            config.tracking_uri,
+            config.mlflow_experiment,
+            config.run_name,
+            artifact_location=_artifacts(config),
+        )
+        run.log_params(
+            {
+                **config_to_dict(config),
+                "num_samples": len(dataset),
+                "class_names": ",".join(dataset.class_names),
+            }
+        )
         run.log_standard_tags()
-        run.set_tags({"histokd.job": "finetune", "histokd.init": config.init_name, "histokd.run_dir": str(work_dir)})
+        run.set_tags(
+            {
+                "histokd.job": "finetune",
+                "histokd.init": config.init_name,
+                "histokd.run_dir": str(work_dir),
+            }
+        )
         if parent_run_id:
             run.set_tags({"mlflow.parentRunId": parent_run_id})
     cache = _cache_images(config, len(dataset))
@@ -198,7 +225,10 @@ def run_finetune(
         flush=True,
     )
     with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:
-        futures = [pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run) for split in splits]
+        futures = [
+            pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run)
+            for split in splits
+        ]
         try:
             for future in as_completed(futures):
                 result = future.result()
@@ -220,7 +250,12 @@ def run_finetune(
                 run.finish("FAILED")
             raise
     results.sort(key=lambda r: r["split"])
-    summary = summarize_splits(results, n_resamples=config.bootstrap_resamples, confidence=config.confidence, seed=config.seed)
+    summary = summarize_splits(
+        results,
+        n_resamples=config.bootstrap_resamples,
+        confidence=config.confidence,
+        seed=config.seed,
+    )
     summary.update(
         backbone=config.backbone, init=config.init, init_label=config.init_name, input_size=config.input_size,
         lr=config.lr, positional_encoding=config.positional_encoding, dataset=dataset.source,
@@ -243,7 +278,9 @@ def _primary_name(config: FinetuneConfig) -> str:
 
 
 def _artifacts(config: FinetuneConfig) -> str | None:
-    return str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None
+    return (
+        str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None
+    )
 
 
 def _fit_split(
@@ -272,9 +309,21 @@ def _fit_split(
     if parent is not None:
         from histokd.tracking import MLflowRun
 
-        child = MLflowRun(config.tracking_uri, config.mlflow_experiment, name, artifact_location=_artifacts(config))
+        child = MLflowRun(
+            config.tracking_uri,
+            config.mlflow_experiment,
+            name,
+            artifact_location=_artifacts(config),
+        )
         child.set_tags({"mlflow.parentRunId": parent.run_id, "histokd.split": str(split.index)})
-        child.log_params({"split": split.index, "train": len(split.train), "val": len(split.val), "test": len(split.test)})
+        child.log_params(
+            {
+                "split": split.index,
+                "train": len(split.train),
+                "val": len(split.val),
+                "test": len(split.test),
+            }
+        )
     loop_config = config_to_dict(config)
     loop_config.update(
         num_classes=dataset.num_classes,
@@ -295,7 +344,9 @@ def _fit_split(
         loop_config["local_result_dir"] = str(split_dir / "local_run")
         scaling = ScalingConfig(num_workers=0)
     else:
-        scaling = ScalingConfig(num_workers=config.workers_per_split, use_gpu=use_gpu, resources_per_worker=resources)
+        scaling = ScalingConfig(
+            num_workers=config.workers_per_split, use_gpu=use_gpu, resources_per_worker=resources
+        )
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -304,7 +355,9 @@ def _fit_split(
             name=name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
+            logging_config=LoggingConfig(
+                log_level="WARNING"
+            ),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -317,7 +370,9 @@ def _fit_split(
     if outcome.error or outcome.checkpoint is None:
         if child is not None:
             child.finish("FAILED")
-        raise RuntimeError(f"split {split.index} ({name}) failed: {outcome.error or 'no checkpoint'}")
+        raise RuntimeError(
+            f"split {split.index} ({name}) failed: {outcome.error or 'no checkpoint'}"
+        )
     with outcome.checkpoint.as_directory() as d:
         result = json.loads((Path(d) / RESULT_FILE).read_text())
         result["checkpoint"] = outcome.checkpoint.path
@@ -325,12 +380,20 @@ def _fit_split(
         if child is not None:
             child.log_artifact(Path(d) / RESULT_FILE)
     # the record indices are positions in the split's test list: keep the dataset's indices too
-    result["test_records"]["dataset_index"] = [int(split.test[i]) for i in result["test_records"]["index"]]
+    result["test_records"]["dataset_index"] = [
+        int(split.test[i]) for i in result["test_records"]["index"]
+    ]
     tmp = result_path.with_name(f".{RESULT_FILE}.tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, result_path)
     if child is not None:
-        child.log_metrics({f"test_{k}": v for k, v in result["test"].items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        child.log_metrics(
+            {
+                f"test_{k}": v
+                for k, v in result["test"].items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            }
+        )
         child.finish("FINISHED")
     return result
 

@@ -32,14 +32,23 @@ from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BEST_MODEL_FILE", "RESULT_FILE", "STATE_FILE", "build_task_model", "evaluate", "train_fn_per_worker"]
+__all__ = [
+    "BEST_MODEL_FILE",
+    "RESULT_FILE",
+    "STATE_FILE",
+    "build_task_model",
+    "evaluate",
+    "train_fn_per_worker",
+]
 
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 BEST_MODEL_FILE = "best_model.pt"
 
 
-def build_task_model(task: str, backbone: str, num_classes: int, init: str = "random", drop_rate: float = 0.0) -> nn.Module:
+def build_task_model(
+    task: str, backbone: str, num_classes: int, init: str = "random", drop_rate: float = 0.0
+) -> nn.Module:
     """The downstream model: backbone from ``init`` plus a new head (RCKD Sec. 2.2.2).
 
     Args:
@@ -64,7 +73,9 @@ def build_task_model(task: str, backbone: str, num_classes: int, init: str = "ra
     elif kind == "backbone_file":
         backbone_file = init
     if task == "classification":
-        model = ClassificationModel(backbone, num_classes, drop_rate=drop_rate, backbone_file=backbone_file, **kwargs)
+        model = ClassificationModel(
+            backbone, num_classes, drop_rate=drop_rate, backbone_file=backbone_file, **kwargs
+        )
     else:
         model = SegmentationModel(backbone, num_classes, backbone_file=backbone_file, **kwargs)
     if kind == "timm":
@@ -86,7 +97,9 @@ def _check_timm_weights(model: nn.Module, backbone: str, init: str, kwargs: dict
         torch.manual_seed(torch.initial_seed() + 1)
         again = backbone_state_dict(create_backbone(backbone, **kwargs))
     loaded = backbone_state_dict(model.backbone)
-    random = [k for k, v in loaded.items() if v.is_floating_point() and not torch.equal(v, again[k])]
+    random = [
+        k for k, v in loaded.items() if v.is_floating_point() and not torch.equal(v, again[k])
+    ]
     if random:
         raise ValueError(
             f"init={init!r}: {len(random)} of {len(loaded)} weights of the {backbone} backbone are not in the file "
@@ -99,10 +112,19 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, config: dict) -> torch.Ten
     from histokd.losses import focal_loss
 
     ignore = config["ignore_index"] if config["task"] == "segmentation" else None
-    loss = focal_loss(logits, target, alpha=config["focal_alpha"], gamma=config["focal_gamma"], ignore_index=ignore, reduction="none")
+    loss = focal_loss(
+        logits,
+        target,
+        alpha=config["focal_alpha"],
+        gamma=config["focal_gamma"],
+        ignore_index=ignore,
+        reduction="none",
+    )
     if loss.dim() == 1:
         return loss
-    valid = (target != ignore).flatten(1).sum(1).clamp_min(1) if ignore is not None else loss[0].numel()
+    valid = (
+        (target != ignore).flatten(1).sum(1).clamp_min(1) if ignore is not None else loss[0].numel()
+    )
     return loss.flatten(1).sum(1) / valid
 
 
@@ -161,13 +183,19 @@ def evaluate(
                 records["prediction"] += prediction.cpu().tolist()
             else:
                 for p, t in zip(prediction, target, strict=True):
-                    records["confusion"].append(confusion_matrix(p, t, num_classes, ignore).tolist())
+                    records["confusion"].append(
+                        confusion_matrix(p, t, num_classes, ignore).tolist()
+                    )
     return {"loss_sum": loss_sum, "count": count, "confusion": confusion, "records": records}
 
 
 def _reduce_eval(result: dict[str, Any], device: torch.device) -> tuple[float, np.ndarray]:
     """Mean loss and confusion summed over workers."""
-    flat = torch.tensor([result["loss_sum"], result["count"], *result["confusion"].ravel().tolist()], dtype=torch.float64, device=device)
+    flat = torch.tensor(
+        [result["loss_sum"], result["count"], *result["confusion"].ravel().tolist()],
+        dtype=torch.float64,
+        device=device,
+    )
     flat = _all_reduce(flat).cpu().numpy()
     c = result["confusion"].shape[0]
     return float(flat[0] / max(flat[1], 1)), flat[2:].reshape(c, c).round().astype(np.int64)
@@ -192,8 +220,17 @@ def _loaders(config: dict, rank: int, world: int) -> tuple:
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
     drop_last = per_rank_count % per_worker == 1 and per_rank_count > 1
     generator = torch.Generator().manual_seed(config["seed"])
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"]) if world > 1 else None
-    common = {"num_workers": config["loader_workers"], "persistent_workers": config["loader_workers"] > 0}
+    sampler = (
+        DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"]
+        )
+        if world > 1
+        else None
+    )
+    common = {
+        "num_workers": config["loader_workers"],
+        "persistent_workers": config["loader_workers"] > 0,
+    }
     train_loader = DataLoader(
         train_set, batch_size=per_worker, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
         generator=generator if sampler is None else None, **common,
@@ -237,11 +274,19 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"] % 2**32)
 
-    model = build_task_model(config["task"], config["backbone"], config["num_classes"], config["init"], config["drop_rate"])
+    model = build_task_model(
+        config["task"],
+        config["backbone"],
+        config["num_classes"],
+        config["init"],
+        config["drop_rate"],
+    )
     pe_count = set_positional_encoding_trainable(model, config["positional_encoding"] == "trained")
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.SGD(
+        trainable, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
     stopper = EarlyStopping(patience=config["patience"], min_delta=config["min_delta"])
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
@@ -259,7 +304,9 @@ def train_fn_per_worker(config: dict) -> None:
         start_epoch = int(state["epoch"]) + 1
         elapsed_before = float(state["seconds"])
         if rank == 0:
-            print(f"split {config['split_index']}: resuming after epoch {start_epoch - 1}", flush=True)
+            print(
+                f"split {config['split_index']}: resuming after epoch {start_epoch - 1}", flush=True
+            )
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     train_loader, sampler, val_loader, test_loader = _loaders(config, rank, world)
@@ -283,8 +330,14 @@ def train_fn_per_worker(config: dict) -> None:
             optimizer.step()
             loss_sum += float(loss.detach()) * int(target.shape[0])
             seen += int(target.shape[0])
-        train_sums = _all_reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device)).cpu().tolist()
-        val_loss, val_confusion = _reduce_eval(evaluate(model, val_loader, config, device), device)  # Algorithm 2, line 13
+        train_sums = (
+            _all_reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
+            .cpu()
+            .tolist()
+        )
+        val_loss, val_confusion = _reduce_eval(
+            evaluate(model, val_loader, config, device), device
+        )  # Algorithm 2, line 13
         improved = stopper.step(epoch, val_loss)  # Algorithm 2, line 14
         if improved:
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -311,7 +364,17 @@ def train_fn_per_worker(config: dict) -> None:
             log_epoch_metrics(mlflow_client, config, row, epoch)
         stop = stopper.should_stop or epoch == config["max_epochs"]
         if not stop:
-            _report_state(model, optimizer, stopper, history, best_state, epoch, time.monotonic() - started, rank, row)
+            _report_state(
+                model,
+                optimizer,
+                stopper,
+                history,
+                best_state,
+                epoch,
+                time.monotonic() - started,
+                rank,
+                row,
+            )
 
         if stop:
             break
@@ -321,7 +384,9 @@ def train_fn_per_worker(config: dict) -> None:
         model.load_state_dict(best_state)
     test_eval = evaluate(model, test_loader, config, device, keep_records=True)
     test_loss, test_confusion = _reduce_eval(test_eval, device)
-    val_loss_best, val_confusion_best = _reduce_eval(evaluate(model, val_loader, config, device), device)
+    val_loss_best, val_confusion_best = _reduce_eval(
+        evaluate(model, val_loader, config, device), device
+    )
     records = _gather(test_eval["records"])
     if rank != 0:
         ray.train.report({"epoch": epoch, "done": True}, checkpoint=None)
@@ -351,14 +416,25 @@ def train_fn_per_worker(config: dict) -> None:
         "sizes": {part: len(config["data"][part]["images"]) for part in ("train", "val", "test")},
     }
     if mlflow_client is not None:
-        log_epoch_metrics(mlflow_client, config, {f"test_{k}": v for k, v in result["test"].items()}, epoch)
+        log_epoch_metrics(
+            mlflow_client, config, {f"test_{k}": v for k, v in result["test"].items()}, epoch
+        )
     with tempfile.TemporaryDirectory() as tmp:
         out = config.get("local_result_dir") or tmp  # local mode keeps no checkpoint copies
         os.makedirs(out, exist_ok=True)
-        torch.save({"model": model.state_dict(), "best_epoch": stopper.best_epoch, "config": _plain(config)}, os.path.join(out, BEST_MODEL_FILE))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "best_epoch": stopper.best_epoch,
+                "config": _plain(config),
+            },
+            os.path.join(out, BEST_MODEL_FILE),
+        )
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
-        ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out))
+        ray.train.report(
+            _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
+        )
 
 
 def _final_metrics(result: dict) -> dict[str, Any]:
@@ -367,7 +443,9 @@ def _final_metrics(result: dict) -> dict[str, Any]:
     return metrics
 
 
-def _report_state(model, optimizer, stopper, history, best_state, epoch, seconds, rank, row) -> None:
+def _report_state(
+    model, optimizer, stopper, history, best_state, epoch, seconds, rank, row
+) -> None:
     """Report the epoch; rank 0 attaches the state a restarted split continues from."""
     import ray.train
 
@@ -387,7 +465,9 @@ def _report_state(model, optimizer, stopper, history, best_state, epoch, seconds
                 os.path.join(tmp, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+        ray.train.report(
+            {k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint
+        )
 
 
 def _plain(config: dict) -> dict:

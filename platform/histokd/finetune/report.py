@@ -86,7 +86,11 @@ def write_split_tables(summary: dict[str, Any], out_dir: str | Path) -> dict[str
         + _markdown(pd.DataFrame(rows)) + "\nPer split:\n\n" + _markdown(per_split)
     )  # fmt: skip
     (out / "summary.md").write_text(text)
-    return {"summary_json": str(out / "summary.json"), "splits_csv": str(out / "splits.csv"), "summary_md": str(out / "summary.md")}
+    return {
+        "summary_json": str(out / "summary.json"),
+        "splits_csv": str(out / "splits.csv"),
+        "summary_md": str(out / "summary.md"),
+    }
 
 
 def _trial_label(row: dict[str, Any]) -> str:
@@ -95,7 +99,11 @@ def _trial_label(row: dict[str, Any]) -> str:
 
 
 def search_bar_chart(
-    frame: pd.DataFrame, path: str | Path, metric: str = "accuracy", title: str | None = None, best_trial: str | None = None
+    frame: pd.DataFrame,
+    path: str | Path,
+    metric: str = "accuracy",
+    title: str | None = None,
+    best_trial: str | None = None,
 ) -> Path:
     """RCKD Fig. 5: the five-split mean of ``metric`` per trial, with its spread over the splits.
 
@@ -112,7 +120,9 @@ def search_bar_chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = frame.sort_values(["input_size", "lr", "positional_encoding"], ascending=[True, False, True]).to_dict("records")
+    rows = frame.sort_values(
+        ["input_size", "lr", "positional_encoding"], ascending=[True, False, True]
+    ).to_dict("records")
     labels = [_trial_label(r).replace(", ", "\n") for r in rows]
     means = [100 * r[f"{metric}_mean"] for r in rows]
     stds = [100 * r[f"{metric}_std"] for r in rows]
@@ -121,7 +131,15 @@ def search_bar_chart(
         best = next((i for i, r in enumerate(rows) if r.get("trial_id") == best_trial), best)
     colors = ["#c0392b" if i == best else "#5b7db1" for i in range(len(rows))]
     fig, ax = plt.subplots(figsize=(max(6, 1.15 * len(rows) + 1.5), 4.2))
-    bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color=colors, edgecolor="black", linewidth=0.6)
+    bars = ax.bar(
+        range(len(rows)),
+        means,
+        yerr=stds,
+        capsize=4,
+        color=colors,
+        edgecolor="black",
+        linewidth=0.6,
+    )
     for bar, mean in zip(bars, means, strict=True):  # inside the bar, clear of the error bar
         if math.isfinite(mean):
             ax.annotate(f"{mean:.1f}", (bar.get_x() + bar.get_width() / 2, mean), xytext=(0, -4), textcoords="offset points",
@@ -131,7 +149,9 @@ def search_bar_chart(
     ax.set_ylabel(f"{_METRIC_LABELS.get(metric, metric)} (%), mean ± std over splits")
     finite = [m for m in means if math.isfinite(m)]
     low = min(finite) - max(stds + [0]) - 5 if finite else 0
-    ax.set_ylim(max(0, min(low, 90)), 100 if metric == "accuracy" else max(100, max(finite, default=0) + 5))
+    ax.set_ylim(
+        max(0, min(low, 90)), 100 if metric == "accuracy" else max(100, max(finite, default=0) + 5)
+    )
     ax.set_title(title or "Hyperparameter search (cf. RCKD Fig. 5); red: best")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -142,7 +162,10 @@ def search_bar_chart(
 
 
 def write_search_outputs(
-    rows: Sequence[dict[str, Any]], out_dir: str | Path, metric: str = "accuracy", rank_by: str | None = None
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    metric: str = "accuracy",
+    rank_by: str | None = None,
 ) -> dict[str, str]:
     """``search_results.csv``, ``search_results.md`` and ``search_results.png`` (Fig. 5).
 
@@ -157,7 +180,9 @@ def write_search_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(list(rows))
-    frame = frame.sort_values(rank_by or f"{metric}_mean", ascending=False, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(
+        rank_by or f"{metric}_mean", ascending=False, kind="stable"
+    ).reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     frame.to_csv(out / "search_results.csv", index=False)
     shown = pd.DataFrame({
@@ -174,8 +199,17 @@ def write_search_outputs(
         f"# Hyperparameter search (RCKD Sec. 3.1, Fig. 5)\n\nTest {_METRIC_LABELS[metric].lower()}, mean ± std over the "
         "splits of each trial, best first.\n\n" + _markdown(shown)
     )
-    chart = search_bar_chart(frame, out / "search_results.png", metric=metric, best_trial=frame["trial_id"].iloc[0] if len(frame) else None)
-    return {"csv": str(out / "search_results.csv"), "markdown": str(out / "search_results.md"), "chart": str(chart)}
+    chart = search_bar_chart(
+        frame,
+        out / "search_results.png",
+        metric=metric,
+        best_trial=frame["trial_id"].iloc[0] if len(frame) else None,
+    )
+    return {
+        "csv": str(out / "search_results.csv"),
+        "markdown": str(out / "search_results.md"),
+        "chart": str(chart),
+    }
 
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -191,7 +225,12 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for (model, init), group in frame.groupby(["model", "init"], sort=False):
         first = group.iloc[0]
-        row: dict[str, Any] = {"Model": model, "Params": f"{first['params'] / 1e6:.2f} M", "GMAC": f"{first['gmac']:.2f}", "Pretraining": init}
+        row: dict[str, Any] = {
+            "Model": model,
+            "Params": f"{first['params'] / 1e6:.2f} M",
+            "GMAC": f"{first['gmac']:.2f}",
+            "Pretraining": init,
+        }
         cls_values, seg_values = [], []
         for dataset in datasets:
             hit = group[group["dataset"] == dataset]
@@ -201,7 +240,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 row[column] = ""
                 continue
             mean, std = float(hit["mean"].iloc[0]), float(hit["std"].iloc[0])
-            row[column] = f"{100 * mean:.1f} ± {100 * std:.1f}" if is_cls else f"{mean:.3f} ± {std:.3f}"
+            row[column] = (
+                f"{100 * mean:.1f} ± {100 * std:.1f}" if is_cls else f"{mean:.3f} ± {std:.3f}"
+            )
             (cls_values if is_cls else seg_values).append(mean)
         if cls_values:
             row["Average accuracy (%)"] = f"{100 * sum(cls_values) / len(cls_values):.1f}"
@@ -211,7 +252,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out).fillna("")
 
 
-def ball_chart(points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def ball_chart(
+    points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None
+) -> Path:
     """RCKD Fig. 10: average accuracy against GMAC; circle area by parameters, colour by init.
 
     Args:
@@ -228,19 +271,41 @@ def ball_chart(points: Sequence[dict[str, Any]], path: str | Path, title: str | 
 
     points = list(points)
     inits = list(dict.fromkeys(p["init"] for p in points))
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    palette = [
+        "#d62728",
+        "#1f77b4",
+        "#2ca02c",
+        "#ff7f0e",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+    ]
     color = {init: palette[i % len(palette)] for i, init in enumerate(inits)}
     max_params = max((p["params"] for p in points), default=1)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for p in points:
         size = 2500 * p["params"] / max_params
-        ax.scatter(p["gmac"], 100 * p["accuracy"], s=size, color=color[p["init"]], alpha=0.55, edgecolors="black", linewidths=0.6)
+        ax.scatter(
+            p["gmac"],
+            100 * p["accuracy"],
+            s=size,
+            color=color[p["init"]],
+            alpha=0.55,
+            edgecolors="black",
+            linewidths=0.6,
+        )
         ax.annotate(f"{p['model']} ({p['params'] / 1e6:.1f} M)", (p["gmac"], 100 * p["accuracy"]), xytext=(math.sqrt(size) / 2 + 2, 0),
                     textcoords="offset points", ha="left", va="center", fontsize=7)  # fmt: skip
     for init in inits:  # the paper's horizontal lines: each initialisation's average
         values = [100 * p["accuracy"] for p in points if p["init"] == init]
-        ax.axhline(sum(values) / len(values), color=color[init], linestyle="--", linewidth=1, alpha=0.8)
-    handles = [Line2D([], [], marker="o", linestyle="", markersize=9, color=color[i], alpha=0.6, label=i) for i in inits]
+        ax.axhline(
+            sum(values) / len(values), color=color[init], linestyle="--", linewidth=1, alpha=0.8
+        )
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=9, color=color[i], alpha=0.6, label=i)
+        for i in inits
+    ]
     ax.legend(handles=handles, title="Initialisation (dashed: mean)", fontsize=8, loc="best")
     ax.set_xlabel("GMAC (backbone, at the fine-tuning resolution)")
     ax.set_ylabel("Average classification accuracy (%)")

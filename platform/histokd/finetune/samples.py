@@ -95,7 +95,9 @@ class ImageSamples(Dataset):
         cache: bool = False,
     ) -> None:
         if (labels is None) == (masks is None):
-            raise ValueError("ImageSamples: give labels (classification) or masks (segmentation), not both or neither")
+            raise ValueError(
+                "ImageSamples: give labels (classification) or masks (segmentation), not both or neither"
+            )
         self.images = list(images)
         self.labels = list(labels) if labels is not None else None
         self.masks = list(masks) if masks is not None else None

@@ -60,22 +60,78 @@ class SearchConfig(FinetuneConfig):
     """Ray Tune over fine-tuning settings (RCKD Sec. 3.1, Fig. 5); every other field is the
     fine-tuning's and is the same for all trials."""
 
-    run_name: str = field(default="search", metadata=_help("name of the search; rerunning with the same name resumes it"))
+    run_name: str = field(
+        default="search",
+        metadata=_help("name of the search; rerunning with the same name resumes it"),
+    )
     # the single values of the three searched settings: the searched lists take precedence
-    input_size: int = field(default=_FINETUNE_DEFAULTS["input_size"], metadata=_help("not used without --space: --input-sizes are searched and take precedence; with --space, the input size of trials whose space does not search input_size"))
-    lr: float = field(default=_FINETUNE_DEFAULTS["lr"], metadata=_help("not used without --space: --lrs are searched and take precedence; with --space, the learning rate of trials whose space does not search lr"))
-    positional_encoding: Literal["frozen", "trained"] = field(default=_FINETUNE_DEFAULTS["positional_encoding"], metadata=_help("not used without --space: --positional-encodings are searched and take precedence; with --space, the positional encodings of trials whose space does not search positional_encoding"))
-    input_sizes: list[int] = field(default_factory=lambda: [224, 384], metadata=_help("input resolutions searched (RCKD Sec. 3.1: 224 384)"))
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4], metadata=_help("learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4)"))
-    positional_encodings: list[str] = field(default_factory=lambda: ["frozen", "trained"], metadata=_help("positional encodings searched (RCKD Sec. 3.1: frozen trained)"))
-    space: str | None = field(default=None, metadata=_help("YAML search space replacing the three lists: field: [values] (grid) or field: {choice|uniform|loguniform|randint: [...]}"))
-    num_samples: int = field(default=1, metadata=_help("Tune num_samples: repeats of the grid, or draws of a sampled space"))
-    metric: str = field(default="auto", metadata=_help("score of a trial: test_<metric>_mean or val_<metric>_mean; auto: test accuracy (classification) or test mIoU (segmentation), the split mean as in RCKD"))
-    scheduler: Literal["none", "asha"] = field(default="none", metadata=_help("trial scheduler: none, or asha (stops poor trials after grace_period splits)"))
-    grace_period: int = field(default=1, metadata=_help("ASHA: splits every trial runs before it can be stopped"))
-    reduction_factor: int = field(default=2, metadata=_help("ASHA: fraction 1/x of trials promoted at each rung"))
-    max_concurrent_trials: int | None = field(default=None, metadata=_help("trials at once; auto: as many as leave every trial all its splits in parallel, at least 1"))
-    mlflow_experiment: str = field(default="histokd-search", metadata=_help("MLflow experiment name"))
+    input_size: int = field(
+        default=_FINETUNE_DEFAULTS["input_size"],
+        metadata=_help(
+            "not used without --space: --input-sizes are searched and take precedence; with --space, the input size of trials whose space does not search input_size"
+        ),
+    )
+    lr: float = field(
+        default=_FINETUNE_DEFAULTS["lr"],
+        metadata=_help(
+            "not used without --space: --lrs are searched and take precedence; with --space, the learning rate of trials whose space does not search lr"
+        ),
+    )
+    positional_encoding: Literal["frozen", "trained"] = field(
+        default=_FINETUNE_DEFAULTS["positional_encoding"],
+        metadata=_help(
+            "not used without --space: --positional-encodings are searched and take precedence; with --space, the positional encodings of trials whose space does not search positional_encoding"
+        ),
+    )
+    input_sizes: list[int] = field(
+        default_factory=lambda: [224, 384],
+        metadata=_help("input resolutions searched (RCKD Sec. 3.1: 224 384)"),
+    )
+    lrs: list[float] = field(
+        default_factory=lambda: [1e-3, 1e-4],
+        metadata=_help("learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4)"),
+    )
+    positional_encodings: list[str] = field(
+        default_factory=lambda: ["frozen", "trained"],
+        metadata=_help("positional encodings searched (RCKD Sec. 3.1: frozen trained)"),
+    )
+    space: str | None = field(
+        default=None,
+        metadata=_help(
+            "YAML search space replacing the three lists: field: [values] (grid) or field: {choice|uniform|loguniform|randint: [...]}"
+        ),
+    )
+    num_samples: int = field(
+        default=1,
+        metadata=_help("Tune num_samples: repeats of the grid, or draws of a sampled space"),
+    )
+    metric: str = field(
+        default="auto",
+        metadata=_help(
+            "score of a trial: test_<metric>_mean or val_<metric>_mean; auto: test accuracy (classification) or test mIoU (segmentation), the split mean as in RCKD"
+        ),
+    )
+    scheduler: Literal["none", "asha"] = field(
+        default="none",
+        metadata=_help(
+            "trial scheduler: none, or asha (stops poor trials after grace_period splits)"
+        ),
+    )
+    grace_period: int = field(
+        default=1, metadata=_help("ASHA: splits every trial runs before it can be stopped")
+    )
+    reduction_factor: int = field(
+        default=2, metadata=_help("ASHA: fraction 1/x of trials promoted at each rung")
+    )
+    max_concurrent_trials: int | None = field(
+        default=None,
+        metadata=_help(
+            "trials at once; auto: as many as leave every trial all its splits in parallel, at least 1"
+        ),
+    )
+    mlflow_experiment: str = field(
+        default="histokd-search", metadata=_help("MLflow experiment name")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,9 +145,17 @@ class SearchConfig(FinetuneConfig):
             raise ValueError(f"reduction_factor={self.reduction_factor}: must be at least 2")
         if self.scheduler not in ("none", "asha"):
             raise ValueError(f"scheduler={self.scheduler!r}: allowed: none, asha")
-        if self.max_concurrent_trials is not None and (not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
-            raise ValueError(f"max_concurrent_trials={self.max_concurrent_trials!r}: must be a positive integer or auto")
-        for name, values in (("input_sizes", self.input_sizes), ("lrs", self.lrs), ("positional_encodings", self.positional_encodings)):
+        if self.max_concurrent_trials is not None and (
+            not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1
+        ):
+            raise ValueError(
+                f"max_concurrent_trials={self.max_concurrent_trials!r}: must be a positive integer or auto"
+            )
+        for name, values in (
+            ("input_sizes", self.input_sizes),
+            ("lrs", self.lrs),
+            ("positional_encodings", self.positional_encodings),
+        ):
             if not values:
                 raise ValueError(f"{name}=[]: give at least one value")
         self.input_sizes = [int(v) for v in self.input_sizes]
@@ -118,7 +182,12 @@ class SearchConfig(FinetuneConfig):
         if self.metric == "auto":
             return f"test_{PRIMARY_METRIC[self.task]}_mean"
         parts = self.metric.split("_")
-        if len(parts) < 3 or parts[0] not in ("test", "val") or parts[-1] != "mean" or "_".join(parts[1:-1]) not in METRICS:
+        if (
+            len(parts) < 3
+            or parts[0] not in ("test", "val")
+            or parts[-1] != "mean"
+            or "_".join(parts[1:-1]) not in METRICS
+        ):
             allowed = ", ".join(f"{p}_{m}_mean" for p in ("test", "val") for m in METRICS)
             raise ValueError(f"metric={self.metric!r}: allowed: auto, {allowed}")
         return self.metric
@@ -144,18 +213,27 @@ def build_param_space(config: SearchConfig) -> dict[str, Any]:
             "positional_encoding": tune.grid_search(list(config.positional_encodings)),
         }
     raw = load_yaml(config.space)
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"run_name", "storage_path", "data", "task"}
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {
+        "run_name",
+        "storage_path",
+        "data",
+        "task",
+    }
     space: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
-            raise ValueError(f"space {config.space}: {key!r} is not a fine-tuning field; allowed: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"space {config.space}: {key!r} is not a fine-tuning field; allowed: {', '.join(sorted(names))}"
+            )
         if isinstance(value, list) and value:
             space[key] = tune.grid_search(value)
         elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _SAMPLERS:
             kind, args = next(iter(value.items()))
             space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
         else:
-            raise ValueError(f"space {config.space}: {key}: {value!r}; give a list (grid) or one of {{{', '.join(_SAMPLERS)}: [...]}}")
+            raise ValueError(
+                f"space {config.space}: {key}: {value!r}; give a list (grid) or one of {{{', '.join(_SAMPLERS)}: [...]}}"
+            )
     if not space:
         raise ValueError(f"space {config.space}: empty")
     return space
@@ -231,7 +309,9 @@ def _running_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
         for name in METRICS:
             values = np.array([r[part][name] for r in results], dtype=np.float64)
             metrics[f"{part}_{name}_mean"] = float(np.nanmean(values))
-            metrics[f"{part}_{name}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+            metrics[f"{part}_{name}_std"] = (
+                float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+            )
     return metrics
 
 
@@ -264,11 +344,20 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
     check_storage_path(config.storage_path)
     dataset = dataset if dataset is not None else prepare_dataset(config)
     init_ray()
-    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = (
+        config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    )
     slots = split_slots(config, use_gpu)
     concurrent = config.max_concurrent_trials or max(1, slots // config.num_splits)
     parallel_splits = max(1, slots // concurrent)
-    work_dir = Path(config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")) / config.run_name
+    work_dir = (
+        Path(
+            config.storage_path
+            if "://" not in config.storage_path
+            else os.path.abspath("histokd_work")
+        )
+        / config.run_name
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "search_config.yaml")
     run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name,
@@ -285,12 +374,16 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
         _base=base, _parallel_splits=parallel_splits, _parent_run_id=run.run_id,
         _storage=f"{config.storage_path.rstrip('/')}/{config.run_name}", _tracking_uri=config.tracking_uri,
     )  # fmt: skip
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, dataset=dataset), TRIAL_RESOURCES)
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, dataset=dataset), TRIAL_RESOURCES
+    )
     experiment_path = f"{config.storage_path.rstrip('/')}/{config.run_name}"
     scheduler = build_scheduler(config)
     if tune.Tuner.can_restore(experiment_path):
         print(f"resuming the search at {experiment_path}", flush=True)
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -322,7 +415,13 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
         row = {"trial_id": trial_id, **settings}
         for key in ("input_size", "lr", "positional_encoding"):  # the chart's labels
             row.setdefault(key, base[key])
-        row.update({k: v for k, v in result.metrics.items() if k.startswith(("test_", "val_")) or k == "splits_done"})
+        row.update(
+            {
+                k: v
+                for k, v in result.metrics.items()
+                if k.startswith(("test_", "val_")) or k == "splits_done"
+            }
+        )
         row["num_splits"] = result.metrics.get("splits_done", config.num_splits)
         row["stopped_by_scheduler"] = row["num_splits"] < config.num_splits
         for name in METRICS:  # the table's names: the metric's five-split numbers on the test set
@@ -333,16 +432,29 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
         run.finish("FAILED")
         raise RuntimeError(f"no trial of the search finished; failures: {failed}")
     chart_metric = metric.split("_", 1)[1].rsplit("_", 1)[0]
-    rows.sort(key=lambda r: r[metric] if math.isfinite(r[metric]) else -math.inf, reverse=True)  # stable: ties keep grid order
+    rows.sort(
+        key=lambda r: r[metric] if math.isfinite(r[metric]) else -math.inf, reverse=True
+    )  # stable: ties keep grid order
     files = write_search_outputs(rows, work_dir, metric=chart_metric, rank_by=metric)
     best = rows[0]
     if failed:
         with open(files["markdown"], "a") as f:
-            f.write("\nFailed trials:\n\n" + "\n".join(f"- {r['trial_id']}: {r['error']}" for r in failed) + "\n")
+            f.write(
+                "\nFailed trials:\n\n"
+                + "\n".join(f"- {r['trial_id']}: {r['error']}" for r in failed)
+                + "\n"
+            )
     run.log_params({f"best.{k}": best[k] for k in searched})
-    run.log_metrics({f"best_{metric}": best[metric], "trials_finished": len(rows), "trials_failed": len(failed)})
+    run.log_metrics(
+        {f"best_{metric}": best[metric], "trials_finished": len(rows), "trials_failed": len(failed)}
+    )
     for path in files.values():
         run.log_artifact(path)
     run.finish("FINISHED")
-    print(f"best: {', '.join(f'{k}={best[k]}' for k in searched)}  {metric} {best[metric]:.4f}", flush=True)
-    return SearchResult(rows=rows, best=best, files=files, experiment_path=experiment_path, mlflow_run_id=run.run_id)
+    print(
+        f"best: {', '.join(f'{k}={best[k]}' for k in searched)}  {metric} {best[metric]:.4f}",
+        flush=True,
+    )
+    return SearchResult(
+        rows=rows, best=best, files=files, experiment_path=experiment_path, mlflow_run_id=run.run_id
+    )

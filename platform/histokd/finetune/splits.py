@@ -55,8 +55,15 @@ class Split:
 
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
     ratios = tuple(float(r) for r in ratios)
-    if len(ratios) not in (2, 3) or any(r < 0 for r in ratios) or ratios[0] <= 0 or sum(ratios) <= 0:
-        raise ValueError(f"split_ratios={list(ratios)!r}: need 3 non-negative ratios train:val:test (train > 0), e.g. 0.6 0.2 0.2")
+    if (
+        len(ratios) not in (2, 3)
+        or any(r < 0 for r in ratios)
+        or ratios[0] <= 0
+        or sum(ratios) <= 0
+    ):
+        raise ValueError(
+            f"split_ratios={list(ratios)!r}: need 3 non-negative ratios train:val:test (train > 0), e.g. 0.6 0.2 0.2"
+        )
     total = sum(ratios)
     return tuple(r / total for r in ratios)
 
@@ -95,16 +102,22 @@ def split_indices(
     """
     parts: list[list[np.ndarray]] = [[] for _ in ratios]
     groups = [indices] if labels is None else [indices[labels == c] for c in np.unique(labels)]
-    for group, counts in zip(groups, _stratified_counts([len(g) for g in groups], ratios, rng), strict=True):
+    for group, counts in zip(
+        groups, _stratified_counts([len(g) for g in groups], ratios, rng), strict=True
+    ):
         shuffled = rng.permutation(group)
         start = 0
         for k, count in enumerate(counts):
             parts[k].append(shuffled[start : start + count])
             start += count
-    return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts]
+    return [
+        np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts
+    ]
 
 
-def _stratified_counts(sizes: Sequence[int], ratios: Sequence[float], rng: np.random.Generator) -> list[list[int]]:
+def _stratified_counts(
+    sizes: Sequence[int], ratios: Sequence[float], rng: np.random.Generator
+) -> list[list[int]]:
     """Per-class part sizes whose totals are exactly `_counts` of the whole, each class within one
     sample of its own proportional share: every class gets the floor of its share, and the
     samples left over go one by one to the (class, part) with the largest fractional share among
@@ -164,7 +177,11 @@ def make_splits(
     if label_array is not None and label_array.shape != (num_samples,):
         raise ValueError(f"labels has shape {label_array.shape}; expected ({num_samples},)")
     all_indices = np.arange(num_samples)
-    fixed_array = np.array([f or "" for f in fixed], dtype=object) if fixed is not None else np.full(num_samples, "", dtype=object)
+    fixed_array = (
+        np.array([f or "" for f in fixed], dtype=object)
+        if fixed is not None
+        else np.full(num_samples, "", dtype=object)
+    )
     if fixed_array.shape != (num_samples,):
         raise ValueError(f"fixed has {fixed_array.shape[0]} entries for {num_samples} samples")
     unknown = set(fixed_array.tolist()) - {"", "train", "val", "test"}
@@ -175,7 +192,9 @@ def make_splits(
         fixed_array = np.where(fixed_array == "train", "", fixed_array)
     kinds = set(fixed_array.tolist())
     if "" not in kinds and kinds != {"train", "val", "test"}:
-        raise ValueError(f"the dataset fixes only {sorted(kinds)}; fixed lists need train, val and test")
+        raise ValueError(
+            f"the dataset fixes only {sorted(kinds)}; fixed lists need train, val and test"
+        )
 
     splits = []
     for i in range(num_splits):
@@ -183,7 +202,9 @@ def make_splits(
         rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
         if kinds == {""}:  # nothing fixed: random train:val:test
             if len(ratios) != 3:
-                raise ValueError(f"split_ratios={list(ratios)!r}: need 3 ratios when the dataset has no fixed test list")
+                raise ValueError(
+                    f"split_ratios={list(ratios)!r}: need 3 ratios when the dataset has no fixed test list"
+                )
             train, val, test = split_indices(all_indices, ratios, rng, label_array)
         elif "" not in kinds:  # everything fixed
             train, val, test = (np.flatnonzero(fixed_array == k) for k in ("train", "val", "test"))
@@ -199,6 +220,8 @@ def make_splits(
                 "fix all of train/val/test, only test, or none"
             )
         if len(train) == 0:
-            raise ValueError(f"split {i} has no training samples (n={num_samples}, ratios={list(ratios)})")
+            raise ValueError(
+                f"split {i} has no training samples (n={num_samples}, ratios={list(ratios)})"
+            )
         splits.append(Split(i, split_seed % (2**31), train, val, test))
     return splits

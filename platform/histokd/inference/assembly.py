@@ -32,7 +32,14 @@ from histokd.inference.outputs import (
 from histokd.inference.stitching import NO_LABEL, SlideCanvas
 from histokd.inference.stream import TILE, UNREADABLE
 
-__all__ = ["OUTPUT_FILES", "PARTIAL_PREFIX", "SUMMARY_FILE", "OutputSettings", "SlideAssembly", "read_summary"]
+__all__ = [
+    "OUTPUT_FILES",
+    "PARTIAL_PREFIX",
+    "SUMMARY_FILE",
+    "OutputSettings",
+    "SlideAssembly",
+    "read_summary",
+]
 
 SUMMARY_FILE = "summary.json"
 PARTIAL_PREFIX = ".partial-"
@@ -100,11 +107,15 @@ class SlideAssembly:
         self.extent, self.stride = int(row["extent"]), int(row["stride"])
         self.grid = (int(row["grid_cols"]), int(row["grid_rows"]))
         self.tile_count = int(row["tile_count"])
-        self.downsample = self.base_magnification / settings.output_magnification  # level-0 px per output px
+        self.downsample = (
+            self.base_magnification / settings.output_magnification
+        )  # level-0 px per output px
         # SlideReader.size_at: the thumbnail at the output magnification has exactly this size
         out_w = max(1, int(self.width / self.downsample))
         out_h = max(1, int(self.height / self.downsample))
-        self.canvas = SlideCanvas(out_w, out_h, settings.info.num_classes, settings.tile_side, settings.blend)  # type: ignore[arg-type]
+        self.canvas = SlideCanvas(
+            out_w, out_h, settings.info.num_classes, settings.tile_side, settings.blend
+        )  # type: ignore[arg-type]
         self.received = 0
         self.unreadable: list[str] = []
         self._xs: list[int] = []
@@ -163,14 +174,20 @@ class SlideAssembly:
         covered = labels != NO_LABEL
         tile_probs = np.asarray(self._probs, np.float32).reshape(-1, info.num_classes)
         if info.task == "classification":
-            counts = np.bincount(tile_probs.argmax(1), minlength=info.num_classes) if len(tile_probs) else np.zeros(info.num_classes)
+            counts = (
+                np.bincount(tile_probs.argmax(1), minlength=info.num_classes)
+                if len(tile_probs)
+                else np.zeros(info.num_classes)
+            )
             fractions = counts / max(1, len(tile_probs))
             means = tile_probs.mean(0) if len(tile_probs) else np.zeros(info.num_classes)
             basis = "tiles"
         else:
             counts = np.bincount(labels[covered], minlength=info.num_classes)
             fractions = counts / max(1, int(covered.sum()))
-            means = probabilities[:, covered].mean(1) if covered.any() else np.zeros(info.num_classes)
+            means = (
+                probabilities[:, covered].mean(1) if covered.any() else np.zeros(info.num_classes)
+            )
             basis = "pixels"
         pixel_um = self.mpp * self.downsample if self.mpp else None
         areas = None
@@ -194,16 +211,29 @@ class SlideAssembly:
             "class_areas_mm2": areas,
             "predicted_fraction_of_slide": float(covered.mean()),
             "slide": {
-                "width": self.width, "height": self.height, "base_magnification": self.base_magnification, "mpp": self.mpp,
+                "width": self.width,
+                "height": self.height,
+                "base_magnification": self.base_magnification,
+                "mpp": self.mpp,
             },  # fmt: skip
             "tiles": {
-                "magnification": info.magnification, "patch_size": info.patch_size, "input_size": info.input_size,
-                "read_magnification": info.read_magnification, "extent": self.extent, "stride": self.stride,
-                "overlap": s.overlap, "grid": list(self.grid),
+                "magnification": info.magnification,
+                "patch_size": info.patch_size,
+                "input_size": info.input_size,
+                "read_magnification": info.read_magnification,
+                "extent": self.extent,
+                "stride": self.stride,
+                "overlap": s.overlap,
+                "grid": list(self.grid),
             },  # fmt: skip
             "output": {
-                "magnification": s.output_magnification, "downsample": self.downsample, "width": self.canvas.width,
-                "height": self.canvas.height, "pixel_size_um": pixel_um, "blend": s.blend, "no_label_value": NO_LABEL,
+                "magnification": s.output_magnification,
+                "downsample": self.downsample,
+                "width": self.canvas.width,
+                "height": self.canvas.height,
+                "pixel_size_um": pixel_um,
+                "blend": s.blend,
+                "no_label_value": NO_LABEL,
             },  # fmt: skip
             "files": dict(OUTPUT_FILES),
         }
@@ -222,13 +252,41 @@ class SlideAssembly:
             summary = self.summary(probabilities, labels)
             summary["thumbnail_error"] = thumb_error
             pixel_um = summary["output"]["pixel_size_um"]
-            description = json.dumps({"slide": self.path, "class_names": list(info.class_names), "downsample": self.downsample})
+            description = json.dumps(
+                {
+                    "slide": self.path,
+                    "class_names": list(info.class_names),
+                    "downsample": self.downsample,
+                }
+            )
             heat = np.clip(probabilities * 255 + 0.5, 0, 255).astype(np.uint8)
-            write_ome_tiff(tmp / OUTPUT_FILES["heatmap"], heat, channel_names=info.class_names, pixel_size_um=pixel_um, kind="mean", description=description)
-            write_ome_tiff(tmp / OUTPUT_FILES["labels"], labels, channel_names=["label"], pixel_size_um=pixel_um, kind="nearest", description=description)
+            write_ome_tiff(
+                tmp / OUTPUT_FILES["heatmap"],
+                heat,
+                channel_names=info.class_names,
+                pixel_size_um=pixel_um,
+                kind="mean",
+                description=description,
+            )
+            write_ome_tiff(
+                tmp / OUTPUT_FILES["labels"],
+                labels,
+                channel_names=["label"],
+                pixel_size_um=pixel_um,
+                kind="nearest",
+                description=description,
+            )
             max_side = self.settings.overlay_max_side
-            Image.fromarray(label_overlay(thumbnail, labels, info.class_names, max_side=max_side)).save(tmp / OUTPUT_FILES["overlay"])
-            panels = heatmap_panels(thumbnail, probabilities, self.canvas.covered, info.class_names, max_side=max(64, max_side // 2))
+            Image.fromarray(
+                label_overlay(thumbnail, labels, info.class_names, max_side=max_side)
+            ).save(tmp / OUTPUT_FILES["overlay"])
+            panels = heatmap_panels(
+                thumbnail,
+                probabilities,
+                self.canvas.covered,
+                info.class_names,
+                max_side=max(64, max_side // 2),
+            )
             Image.fromarray(panels).save(tmp / OUTPUT_FILES["heatmap_png"])
             table = tile_table(
                 self.slide_id, np.asarray(self._xs, np.int64), np.asarray(self._ys, np.int64), self.extent,

@@ -103,10 +103,14 @@ def resolve_model(config: PredictConfig) -> tuple[dict[str, Any], TaskModelInfo]
         ValueError: No model given, an unusable file, or an impossible output magnification.
     """
     if not config.model:
-        raise ValueError("model is empty: give a best_model.pt of the fine-tuning job (or its run folder) as --model")
+        raise ValueError(
+            "model is empty: give a best_model.pt of the fine-tuning job (or its run folder) as --model"
+        )
     path = find_best_model(config.model) if Path(config.model).is_dir() else Path(config.model)
     checkpoint = load_checkpoint(path)
-    info = describe_checkpoint(str(path), checkpoint).resolve(config.magnification, config.patch_size, config.class_names or None)
+    info = describe_checkpoint(str(path), checkpoint).resolve(
+        config.magnification, config.patch_size, config.class_names or None
+    )
     if config.output_magnification > info.magnification + 1e-9:
         raise ValueError(
             f"output_magnification={config.output_magnification:g}: above the model's {info.magnification:g}x; "
@@ -148,7 +152,9 @@ def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
     os.replace(tmp, path)
 
 
-def _write_summary_table(path: Path, summaries: list[dict[str, Any]], class_names: list[str]) -> None:
+def _write_summary_table(
+    path: Path, summaries: list[dict[str, Any]], class_names: list[str]
+) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -188,11 +194,17 @@ def run_prediction(
         PredictError: No slides, or no slide could be used.
     """
     checkpoint, info = resolve_model(config)
-    overlap = config.overlap if config.overlap is not None else (0.25 if info.task == "segmentation" else 0.0)
+    overlap = (
+        config.overlap
+        if config.overlap is not None
+        else (0.25 if info.task == "segmentation" else 0.0)
+    )
     tile_side = max(1, round(info.patch_size * config.output_magnification / info.magnification))
     paths = discover_slides(config.slides) if config.slides else []
     if not paths:
-        raise PredictError(f"no slides found in {config.slides!r}: give slide files, folders or .txt lists as --slides")
+        raise PredictError(
+            f"no slides found in {config.slides!r}: give slide files, folders or .txt lists as --slides"
+        )
     run_dir = Path(config.run_dir)
     slides_dir = run_dir / SLIDES_DIR
     slides_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +236,12 @@ def run_prediction(
     if tracking:
         from histokd.tracking import MLflowRun
 
-        run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name, artifact_location=str(Path(config.storage_path) / "mlartifacts"))
+        run = MLflowRun(
+            config.tracking_uri,
+            config.mlflow_experiment,
+            config.run_name,
+            artifact_location=str(Path(config.storage_path) / "mlartifacts"),
+        )
         run.log_params({
             **config_to_dict(config), "resolved_overlap": overlap, "task": info.task, "backbone": info.backbone,
             "resolved_magnification": info.magnification, "resolved_patch_size": info.patch_size,
@@ -252,19 +269,27 @@ def run_prediction(
             )  # fmt: skip
             in_flight: dict[int, SlideAssembly] = {}
             # no prefetching: a finished block reaches the driver at once (Ray Data runs ahead anyway)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for batch in dataset.iter_batches(
+                batch_size=None, batch_format="numpy", prefetch_batches=0
+            ):
                 index = np.asarray(batch["slide_index"])
                 for slide_index in np.unique(index):
                     rows = np.flatnonzero(index == slide_index)
                     path = pending[int(slide_index)]
-                    first = {k: batch[k][rows[0]] for k in batch if k not in ("probabilities", "probability_map")}
+                    first = {
+                        k: batch[k][rows[0]]
+                        for k in batch
+                        if k not in ("probabilities", "probability_map")
+                    }
                     if first["status"] == BAD:
                         bad[path] = ("plan", str(first["message"]))
                         log.warning("bad slide, skipped: %s", first["message"])
                         continue
                     assembly = in_flight.get(int(slide_index))
                     if assembly is None:
-                        assembly = in_flight[int(slide_index)] = SlideAssembly(ids[path], path, first, settings)
+                        assembly = in_flight[int(slide_index)] = SlideAssembly(
+                            ids[path], path, first, settings
+                        )
                     assembly.add(batch, rows)
                     max_in_flight = max(max_in_flight, len(in_flight))
                     if first["status"] == EMPTY or assembly.complete:
@@ -272,7 +297,10 @@ def run_prediction(
                         _finish(assembly, path, slides_dir, bad, done_now, finished, on_slide_done)
                         num_tiles += assembly.num_predicted
             for slide_index, assembly in in_flight.items():  # cannot happen unless rows were lost
-                bad[pending[slide_index]] = ("stream", f"only {assembly.received} of {assembly.tile_count} tiles arrived")
+                bad[pending[slide_index]] = (
+                    "stream",
+                    f"only {assembly.received} of {assembly.tile_count} tiles arrived",
+                )
     except BaseException:
         if run is not None:
             run.finish("FAILED")
@@ -298,14 +326,27 @@ def run_prediction(
         "tiles_per_second": round(result.tiles_per_second, 3), "max_slides_in_flight": max_in_flight,
     }  # fmt: skip
     tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({**counts, "fingerprint": fingerprint, "bad_slides": {p: list(v) for p, v in bad.items()}}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                **counts,
+                "fingerprint": fingerprint,
+                "bad_slides": {p: list(v) for p, v in bad.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     os.replace(tmp, run_dir / RUN_FILE)
     if run is not None:
         run.log_metrics({k: float(v) for k, v in counts.items() if math.isfinite(float(v))})
         for name in ("bad_slides", "run", "summary_table"):
             run.log_artifact(files[name])
         for summary in done_now[: config.mlflow_overlays]:
-            run.log_artifact(Path(summary["dir"]) / summary["files"]["overlay"], f"overlays/{summary['slide_id']}")
+            run.log_artifact(
+                Path(summary["dir"]) / summary["files"]["overlay"],
+                f"overlays/{summary['slide_id']}",
+            )
     print(
         f"{result.num_predicted} slide(s) predicted ({num_tiles} tiles, {result.tiles_per_second:.1f} tiles/s), "
         f"{result.num_skipped} finished before, {result.num_bad} bad (listed in {files['bad_slides']})",
@@ -314,8 +355,12 @@ def run_prediction(
     if not summaries:
         if run is not None:
             run.finish("FAILED")
-        reasons = "\n".join(f"  {why}" for _, (_, why) in sorted(bad.items()))  # each reason names its slide
-        raise PredictError(f"no usable slides among {len(paths)}; {len(bad)} bad:\n{reasons}\nreport: {files['bad_slides']}")
+        reasons = "\n".join(
+            f"  {why}" for _, (_, why) in sorted(bad.items())
+        )  # each reason names its slide
+        raise PredictError(
+            f"no usable slides among {len(paths)}; {len(bad)} bad:\n{reasons}\nreport: {files['bad_slides']}"
+        )
     if run is not None:
         run.finish("FINISHED")
     return result
@@ -332,11 +377,20 @@ def _finish(
 ) -> None:
     """Write a complete slide, or report it when none of its tiles could be read."""
     if assembly.tile_count and assembly.num_predicted == 0:
-        bad[path] = ("read", f"all {assembly.tile_count} tiles unreadable; first: {assembly.unreadable[0]}")
+        bad[path] = (
+            "read",
+            f"all {assembly.tile_count} tiles unreadable; first: {assembly.unreadable[0]}",
+        )
         log.warning("bad slide, skipped: %s", bad[path][1])
         return
     if assembly.unreadable:
-        log.warning("%s: %d of %d tiles unreadable, skipped: %s", path, len(assembly.unreadable), assembly.tile_count, assembly.unreadable[0])
+        log.warning(
+            "%s: %d of %d tiles unreadable, skipped: %s",
+            path,
+            len(assembly.unreadable),
+            assembly.tile_count,
+            assembly.unreadable[0],
+        )
     summary = assembly.write(slides_dir)
     finished[path] = summary
     done_now.append(summary)

@@ -87,7 +87,9 @@ class TaskModelInfo:
     def read_magnification(self) -> float:
         """Magnification at which an ``input_size`` read covers one training image's field."""
         if self.magnification is None or self.patch_size is None:
-            raise ModelFileError(self.path, "magnification and patch_size are unresolved; call resolve() first")
+            raise ModelFileError(
+                self.path, "magnification and patch_size are unresolved; call resolve() first"
+            )
         return self.magnification * self.input_size / self.patch_size
 
     def resolve(
@@ -110,8 +112,19 @@ class TaskModelInfo:
         changes: dict[str, Any] = {}
         for name, given in (("magnification", magnification), ("patch_size", patch_size)):
             stored = getattr(self, name)
-            if given is not None and stored is not None and not math.isclose(float(given), float(stored)):
-                log.warning("%s: %s=%s given, the file says %s: using %s", self.path, name, given, stored, given)
+            if (
+                given is not None
+                and stored is not None
+                and not math.isclose(float(given), float(stored))
+            ):
+                log.warning(
+                    "%s: %s=%s given, the file says %s: using %s",
+                    self.path,
+                    name,
+                    given,
+                    stored,
+                    given,
+                )
             if given is not None:
                 changes[name] = given
         if changes.get("magnification", self.magnification) is None:
@@ -122,7 +135,11 @@ class TaskModelInfo:
             )
         if changes.get("patch_size", self.patch_size) is None:
             changes["patch_size"] = self.input_size
-            log.info("%s: no patch_size recorded or given: training images taken as %d px", self.path, self.input_size)
+            log.info(
+                "%s: no patch_size recorded or given: training images taken as %d px",
+                self.path,
+                self.input_size,
+            )
         if class_names:
             names = tuple(str(n) for n in class_names)
             if len(names) != self.num_classes:
@@ -134,9 +151,17 @@ class TaskModelInfo:
             changes["class_names"] = names
         info = dataclasses.replace(self, **changes)
         if not float(info.magnification) > 0:
-            raise ModelFileError(self.path, f"magnification={info.magnification!r}: must be positive (e.g. 20)")
-        if isinstance(info.patch_size, bool) or not isinstance(info.patch_size, int) or info.patch_size <= 0:
-            raise ModelFileError(self.path, f"patch_size={info.patch_size!r}: must be a positive integer")
+            raise ModelFileError(
+                self.path, f"magnification={info.magnification!r}: must be positive (e.g. 20)"
+            )
+        if (
+            isinstance(info.patch_size, bool)
+            or not isinstance(info.patch_size, int)
+            or info.patch_size <= 0
+        ):
+            raise ModelFileError(
+                self.path, f"patch_size={info.patch_size!r}: must be a positive integer"
+            )
         return dataclasses.replace(info, magnification=float(info.magnification))
 
     def as_dict(self) -> dict[str, Any]:
@@ -164,11 +189,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     path = str(path)
     if not os.path.isfile(path):
-        raise ModelFileError(path, "file not found; give a best_model.pt of the fine-tuning job or its run folder")
+        raise ModelFileError(
+            path, "file not found; give a best_model.pt of the fine-tuning job or its run folder"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ModelFileError(path, f"cannot be read as a torch file of plain values ({type(exc).__name__}: {exc})") from exc
+        raise ModelFileError(
+            path, f"cannot be read as a torch file of plain values ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(payload, Mapping) or "model" not in payload or "config" not in payload:
         keys = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
         raise ModelFileError(
@@ -187,17 +216,29 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
 
     config = payload["config"]
     if not isinstance(config, Mapping):
-        raise ModelFileError(path, f"config is a {type(config).__name__}; expected the fine-tuning config dict")
+        raise ModelFileError(
+            path, f"config is a {type(config).__name__}; expected the fine-tuning config dict"
+        )
     task = _require(path, config, "task", lambda v: v in _TASKS, f"allowed: {', '.join(_TASKS)}")
-    backbone = _require(path, config, "backbone", lambda v: v in BACKBONES, f"allowed: {', '.join(BACKBONES)}")
+    backbone = _require(
+        path, config, "backbone", lambda v: v in BACKBONES, f"allowed: {', '.join(BACKBONES)}"
+    )
     positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    num_classes = _require(path, config, "num_classes", lambda v: positive(v) and v < 255, "must be an integer in [1, 254]")
+    num_classes = _require(
+        path,
+        config,
+        "num_classes",
+        lambda v: positive(v) and v < 255,
+        "must be an integer in [1, 254]",
+    )
     input_size = _require(path, config, "input_size", positive, "must be a positive integer")
     names = config.get("class_names")
     if names is None:
         names = [f"class_{k}" for k in range(num_classes)]
     elif len(names) != num_classes:
-        raise ModelFileError(path, f"config['class_names'] has {len(names)} names for {num_classes} classes")
+        raise ModelFileError(
+            path, f"config['class_names'] has {len(names)} names for {num_classes} classes"
+        )
     magnification = config.get("magnification")
     patch_size = config.get("patch_size")
     return TaskModelInfo(
@@ -214,7 +255,9 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
     )
 
 
-def build_model(info: TaskModelInfo, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def build_model(
+    info: TaskModelInfo, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
     """The task model of ``info`` in eval mode, with ``state_dict`` loaded strictly.
 
     Raises:
@@ -223,7 +266,9 @@ def build_model(info: TaskModelInfo, state_dict: Mapping[str, torch.Tensor] | No
     from histokd.models import ClassificationModel, SegmentationModel
 
     if info.task == "classification":
-        model: nn.Module = ClassificationModel(info.backbone, info.num_classes, drop_rate=info.drop_rate)
+        model: nn.Module = ClassificationModel(
+            info.backbone, info.num_classes, drop_rate=info.drop_rate
+        )
     else:
         model = SegmentationModel(info.backbone, info.num_classes)
     if state_dict is not None:
@@ -281,10 +326,15 @@ def find_best_model(run_dir: str | os.PathLike) -> Path:
             model = str(found[0]) if found else None
         if model:
             loss = data.get("best_val_loss")
-            candidates.append((float(loss) if loss is not None else math.inf, str(result), Path(model)))
+            candidates.append(
+                (float(loss) if loss is not None else math.inf, str(result), Path(model))
+            )
     if candidates:
         return min(candidates)[2]
     found = sorted(run_dir.rglob(BEST_MODEL_FILE))
     if found:
         return found[0]
-    raise ModelFileError(run_dir, f"no split_*/result.json with a best_model and no {BEST_MODEL_FILE} below this folder")
+    raise ModelFileError(
+        run_dir,
+        f"no split_*/result.json with a best_model and no {BEST_MODEL_FILE} below this folder",
+    )

@@ -69,7 +69,9 @@ def pyramid_levels(image: np.ndarray, kind: str, min_side: int = _TILE) -> list[
         h, w = current.shape[-2:]
         pad = [(0, 0)] * (current.ndim - 2) + [(0, h % 2), (0, w % 2)]
         padded = np.pad(current.astype(np.float32), pad, mode="edge")
-        blocks = padded.reshape(*padded.shape[:-2], padded.shape[-2] // 2, 2, padded.shape[-1] // 2, 2)
+        blocks = padded.reshape(
+            *padded.shape[:-2], padded.shape[-2] // 2, 2, padded.shape[-1] // 2, 2
+        )
         levels.append(blocks.mean(axis=(-3, -1)).round().astype(current.dtype))
     return levels
 
@@ -102,8 +104,15 @@ def write_ome_tiff(
         metadata["Description"] = description
     options: dict = {"tile": (_TILE, _TILE), "compression": "zlib", "photometric": "minisblack"}
     if pixel_size_um:
-        metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeXUnit="µm", PhysicalSizeY=pixel_size_um, PhysicalSizeYUnit="µm")
-        options.update(resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um), resolutionunit="CENTIMETER")
+        metadata.update(
+            PhysicalSizeX=pixel_size_um,
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeY=pixel_size_um,
+            PhysicalSizeYUnit="µm",
+        )
+        options.update(
+            resolution=(1e4 / pixel_size_um, 1e4 / pixel_size_um), resolutionunit="CENTIMETER"
+        )
     levels = pyramid_levels(image, kind)
     with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31, ome=True) as tif:
         tif.write(levels[0], subifds=len(levels) - 1, metadata=metadata, **options)
@@ -126,7 +135,9 @@ def _fit(image: np.ndarray, max_side: int, resample: Image.Resampling) -> np.nda
 
 def _transparent_classes(class_names: Sequence[str]) -> list[int]:
     """Classes not painted on overlays: those named background (glass is not worth a colour)."""
-    return [k for k, name in enumerate(class_names) if name.lower() in ("background", "bg", "glass")]
+    return [
+        k for k, name in enumerate(class_names) if name.lower() in ("background", "bg", "glass")
+    ]
 
 
 def label_overlay(
@@ -150,7 +161,9 @@ def label_overlay(
         legend: Add a strip with each class's colour and name below.
     """
     if thumbnail.shape[:2] != labels.shape:
-        raise ValueError(f"thumbnail {thumbnail.shape[:2]} and labels {labels.shape} differ in size")
+        raise ValueError(
+            f"thumbnail {thumbnail.shape[:2]} and labels {labels.shape} differ in size"
+        )
     palette = class_palette(len(class_names))
     thumbnail = _fit(thumbnail, max_side, Image.Resampling.BOX)
     labels = _fit(labels, max_side, Image.Resampling.NEAREST)
@@ -159,10 +172,16 @@ def label_overlay(
     colours = palette[np.minimum(labels, len(palette) - 1)].astype(np.float32)
     out[paint] = (1 - opacity) * out[paint] + opacity * colours[paint]
     picture = out.round().astype(np.uint8)
-    return _with_legend(picture, class_names, palette, _transparent_classes(class_names)) if legend else picture
+    return (
+        _with_legend(picture, class_names, palette, _transparent_classes(class_names))
+        if legend
+        else picture
+    )
 
 
-def _with_legend(picture: np.ndarray, class_names: Sequence[str], palette: np.ndarray, clear: Sequence[int]) -> np.ndarray:
+def _with_legend(
+    picture: np.ndarray, class_names: Sequence[str], palette: np.ndarray, clear: Sequence[int]
+) -> np.ndarray:
     h, w = picture.shape[:2]
     row_h, swatch = 16, 12
     per_row = max(1, max(w, 160) // 160)
@@ -175,7 +194,11 @@ def _with_legend(picture: np.ndarray, class_names: Sequence[str], palette: np.nd
         x, y = 4 + col * 160, h + 4 + row * row_h
         fill = (255, 255, 255) if k in clear else tuple(int(c) for c in palette[k])
         draw.rectangle([x, y, x + swatch, y + swatch], fill=fill, outline=(0, 0, 0))
-        draw.text((x + swatch + 4, y), (f"{k} {name}" + (" (clear)" if k in clear else ""))[:26], fill=(0, 0, 0))
+        draw.text(
+            (x + swatch + 4, y),
+            (f"{k} {name}" + (" (clear)" if k in clear else ""))[:26],
+            fill=(0, 0, 0),
+        )
     return np.asarray(canvas)
 
 
@@ -202,13 +225,22 @@ def heatmap_panels(
     lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
     thumb = _fit(thumbnail, max_side, Image.Resampling.BOX)
     size = (thumb.shape[1], thumb.shape[0])
-    mask = np.asarray(Image.fromarray(covered.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
+    mask = (
+        np.asarray(
+            Image.fromarray(covered.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        )
+        > 127
+    )
     title_h, gap = 16, 6
     width = len(class_names) * (size[0] + gap) + gap
     canvas = Image.new("RGB", (width, size[1] + title_h + 2 * gap), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, name in enumerate(class_names):
-        prob = np.asarray(Image.fromarray(probabilities[k].astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+        prob = np.asarray(
+            Image.fromarray(probabilities[k].astype(np.float32)).resize(
+                size, Image.Resampling.BILINEAR
+            )
+        )
         colour = lut[np.clip((prob * 255).round(), 0, 255).astype(np.int64)]
         panel = thumb.astype(np.float32)
         panel[mask] = (1 - opacity) * panel[mask] + opacity * colour[mask]
@@ -262,4 +294,3 @@ def write_table(path: str | os.PathLike, table: pa.Table) -> Path:
     """Write a Parquet table."""
     pq.write_table(table, path)
     return Path(path)
-

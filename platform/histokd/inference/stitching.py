@@ -58,7 +58,14 @@ class SlideCanvas:
         blend: Weight window of overlapping tiles.
     """
 
-    def __init__(self, width: int, height: int, num_classes: int, tile_side: int, blend: BlendWindow = "cosine"):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        num_classes: int,
+        tile_side: int,
+        blend: BlendWindow = "cosine",
+    ):
         if width < 1 or height < 1:
             raise ValueError(f"canvas {width}x{height}: both sides must be at least 1 pixel")
         self.width, self.height = int(width), int(height)
@@ -98,7 +105,9 @@ class SlideCanvas:
             mean = probabilities
         else:
             if probabilities.shape != (self.num_classes, side, side):
-                raise ValueError(f"tile probabilities of shape {probabilities.shape}; expected {(self.num_classes, side, side)}")
+                raise ValueError(
+                    f"tile probabilities of shape {probabilities.shape}; expected {(self.num_classes, side, side)}"
+                )
             crop = probabilities[:, y0 - y : y1 - y, x0 - x : x1 - x]
             self.weighted[:, y0:y1, x0:x1] += crop * window
             mean = crop.reshape(self.num_classes, -1).mean(1)

@@ -82,7 +82,14 @@ class TileStreamSettings:
 # -- 1. plan ---------------------------------------------------------------------------------------
 def _slide_rows(index: int, path: str, settings: TileStreamSettings) -> dict[str, np.ndarray]:
     try:
-        tiles = plan_tiles(path, settings.magnification, settings.patch_size, settings.overlap, settings.tissue, settings.base_magnification)
+        tiles = plan_tiles(
+            path,
+            settings.magnification,
+            settings.patch_size,
+            settings.overlap,
+            settings.tissue,
+            settings.base_magnification,
+        )
     except SlideError as exc:
         return _marker(index, path, BAD, str(exc))
     except Exception as exc:  # noqa: BLE001 - one broken slide must not end the run; it is reported
@@ -101,7 +108,9 @@ def _slide_rows(index: int, path: str, settings: TileStreamSettings) -> dict[str
     return rows
 
 
-def _columns(n: int, index: int, path: str, status: str, message: str, tile_count: int, **geometry: Any) -> dict[str, np.ndarray]:
+def _columns(
+    n: int, index: int, path: str, status: str, message: str, tile_count: int, **geometry: Any
+) -> dict[str, np.ndarray]:
     ints = ("width", "height", "extent", "stride", "grid_cols", "grid_rows")
     rows = {
         "slide_index": np.full(n, index, np.int64),
@@ -112,7 +121,9 @@ def _columns(n: int, index: int, path: str, status: str, message: str, tile_coun
         "y": np.zeros(n, np.int64),
         "tile_count": np.full(n, tile_count, np.int64),
         "tissue_fraction": np.full(n, np.nan, np.float32),
-        "base_magnification": np.full(n, float(geometry.get("base_magnification", math.nan)), np.float64),
+        "base_magnification": np.full(
+            n, float(geometry.get("base_magnification", math.nan)), np.float64
+        ),
         "mpp": np.full(n, float(geometry.get("mpp", math.nan)), np.float64),
     }
     for name in ints:
@@ -120,13 +131,20 @@ def _columns(n: int, index: int, path: str, status: str, message: str, tile_coun
     return rows
 
 
-def _marker(index: int, path: str, status: str, message: str, **geometry: Any) -> dict[str, np.ndarray]:
+def _marker(
+    index: int, path: str, status: str, message: str, **geometry: Any
+) -> dict[str, np.ndarray]:
     return _columns(1, index, path, status, message, 0, **geometry)
 
 
-def plan_slide_batch(batch: dict[str, np.ndarray], settings: TileStreamSettings) -> dict[str, np.ndarray]:
+def plan_slide_batch(
+    batch: dict[str, np.ndarray], settings: TileStreamSettings
+) -> dict[str, np.ndarray]:
     """Tile rows of a batch of slides (``slide_index``, ``slide_path``); see the module docstring."""
-    parts = [_slide_rows(int(i), str(p), settings) for i, p in zip(batch["slide_index"], batch["slide_path"], strict=True)]
+    parts = [
+        _slide_rows(int(i), str(p), settings)
+        for i, p in zip(batch["slide_index"], batch["slide_path"], strict=True)
+    ]
     return {k: np.concatenate([part[k] for part in parts]) for k in META_COLUMNS}
 
 
@@ -144,7 +162,9 @@ def _patch_reader():
     return _PATCH_READER
 
 
-def read_tile_batch(batch: dict[str, np.ndarray], input_size: int, read_magnification: float) -> dict[str, np.ndarray]:
+def read_tile_batch(
+    batch: dict[str, np.ndarray], input_size: int, read_magnification: float
+) -> dict[str, np.ndarray]:
     """Adds ``image`` (N, S, S, 3) uint8: each ``tile`` row's tile at ``read_magnification``.
 
     A tile that cannot be read becomes ``unreadable`` with the reader's message; other rows
@@ -184,7 +204,14 @@ class TilePredictor:
         threads: Torch CPU threads (the actor's CPU share).
     """
 
-    def __init__(self, checkpoint: dict | list, model_path: str, tile_side: int, precision: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        checkpoint: dict | list,
+        model_path: str,
+        tile_side: int,
+        precision: str = "auto",
+        threads: int | None = None,
+    ):
         import torch
 
         from histokd.inference.model_file import build_model, describe_checkpoint
@@ -212,7 +239,11 @@ class TilePredictor:
         from histokd.finetune.samples import normalize
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            x = (
+                torch.from_numpy(np.ascontiguousarray(images))
+                .to(self.device, non_blocking=True)
+                .permute(0, 3, 1, 2)
+            )
             x = normalize(x)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -223,7 +254,12 @@ class TilePredictor:
                 return probs.cpu().numpy(), None
             side = self.tile_side
             mode = "area" if side < probs.shape[-1] else "bilinear"
-            maps = F.interpolate(probs, size=(side, side), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+            maps = F.interpolate(
+                probs,
+                size=(side, side),
+                mode=mode,
+                **({} if mode == "area" else {"align_corners": False}),
+            )
             return maps.mean((2, 3)).cpu().numpy(), maps.half().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -299,13 +335,22 @@ def prediction_dataset(
     checkpoint_ref = [ray.put(checkpoint)]
     return (
         ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        .map_batches(plan_slide_batch, fn_kwargs={"settings": settings}, batch_size=1, num_cpus=plan.read_cpus, batch_format="numpy")
+        .map_batches(
+            plan_slide_batch,
+            fn_kwargs={"settings": settings},
+            batch_size=1,
+            num_cpus=plan.read_cpus,
+            batch_format="numpy",
+        )
         # A slide's tiles leave its planning task as one small block; cut into blocks of a
         # batch, they are read by many tasks at once and reach the model as they are read.
         .repartition(target_num_rows_per_block=batch_size)
         .map_batches(
             read_tile_batch,
-            fn_kwargs={"input_size": settings.input_size, "read_magnification": settings.read_magnification},
+            fn_kwargs={
+                "input_size": settings.input_size,
+                "read_magnification": settings.read_magnification,
+            },
             batch_size=batch_size,
             num_cpus=plan.read_cpus,
             # Also keeps the reads in their own tasks: Ray Data fuses maps whose remote args
@@ -316,8 +361,11 @@ def prediction_dataset(
         .map_batches(
             TilePredictor,
             fn_constructor_kwargs={
-                "checkpoint": checkpoint_ref, "model_path": model_path, "tile_side": tile_side,
-                "precision": precision, "threads": plan.intra_op_threads,
+                "checkpoint": checkpoint_ref,
+                "model_path": model_path,
+                "tile_side": tile_side,
+                "precision": precision,
+                "threads": plan.intra_op_threads,
             },  # fmt: skip
             compute=ActorPoolStrategy(size=plan.num_actors),
             batch_size=batch_size,

@@ -77,7 +77,9 @@ def lattice(width: int, height: int, extent: int, stride: int) -> tuple[np.ndarr
     return xs.ravel().astype(np.int64), ys.ravel().astype(np.int64)
 
 
-def tile_tissue_fractions(mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarray, extent: int) -> np.ndarray:
+def tile_tissue_fractions(
+    mask: np.ndarray, scale: float, xs: np.ndarray, ys: np.ndarray, extent: int
+) -> np.ndarray:
     """Mean of a thumbnail mask over each tile's whole footprint (outside the slide: no tissue).
 
     Args:
@@ -140,7 +142,9 @@ def plan_tiles(
             thumb_mag = magnification * _THUMB_PIXELS_PER_TILE / patch_size
             thumb_mag = max(thumb_mag, base * _MIN_THUMB_SIDE / max(1, min(width, height)))
             thumb = reader.thumbnail(min(base, thumb_mag))
-            fractions = tile_tissue_fractions(tissue_mask(thumb, tissue), thumb.shape[1] / width, xs, ys, extent)
+            fractions = tile_tissue_fractions(
+                tissue_mask(thumb, tissue), thumb.shape[1] / width, xs, ys, extent
+            )
             keep = fractions >= tissue.min_tissue_fraction
             xs, ys, fractions = xs[keep], ys[keep], fractions[keep]
         else:
@@ -158,4 +162,3 @@ def plan_tiles(
             ys=ys,
             tissue_fraction=fractions,
         )
-

@@ -59,7 +59,9 @@ def focal_loss(
         ValueError: Shapes that do not match, a negative gamma, or a bad reduction.
     """
     if logits.dim() < 2:
-        raise ValueError(f"focal_loss: logits must be N x T or N x T x H x W, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"focal_loss: logits must be N x T or N x T x H x W, got shape {tuple(logits.shape)}"
+        )
     if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(
             f"focal_loss: target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} "
@@ -71,7 +73,11 @@ def focal_loss(
         raise ValueError(f"focal_loss: reduction={reduction!r}; allowed: mean, sum, none")
     num_classes = logits.shape[1]
     target = target.long()
-    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    valid = (
+        torch.ones_like(target, dtype=torch.bool)
+        if ignore_index is None
+        else target != ignore_index
+    )
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     if bool((safe_target < 0).any()) or bool((safe_target >= num_classes).any()):
         bad = safe_target[(safe_target < 0) | (safe_target >= num_classes)][0].item()
@@ -86,7 +92,9 @@ def focal_loss(
     else:
         weights = torch.as_tensor(alpha, dtype=pt.dtype, device=pt.device)
         if weights.shape != (num_classes,):
-            raise ValueError(f"focal_loss: alpha has {tuple(weights.shape)} weights; need one float or {num_classes}")
+            raise ValueError(
+                f"focal_loss: alpha has {tuple(weights.shape)} weights; need one float or {num_classes}"
+            )
         weight = weights[safe_target]
     loss = -weight * modulation * log_pt  # RCKD Eqs. 5 and 7
     loss = torch.where(valid, loss, torch.zeros_like(loss))

@@ -49,7 +49,9 @@ class ResolutionKDTerms(NamedTuple):
     pixel: torch.Tensor
 
 
-def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def soft_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """DiPalma Eq. 2: KL(teacher || student) of the softened distributions, times T^2.
 
     Args:
@@ -61,7 +63,9 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         Scalar: sum over classes, mean over the batch.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"soft_loss: student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+        raise ValueError(
+            f"soft_loss: student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: must be positive")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
@@ -69,7 +73,9 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
 
 
-def resize_teacher_map(teacher_map: torch.Tensor, size: Sequence[int], mode: ResizeMode) -> torch.Tensor:
+def resize_teacher_map(
+    teacher_map: torch.Tensor, size: Sequence[int], mode: ResizeMode
+) -> torch.Tensor:
     """g_k of DiPalma Eq. 3: the teacher's feature map at the student's map size.
 
     Args:
@@ -105,7 +111,11 @@ def pixel_loss(
     Returns:
         Scalar.
     """
-    if student_map.dim() != 4 or teacher_map.dim() != 4 or student_map.shape[:2] != teacher_map.shape[:2]:
+    if (
+        student_map.dim() != 4
+        or teacher_map.dim() != 4
+        or student_map.shape[:2] != teacher_map.shape[:2]
+    ):
         raise ValueError(
             f"pixel_loss: need N x C x H x W maps with the same N and C, got student {tuple(student_map.shape)} "
             f"and teacher {tuple(teacher_map.shape)}"
@@ -160,7 +170,9 @@ class ResolutionKDLoss(nn.Module):
             raise ValueError(f"temperature={temperature!r}: must be positive")
         unknown = [m for m in modes if m not in RESIZE_MODES]
         if unknown:
-            raise ValueError(f"modes={list(modes)}: {unknown} unknown; allowed: {', '.join(RESIZE_MODES)}")
+            raise ValueError(
+                f"modes={list(modes)}: {unknown} unknown; allowed: {', '.join(RESIZE_MODES)}"
+            )
         self.temperature = temperature
         self.modes = tuple(modes)
         self.distance = distance

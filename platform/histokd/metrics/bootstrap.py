@@ -50,7 +50,11 @@ class BootstrapInterval:
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         """``{prefix}`` + estimate / ci_low / ci_high."""
-        return {f"{prefix}": self.estimate, f"{prefix}_ci_low": self.low, f"{prefix}_ci_high": self.high}
+        return {
+            f"{prefix}": self.estimate,
+            f"{prefix}_ci_low": self.low,
+            f"{prefix}_ci_high": self.high,
+        }
 
     def __str__(self) -> str:
         return f"{self.estimate:.4f} [{self.low:.4f}, {self.high:.4f}]"
@@ -69,7 +73,9 @@ def percentile_interval(distribution: np.ndarray, confidence: float = 0.95) -> t
 
 def _check(n_resamples: int, confidence: float, method: str) -> None:
     if not isinstance(n_resamples, int) or n_resamples < 1:
-        raise ValueError(f"n_resamples={n_resamples!r}: must be a positive integer (10,000 is usual)")
+        raise ValueError(
+            f"n_resamples={n_resamples!r}: must be a positive integer (10,000 is usual)"
+        )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence!r}: must be in (0, 1), e.g. 0.95")
     if method not in ("percentile", "BCa", "basic"):
@@ -161,7 +167,9 @@ def bootstrap_confusion_ci(
     _check(n_resamples, confidence, method)
     confusion = np.asarray(per_sample_confusion, dtype=np.float64)
     if confusion.ndim != 3 or confusion.shape[1] != confusion.shape[2]:
-        raise ValueError(f"bootstrap_confusion_ci: need n x C x C counts, got shape {confusion.shape}")
+        raise ValueError(
+            f"bootstrap_confusion_ci: need n x C x C counts, got shape {confusion.shape}"
+        )
     n, c = confusion.shape[0], confusion.shape[1]
     if n < 2:
         raise ValueError(f"bootstrap_confusion_ci: need at least 2 samples, got {n}")
@@ -174,7 +182,9 @@ def bootstrap_confusion_ci(
         lead = index.shape[:-1]
         rows = index.reshape(-1, n)
         offsets = np.arange(rows.shape[0])[:, None] * n
-        multiplicity = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n).reshape(-1, n)
+        multiplicity = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n).reshape(
+            -1, n
+        )
         summed = (multiplicity @ flat).reshape(*lead, c, c)
         return np.asarray(metric(summed), dtype=np.float64)
 

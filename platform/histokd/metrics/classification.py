@@ -49,10 +49,16 @@ def confusion_matrix(
     Raises:
         ValueError: Shapes differ or a value is outside ``[0, C)``.
     """
-    p = prediction.detach().cpu().numpy() if isinstance(prediction, torch.Tensor) else np.asarray(prediction)
+    p = (
+        prediction.detach().cpu().numpy()
+        if isinstance(prediction, torch.Tensor)
+        else np.asarray(prediction)
+    )
     t = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
     if p.shape != t.shape:
-        raise ValueError(f"confusion_matrix: prediction shape {p.shape} differs from target shape {t.shape}")
+        raise ValueError(
+            f"confusion_matrix: prediction shape {p.shape} differs from target shape {t.shape}"
+        )
     p, t = p.reshape(-1).astype(np.int64), t.reshape(-1).astype(np.int64)
     if ignore_index is not None:
         keep = t != ignore_index
@@ -60,8 +66,12 @@ def confusion_matrix(
     for name, values in (("prediction", p), ("target", t)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
             bad = values[(values < 0) | (values >= num_classes)][0]
-            raise ValueError(f"confusion_matrix: {name} value {bad} is outside [0, {num_classes - 1}]")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+            raise ValueError(
+                f"confusion_matrix: {name} value {bad} is outside [0, {num_classes - 1}]"
+            )
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -133,7 +143,9 @@ def classification_metrics(confusion: np.ndarray) -> ClassificationMetrics:
     """All the metrics of one ``C x C`` confusion matrix."""
     confusion = np.asarray(confusion)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"classification_metrics: need one C x C confusion matrix, got shape {confusion.shape}")
+        raise ValueError(
+            f"classification_metrics: need one C x C confusion matrix, got shape {confusion.shape}"
+        )
     precision, recall, f1 = macro_precision_recall_f1(confusion)
     return ClassificationMetrics(
         accuracy=float(accuracy(confusion)),

@@ -19,7 +19,9 @@ class BinaryConfusion:
     tn: int = 0
 
     def __add__(self, other: BinaryConfusion) -> BinaryConfusion:
-        return BinaryConfusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+        return BinaryConfusion(
+            self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn
+        )
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.tp, self.fp, self.fn, self.tn], dtype=torch.float64)
@@ -49,7 +51,9 @@ class BinaryConfusion:
 def binary_confusion(prediction: torch.Tensor, target: torch.Tensor) -> BinaryConfusion:
     """Confusion counts of two same-shaped {0, 1} tensors."""
     if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
+        )
     p, t = prediction.bool(), target.bool()
     tp = int((p & t).sum())
     fp = int((p & ~t).sum())

@@ -43,7 +43,9 @@ class PretrainResult:
     history: list[dict]
     num_train_patches: int
     num_holdout_patches: int
-    label_share: list[dict] = field(default_factory=list)  # per slide: the pseudo labels' nucleus share
+    label_share: list[dict] = field(
+        default_factory=list
+    )  # per slide: the pseudo labels' nucleus share
     label_share_summary: str = ""
 
 
@@ -54,7 +56,13 @@ def split_holdout(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table
 
     ids = table.column("patch_id").to_pylist()
     scores = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest(), "little") / 2**64 for pid in ids]
+        [
+            int.from_bytes(
+                hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest(), "little"
+            )
+            / 2**64
+            for pid in ids
+        ]
     )
     holdout = scores < fraction
     if not holdout.any():
@@ -97,8 +105,17 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
 
     check_storage_path(config.storage_path)
     if "://" in config.storage_path and not config.mlflow_tracking_uri:
-        raise ValueError("mlflow_tracking_uri: required when storage_path is remote (e.g. http://mlflow:5000)")
-    work_dir = Path(config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")) / config.run_name
+        raise ValueError(
+            "mlflow_tracking_uri: required when storage_path is remote (e.g. http://mlflow:5000)"
+        )
+    work_dir = (
+        Path(
+            config.storage_path
+            if "://" not in config.storage_path
+            else os.path.abspath("histokd_work")
+        )
+        / config.run_name
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
 
@@ -141,7 +158,10 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     reserved_cpus = num_workers * config.cpus_per_worker
     if config.teacher_placement == "trainer":  # read tasks only; the workers label (TrainerTeacher)
         make_stream = functools.partial(
-            patch_dataset, input_size=config.input_size, batch_size=config.teacher_batch_size, reserved_cpus=reserved_cpus
+            patch_dataset,
+            input_size=config.input_size,
+            batch_size=config.teacher_batch_size,
+            reserved_cpus=reserved_cpus,
         )
     else:
         make_stream = functools.partial(
@@ -163,7 +183,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         config.tracking_uri,
         config.mlflow_experiment,
         config.run_name,
-        artifact_location=str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None,
+        artifact_location=str(Path(config.storage_path) / "mlartifacts")
+        if "://" not in config.storage_path
+        else None,
     )
     params = config_to_dict(config)
     tracking.log_params(params)
@@ -172,7 +194,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     if tracking.resumed:
         print(f"MLflow: continuing run {tracking.run_id}", flush=True)
 
-    steps_per_epoch = int(np.ceil(train_table.num_rows / max(1, config.batch_size // num_workers) / num_workers))
+    steps_per_epoch = int(
+        np.ceil(train_table.num_rows / max(1, config.batch_size // num_workers) / num_workers)
+    )
     loop_config = dict(params)
     loop_config.update(
         mlflow_run_id=tracking.run_id,
@@ -194,7 +218,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             name=config.run_name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
+            logging_config=LoggingConfig(
+                log_level="WARNING"
+            ),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": train_ds, "holdout": holdout_ds},

@@ -66,7 +66,9 @@ class LabelShare:
              "empty_patches": int(empty), "empty_fraction": round(empty / n, 4)}
             for slide, (n, total, empty) in self.counts.items() if n
         ]  # fmt: skip
-        return sorted(rows, key=lambda r: (-r["empty_fraction"], r["mean_nucleus_share"], r["slide"]))
+        return sorted(
+            rows, key=lambda r: (-r["empty_fraction"], r["mean_nucleus_share"], r["slide"])
+        )
 
     def mostly_empty(self, empty_slide_fraction: float) -> list[dict]:
         """Slides on which more than ``empty_slide_fraction`` of the patches are empty."""
@@ -110,5 +112,7 @@ def summary_line(rows: list[dict], empty_patch_share: float, empty_slide_fractio
         f"({empty_patches / max(1, patches):.0%}) below {empty_patch_share:.1%}"
     )
     if empty:
-        line += f"; {len(empty)} slide(s) mostly empty (> {empty_slide_fraction:.0%} of their patches)"
+        line += (
+            f"; {len(empty)} slide(s) mostly empty (> {empty_slide_fraction:.0%} of their patches)"
+        )
     return line

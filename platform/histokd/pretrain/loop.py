@@ -29,7 +29,13 @@ from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FILE", "LABEL_SHARE_FILE", "EpochStats", "patch_checksum", "train_fn_per_worker"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "LABEL_SHARE_FILE",
+    "EpochStats",
+    "patch_checksum",
+    "train_fn_per_worker",
+]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LABEL_SHARE_FILE = "label_share.csv"  # per slide: the pseudo labels' nucleus share (label_share.py)
@@ -81,7 +87,9 @@ def _to_tensors(
     return image, label.long()
 
 
-def _augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(
+    image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random flip and 90-degree rotation for a batch's images and labels."""
     k = int(torch.randint(0, 4, (1,), generator=generator))
     if k:
@@ -139,7 +147,11 @@ def train_fn_per_worker(config: dict) -> None:
         from histokd.teachers.stream import TrainerTeacher
 
         trainer_teacher = TrainerTeacher(
-            config["teacher"], config["teacher_kwargs"], config["input_size"], config["teacher_batch_size"], device
+            config["teacher"],
+            config["teacher_kwargs"],
+            config["input_size"],
+            config["teacher_batch_size"],
+            device,
         )
 
     def pseudo_label(batch: dict) -> torch.Tensor | None:
@@ -158,7 +170,11 @@ def train_fn_per_worker(config: dict) -> None:
     per_worker_batch = max(1, config["batch_size"] // world)
     # RCKD Sec. 2.2.1: LARS from a learning rate of 0, 10 warm-up epochs of 100.
     optimizer = create_optimizer_v2(
-        model, "lars", lr=config["lr"], weight_decay=config["weight_decay"], momentum=config["momentum"]
+        model,
+        "lars",
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        momentum=config["momentum"],
     )
     scheduler = CosineLRScheduler(
         optimizer,
@@ -172,7 +188,9 @@ def train_fn_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            state = torch.load(
+                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True
+            )
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -181,7 +199,9 @@ def train_fn_per_worker(config: dict) -> None:
         history = json.loads(state["history"])
         best_iou = float(state["best_iou"])
         if rank == 0:
-            print(f"resuming from epoch {start_epoch - 1} (checkpoint {checkpoint.path})", flush=True)
+            print(
+                f"resuming from epoch {start_epoch - 1} (checkpoint {checkpoint.path})", flush=True
+            )
 
     mlflow_client = worker_mlflow_client(config) if rank == 0 else None
 
@@ -208,7 +228,9 @@ def train_fn_per_worker(config: dict) -> None:
             image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
             shares.add(batch["slide"], label.float().mean(dim=(1, 2)).cpu().numpy())
             image, label = _augment(image, label, augment_rng)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 logits = model(image)
             loss = pixel_cross_entropy(logits, label)  # RCKD Eq. 3
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +248,13 @@ def train_fn_per_worker(config: dict) -> None:
         confusion, holdout_loss, holdout_n = BinaryConfusion(), 0.0, 0
         overlay_images, overlay_labels, overlay_preds = [], [], []
         with torch.no_grad():
-            for batch in holdout_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
+            for batch in holdout_shard.iter_batches(
+                batch_size=per_worker_batch, batch_format="numpy"
+            ):
                 image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
                     logits = model(image)
                 holdout_loss += float(pixel_cross_entropy(logits, label)) * int(label.shape[0])
                 holdout_n += int(label.shape[0])
@@ -241,7 +267,14 @@ def train_fn_per_worker(config: dict) -> None:
                     overlay_preds.extend(prediction[:keep].cpu().numpy().astype(np.uint8))
         sums = _all_reduce(
             torch.tensor(
-                [loss_sum, seen, checksum, holdout_loss, holdout_n, *confusion.as_tensor().tolist()],
+                [
+                    loss_sum,
+                    seen,
+                    checksum,
+                    holdout_loss,
+                    holdout_n,
+                    *confusion.as_tensor().tolist(),
+                ],
                 dtype=torch.float64,
                 device=device,
             )
@@ -257,7 +290,8 @@ def train_fn_per_worker(config: dict) -> None:
             holdout_pixel_accuracy=confusion.pixel_accuracy,
             holdout_foreground_iou=confusion.foreground_iou,
             # the teacher's nuclei share of the hold-out: the same in both teacher placements
-            holdout_label_foreground=(confusion.tp + confusion.fn) / max(1, confusion.tp + confusion.fp + confusion.fn + confusion.tn),
+            holdout_label_foreground=(confusion.tp + confusion.fn)
+            / max(1, confusion.tp + confusion.fp + confusion.fn + confusion.tn),
             lr=float(optimizer.param_groups[0]["lr"]),
             patches=int(seen),
             patches_per_second=seen / max(seconds, 1e-9),
@@ -306,7 +340,12 @@ def train_fn_per_worker(config: dict) -> None:
                 if is_best:
                     _save_best(raw_model, run_dir, stats)
                 overlay_path = None
-                if overlay_images and (epoch == 1 or epoch == epochs or epoch % 5 == 0 or epoch == config.get("stop_after_epoch")):
+                if overlay_images and (
+                    epoch == 1
+                    or epoch == epochs
+                    or epoch % 5 == 0
+                    or epoch == config.get("stop_after_epoch")
+                ):
                     overlay_path = save_overlay(
                         np.stack(overlay_images), np.stack(overlay_labels), np.stack(overlay_preds),
                         os.path.join(tmp, f"overlay_epoch_{epoch:03d}.png"),
@@ -318,7 +357,10 @@ def train_fn_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if config.get("stop_after_epoch") == epoch:
             if rank == 0:
-                print(f"stopping after epoch {epoch} as asked (stop_after_epoch); rerun to resume", flush=True)
+                print(
+                    f"stopping after epoch {epoch} as asked (stop_after_epoch); rerun to resume",
+                    flush=True,
+                )
             break
 
 
@@ -349,14 +391,23 @@ def _save_best(model: torch.nn.Module, run_dir: str, stats: EpochStats) -> None:
     fs, root = pafs.FileSystem.from_uri(run_dir)
     fs.create_dir(f"{root}/best", recursive=True)
     with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
-        torch.save({"model": model.state_dict(), "epoch": stats.epoch, "holdout_foreground_iou": stats.holdout_foreground_iou}, tmp.name)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "epoch": stats.epoch,
+                "holdout_foreground_iou": stats.holdout_foreground_iou,
+            },
+            tmp.name,
+        )
         with open(tmp.name, "rb") as src, fs.open_output_stream(f"{root}/best/model.pt") as dst:
             dst.write(src.read())
 
 
 def _log_mlflow(client, config: dict, metrics: dict, epoch: int, overlay_path: str | None) -> None:
     """Per-epoch metrics (the patch checksum is a test aid, not a metric) and the overlay."""
-    log_epoch_metrics(client, config, {k: v for k, v in metrics.items() if k != "patch_checksum"}, epoch)
+    log_epoch_metrics(
+        client, config, {k: v for k, v in metrics.items() if k != "patch_checksum"}, epoch
+    )
     if overlay_path:
         try:
             client.log_artifact(config["mlflow_run_id"], overlay_path, artifact_path="overlays")

@@ -11,7 +11,9 @@ TEACHER_COLOUR = (30, 90, 255)  # blue, as RCKD Fig. 3 draws pseudo labels
 STUDENT_COLOUR = (255, 150, 0)
 
 
-def overlay_mask(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], opacity: float = 0.55) -> np.ndarray:
+def overlay_mask(
+    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], opacity: float = 0.55
+) -> np.ndarray:
     """Blend ``colour`` over the pixels where ``mask`` is set."""
     out = image.astype(np.float32).copy()
     sel = mask.astype(bool)
@@ -45,13 +47,17 @@ def save_overlay(
         panels = [images[i], overlay_mask(images[i], pseudo_labels[i], TEACHER_COLOUR)]
         if predictions is not None:
             panels.append(overlay_mask(images[i], predictions[i], STUDENT_COLOUR))
-        row = np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], axis=1)
+        row = np.concatenate(
+            [np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], axis=1
+        )
         rows.append(row)
     grid = np.concatenate(rows, axis=0)
     scale = max_side / max(images.shape[1], 1)
     canvas = Image.fromarray(grid)
     if scale < 1:
-        canvas = canvas.resize((int(grid.shape[1] * scale), int(grid.shape[0] * scale)), Image.Resampling.BILINEAR)
+        canvas = canvas.resize(
+            (int(grid.shape[1] * scale), int(grid.shape[0] * scale)), Image.Resampling.BILINEAR
+        )
     if title:
         framed = Image.new("RGB", (canvas.width, canvas.height + 18), "white")
         framed.paste(canvas, (0, 18))

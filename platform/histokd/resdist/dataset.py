@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats", "draw_augment", "load_rgb"]
+__all__ = [
+    "AugmentParams",
+    "ColorJitter",
+    "RegionImages",
+    "apply_augment",
+    "channel_stats",
+    "draw_augment",
+    "load_rgb",
+]
 
 
 @dataclass(frozen=True)
@@ -154,11 +162,16 @@ class RegionImages(torch.utils.data.Dataset):
         for item in items:
             lacking = [v for v in views if v not in item["paths"]]
             if lacking:
-                raise ValueError(f"RegionImages: region {item['region_id']} has no image at {lacking}")
+                raise ValueError(
+                    f"RegionImages: region {item['region_id']} has no image at {lacking}"
+                )
         self.items = list(items)
         self.views = list(views)
         self.stats = {
-            v: (torch.tensor(stats[v][0], dtype=torch.float32).view(3, 1, 1), torch.tensor(stats[v][1], dtype=torch.float32).view(3, 1, 1))
+            v: (
+                torch.tensor(stats[v][0], dtype=torch.float32).view(3, 1, 1),
+                torch.tensor(stats[v][1], dtype=torch.float32).view(3, 1, 1),
+            )
             for v in self.views
         }
         self.augment = augment
@@ -187,7 +200,9 @@ class RegionImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         params = None
         if self.augment:
-            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
+            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(
+                2, dtype=np.uint32
+            )
             generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
             params = draw_augment(generator, self.jitter)
         images = []

@@ -49,28 +49,77 @@ def _help(text: str) -> dict:
 class DemoConfig:
     """Settings of the demo (small on purpose; the paper's are the jobs' defaults)."""
 
-    storage_path: str = field(default="runs/resdist_demo", metadata=_help("where the runs, tables and chart go"))
-    demo_dir: str = field(default="demo_data/resdist", metadata=_help("where the synthetic slides go (reused when present)"))
-    labelled_slides: int = field(default=30, metadata=_help("synthetic slides with labelled regions"))
-    aux_slides: int = field(default=8, metadata=_help("synthetic slides of the unlabelled auxiliary set"))
+    storage_path: str = field(
+        default="runs/resdist_demo", metadata=_help("where the runs, tables and chart go")
+    )
+    demo_dir: str = field(
+        default="demo_data/resdist",
+        metadata=_help("where the synthetic slides go (reused when present)"),
+    )
+    labelled_slides: int = field(
+        default=30, metadata=_help("synthetic slides with labelled regions")
+    )
+    aux_slides: int = field(
+        default=8, metadata=_help("synthetic slides of the unlabelled auxiliary set")
+    )
     val_slides: int = field(default=5, metadata=_help("labelled slides held out for validation"))
     test_slides: int = field(default=10, metadata=_help("labelled slides held out for testing"))
-    slide_size: int = field(default=2048, metadata=_help("side of each synthetic slide in pixels at 20x (0.5 um/px)"))
+    slide_size: int = field(
+        default=2048, metadata=_help("side of each synthetic slide in pixels at 20x (0.5 um/px)")
+    )
     seed: int = field(default=0, metadata=_help("seed of the slides, the splits and the training"))
-    teacher_magnification: float = field(default=10.0, metadata=_help("teacher magnification (DiPalma Sec. 4.5.1: 10x)"))
-    student_magnifications: list[float] = field(default_factory=lambda: [5.0, 2.5, 1.25, 0.625], metadata=_help("student magnifications (Tables 6-8)"))
+    teacher_magnification: float = field(
+        default=10.0, metadata=_help("teacher magnification (DiPalma Sec. 4.5.1: 10x)")
+    )
+    student_magnifications: list[float] = field(
+        default_factory=lambda: [5.0, 2.5, 1.25, 0.625],
+        metadata=_help("student magnifications (Tables 6-8)"),
+    )
     teacher_epochs: int = field(default=20, metadata=_help("teacher epochs (paper: 100)"))
     epochs: int = field(default=12, metadata=_help("baseline and distillation epochs (paper: 100)"))
-    finetune_epochs: int = field(default=10, metadata=_help("last-layer fine-tuning epochs after KD (AD)"))
-    accumulation_steps: int = field(default=2, metadata=_help("images per optimizer step (paper's public code: 32; with few images, fewer per step leaves more steps)"))
-    label_level: Literal["region", "slide"] = field(default="region", metadata=_help("region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: the labelled slides are drawn with one dominant class each (70%% of their class regions) and every region of a slide carries that class as its label, as the paper's slide-level labels (noisy where a region is of another class)"))
-    min_purity: float = field(default=0.75, metadata=_help("labelled regions whose dominant class covers less of their tissue are left out"))
-    paper_jitter: bool = field(default=False, metadata=_help("the public code's colour jitter (0.5, 0.5, 0.5, hue 0.2) instead of a mild one (0.1, 0.1, 0.1, hue 0.02): the synthetic classes differ in colour, which hue shifts of up to 72 degrees hide from a network trained for a few epochs"))
-    temperature: float = field(default=1.0, metadata=_help("soft-loss temperature (public code: 1.0)"))
-    n_resamples: int = field(default=10_000, metadata=_help("bootstrap resamples of the test set (paper: 10,000)"))
-    num_workers: int = field(default=0, metadata=_help("Ray Train workers per run; 0 (default): Ray Train's local mode in this process, which saves each of the 17 runs the start-up of a worker group (20-25 s on 2 busy CPUs)"))
+    finetune_epochs: int = field(
+        default=10, metadata=_help("last-layer fine-tuning epochs after KD (AD)")
+    )
+    accumulation_steps: int = field(
+        default=2,
+        metadata=_help(
+            "images per optimizer step (paper's public code: 32; with few images, fewer per step leaves more steps)"
+        ),
+    )
+    label_level: Literal["region", "slide"] = field(
+        default="region",
+        metadata=_help(
+            "region: each region is labelled with its own dominant class (regions under --min-purity left out); slide: the labelled slides are drawn with one dominant class each (70%% of their class regions) and every region of a slide carries that class as its label, as the paper's slide-level labels (noisy where a region is of another class)"
+        ),
+    )
+    min_purity: float = field(
+        default=0.75,
+        metadata=_help(
+            "labelled regions whose dominant class covers less of their tissue are left out"
+        ),
+    )
+    paper_jitter: bool = field(
+        default=False,
+        metadata=_help(
+            "the public code's colour jitter (0.5, 0.5, 0.5, hue 0.2) instead of a mild one (0.1, 0.1, 0.1, hue 0.02): the synthetic classes differ in colour, which hue shifts of up to 72 degrees hide from a network trained for a few epochs"
+        ),
+    )
+    temperature: float = field(
+        default=1.0, metadata=_help("soft-loss temperature (public code: 1.0)")
+    )
+    n_resamples: int = field(
+        default=10_000, metadata=_help("bootstrap resamples of the test set (paper: 10,000)")
+    )
+    num_workers: int = field(
+        default=0,
+        metadata=_help(
+            "Ray Train workers per run; 0 (default): Ray Train's local mode in this process, which saves each of the 17 runs the start-up of a worker group (20-25 s on 2 busy CPUs)"
+        ),
+    )
     cpus_per_worker: float = field(default=1.0, metadata=_help("CPUs of each training worker"))
-    mlflow_tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"))
+    mlflow_tracking_uri: str | None = field(
+        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
+    )
 
     def __post_init__(self) -> None:
         check_ints(self, ["labelled_slides", "aux_slides", "val_slides", "test_slides", "slide_size", "teacher_epochs",
@@ -86,11 +135,21 @@ class DemoConfig:
         if self.slide_size < 512:
             raise ValueError(f"slide_size={self.slide_size}: must be at least 512")
         self.student_magnifications = [float(m) for m in self.student_magnifications]
-        if not self.student_magnifications or any(not 0 < m < self.teacher_magnification for m in self.student_magnifications):
-            raise ValueError(f"student_magnifications={self.student_magnifications}: each must be in (0, teacher_magnification={self.teacher_magnification:g})")
+        if not self.student_magnifications or any(
+            not 0 < m < self.teacher_magnification for m in self.student_magnifications
+        ):
+            raise ValueError(
+                f"student_magnifications={self.student_magnifications}: each must be in (0, teacher_magnification={self.teacher_magnification:g})"
+            )
         if not 0 < self.teacher_magnification <= 20:
-            raise ValueError(f"teacher_magnification={self.teacher_magnification!r}: the demo slides are 20x scans; must be in (0, 20]")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(
+                f"teacher_magnification={self.teacher_magnification!r}: the demo slides are 20x scans; must be in (0, 20]"
+            )
+        if (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, int)
+            or self.num_workers < 0
+        ):
             raise ValueError(f"num_workers={self.num_workers!r}: must be an integer >= 0")
         self.storage_path = str(Path(self.storage_path).absolute())
         self.demo_dir = str(Path(self.demo_dir).absolute())
@@ -108,7 +167,9 @@ _MIN_AREA_UM2 = 5_000.0
 def _class_counts(slide, region, scale: int = 8) -> np.ndarray:
     """Ground-truth tissue pixels of each class in a region (at 1/``scale`` of level 0)."""
     size = (max(1, region.width // scale), max(1, region.height // scale))
-    truth = slide.read_truth(region.x, region.y, region.width, region.height, kind="regions", size=size)
+    truth = slide.read_truth(
+        region.x, region.y, region.width, region.height, kind="regions", size=size
+    )
     return np.bincount(truth[truth > 0], minlength=len(slide.class_names) + 1)[1:]
 
 
@@ -130,32 +191,54 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
     root = Path(config.demo_dir)
     size = {"width": config.slide_size, "height": config.slide_size}
     if config.label_level == "region":
-        labelled = make_demo_slides(root / "labelled", n=config.labelled_slides, seed=config.seed, **size, **_SLIDE_FIELDS)
+        labelled = make_demo_slides(
+            root / "labelled", n=config.labelled_slides, seed=config.seed, **size, **_SLIDE_FIELDS
+        )
     else:  # one dominant class per slide (in turn), so that a slide's label says something about its regions
         n_classes = len(DEFAULT_CLASSES)
         labelled, drawn = [], []
         for k in range(n_classes):
-            weights = tuple(_DOMINANT_SHARE if j == k else (1 - _DOMINANT_SHARE) / (n_classes - 1) for j in range(n_classes))
+            weights = tuple(
+                _DOMINANT_SHARE if j == k else (1 - _DOMINANT_SHARE) / (n_classes - 1)
+                for j in range(n_classes)
+            )
             count = len(range(k, config.labelled_slides, n_classes))
             labelled += make_demo_slides(root / f"labelled-dominant-{k + 1}", n=count, seed=config.seed + 100 * (k + 1),
                                          class_weights=weights, **size, **_SLIDE_FIELDS)  # fmt: skip
             drawn += [k] * count
-    aux = make_demo_slides(root / "aux", n=config.aux_slides, seed=config.seed + 1000, **size, **_SLIDE_FIELDS)
+    aux = make_demo_slides(
+        root / "aux", n=config.aux_slides, seed=config.seed + 1000, **size, **_SLIDE_FIELDS
+    )
     order = np.random.default_rng(config.seed).permutation(len(labelled))
     split_of = {}
     for rank, i in enumerate(order):
-        split_of[i] = "test" if rank < config.test_slides else "val" if rank < config.test_slides + config.val_slides else "train"
+        split_of[i] = (
+            "test"
+            if rank < config.test_slides
+            else "val"
+            if rank < config.test_slides + config.val_slides
+            else "train"
+        )
     finder = RegionFinder(min_area_um2=_MIN_AREA_UM2)
     rows = []
     for group, slides in (("labelled", labelled), ("aux", aux)):
         for i, slide in enumerate(slides):
             split = split_of[i] if group == "labelled" else "aux"
-            regions = [(region, _class_counts(slide, region)) for region in find_tissue_regions(slide.path, finder)]
+            regions = [
+                (region, _class_counts(slide, region))
+                for region in find_tissue_regions(slide.path, finder)
+            ]
             # slide level: one label per slide, the class it was drawn dominant in (its "diagnosis")
-            slide_label = slide.class_names[drawn[i]] if config.label_level == "slide" and group == "labelled" else None
+            slide_label = (
+                slide.class_names[drawn[i]]
+                if config.label_level == "slide" and group == "labelled"
+                else None
+            )
             for region, counts in regions:
                 k, purity = _dominant(counts)
-                if k < 0 or (split != "aux" and config.label_level == "region" and purity < config.min_purity):
+                if k < 0 or (
+                    split != "aux" and config.label_level == "region" and purity < config.min_purity
+                ):
                     continue
                 name = slide.class_names[k]
                 rows.append({
@@ -203,7 +286,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     print(f"demo data: {table}; regions per split and class: {summary}", flush=True)
     storage = Path(config.storage_path)
     tracking_uri = config.mlflow_tracking_uri or f"sqlite:///{storage}/mlflow.db"
-    parent = MLflowRun(tracking_uri, "histokd-resdist", "resdist-demo", artifact_location=str(storage / "mlartifacts"))
+    parent = MLflowRun(
+        tracking_uri,
+        "histokd-resdist",
+        "resdist-demo",
+        artifact_location=str(storage / "mlartifacts"),
+    )
     parent.log_params({k: v for k, v in vars(config).items()})
     parent.set_tags({"histokd.job": "resdist_demo"})
     mags = [config.teacher_magnification, *config.student_magnifications]
@@ -215,7 +303,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if not config.paper_jitter:
         common.update(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
     t = time.monotonic()
-    region_set = prepare_region_set(SupervisedConfig(**common, run_name="teacher", magnification=config.teacher_magnification))
+    region_set = prepare_region_set(
+        SupervisedConfig(**common, run_name="teacher", magnification=config.teacher_magnification)
+    )
     seconds["regions"] = time.monotonic() - t
     models: dict[str, str] = {}
 
@@ -253,4 +343,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
         parent.log_artifact(path)
     parent.log_artifact(storage / "demo_summary.json")
     parent.finish("FINISHED")
-    return DemoResult(Path(evaluation.files["markdown"]).read_text(), evaluation.files, models, seconds, data_summary)
+    return DemoResult(
+        Path(evaluation.files["markdown"]).read_text(),
+        evaluation.files,
+        models,
+        seconds,
+        data_summary,
+    )

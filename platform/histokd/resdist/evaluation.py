@@ -59,7 +59,11 @@ def ovr_accuracy(confusion: np.ndarray) -> np.ndarray:
     fn = confusion.sum(axis=-1) - tp
     tn = total[..., None] - tp - fp - fn
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(total[..., None] > 0, (tp + tn) / np.where(total[..., None] > 0, total[..., None], 1), 0.0)
+        per_class = np.where(
+            total[..., None] > 0,
+            (tp + tn) / np.where(total[..., None] > 0, total[..., None], 1),
+            0.0,
+        )
     return per_class.mean(-1)
 
 
@@ -146,7 +150,11 @@ def predict(
         probabilities.append(torch.softmax(logits.float(), 1)[0].cpu().numpy())
         targets.append(item["label"])
     probs = np.stack(probabilities) if probabilities else np.zeros((0, 0))
-    return np.asarray(targets, dtype=np.int64), probs.argmax(1) if len(probs) else np.zeros(0, np.int64), probs
+    return (
+        np.asarray(targets, dtype=np.int64),
+        probs.argmax(1) if len(probs) else np.zeros(0, np.int64),
+        probs,
+    )
 
 
 def forward_gflops(model: nn.Module, height: int, width: int) -> float:
@@ -172,19 +180,25 @@ def metric_intervals(
     """Each metric with its bootstrap interval over the test images (Sec. 4.5)."""
     targets, predictions = np.asarray(targets, np.int64), np.asarray(predictions, np.int64)
     if len(targets) != len(predictions):
-        raise ValueError(f"metric_intervals: {len(targets)} targets but {len(predictions)} predictions")
+        raise ValueError(
+            f"metric_intervals: {len(targets)} targets but {len(predictions)} predictions"
+        )
     counts = np.zeros((len(targets), num_classes, num_classes))
     counts[np.arange(len(targets)), targets, predictions] = 1
     out = {}
     for name in metrics:
         if name not in METRICS:
             raise ValueError(f"metric {name!r}: allowed: {', '.join(METRICS)}")
-        out[name] = bootstrap_confusion_ci(counts, METRICS[name], n_resamples=n_resamples, confidence=confidence, seed=seed)
+        out[name] = bootstrap_confusion_ci(
+            counts, METRICS[name], n_resamples=n_resamples, confidence=confidence, seed=seed
+        )
     return out
 
 
 def _size(record: RegionRecord, magnification: float) -> tuple[int, int]:
-    w, h = TissueRegion(record.slide, 0, record.x, record.y, record.width, record.height, record.base_magnification).size_at(magnification)
+    w, h = TissueRegion(
+        record.slide, 0, record.x, record.y, record.width, record.height, record.base_magnification
+    ).size_at(magnification)
     return h, w
 
 
@@ -206,15 +220,21 @@ def evaluate_model(
 
     model, meta = load_model_file(model_path, device)
     if list(meta.get("class_names", region_set.class_names)) != list(region_set.class_names):
-        raise ValueError(f"{model_path}: classes {meta.get('class_names')} differ from the data's {list(region_set.class_names)}")
+        raise ValueError(
+            f"{model_path}: classes {meta.get('class_names')} differ from the data's {list(region_set.class_names)}"
+        )
     mag = float(meta["magnification"])
     tag = magnification_tag(mag)
     records = region_set.select(splits, labelled=True)
     if len(records) < 2:
-        raise ValueError(f"splits {list(splits)}: {len(records)} labelled regions; need at least 2 to evaluate")
+        raise ValueError(
+            f"splits {list(splits)}: {len(records)} labelled regions; need at least 2 to evaluate"
+        )
     items = region_set.items(splits, [mag], labelled=True)
     targets, predictions, _ = predict(model, items, tag, meta["stats"], device)
-    intervals = metric_intervals(targets, predictions, region_set.num_classes, n_resamples, confidence, seed)
+    intervals = metric_intervals(
+        targets, predictions, region_set.num_classes, n_resamples, confidence, seed
+    )
     sizes = [_size(r, mag) for r in records]
     cache: dict[tuple[int, int], float] = {}
     for size in sizes:

@@ -49,11 +49,17 @@ class TrainResult:
 def prepare_region_set(config: ResdistConfig) -> RegionSet:
     """The region images of the data table at every configured magnification (built once)."""
     return build_region_set(
-        config.data, config.regions_root, config.magnifications, config.region_finder(), class_names=config.class_names or None
+        config.data,
+        config.regions_root,
+        config.magnifications,
+        config.region_finder(),
+        class_names=config.class_names or None,
     )
 
 
-def training_stats(region_set: RegionSet, splits: list[str], magnification: float) -> tuple[list[float], list[float]]:
+def training_stats(
+    region_set: RegionSet, splits: list[str], magnification: float
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the labelled ``splits`` at ``magnification`` (Sec. 3.2), cached."""
     from histokd.resdist.dataset import channel_stats
 
@@ -62,7 +68,10 @@ def training_stats(region_set: RegionSet, splits: list[str], magnification: floa
     if cache.is_file():
         data = json.loads(cache.read_text())
         return data["mean"], data["std"]
-    paths = [str(region_set.image_path(r.region_id, magnification)) for r in region_set.select(splits, labelled=True)]
+    paths = [
+        str(region_set.image_path(r.region_id, magnification))
+        for r in region_set.select(splits, labelled=True)
+    ]
     if not paths:
         raise ValueError(f"no labelled regions in splits {splits} to compute input statistics from")
     mean, std = channel_stats(paths)
@@ -75,7 +84,9 @@ def training_stats(region_set: RegionSet, splits: list[str], magnification: floa
 _CACHE_LIMIT_BYTES = 2 * 2**30
 
 
-def _cache_images(items: list[dict[str, Any]], region_set: RegionSet, magnifications: list[float]) -> bool:
+def _cache_images(
+    items: list[dict[str, Any]], region_set: RegionSet, magnifications: list[float]
+) -> bool:
     """Whether the decoded images of ``items`` at ``magnifications`` fit the cache limit."""
     from histokd.resdist.regions import TissueRegion
 
@@ -114,7 +125,9 @@ def _base_loop_config(config: ResdistConfig, region_set: RegionSet) -> dict[str,
     return loop
 
 
-def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, name: str) -> tuple[str, dict[str, Any]]:
+def _fit(
+    config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, name: str
+) -> tuple[str, dict[str, Any]]:
     """One phase as a Ray Train run; (model file, result) copied into ``phase_dir``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -134,11 +147,17 @@ def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, na
         scaling = ScalingConfig(num_workers=0)
     else:
         init_ray()
-        use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = (
+            config.use_gpu
+            if config.use_gpu is not None
+            else ray.cluster_resources().get("GPU", 0) > 0
+        )
         resources = {"CPU": config.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = 1.0
-        scaling = ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+        scaling = ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        )
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -147,7 +166,9 @@ def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, na
             name=phase_dir.name,
             storage_path=str(Path(config.run_dir) / "ray"),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # not a console line per checkpoint and report
+            logging_config=LoggingConfig(
+                log_level="WARNING"
+            ),  # not a console line per checkpoint and report
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -167,7 +188,9 @@ def _fit(config: ResdistConfig, loop_config: dict[str, Any], phase_dir: Path, na
     return str(model_path), json.loads(result_path.read_text())
 
 
-def _finish(run, model_path: str, result_path: Path, work_dir: Path, result: dict[str, Any]) -> None:
+def _finish(
+    run, model_path: str, result_path: Path, work_dir: Path, result: dict[str, Any]
+) -> None:
     final = Path(work_dir) / MODEL_FILE
     if Path(model_path) != final:
         shutil.copy2(model_path, final)
@@ -176,11 +199,15 @@ def _finish(run, model_path: str, result_path: Path, work_dir: Path, result: dic
         run.log_artifact(final)
         run.log_artifact(Path(work_dir) / "result.json")
         run.log_artifact(Path(work_dir) / "config.yaml")
-        run.log_metrics({"train_seconds": result.get("train_seconds", 0.0), "kept_epoch": result["kept_epoch"]})
+        run.log_metrics(
+            {"train_seconds": result.get("train_seconds", 0.0), "kept_epoch": result["kept_epoch"]}
+        )
         run.finish("FINISHED")
 
 
-def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None, tracking: bool = True) -> TrainResult:
+def run_supervised(
+    config: SupervisedConfig, *, parent_run_id: str | None = None, tracking: bool = True
+) -> TrainResult:
     """Train the teacher, or a baseline, with cross-entropy (Sec. 3.2, 4.5.1-4.5.2).
 
     Raises:
@@ -214,10 +241,14 @@ def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None
             run.finish("FAILED")
         raise
     _finish(run, model_path, work_dir / "supervised" / "result.json", work_dir, result)
-    return TrainResult(str(work_dir / MODEL_FILE), str(work_dir), result, run.run_id if run else None)
+    return TrainResult(
+        str(work_dir / MODEL_FILE), str(work_dir), result, run.run_id if run else None
+    )
 
 
-def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, tracking: bool = True) -> TrainResult:
+def run_distill(
+    config: DistillConfig, *, parent_run_id: str | None = None, tracking: bool = True
+) -> TrainResult:
     """Distil a low-magnification student from the teacher, then fine-tune it if Sec. 3.4 says so.
 
     Raises:
@@ -232,12 +263,21 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
     teacher_meta = torch.load(config.teacher, map_location="cpu", weights_only=True)["meta"]
     teacher_mag = float(teacher_meta["magnification"])
     if not config.magnification < teacher_mag:
-        raise ValueError(f"magnification={config.magnification:g}: the student's must be below the teacher's {teacher_mag:g}x ({config.teacher})")
+        raise ValueError(
+            f"magnification={config.magnification:g}: the student's must be below the teacher's {teacher_mag:g}x ({config.teacher})"
+        )
     config.check_magnification("the teacher's magnification", teacher_mag)
     region_set = prepare_region_set(config)
-    if list(teacher_meta.get("class_names", region_set.class_names)) != list(region_set.class_names):
-        raise ValueError(f"teacher {config.teacher} has classes {teacher_meta.get('class_names')}; the data has {list(region_set.class_names)}")
-    teacher_tag, student_tag = magnification_tag(teacher_mag), magnification_tag(config.magnification)
+    if list(teacher_meta.get("class_names", region_set.class_names)) != list(
+        region_set.class_names
+    ):
+        raise ValueError(
+            f"teacher {config.teacher} has classes {teacher_meta.get('class_names')}; the data has {list(region_set.class_names)}"
+        )
+    teacher_tag, student_tag = (
+        magnification_tag(teacher_mag),
+        magnification_tag(config.magnification),
+    )
     # the student's inputs are standardised like the labelled training set at its magnification (Sec. 3.2, 4.5)
     student_stats = training_stats(region_set, config.finetune_splits, config.magnification)
     views = [teacher_tag, student_tag]
@@ -262,10 +302,16 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
         model_path, result = _fit(config, loop, work_dir / "distill", config.run_name)
         result_path = work_dir / "distill" / "result.json"
         if config.do_finetune:
-            ft_train = region_set.items(config.finetune_splits, [config.magnification], labelled=True)
-            ft_val = region_set.items(config.finetune_val_splits, [config.magnification], labelled=True)
+            ft_train = region_set.items(
+                config.finetune_splits, [config.magnification], labelled=True
+            )
+            ft_val = region_set.items(
+                config.finetune_val_splits, [config.magnification], labelled=True
+            )
             if not ft_train:
-                raise ValueError(f"{config.data}: no labelled regions in splits {config.finetune_splits} to fine-tune on")
+                raise ValueError(
+                    f"{config.data}: no labelled regions in splits {config.finetune_splits} to fine-tune on"
+                )
             ft = dict(loop)
             ft.update(
                 phase="finetune", init=model_path, views=[student_tag], stats={student_tag: student_stats},
@@ -274,11 +320,15 @@ def run_distill(config: DistillConfig, *, parent_run_id: str | None = None, trac
                 select=_select(config, config.finetune_splits, config.finetune_val_splits), meta=dict(meta, finetuned=True),
                 metric_prefix="finetune_",
             )  # fmt: skip
-            model_path, result = _fit(config, ft, work_dir / "finetune", f"{config.run_name}-finetune")
+            model_path, result = _fit(
+                config, ft, work_dir / "finetune", f"{config.run_name}-finetune"
+            )
             result_path = work_dir / "finetune" / "result.json"
     except Exception:
         if run is not None:
             run.finish("FAILED")
         raise
     _finish(run, model_path, result_path, work_dir, result)
-    return TrainResult(str(work_dir / MODEL_FILE), str(work_dir), result, run.run_id if run else None)
+    return TrainResult(
+        str(work_dir / MODEL_FILE), str(work_dir), result, run.run_id if run else None
+    )

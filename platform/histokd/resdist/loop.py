@@ -95,7 +95,9 @@ class _Step:
             if self.phase == "distill" else None
         )  # fmt: skip
 
-    def __call__(self, model: nn.Module, images: list[torch.Tensor], label: int, device: torch.device) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, images: list[torch.Tensor], label: int, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """(loss, its parts, student logits) for one item."""
         if self.phase == "distill":
             teacher_image, student_image = images[0][None].to(device), images[1][None].to(device)
@@ -103,13 +105,19 @@ class _Step:
                 teacher_out = self.teacher(teacher_image)
             student_out = model(student_image)
             terms = self.kd(student_out, teacher_out)
-            return terms.total, {"soft": float(terms.soft.detach()), "pixel": float(terms.pixel.detach())}, student_out[1].detach()
+            return (
+                terms.total,
+                {"soft": float(terms.soft.detach()), "pixel": float(terms.pixel.detach())},
+                student_out[1].detach(),
+            )
         _, logits = model(images[0][None].to(device))
         loss = F.cross_entropy(logits, torch.tensor([label], device=device))
         return loss, {}, logits.detach()
 
 
-def _build(config: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module | None, dict[str, Any] | None]:
+def _build(
+    config: dict[str, Any], device: torch.device
+) -> tuple[nn.Module, nn.Module | None, dict[str, Any] | None]:
     """(model, frozen teacher or None, teacher meta or None)."""
     from histokd.resdist.model import create_resdist_model
 
@@ -126,7 +134,9 @@ def _build(config: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.
         model, init_meta = load_model_file(config["init"], device)
         model.train()
         return model, None, init_meta
-    model = create_resdist_model(config["arch"], config["num_classes"], hint_channels=hint, num_groups=config["num_groups"])
+    model = create_resdist_model(
+        config["arch"], config["num_classes"], hint_channels=hint, num_groups=config["num_groups"]
+    )
     return model.to(device), teacher, teacher_meta
 
 
@@ -165,7 +175,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     # the effective batch is accumulation_steps images over all workers (DDP averages the workers'
     # gradients), so each worker accumulates its share
-    accumulator = GradientAccumulator(optimizer, max(1, config["accumulation_steps"] // world), trainable)
+    accumulator = GradientAccumulator(
+        optimizer, max(1, config["accumulation_steps"] // world), trainable
+    )
     history: list[dict[str, Any]] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_loss = math.inf
@@ -180,21 +192,30 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         accumulator.load_state_dict(state["accumulator"])
-        history, best_state, best_loss, best_epoch = state["history"], state["best_state"], state["best_loss"], state["best_epoch"]
+        history, best_state, best_loss, best_epoch = (
+            state["history"],
+            state["best_state"],
+            state["best_loss"],
+            state["best_epoch"],
+        )
         start_epoch = int(state["epoch"]) + 1
         elapsed_before = float(state["seconds"])
         if rank == 0:
             print(f"{config['run_name']}: resuming after epoch {start_epoch - 1}", flush=True)
 
     train_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    jitter = ColorJitter(config["brightness"], config["contrast"], config["saturation"], config["hue"])
+    jitter = ColorJitter(
+        config["brightness"], config["contrast"], config["saturation"], config["hue"]
+    )
     views = config["views"]
     # decoded images are kept in memory when the driver found they fit (cache_images) and no
     # loader processes decode them (those would lose their copies every epoch)
     cache = bool(config.get("cache_images", False)) and config["loader_workers"] == 0
     train_set = RegionImages(config["data"]["train"], views, config["stats"], augment=config["augment"], jitter=jitter,
                              seed=config["seed"], cache=cache)  # fmt: skip
-    val_set = RegionImages(config["data"].get("val", []), views, config["stats"], augment=False, cache=cache)
+    val_set = RegionImages(
+        config["data"].get("val", []), views, config["stats"], augment=False, cache=cache
+    )
     step_loss = _Step(config, teacher)
     mlflow_client = worker_mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
@@ -204,7 +225,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_set.set_epoch(epoch)
         train_model.train()
         shard = _shard(len(train_set), epoch, config["seed"], rank, world, shuffle=True)
-        sums = {"loss": 0.0, "soft": 0.0, "pixel": 0.0, "correct": 0.0, "labelled": 0.0, "count": 0.0}
+        sums = {
+            "loss": 0.0,
+            "soft": 0.0,
+            "pixel": 0.0,
+            "correct": 0.0,
+            "labelled": 0.0,
+            "count": 0.0,
+        }
         for i, item in enumerate(_items(train_set, shard, config["loader_workers"])):
             sync = accumulator.closes_group or i == len(shard) - 1
             no_sync = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
@@ -225,7 +253,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "seconds": time.monotonic() - epoch_start,
         }
         if phase == "distill":
-            row.update(train_soft=train["soft"] / max(train["count"], 1), train_pixel=train["pixel"] / max(train["count"], 1))
+            row.update(
+                train_soft=train["soft"] / max(train["count"], 1),
+                train_pixel=train["pixel"] / max(train["count"], 1),
+            )
         if train["labelled"]:
             row["train_accuracy"] = train["correct"] / train["labelled"]
         row.update(val)
@@ -236,10 +267,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         history.append(row)
         if rank == 0:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "optimizer_steps", "lr"))
+            shown = "  ".join(
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k not in ("epoch", "optimizer_steps", "lr")
+            )
             print(f"{config['run_name']} epoch {epoch}/{config['epochs']}  {shown}", flush=True)
             prefix = config.get("metric_prefix", "")
-            log_epoch_metrics(mlflow_client, config, {f"{prefix}{k}": v for k, v in row.items()}, epoch)
+            log_epoch_metrics(
+                mlflow_client, config, {f"{prefix}{k}": v for k, v in row.items()}, epoch
+            )
         if epoch < config["epochs"]:
             _report_state(config, model, optimizer, scheduler, accumulator, history, best_state, best_loss, best_epoch,
                           epoch, time.monotonic() - started, rank, row)  # fmt: skip
@@ -275,7 +312,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         save_model_file(os.path.join(out, MODEL_FILE), model, meta)
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
-        ray.train.report(_final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out))
+        ray.train.report(
+            _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
+        )
 
 
 def _items(dataset, order: list[int], workers: int):
@@ -283,10 +322,14 @@ def _items(dataset, order: list[int], workers: int):
     if workers == 0:
         return (dataset[i] for i in order)
     # batch_size None: single, variable-size items; new processes each epoch see its set_epoch
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=order, num_workers=workers, persistent_workers=False
+    )
 
 
-def _accumulate(sums: dict[str, float], loss: float, parts: dict[str, float], logits: torch.Tensor, label: int) -> None:
+def _accumulate(
+    sums: dict[str, float], loss: float, parts: dict[str, float], logits: torch.Tensor, label: int
+) -> None:
     sums["loss"] += loss
     sums["count"] += 1
     for key, value in parts.items():
@@ -297,7 +340,9 @@ def _accumulate(sums: dict[str, float], loss: float, parts: dict[str, float], lo
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, val_set, step_loss: _Step, device: torch.device, rank: int, world: int) -> dict[str, float]:
+def _validate(
+    model: nn.Module, val_set, step_loss: _Step, device: torch.device, rank: int, world: int
+) -> dict[str, float]:
     """Validation loss (the phase's loss) and accuracy where labelled, over all workers."""
     if len(val_set) == 0:
         return {}
@@ -329,7 +374,21 @@ def _final_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def _report_state(config, model, optimizer, scheduler, accumulator, history, best_state, best_loss, best_epoch, epoch, seconds, rank, row) -> None:
+def _report_state(
+    config,
+    model,
+    optimizer,
+    scheduler,
+    accumulator,
+    history,
+    best_state,
+    best_loss,
+    best_epoch,
+    epoch,
+    seconds,
+    rank,
+    row,
+) -> None:
     """Report the epoch; rank 0 attaches the state a restarted run continues from."""
     import ray.train
 
@@ -345,4 +404,6 @@ def _report_state(config, model, optimizer, scheduler, accumulator, history, bes
                 os.path.join(tmp, STATE_FILE),
             )  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+        ray.train.report(
+            {k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint
+        )

@@ -87,7 +87,9 @@ class ResolutionResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != len(depths) or not widths:
-            raise ValueError(f"widths={tuple(widths)} and depths={tuple(depths)}: need the same, non-zero length")
+            raise ValueError(
+                f"widths={tuple(widths)} and depths={tuple(depths)}: need the same, non-zero length"
+            )
         norm = _group_norm(num_groups)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -109,9 +111,14 @@ class ResolutionResNet(nn.Module):
                 downsample = None
                 if block_stride != 1 or inplanes != width:
                     downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, width, kernel_size=1, stride=block_stride, bias=False), norm(width)
+                        nn.Conv2d(inplanes, width, kernel_size=1, stride=block_stride, bias=False),
+                        norm(width),
                     )
-                blocks.append(BasicBlock(inplanes, width, stride=block_stride, downsample=downsample, norm_layer=norm))
+                blocks.append(
+                    BasicBlock(
+                        inplanes, width, stride=block_stride, downsample=downsample, norm_layer=norm
+                    )
+                )
                 inplanes = width
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
@@ -136,7 +143,9 @@ class ResolutionResNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """A new linear layer for ``num_classes`` classes."""
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's feature map (DiPalma Eq. 3's F_fe)."""
@@ -170,14 +179,28 @@ def replace_batchnorm(module: nn.Module, num_groups: int = DEFAULT_GROUPS) -> in
     for name, child in list(module.named_children()):
         if isinstance(child, BatchNormAct2d):
             channels = child.num_features
-            replacement = GroupNormAct(channels, num_groups=group_count(channels, num_groups), eps=child.eps, affine=child.affine)
+            replacement = GroupNormAct(
+                channels,
+                num_groups=group_count(channels, num_groups),
+                eps=child.eps,
+                affine=child.affine,
+            )
             replacement.act = child.act
             replacement.drop = child.drop
             setattr(module, name, replacement)
             count += 1
         elif isinstance(child, nn.BatchNorm2d):
             channels = child.num_features
-            setattr(module, name, GroupNorm(channels, num_groups=group_count(channels, num_groups), eps=child.eps, affine=child.affine))
+            setattr(
+                module,
+                name,
+                GroupNorm(
+                    channels,
+                    num_groups=group_count(channels, num_groups),
+                    eps=child.eps,
+                    affine=child.affine,
+                ),
+            )
             count += 1
         else:
             count += replace_batchnorm(child, num_groups)
@@ -211,7 +234,9 @@ class DistillationNet(nn.Module):
         """(feature map mapped to the hint channels, logits)."""
         features = self.model.forward_features(x)
         if features.dim() != 4:
-            raise ValueError(f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}; need N x C x H x W")
+            raise ValueError(
+                f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}; need N x C x H x W"
+            )
         return self.adapter(features), self.model.forward_head(features)
 
 
@@ -249,7 +274,9 @@ def create_resdist_model(
     import histokd.models  # noqa: F401  (registers the zoo's own models with timm)
 
     if not timm.is_model(arch):
-        raise ValueError(f"arch={arch!r}: not a timm model; use {RESDIST_ARCH} (the paper's) or e.g. resnet18, csat")
+        raise ValueError(
+            f"arch={arch!r}: not a timm model; use {RESDIST_ARCH} (the paper's) or e.g. resnet18, csat"
+        )
     model = timm.create_model(arch, num_classes=num_classes, pretrained=False)
     if group_norm:
         replace_batchnorm(model, num_groups)
@@ -278,4 +305,3 @@ default_cfgs = generate_default_cfgs({RESDIST_ARCH: _cfg()})
 def resdist_resnet(pretrained: bool = False, **kwargs) -> ResolutionResNet:
     """DiPalma et al.'s GroupNorm ResNet: 1 BasicBlock per stage, widths 32-256 (public code)."""
     return build_model_with_cfg(ResolutionResNet, RESDIST_ARCH, pretrained, **kwargs)
-

@@ -113,7 +113,9 @@ class RegionSet:
             raise ValueError(f"splits {sorted(unknown)}: allowed: {', '.join(SPLITS)}")
         return [r for r in self.records if r.split in wanted and (not labelled or r.label >= 0)]
 
-    def items(self, splits: Iterable[str], magnifications: Sequence[float], labelled: bool = False) -> list[dict[str, Any]]:
+    def items(
+        self, splits: Iterable[str], magnifications: Sequence[float], labelled: bool = False
+    ) -> list[dict[str, Any]]:
         """Plain dicts for training workers: ``region_id``, ``label`` and ``paths`` by magnification tag.
 
         Raises:
@@ -129,7 +131,10 @@ class RegionSet:
             {
                 "region_id": r.region_id,
                 "label": r.label,
-                "paths": {magnification_tag(m): str(self.image_path(r.region_id, m)) for m in magnifications},
+                "paths": {
+                    magnification_tag(m): str(self.image_path(r.region_id, m))
+                    for m in magnifications
+                },
             }
             for r in self.select(splits, labelled)
         ]
@@ -149,7 +154,9 @@ class RegionSet:
         root = Path(root)
         meta_path = root / _META_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{root}: no {_META_FILE}; build the region set first (build_region_set)")
+            raise FileNotFoundError(
+                f"{root}: no {_META_FILE}; build the region set first (build_region_set)"
+            )
         meta = json.loads(meta_path.read_text())
         records = []
         with open(root / _TABLE_FILE, newline="") as f:
@@ -161,10 +168,17 @@ class RegionSet:
                         base_magnification=float(row["base_magnification"]),
                     )
                 )  # fmt: skip
-        return cls(root, tuple(meta["class_names"]), tuple(float(m) for m in meta["magnifications"]), records)
+        return cls(
+            root,
+            tuple(meta["class_names"]),
+            tuple(float(m) for m in meta["magnifications"]),
+            records,
+        )
 
 
-def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+def read_data_table(
+    path: str | os.PathLike, class_names: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """Rows of the data table, checked, with slide paths made absolute, and the class names.
 
     Args:
@@ -186,7 +200,9 @@ def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None =
             raise ValueError(f"{path}: column {required!r} missing; columns are {sorted(columns)}")
     has_box = set(_BOX) <= columns
     if not has_box and columns & set(_BOX):
-        raise ValueError(f"{path}: give all of {list(_BOX)} or none; found {sorted(columns & set(_BOX))}")
+        raise ValueError(
+            f"{path}: give all of {list(_BOX)} or none; found {sorted(columns & set(_BOX))}"
+        )
     labels = sorted({(r.get("label") or "").strip() for r in rows} - {""})
     names = tuple(class_names) if class_names else tuple(labels)
     out = []
@@ -197,17 +213,25 @@ def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None =
             raise ValueError(f"{where}: split={split!r}; allowed: {', '.join(SPLITS)}")
         label = (row.get("label") or "").strip()
         if label and label not in names:
-            raise ValueError(f"{where}: label={label!r} is not a class; classes: {', '.join(names)}")
+            raise ValueError(
+                f"{where}: label={label!r} is not a class; classes: {', '.join(names)}"
+            )
         slide = Path(row["slide"].strip())
         slide = slide if slide.is_absolute() else (path.parent / slide)
-        entry: dict[str, Any] = {"slide": str(slide.resolve()), "split": split, "label": names.index(label) if label else -1}
+        entry: dict[str, Any] = {
+            "slide": str(slide.resolve()),
+            "split": split,
+            "label": names.index(label) if label else -1,
+        }
         if has_box and all((row.get(k) or "").strip() for k in _BOX):
             try:
                 box = [int(float(row[k])) for k in _BOX]
             except ValueError as exc:
                 raise ValueError(f"{where}: box {[row[k] for k in _BOX]} is not numeric") from exc
             if box[0] < 0 or box[1] < 0 or box[2] < 1 or box[3] < 1:
-                raise ValueError(f"{where}: box x={box[0]}, y={box[1]}, width={box[2]}, height={box[3]}: need x, y >= 0 and sizes >= 1")
+                raise ValueError(
+                    f"{where}: box x={box[0]}, y={box[1]}, width={box[2]}, height={box[3]}: need x, y >= 0 and sizes >= 1"
+                )
             entry["box"] = box
         base = (row.get("base_magnification") or "").strip()
         entry["base_magnification"] = float(base) if base else None
@@ -217,7 +241,12 @@ def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None =
     return out, names
 
 
-def _fingerprint(rows: list[dict[str, Any]], names: Sequence[str], magnifications: Sequence[float], finder: RegionFinder) -> str:
+def _fingerprint(
+    rows: list[dict[str, Any]],
+    names: Sequence[str],
+    magnifications: Sequence[float],
+    finder: RegionFinder,
+) -> str:
     payload = json.dumps(
         {"rows": rows, "classes": list(names), "mags": [float(m) for m in magnifications], "finder": repr(finder), "version": 1},
         sort_keys=True, default=str,
@@ -259,8 +288,19 @@ def _extract_slide(
                 Image.fromarray(image).save(tmp, compress_level=1)
                 os.replace(tmp, out)
             rows.append(
-                asdict(RegionRecord(region.region_id, slide, entry["split"], entry["label"], region.x, region.y,
-                                    region.width, region.height, region.base_magnification))  # fmt: skip
+                asdict(
+                    RegionRecord(
+                        region.region_id,
+                        slide,
+                        entry["split"],
+                        entry["label"],
+                        region.x,
+                        region.y,
+                        region.width,
+                        region.height,
+                        region.base_magnification,
+                    )
+                )  # fmt: skip
             )
     finally:
         reader.close()
@@ -310,7 +350,9 @@ def build_region_set(
         by_slide.setdefault(row["slide"], []).append(row)
     for slide, entries in by_slide.items():
         if len({e["split"] for e in entries}) > 1:
-            raise ValueError(f"{data}: slide {slide} is in several splits {sorted({e['split'] for e in entries})}; a slide's regions must share a split")
+            raise ValueError(
+                f"{data}: slide {slide} is in several splits {sorted({e['split'] for e in entries})}; a slide's regions must share a split"
+            )
     if use_ray is None:
         import ray
 
@@ -319,10 +361,16 @@ def build_region_set(
         import ray
 
         task = ray.remote(num_cpus=1)(_extract_slide)
-        futures = [task.remote(s, e, str(root), mags, finder, max_source_pixels) for s, e in by_slide.items()]
+        futures = [
+            task.remote(s, e, str(root), mags, finder, max_source_pixels)
+            for s, e in by_slide.items()
+        ]
         per_slide = ray.get(futures)
     else:
-        per_slide = [_extract_slide(s, e, str(root), mags, finder, max_source_pixels) for s, e in by_slide.items()]
+        per_slide = [
+            _extract_slide(s, e, str(root), mags, finder, max_source_pixels)
+            for s, e in by_slide.items()
+        ]
     table = [row for rows_ in per_slide for row in rows_]
     if not table:
         raise ValueError(f"{data}: no tissue region found on any slide (RegionFinder: {finder})")
@@ -349,9 +397,20 @@ def build_region_set(
     return region_set
 
 
-def median_size(region_set: RegionSet, records: Sequence[RegionRecord], magnification: float) -> tuple[int, int]:
+def median_size(
+    region_set: RegionSet, records: Sequence[RegionRecord], magnification: float
+) -> tuple[int, int]:
     """Median (height, width) of the records' images at ``magnification`` (for GFLOPs)."""
     if not records:
         raise ValueError("median_size: no records")
-    sizes = np.array([TissueRegion(r.slide, 0, r.x, r.y, r.width, r.height, r.base_magnification).size_at(magnification) for r in records])
-    return int(math.floor(np.median(sizes[:, 1]) + 0.5)), int(math.floor(np.median(sizes[:, 0]) + 0.5))
+    sizes = np.array(
+        [
+            TissueRegion(r.slide, 0, r.x, r.y, r.width, r.height, r.base_magnification).size_at(
+                magnification
+            )
+            for r in records
+        ]
+    )
+    return int(math.floor(np.median(sizes[:, 1]) + 0.5)), int(
+        math.floor(np.median(sizes[:, 0]) + 0.5)
+    )

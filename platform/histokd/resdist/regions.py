@@ -58,7 +58,9 @@ def scaled_size(width: int, height: int, downsample: float) -> tuple[int, int]:
     """(width, height) divided by ``downsample``, rounded half up, at least 1 pixel."""
     if not downsample > 0:
         raise ValueError(f"downsample={downsample!r}: must be positive")
-    return max(1, math.floor(width / downsample + 0.5)), max(1, math.floor(height / downsample + 0.5))
+    return max(1, math.floor(width / downsample + 0.5)), max(
+        1, math.floor(height / downsample + 0.5)
+    )
 
 
 def lanczos_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -129,7 +131,10 @@ class RegionFinder:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"RegionFinder.{name}={getattr(self, name)!r}: must be " + ("positive" if name == "thumbnail_magnification" else ">= 0"))
+                raise ValueError(
+                    f"RegionFinder.{name}={getattr(self, name)!r}: must be "
+                    + ("positive" if name == "thumbnail_magnification" else ">= 0")
+                )
 
 
 def find_tissue_regions(
@@ -234,14 +239,21 @@ def read_region_magnifications(
             max_source_pixels, source_mag,
         )  # fmt: skip
         source = reader.read_region(
-            region.x, region.y, region.size_at(source_mag), source_mag, resample=Image.Resampling.LANCZOS
+            region.x,
+            region.y,
+            region.size_at(source_mag),
+            source_mag,
+            resample=Image.Resampling.LANCZOS,
         )
     out = {}
     for mag in magnifications:
         size = region.size_at(mag)
         if mag == source_mag:
-            out[float(mag)] = source if (source.shape[1], source.shape[0]) == size else lanczos_resize(source, size)
+            out[float(mag)] = (
+                source
+                if (source.shape[1], source.shape[0]) == size
+                else lanczos_resize(source, size)
+            )
         else:
             out[float(mag)] = lanczos_resize(source, size)
     return out
-

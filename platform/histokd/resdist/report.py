@@ -24,7 +24,14 @@ from typing import Any
 
 from histokd.resdist.evaluation import METRIC_LABELS, ModelEvaluation
 
-__all__ = ["EvaluationResult", "METHOD_ORDER", "markdown_table", "run_evaluation", "write_chart", "write_tables"]
+__all__ = [
+    "EvaluationResult",
+    "METHOD_ORDER",
+    "markdown_table",
+    "run_evaluation",
+    "write_chart",
+    "write_tables",
+]
 
 #: Column order of Tables 6-8.
 METHOD_ORDER = ("baseline", "KD", "KD (AD)")
@@ -34,7 +41,9 @@ _TABLE_METRICS = ("accuracy", "f1", "precision", "recall", "top1_accuracy")
 def _cell(entry: dict[str, Any] | None, bold: bool = False) -> str:
     if entry is None:
         return "-"
-    text = f"{100 * entry['estimate']:.2f} ({100 * entry['ci_low']:.2f}–{100 * entry['ci_high']:.2f})"
+    text = (
+        f"{100 * entry['estimate']:.2f} ({100 * entry['ci_low']:.2f}–{100 * entry['ci_high']:.2f})"
+    )
     return f"**{text}**" if bold else text
 
 
@@ -56,12 +65,18 @@ def _rows(evaluations: Sequence[ModelEvaluation], dataset: str) -> list[dict[str
 
 
 def _method_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    return (
+        (METHOD_ORDER.index(method), method)
+        if method in METHOD_ORDER
+        else (len(METHOD_ORDER), method)
+    )
 
 
 def markdown_table(evaluations: Sequence[ModelEvaluation], dataset: str) -> str:
     """Table 5 (teacher) and Tables 6-8 (students per magnification) as markdown."""
-    lookup: dict[tuple[str, float], ModelEvaluation] = {(ev.method, ev.magnification): ev for ev in evaluations}
+    lookup: dict[tuple[str, float], ModelEvaluation] = {
+        (ev.method, ev.magnification): ev for ev in evaluations
+    }
     lines = [f"# Resolution-based distillation: {dataset}", ""]
     n = max((ev.num_images for ev in evaluations), default=0)
     resamples = next((iv.n_resamples for ev in evaluations for iv in ev.metrics.values()), 0)
@@ -71,10 +86,19 @@ def markdown_table(evaluations: Sequence[ModelEvaluation], dataset: str) -> str:
         "GFLOPs: one forward pass at the test set's median region size (multiply-add = 2 FLOPs)."
     )
     lines.append("")
-    teachers = sorted((ev for ev in evaluations if ev.method == "teacher"), key=lambda e: -e.magnification)
+    teachers = sorted(
+        (ev for ev in evaluations if ev.method == "teacher"), key=lambda e: -e.magnification
+    )
     if teachers:
         lines += ["## Teacher (Table 5)", ""]
-        header = "| | " + " | ".join(f"teacher {t.magnification:g}x ({10 / t.magnification:g} µm/pixel)" for t in teachers) + " |"
+        header = (
+            "| | "
+            + " | ".join(
+                f"teacher {t.magnification:g}x ({10 / t.magnification:g} µm/pixel)"
+                for t in teachers
+            )
+            + " |"
+        )
         lines += [header, "|---" * (len(teachers) + 1) + "|"]
         for metric in _TABLE_METRICS:
             cells = [_cell(_entry(t.metrics[metric])) for t in teachers]
@@ -97,15 +121,32 @@ def markdown_table(evaluations: Sequence[ModelEvaluation], dataset: str) -> str:
                 values = [e["estimate"] for e in entries if e is not None]
                 best = max(values) if values else math.nan
                 tied = len(values) > 1 and min(values) == best  # all equal: nothing to mark
-                cells = [_cell(e, bold=not tied and len(values) > 1 and e is not None and e["estimate"] == best) for e in entries]
+                cells = [
+                    _cell(
+                        e,
+                        bold=not tied
+                        and len(values) > 1
+                        and e is not None
+                        and e["estimate"] == best,
+                    )
+                    for e in entries
+                ]
                 lines.append(f"| {METRIC_LABELS[metric]} | " + " | ".join(cells) + " |")
-            gflops = [lookup[(m, mag)].gflops_median if (m, mag) in lookup else None for m in methods]
-            lines.append("| GFLOPs | " + " | ".join(f"{g:.3g}" if g is not None else "-" for g in gflops) + " |")
+            gflops = [
+                lookup[(m, mag)].gflops_median if (m, mag) in lookup else None for m in methods
+            ]
+            lines.append(
+                "| GFLOPs | "
+                + " | ".join(f"{g:.3g}" if g is not None else "-" for g in gflops)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def write_tables(evaluations: Sequence[ModelEvaluation], out_dir: str | Path, dataset: str) -> dict[str, str]:
+def write_tables(
+    evaluations: Sequence[ModelEvaluation], out_dir: str | Path, dataset: str
+) -> dict[str, str]:
     """``results.csv`` (long format) and ``results.md``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +161,9 @@ def write_tables(evaluations: Sequence[ModelEvaluation], out_dir: str | Path, da
     return {"csv": str(csv_path), "markdown": str(md_path)}
 
 
-def write_chart(evaluations: Sequence[ModelEvaluation], path: str | Path, dataset: str, metric: str = "accuracy") -> str:
+def write_chart(
+    evaluations: Sequence[ModelEvaluation], path: str | Path, dataset: str, metric: str = "accuracy"
+) -> str:
     """Fig. 3: test ``metric`` against GFLOPs per forward pass, one line per method."""
     import matplotlib
 
@@ -132,14 +175,18 @@ def write_chart(evaluations: Sequence[ModelEvaluation], path: str | Path, datase
     ticks: dict[float, str] = {}
     methods = sorted({ev.method for ev in evaluations if ev.method != "teacher"}, key=_method_key)
     for rank, method in enumerate(methods):
-        points = sorted((ev for ev in evaluations if ev.method == method), key=lambda e: e.gflops_median)
+        points = sorted(
+            (ev for ev in evaluations if ev.method == method), key=lambda e: e.gflops_median
+        )
         # the methods of one magnification share a cost: dodge them a little sideways to be seen
         dodge = 1.06 ** (rank - (len(methods) - 1) / 2)
         x = [p.gflops_median * dodge for p in points]
         y = [100 * p.metrics[metric].estimate for p in points]
         err = [[100 * (p.metrics[metric].estimate - p.metrics[metric].low) for p in points],
                [100 * (p.metrics[metric].high - p.metrics[metric].estimate) for p in points]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, marker=markers.get(method, "D"), capsize=3, label=method, alpha=0.9)
+        ax.errorbar(
+            x, y, yerr=err, marker=markers.get(method, "D"), capsize=3, label=method, alpha=0.9
+        )
         for p in points:
             ticks[p.gflops_median] = f"{p.gflops_median:.2g}\n{p.magnification:g}x"
     for t in (ev for ev in evaluations if ev.method == "teacher"):
@@ -157,7 +204,9 @@ def write_chart(evaluations: Sequence[ModelEvaluation], path: str | Path, datase
         ax.set_xticklabels([f"{v:.2g}\n{k}" for k, v in merged.items()])
         ax.minorticks_off()
     ax.set_xlabel("GFLOPs per forward pass (median test region); magnification below")
-    label = "accuracy (one-vs-rest, macro)" if metric == "accuracy" else METRIC_LABELS[metric].lower()
+    label = (
+        "accuracy (one-vs-rest, macro)" if metric == "accuracy" else METRIC_LABELS[metric].lower()
+    )
     ax.set_ylabel(f"test {label} (%)")
     ax.set_title(f"{dataset}: accuracy against computational cost (DiPalma Fig. 3)")
     ax.grid(alpha=0.3)
@@ -177,11 +226,18 @@ def _region_set(config):
     try:
         region_set = RegionSet.load(config.regions_root)
     except FileNotFoundError:
-        mags = sorted({float(torch.load(p, map_location="cpu", weights_only=True)["meta"]["magnification"]) for p in config.models})
+        mags = sorted(
+            {
+                float(torch.load(p, map_location="cpu", weights_only=True)["meta"]["magnification"])
+                for p in config.models
+            }
+        )
         return build_region_set(config.data, config.regions_root, mags)
     meta = json.loads((Path(config.regions_root) / "region_set.json").read_text())
     if meta.get("data") != str(Path(config.data).resolve()):
-        raise ValueError(f"region_dir {config.regions_root} holds the regions of {meta.get('data')}, not of data={config.data}")
+        raise ValueError(
+            f"region_dir {config.regions_root} holds the regions of {meta.get('data')}, not of data={config.data}"
+        )
     return region_set
 
 
@@ -194,7 +250,9 @@ class EvaluationResult:
     mlflow_run_id: str | None
 
 
-def run_evaluation(config, *, parent_run_id: str | None = None, tracking: bool = True) -> EvaluationResult:
+def run_evaluation(
+    config, *, parent_run_id: str | None = None, tracking: bool = True
+) -> EvaluationResult:
     """Evaluate every model on the test set and write the tables and the chart.
 
     Args:
@@ -213,7 +271,9 @@ def run_evaluation(config, *, parent_run_id: str | None = None, tracking: bool =
     region_set = _region_set(config)
     evaluations = []
     for path in config.models:
-        ev = evaluate_model(path, region_set, config.splits, config.n_resamples, config.confidence, config.seed)
+        ev = evaluate_model(
+            path, region_set, config.splits, config.n_resamples, config.confidence, config.seed
+        )
         print(
             f"{ev.method:>9} {ev.magnification:>6g}x  accuracy {ev.metrics['accuracy']}  top-1 {ev.metrics['top1_accuracy']}  "
             f"F1 {ev.metrics['f1']}  {ev.gflops_median:.3g} GFLOPs",
@@ -227,7 +287,12 @@ def run_evaluation(config, *, parent_run_id: str | None = None, tracking: bool =
     files["json"] = str(out / "evaluations.json")
     run_id = None
     if tracking:
-        run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name, artifact_location=str(Path(config.storage_path) / "mlartifacts"))
+        run = MLflowRun(
+            config.tracking_uri,
+            config.mlflow_experiment,
+            config.run_name,
+            artifact_location=str(Path(config.storage_path) / "mlartifacts"),
+        )
         run.log_params(config_to_dict(config))
         run.log_standard_tags()
         tags = {"histokd.job": "resdist_evaluate", "histokd.run_dir": str(out)}
@@ -238,7 +303,9 @@ def run_evaluation(config, *, parent_run_id: str | None = None, tracking: bool =
         for ev in evaluations:
             key = f"{ev.method.replace(' ', '_').replace('(', '').replace(')', '')}_{ev.magnification:g}x"
             for name, iv in ev.metrics.items():
-                metrics.update({f"{key}_{k}": v for k, v in iv.as_dict(name).items() if math.isfinite(v)})
+                metrics.update(
+                    {f"{key}_{k}": v for k, v in iv.as_dict(name).items() if math.isfinite(v)}
+                )
             metrics[f"{key}_gflops"] = ev.gflops_median
         metrics["wall_seconds"] = time.monotonic() - started
         run.log_metrics(metrics)

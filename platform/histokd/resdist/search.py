@@ -33,25 +33,61 @@ def _help(text: str) -> dict:
 class DistillSearchConfig(DistillConfig):
     """A grid over student magnification x temperature; every other field is the distillation's."""
 
-    run_name: str = field(default="kd-search", metadata=_help("name of the search; rerunning with the same name resumes it"))
+    run_name: str = field(
+        default="kd-search",
+        metadata=_help("name of the search; rerunning with the same name resumes it"),
+    )
     # every trial takes these two from the grid: refused when given, so no flag is silently ignored
-    magnification: float | None = field(default=None, metadata=_help("not used (giving it is an error): every trial's student magnification comes from --searched-magnifications"))
-    temperature: float | None = field(default=None, metadata=_help("not used (giving it is an error): every trial's temperature comes from --temperatures"))
-    searched_magnifications: list[float] = field(default_factory=lambda: [0.625, 1.25, 2.5, 5.0], metadata=_help("student magnifications searched (Tables 6-8)"))
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata=_help("soft-loss temperatures searched (public code: 1.0; Hinton et al. use 1-20)"))
-    score_splits: list[str] = field(default_factory=lambda: ["val"], metadata=_help("labelled splits a trial is scored on (the paper: a separate development set)"))
-    score: str = field(default="top1_accuracy", metadata=_help(f"metric trials are ranked by: {', '.join(_SCORES)}"))
-    max_concurrent_trials: int | None = field(default=None, metadata=_help("trials at once; auto: as many as the CPUs allow"))
+    magnification: float | None = field(
+        default=None,
+        metadata=_help(
+            "not used (giving it is an error): every trial's student magnification comes from --searched-magnifications"
+        ),
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata=_help(
+            "not used (giving it is an error): every trial's temperature comes from --temperatures"
+        ),
+    )
+    searched_magnifications: list[float] = field(
+        default_factory=lambda: [0.625, 1.25, 2.5, 5.0],
+        metadata=_help("student magnifications searched (Tables 6-8)"),
+    )
+    temperatures: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0],
+        metadata=_help(
+            "soft-loss temperatures searched (public code: 1.0; Hinton et al. use 1-20)"
+        ),
+    )
+    score_splits: list[str] = field(
+        default_factory=lambda: ["val"],
+        metadata=_help(
+            "labelled splits a trial is scored on (the paper: a separate development set)"
+        ),
+    )
+    score: str = field(
+        default="top1_accuracy",
+        metadata=_help(f"metric trials are ranked by: {', '.join(_SCORES)}"),
+    )
+    max_concurrent_trials: int | None = field(
+        default=None, metadata=_help("trials at once; auto: as many as the CPUs allow")
+    )
 
     def __post_init__(self) -> None:
-        for name, searched in (("magnification", "searched_magnifications"), ("temperature", "temperatures")):
+        for name, searched in (
+            ("magnification", "searched_magnifications"),
+            ("temperature", "temperatures"),
+        ):
             if getattr(self, name) is not None:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r}: a search takes every trial's {name} from {searched} and would ignore it; "
                     f"give the values as --{searched.replace('_', '-')}"
                 )
         if not self.searched_magnifications or not self.temperatures:
-            raise ValueError("searched_magnifications and temperatures: give at least one value each")
+            raise ValueError(
+                "searched_magnifications and temperatures: give at least one value each"
+            )
         self.searched_magnifications = [float(m) for m in self.searched_magnifications]
         self.temperatures = [float(t) for t in self.temperatures]
         # DistillConfig checks one student's magnification and temperature: give it placeholders
@@ -70,11 +106,17 @@ class DistillSearchConfig(DistillConfig):
         if self.num_workers < 1:
             # Ray Train's local mode cannot run inside a Tune trial (ray.train.get_context is
             # refused there): every trial trains on its own worker group
-            raise ValueError(f"num_workers={self.num_workers}: a search needs at least 1 Ray Train worker per trial")
+            raise ValueError(
+                f"num_workers={self.num_workers}: a search needs at least 1 Ray Train worker per trial"
+            )
         if self.score not in _SCORES:
             raise ValueError(f"score={self.score!r}: allowed: {', '.join(_SCORES)}")
-        if self.max_concurrent_trials is not None and (not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
-            raise ValueError(f"max_concurrent_trials={self.max_concurrent_trials!r}: must be a positive integer or auto")
+        if self.max_concurrent_trials is not None and (
+            not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1
+        ):
+            raise ValueError(
+                f"max_concurrent_trials={self.max_concurrent_trials!r}: must be a positive integer or auto"
+            )
 
     def distill_fields(self) -> dict[str, Any]:
         """The distillation settings shared by every trial."""
@@ -110,14 +152,22 @@ def tune_trial(params: dict[str, Any]) -> None:
     base.update(magnification=params["magnification"], temperature=params["temperature"])
     base["run_name"] = f"{base['run_name']}-{trial_id}"
     base["storage_path"] = params["_storage"]
-    base["mlflow_tracking_uri"] = params["_tracking_uri"]  # the search's store: one database, created once
+    base["mlflow_tracking_uri"] = params[
+        "_tracking_uri"
+    ]  # the search's store: one database, created once
     base["region_dir"] = params["_region_dir"]  # the search's region images, built once
     config = DistillConfig(**base)
     outcome = run_distill(config, parent_run_id=params.get("_parent_run_id"))
     region_set = RegionSet.load(config.regions_root)
-    evaluation = evaluate_model(outcome.model_path, region_set, params["_score_splits"], n_resamples=1000)
+    evaluation = evaluate_model(
+        outcome.model_path, region_set, params["_score_splits"], n_resamples=1000
+    )
     metrics: dict[str, Any] = {name: iv.estimate for name, iv in evaluation.metrics.items()}
-    metrics.update(gflops=evaluation.gflops_median, num_images=evaluation.num_images, model_path=outcome.model_path)
+    metrics.update(
+        gflops=evaluation.gflops_median,
+        num_images=evaluation.num_images,
+        model_path=outcome.model_path,
+    )
     ray.tune.report(metrics)
 
 
@@ -140,7 +190,12 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     work_dir = Path(config.run_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "search_config.yaml")
-    run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name, artifact_location=str(Path(config.storage_path) / "mlartifacts"))
+    run = MLflowRun(
+        config.tracking_uri,
+        config.mlflow_experiment,
+        config.run_name,
+        artifact_location=str(Path(config.storage_path) / "mlartifacts"),
+    )
     run.log_params(config_to_dict(config))
     run.set_tags({"histokd.job": "resdist_search", "histokd.run_dir": str(work_dir)})
     param_space = build_param_space(config)
@@ -154,7 +209,9 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     concurrent = config.max_concurrent_trials or max(1, int(cpus // per_trial))
     experiment_path = str(work_dir / "tune")
     if tune.Tuner.can_restore(experiment_path):
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -168,8 +225,18 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     for result in grid:
         if result.error or not result.metrics or config.score not in result.metrics:
             continue
-        row = {"trial_id": Path(result.path).name, "magnification": result.config["magnification"], "temperature": result.config["temperature"]}
-        row.update({k: result.metrics[k] for k in (*_SCORES, "gflops", "num_images", "model_path") if k in result.metrics})
+        row = {
+            "trial_id": Path(result.path).name,
+            "magnification": result.config["magnification"],
+            "temperature": result.config["temperature"],
+        }
+        row.update(
+            {
+                k: result.metrics[k]
+                for k in (*_SCORES, "gflops", "num_images", "model_path")
+                if k in result.metrics
+            }
+        )
         rows.append(row)
     if not rows:
         run.finish("FAILED")
@@ -180,7 +247,9 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     best = rows[0]
-    run.log_params({"best.magnification": best["magnification"], "best.temperature": best["temperature"]})
+    run.log_params(
+        {"best.magnification": best["magnification"], "best.temperature": best["temperature"]}
+    )
     run.log_metrics({f"best_{config.score}": best[config.score], "trials_finished": len(rows)})
     run.log_artifact(work_dir / "search.csv")
     run.finish("FINISHED")

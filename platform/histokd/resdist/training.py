@@ -42,12 +42,21 @@ class GradientAccumulator:
             (default: all of the optimizer's).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, parameters: Iterable[nn.Parameter] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        parameters: Iterable[nn.Parameter] | None = None,
+    ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"accumulation steps={steps!r}: must be a positive integer")
         self.optimizer = optimizer
         self.steps = steps
-        self.parameters = list(parameters) if parameters is not None else [p for g in optimizer.param_groups for p in g["params"]]
+        self.parameters = (
+            list(parameters)
+            if parameters is not None
+            else [p for g in optimizer.param_groups for p in g["params"]]
+        )
         self.pending = 0
         self.num_steps = 0
 
@@ -119,7 +128,9 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, meta: Mapping[str
     return path
 
 
-def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model_file(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by :func:`save_model_file`; returns it (eval mode) and its meta.
 
     Raises:
@@ -132,7 +143,10 @@ def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     meta = payload["meta"]
     model = create_resdist_model(
-        meta["arch"], meta["num_classes"], hint_channels=meta.get("hint_channels"), num_groups=meta.get("num_groups", 32)
+        meta["arch"],
+        meta["num_classes"],
+        hint_channels=meta.get("hint_channels"),
+        num_groups=meta.get("num_groups", 32),
     )
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), meta

@@ -98,7 +98,9 @@ class SlideSpec:
         names = [c.name for c in self.classes]
         _require(len(set(names)) == len(names), "classes", names, "distinct class names")
         if self.class_weights is not None:
-            object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))  # frozen
+            object.__setattr__(
+                self, "class_weights", tuple(float(w) for w in self.class_weights)
+            )  # frozen
             _require(
                 len(self.class_weights) == len(self.classes) and min(self.class_weights) >= 0 and sum(self.class_weights) > 0,
                 "class_weights", self.class_weights, f"{len(self.classes)} non-negative weights, not all 0, or None",

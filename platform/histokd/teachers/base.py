@@ -71,8 +71,14 @@ class TeacherSettings:
     mask_mode: MaskMode = "probability"
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
-            raise TeacherError(f"alpha={self.alpha!r}: must be a number in (0, 1] (RCKD Eq. 2 uses 0.5)")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not 0.0 < self.alpha <= 1.0
+        ):
+            raise TeacherError(
+                f"alpha={self.alpha!r}: must be a number in (0, 1] (RCKD Eq. 2 uses 0.5)"
+            )
         if self.mask_mode not in MASK_MODES:
             raise TeacherError(f"mask_mode={self.mask_mode!r}: allowed: {', '.join(MASK_MODES)}")
 
@@ -92,7 +98,9 @@ def check_images(images: np.ndarray, who: str = "teacher") -> np.ndarray:
     if images.ndim == 3 and shape[-1] == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise TeacherError(f"{who}: images of shape {shape}: expected (N, H, W, 3) RGB (or one (H, W, 3))")
+        raise TeacherError(
+            f"{who}: images of shape {shape}: expected (N, H, W, 3) RGB (or one (H, W, 3))"
+        )
     if images.dtype != np.uint8:
         raise TeacherError(f"{who}: images of dtype {images.dtype}: expected uint8 RGB in [0, 255]")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
@@ -114,7 +122,9 @@ class ThresholdTeacher:
 
     kind: str = "teacher"
 
-    def __init__(self, alpha: float | None = PAPER_ALPHA, mask_mode: MaskMode | None = "probability"):
+    def __init__(
+        self, alpha: float | None = PAPER_ALPHA, mask_mode: MaskMode | None = "probability"
+    ):
         self.settings = TeacherSettings(
             alpha=PAPER_ALPHA if alpha is None else alpha, mask_mode=mask_mode or "probability"
         )

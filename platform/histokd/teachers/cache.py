@@ -122,7 +122,9 @@ class PseudoLabelCache:
         """Write one batch of labels (N, S, S) {0, 1} as a shard; returns its path."""
         labels = np.asarray(labels, np.uint8)
         if labels.ndim != 3 or labels.shape[1] != labels.shape[2] or len(labels) != len(keys):
-            raise ValueError(f"labels of shape {labels.shape} for {len(keys)} keys: expected ({len(keys)}, S, S)")
+            raise ValueError(
+                f"labels of shape {labels.shape} for {len(keys)} keys: expected ({len(keys)}, S, S)"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pydict(
             {

@@ -44,25 +44,71 @@ def _help(text: str) -> dict[str, str]:
 class CheckConfig:
     """What to check a teacher on, and where the report goes."""
 
-    teacher: str = field(default="demo", metadata=_help("teacher: a StarDist name (2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"))
-    images: str = field(default="", metadata=_help("folder of RGB images (png, jpg, tif) of annotated tissue"))
-    masks: str = field(default="", metadata=_help("folder of their nuclei masks, same file stems: instance labels (0 = background) or binary masks, png/tif/npy, or MoNuSeg XML"))
-    out: str = field(default="runs/teacher_check", metadata=_help("report folder: results.csv, results.json, overlay.png and the best settings as histokd_teacher.json"))
-    mpp: float = field(default=0.5, metadata=_help("pixel size of the images in um/px (40x: 0.25, 20x: 0.5)"))
-    patch_mpp: float = field(default=0.5, metadata=_help("pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the scale labelled at when the teacher is not resampled"))
-    teacher_mpp: float | None = field(default=None, metadata=_help("the scale the teacher was trained at; default: its own setting (histokd_teacher.json, or 2D_versatile_he's 0.25)"))
-    alphas: tuple[float, ...] = field(default=ALPHA_CANDIDATES, metadata=_help("Eq. 2 thresholds to try"))
-    teacher_backend: Literal["torch", "tensorflow"] = field(default="torch", metadata=_help("StarDist backend: torch (default) or tensorflow (StarDist itself, the tf-cpu extra)"))
-    device: str = field(default="auto", metadata=_help("torch device of the teacher: auto, cpu, cuda"))
+    teacher: str = field(
+        default="demo",
+        metadata=_help(
+            "teacher: a StarDist name (2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"
+        ),
+    )
+    images: str = field(
+        default="", metadata=_help("folder of RGB images (png, jpg, tif) of annotated tissue")
+    )
+    masks: str = field(
+        default="",
+        metadata=_help(
+            "folder of their nuclei masks, same file stems: instance labels (0 = background) or binary masks, png/tif/npy, or MoNuSeg XML"
+        ),
+    )
+    out: str = field(
+        default="runs/teacher_check",
+        metadata=_help(
+            "report folder: results.csv, results.json, overlay.png and the best settings as histokd_teacher.json"
+        ),
+    )
+    mpp: float = field(
+        default=0.5, metadata=_help("pixel size of the images in um/px (40x: 0.25, 20x: 0.5)")
+    )
+    patch_mpp: float = field(
+        default=0.5,
+        metadata=_help(
+            "pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the scale labelled at when the teacher is not resampled"
+        ),
+    )
+    teacher_mpp: float | None = field(
+        default=None,
+        metadata=_help(
+            "the scale the teacher was trained at; default: its own setting (histokd_teacher.json, or 2D_versatile_he's 0.25)"
+        ),
+    )
+    alphas: tuple[float, ...] = field(
+        default=ALPHA_CANDIDATES, metadata=_help("Eq. 2 thresholds to try")
+    )
+    teacher_backend: Literal["torch", "tensorflow"] = field(
+        default="torch",
+        metadata=_help(
+            "StarDist backend: torch (default) or tensorflow (StarDist itself, the tf-cpu extra)"
+        ),
+    )
+    device: str = field(
+        default="auto", metadata=_help("torch device of the teacher: auto, cpu, cuda")
+    )
     overlays: int = field(default=4, metadata=_help("images drawn in overlay.png"))
 
     def __post_init__(self) -> None:
         if not self.images or not self.masks:
-            raise TeacherError("images and masks: both folders are needed (--images DIR --masks DIR)")
+            raise TeacherError(
+                "images and masks: both folders are needed (--images DIR --masks DIR)"
+            )
         for name in ("mpp", "patch_mpp"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 100:
-                raise TeacherError(f"{name}={value!r}: must be a pixel size in um/px in [0.01, 100] (20x: 0.5)")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.01 <= value <= 100
+            ):
+                raise TeacherError(
+                    f"{name}={value!r}: must be a pixel size in um/px in [0.01, 100] (20x: 0.5)"
+                )
         self.alphas = tuple(float(a) for a in self.alphas)
         if not self.alphas or not all(0 < a <= 1 for a in self.alphas):
             raise TeacherError(f"alphas={self.alphas!r}: each must be in (0, 1] (RCKD Eq. 2)")
@@ -94,7 +140,9 @@ def _candidates(teacher, config: CheckConfig) -> list[tuple[str | None, float | 
     return [(norm, mpp) for norm in NORMALIZATIONS for mpp in scales]
 
 
-def _probabilities(teacher, items: list[InstanceImage], normalization, label_mpp, image_mpp) -> list[np.ndarray]:
+def _probabilities(
+    teacher, items: list[InstanceImage], normalization, label_mpp, image_mpp
+) -> list[np.ndarray]:
     if normalization is not None:
         teacher.normalization = normalization
         teacher.teacher_mpp = label_mpp
@@ -162,7 +210,13 @@ def check_teacher(config: CheckConfig) -> CheckResult:
     (out / DEFAULTS_FILE).write_text(json.dumps(best, indent=2) + "\n")
     best_maps = maps[(None if best_row["normalization"] == "-" else best_row["normalization"],
                       None if best_row["label_mpp"] == "-" else best_row["label_mpp"])]  # fmt: skip
-    _draw_overlay(items[: config.overlays], best_maps, best["alpha"], out / "overlay.png", teacher_name=config.teacher)
+    _draw_overlay(
+        items[: config.overlays],
+        best_maps,
+        best["alpha"],
+        out / "overlay.png",
+        teacher_name=config.teacher,
+    )
     return CheckResult(rows, best, out)
 
 
@@ -178,14 +232,18 @@ def format_table(rows: list[dict]) -> str:
     lines = ["normalization  scale (um/px)    " + "  ".join(f"a={a:<5g}" for a in alphas)]
     groups: dict[tuple, dict] = {}
     for r in rows:
-        groups.setdefault((r["normalization"], r["scale"], r["label_mpp"]), {})[r["alpha"]] = r["iou"]
+        groups.setdefault((r["normalization"], r["scale"], r["label_mpp"]), {})[r["alpha"]] = r[
+            "iou"
+        ]
     for (norm, scale, mpp), ious in groups.items():
         where = f"{scale} ({mpp})" if scale != "-" else "-"
         lines.append(f"{norm:<14} {where:<16} " + "  ".join(f"{ious[a]:<7.3f}" for a in alphas))
     return "\n".join(lines)
 
 
-def _draw_overlay(items: list[InstanceImage], probs: list[np.ndarray], alpha: float, path: Path, teacher_name: str) -> None:
+def _draw_overlay(
+    items: list[InstanceImage], probs: list[np.ndarray], alpha: float, path: Path, teacher_name: str
+) -> None:
     """Image | true nuclei (green) and pseudo label (magenta) outlines, for a few images."""
     import matplotlib
 
@@ -201,7 +259,9 @@ def _draw_overlay(items: list[InstanceImage], probs: list[np.ndarray], alpha: fl
         overlay[find_boundaries(item.labels > 0)] = (0, 200, 0)
         overlay[find_boundaries(prob >= alpha)] = (230, 0, 230)
         ax_overlay.imshow(overlay)
-        ax_overlay.set_title(f"true nuclei (green), {teacher_name} at alpha {alpha:g} (magenta)", fontsize=8)
+        ax_overlay.set_title(
+            f"true nuclei (green), {teacher_name} at alpha {alpha:g} (magenta)", fontsize=8
+        )
         for ax in (ax_image, ax_overlay):
             ax.axis("off")
     fig.tight_layout()

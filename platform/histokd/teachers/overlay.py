@@ -13,13 +13,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["NUCLEI_BLUE", "overlay_pseudo_label", "pseudo_label_grid", "save_pseudo_label_grid", "save_records_grid"]
+__all__ = [
+    "NUCLEI_BLUE",
+    "overlay_pseudo_label",
+    "pseudo_label_grid",
+    "save_pseudo_label_grid",
+    "save_records_grid",
+]
 
 NUCLEI_BLUE = (0, 70, 255)  # RCKD Fig. 3: "the blue color indicates the estimated nuclei regions"
 
 
 def overlay_pseudo_label(
-    image: np.ndarray, label: np.ndarray, color: tuple[int, int, int] = NUCLEI_BLUE, opacity: float = 0.6
+    image: np.ndarray,
+    label: np.ndarray,
+    color: tuple[int, int, int] = NUCLEI_BLUE,
+    opacity: float = 0.6,
 ) -> np.ndarray:
     """The patch with nuclei pixels blended towards ``color``; uint8 (H, W, 3)."""
     if image.shape[:2] != label.shape:
@@ -54,7 +63,9 @@ def pseudo_label_grid(
     images = np.asarray(images)
     labels = np.asarray(labels)
     if len(images) == 0 or len(images) != len(labels):
-        raise ValueError(f"{len(images)} images and {len(labels)} labels: need the same positive number")
+        raise ValueError(
+            f"{len(images)} images and {len(labels)} labels: need the same positive number"
+        )
     if captions is not None and len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
     n = len(images)
@@ -71,13 +82,24 @@ def pseudo_label_grid(
         x = gap + col * (tile + gap)
         y = gap + group * (2 * cell_h + 3 * gap)
         raw = Image.fromarray(images[i]).resize((tile, tile), Image.Resampling.BILINEAR)
-        mask = np.asarray(Image.fromarray(labels[i].astype(np.uint8) * 255).resize((tile, tile), Image.Resampling.NEAREST)) > 127
+        mask = (
+            np.asarray(
+                Image.fromarray(labels[i].astype(np.uint8) * 255).resize(
+                    (tile, tile), Image.Resampling.NEAREST
+                )
+            )
+            > 127
+        )
         over = Image.fromarray(overlay_pseudo_label(np.asarray(raw), mask))
         canvas.paste(raw, (x, y))
         canvas.paste(over, (x, y + cell_h + gap))
         if captions is not None:
             draw.text((x + 2, y + tile + 1), captions[i][:34], fill=(0, 0, 0))
-            draw.text((x + 2, y + cell_h + gap + tile + 1), f"nuclei {labels[i].mean():.1%}", fill=(0, 0, 0))
+            draw.text(
+                (x + 2, y + cell_h + gap + tile + 1),
+                f"nuclei {labels[i].mean():.1%}",
+                fill=(0, 0, 0),
+            )
     return np.asarray(canvas)
 
 
@@ -95,7 +117,9 @@ def save_pseudo_label_grid(
     return path
 
 
-def save_records_grid(path: str | os.PathLike, records: dict[str, np.ndarray], count: int = 12, **kwargs) -> Path:
+def save_records_grid(
+    path: str | os.PathLike, records: dict[str, np.ndarray], count: int = 12, **kwargs
+) -> Path:
     """The first ``count`` records of the teacher stream as a :func:`pseudo_label_grid` PNG.
 
     Args:
@@ -108,5 +132,10 @@ def save_records_grid(path: str | os.PathLike, records: dict[str, np.ndarray], c
     n = min(count, len(records["image"]))
     captions = None
     if all(k in records for k in ("slide", "x", "y")):
-        captions = [f"{Path(str(records['slide'][i])).stem} {records['x'][i]},{records['y'][i]}" for i in range(n)]
-    return save_pseudo_label_grid(path, records["image"][:n], records["pseudo_label"][:n], captions, **kwargs)
+        captions = [
+            f"{Path(str(records['slide'][i])).stem} {records['x'][i]},{records['y'][i]}"
+            for i in range(n)
+        ]
+    return save_pseudo_label_grid(
+        path, records["image"][:n], records["pseudo_label"][:n], captions, **kwargs
+    )

@@ -24,7 +24,9 @@ def binary_iou(prediction: np.ndarray, truth: np.ndarray) -> float:
     prediction = np.asarray(prediction).astype(bool)
     truth = np.asarray(truth).astype(bool)
     if prediction.shape != truth.shape:
-        raise ValueError(f"prediction shape {prediction.shape} differs from truth shape {truth.shape}")
+        raise ValueError(
+            f"prediction shape {prediction.shape} differs from truth shape {truth.shape}"
+        )
     union = np.count_nonzero(prediction | truth)
     if union == 0:
         return 1.0

@@ -37,7 +37,12 @@ _REGISTRY: dict[str, Callable[..., Teacher]] = {}
 BACKENDS = ("torch", "tensorflow")  # StarDist's network in PyTorch (default) or StarDist itself
 STARDIST_SPECS = ("demo", "stardist")  # registered names that are StarDist models
 _TORCH_ONLY = {"device": (None, "auto", "cpu"), "precision": ("fp32",), "compile": (False,)}
-_STARDIST_ONLY = {**_TORCH_ONLY, "normalization": (None,), "percentiles": (None,), "teacher_mpp": (None,)}
+_STARDIST_ONLY = {
+    **_TORCH_ONLY,
+    "normalization": (None,),
+    "percentiles": (None,),
+    "teacher_mpp": (None,),
+}
 
 
 def stardist_class(backend: str = "torch", **kwargs) -> tuple[type, dict]:
@@ -51,7 +56,9 @@ def stardist_class(backend: str = "torch", **kwargs) -> tuple[type, dict]:
     if backend not in BACKENDS:
         raise TeacherError(f"backend={backend!r}: allowed: {', '.join(BACKENDS)}")
     if kwargs.get("mask_mode") == "instances":
-        backend = "tensorflow"  # StarDist's NMS: only StarDist itself has it (the tf-cpu/tf-gpu extra)
+        backend = (
+            "tensorflow"  # StarDist's NMS: only StarDist itself has it (the tf-cpu/tf-gpu extra)
+        )
     if backend == "torch":
         from histokd.teachers.stardist_torch import TorchStarDistTeacher
 
@@ -59,7 +66,9 @@ def stardist_class(backend: str = "torch", **kwargs) -> tuple[type, dict]:
     for key, allowed in _TORCH_ONLY.items():
         if key in kwargs:
             if kwargs[key] not in allowed:
-                raise TeacherError(f"{key}={kwargs[key]!r} is a setting of the torch backend; backend='tensorflow' allows {allowed}")
+                raise TeacherError(
+                    f"{key}={kwargs[key]!r} is a setting of the torch backend; backend='tensorflow' allows {allowed}"
+                )
             kwargs = {k: v for k, v in kwargs.items() if k != key}
     from histokd.teachers.stardist_teacher import StarDistTeacher
 
@@ -77,7 +86,9 @@ def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[.
         if name in _REGISTRY:
             raise TeacherError(f"teacher name {name!r} is already registered")
         if ":" in name or "/" in name:
-            raise TeacherError(f"teacher name {name!r}: ':' and '/' are reserved for specs and paths")
+            raise TeacherError(
+                f"teacher name {name!r}: ':' and '/' are reserved for specs and paths"
+            )
         _REGISTRY[name] = factory
         return factory
 
@@ -137,11 +148,18 @@ def build_teacher(spec: str, backend: str = "torch", **kwargs) -> Teacher:
     if spec in _REGISTRY:
         if spec in STARDIST_SPECS:
             return _REGISTRY[spec](backend=backend, **kwargs)
-        for key, allowed in _STARDIST_ONLY.items():  # settings of StarDist teachers, at their defaults
+        for (
+            key,
+            allowed,
+        ) in _STARDIST_ONLY.items():  # settings of StarDist teachers, at their defaults
             if kwargs.get(key, allowed[0]) not in allowed:
-                raise TeacherError(f"{key}={kwargs[key]!r} is a setting of StarDist teachers; teacher {spec!r} takes none")
+                raise TeacherError(
+                    f"{key}={kwargs[key]!r} is a setting of StarDist teachers; teacher {spec!r} takes none"
+                )
             kwargs.pop(key, None)
-        kwargs.pop("patch_mpp", None)  # the patches' scale: only a teacher with a scale of its own uses it
+        kwargs.pop(
+            "patch_mpp", None
+        )  # the patches' scale: only a teacher with a scale of its own uses it
         return _REGISTRY[spec](**kwargs)
     if spec.startswith("stardist:"):
         return _REGISTRY["stardist"](name=spec.split(":", 1)[1], backend=backend, **kwargs)

@@ -63,10 +63,16 @@ def normalize_percentiles(
         float32 (N, H, W, C), not clipped.
     """
     n, channels = images.shape[0], images.shape[-1]
-    groups = images.permute(0, 3, 1, 2).reshape(n * channels, -1) if per_channel else images.reshape(n, -1)
+    groups = (
+        images.permute(0, 3, 1, 2).reshape(n * channels, -1)
+        if per_channel
+        else images.reshape(n, -1)
+    )
     g, count = groups.shape
     offsets = torch.arange(g, device=images.device, dtype=torch.int64)[:, None] * 256
-    hist = torch.bincount((groups.to(torch.int64) + offsets).reshape(-1), minlength=256 * g).reshape(g, 256)
+    hist = torch.bincount(
+        (groups.to(torch.int64) + offsets).reshape(-1), minlength=256 * g
+    ).reshape(g, 256)
     cumulative = torch.cumsum(hist, dim=1)
 
     def value_at(rank: int) -> torch.Tensor:
@@ -110,7 +116,9 @@ def reflect_pad(x: torch.Tensor, div_by: tuple[int, int]) -> torch.Tensor:
     return x
 
 
-def grid_upsample(prob: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+def grid_upsample(
+    prob: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int]
+) -> torch.Tensor:
     """Bilinear upsampling of a grid-subsampled StarDist output (N, h, w) to pixels (N, H, W).
 
     StarDist trains its output at grid ``g`` on ``prob_full[::g, ::g]``: cell ``i`` is pixel
@@ -143,7 +151,9 @@ def resample_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 def resample_probability(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """float (N, h, w) to ``size`` (bilinear; antialiased when shrinking), before Eq. 2."""
     shrink = size[0] < prob.shape[1] or size[1] < prob.shape[2]
-    out = F.interpolate(prob[:, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    out = F.interpolate(
+        prob[:, None], size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )
     return out[:, 0]
 
 
@@ -187,11 +197,17 @@ class StarDistTeacherBase(ThresholdTeacher):
         if not (isinstance(batch_size, int) and batch_size > 0):
             raise TeacherError(f"batch_size={batch_size!r}: must be a positive integer")
         if normalization not in NORMALIZATIONS:
-            raise TeacherError(f"normalization={normalization!r}: allowed: {', '.join(NORMALIZATIONS)}")
+            raise TeacherError(
+                f"normalization={normalization!r}: allowed: {', '.join(NORMALIZATIONS)}"
+            )
         low, high = _check_percentiles(percentiles)
         for name, mpp in (("teacher_mpp", teacher_mpp), ("patch_mpp", patch_mpp)):
-            if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0.01 <= mpp <= 100):
-                raise TeacherError(f"{name}={mpp!r}: must be a pixel size in um/px in [0.01, 100] (20x is 0.5), or None")
+            if mpp is not None and (
+                isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not 0.01 <= mpp <= 100
+            ):
+                raise TeacherError(
+                    f"{name}={mpp!r}: must be a pixel size in um/px in [0.01, 100] (20x is 0.5), or None"
+                )
         self.grid = tuple(int(g) for g in grid)
         self.div_by = tuple(int(d) for d in div_by)
         self.batch_size = batch_size
@@ -241,7 +257,9 @@ class StarDistTeacherBase(ThresholdTeacher):
     # -- on tensors (the teacher's device) ---------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) to the network's input: float32 (N, H, W, 3), normalised as trained."""
-        return normalize_percentiles(images, *self.percentiles, per_channel=self.normalization == "per_channel")
+        return normalize_percentiles(
+            images, *self.percentiles, per_channel=self.normalization == "per_channel"
+        )
 
     def grid_probability_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Object probability at the model's grid, float32 (N, ceil(H/gy), ceil(W/gx)), no resampling."""
@@ -277,9 +295,13 @@ class StarDistTeacherBase(ThresholdTeacher):
         images = check_images(images, self.name)
         parts = []
         for start in range(0, len(images), self.batch_size):
-            chunk = np.require(images[start : start + self.batch_size], requirements="W")  # torch needs writable
+            chunk = np.require(
+                images[start : start + self.batch_size], requirements="W"
+            )  # torch needs writable
             with torch.inference_mode():
-                parts.append(fn(torch.from_numpy(chunk).to(self.device, non_blocking=True)).cpu().numpy())
+                parts.append(
+                    fn(torch.from_numpy(chunk).to(self.device, non_blocking=True)).cpu().numpy()
+                )
         return np.concatenate(parts)
 
     def probability(self, images: np.ndarray) -> np.ndarray:
@@ -302,7 +324,11 @@ def _check_percentiles(percentiles) -> tuple[float, float]:
     try:
         low, high = (float(p) for p in percentiles)
     except (TypeError, ValueError):
-        raise TeacherError(f"percentiles={percentiles!r}: must be two numbers (low, high), e.g. [1, 99.8]") from None
+        raise TeacherError(
+            f"percentiles={percentiles!r}: must be two numbers (low, high), e.g. [1, 99.8]"
+        ) from None
     if not 0 <= low < high <= 100:
-        raise TeacherError(f"percentiles={percentiles!r}: need 0 <= low < high <= 100 (StarDist's H&E example: 1, 99.8)")
+        raise TeacherError(
+            f"percentiles={percentiles!r}: need 0 <= low < high <= 100 (StarDist's H&E example: 1, 99.8)"
+        )
     return low, high

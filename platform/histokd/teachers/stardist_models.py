@@ -86,7 +86,9 @@ def check_model_folder(folder: str | os.PathLike, require_weights: bool = True) 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TeacherError(f"{folder / 'config.json'}: not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
-        raise TeacherError(f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+        raise TeacherError(
+            f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}"
+        )
     if require_weights and not (sorted(folder.glob("*.h5")) + sorted(folder.glob("*.hdf5"))):
         raise TeacherError(
             f"{folder}: no network weights (weights_best.h5); a teacher with random weights "
@@ -164,7 +166,9 @@ def pretrained_folder(name: str) -> Path:
         ) from exc
     folder = _cached_folder(base, name)
     if folder is None:
-        raise TeacherError(f"StarDist model {name!r}: the download into {base} holds no config.json and weights_best.h5")
+        raise TeacherError(
+            f"StarDist model {name!r}: the download into {base} holds no config.json and weights_best.h5"
+        )
     return folder
 
 
@@ -191,7 +195,9 @@ def _download(name: str, base: Path) -> None:
             part.close()
             digest = hashlib.sha256(Path(part.name).read_bytes()).hexdigest()
             if digest != sha256:
-                raise ValueError(f"{url}: SHA-256 {digest} differs from StarDist's registered {sha256}")
+                raise ValueError(
+                    f"{url}: SHA-256 {digest} differs from StarDist's registered {sha256}"
+                )
             os.replace(part.name, archive)
         finally:
             Path(part.name).unlink(missing_ok=True)

@@ -56,7 +56,9 @@ class StarDistNetConfig:
         def field(name: str, default=None, required: bool = True):
             if name not in config:
                 if required:
-                    raise TeacherError(f"{source}: field {name!r} is missing (a StarDist2D config.json has it)")
+                    raise TeacherError(
+                        f"{source}: field {name!r} is missing (a StarDist2D config.json has it)"
+                    )
                 return default
             return config[name]
 
@@ -75,14 +77,18 @@ class StarDistNetConfig:
             refuse("n_channel_in", self.n_channel_in, "1 or 3")
         self.n_rays = int(field("n_rays"))
         self.n_classes = field("n_classes", None, required=False)
-        if self.n_classes is not None and (not isinstance(self.n_classes, int) or self.n_classes < 1):
+        if self.n_classes is not None and (
+            not isinstance(self.n_classes, int) or self.n_classes < 1
+        ):
             refuse("n_classes", self.n_classes, "null or a positive integer")
         self.grid = _pair(field("grid"), "grid", source)
         self.depth = int(field("unet_n_depth"))
         if self.depth < 1:
             refuse("unet_n_depth", self.depth, "an integer >= 1")
         self.kernel_size = _pair(field("unet_kernel_size"), "unet_kernel_size", source)
-        if any(k % 2 == 0 for k in self.kernel_size):  # 'same' padding is symmetric only for odd sizes
+        if any(
+            k % 2 == 0 for k in self.kernel_size
+        ):  # 'same' padding is symmetric only for odd sizes
             refuse("unet_kernel_size", list(self.kernel_size), "odd sizes")
         self.filter_base = int(field("unet_n_filter_base"))
         self.conv_per_depth = int(field("unet_n_conv_per_depth"))
@@ -90,8 +96,13 @@ class StarDistNetConfig:
             refuse("unet_n_conv_per_depth", self.conv_per_depth, "an integer >= 1")
         self.pool = _pair(field("unet_pool"), "unet_pool", source)
         self.activation = field("unet_activation")
-        self.last_activation = field("unet_last_activation", None, required=False) or self.activation
-        for name, value in (("unet_activation", self.activation), ("unet_last_activation", self.last_activation)):
+        self.last_activation = (
+            field("unet_last_activation", None, required=False) or self.activation
+        )
+        for name, value in (
+            ("unet_activation", self.activation),
+            ("unet_last_activation", self.last_activation),
+        ):
             if value not in _ACTIVATIONS or value is None:
                 refuse(name, value, ", ".join(k for k in _ACTIVATIONS if k))
         self.batch_norm = bool(field("unet_batch_norm", False, required=False))
@@ -120,18 +131,28 @@ class StarDistNetConfig:
 def _pair(value, name: str, source: str) -> tuple[int, int]:
     if isinstance(value, int):
         value = (value, value)
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value)):
-        raise TeacherError(f"{source}: {name}={value!r} is not supported; allowed: two positive integers")
+    if not (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and v >= 1 for v in value)
+    ):
+        raise TeacherError(
+            f"{source}: {name}={value!r} is not supported; allowed: two positive integers"
+        )
     return int(value[0]), int(value[1])
 
 
 class _ConvBlock(nn.Module):
     """CSBDeep's ``conv_block2``: convolution ('same'), optional batch norm, activation."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: tuple[int, int], activation: str, batch_norm: bool):
+    def __init__(
+        self, cin: int, cout: int, kernel_size: tuple[int, int], activation: str, batch_norm: bool
+    ):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=tuple(k // 2 for k in kernel_size))
-        self.norm = nn.BatchNorm2d(cout, eps=1e-3) if batch_norm else nn.Identity()  # Keras' epsilon
+        self.norm = (
+            nn.BatchNorm2d(cout, eps=1e-3) if batch_norm else nn.Identity()
+        )  # Keras' epsilon
         self.act = _ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +238,9 @@ class StarDistNet(nn.Module):
 
         self.features = nn.Identity()
         if cfg.conv_after_unet > 0:
-            self.features = nn.Sequential(head("features", unet_out, cfg.conv_after_unet, k), _ACTIVATIONS[act]())
+            self.features = nn.Sequential(
+                head("features", unet_out, cfg.conv_after_unet, k), _ACTIVATIONS[act]()
+            )
             cin = cfg.conv_after_unet
         self.prob = head("prob", cin, 1, (1, 1))
         self.dist = head("dist", cin, cfg.n_rays, (1, 1))
@@ -242,7 +265,9 @@ class StarDistNet(nn.Module):
             x = self.pool(x)
         x = self.middle(x)
         for up, skip in zip(self.up, reversed(skips), strict=True):
-            x = torch.cat([F.interpolate(x, scale_factor=self.config.pool, mode="nearest"), skip], dim=1)
+            x = torch.cat(
+                [F.interpolate(x, scale_factor=self.config.pool, mode="nearest"), skip], dim=1
+            )
             x = up(x)
         return x
 
@@ -272,7 +297,9 @@ class StarDistNet(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TeacherError(f"{config_path}: not valid JSON ({exc})") from exc
         if not isinstance(config, dict):
-            raise TeacherError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+            raise TeacherError(
+                f"{config_path}: expected a JSON object, got {type(config).__name__}"
+            )
         net = cls(StarDistNetConfig(config, source=str(config_path)))
         load_keras_weights(net, weights or folder / "weights_best.h5")
         return net.eval()
@@ -304,18 +331,25 @@ def _read_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
         raise TeacherError(f"{path}: not a readable HDF5 weights file ({exc})") from exc
     layers: dict[str, dict[str, np.ndarray]] = {}
     with handle as f:
-        root = f["model_weights"] if "model_weights" in f else f  # a whole-model save holds them here
+        root = (
+            f["model_weights"] if "model_weights" in f else f
+        )  # a whole-model save holds them here
         for layer, group in root.items():
             if not isinstance(group, h5py.Group):
                 continue
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+            names = [
+                n.decode() if isinstance(n, bytes) else str(n)
+                for n in group.attrs.get("weight_names", [])
+            ]
             weights = {}
             for name in names:
                 weights[name.split("/")[-1].split(":")[0]] = np.asarray(group[name])
             if weights:
                 layers[layer] = weights
     if not layers:
-        raise TeacherError(f"{path}: no layer weights found (expected a Keras save_weights h5 file)")
+        raise TeacherError(
+            f"{path}: no layer weights found (expected a Keras save_weights h5 file)"
+        )
     return layers
 
 
@@ -329,7 +363,9 @@ def load_keras_weights(net: StarDistNet, path: str | Path) -> StarDistNet:
     path = Path(path)
     layers = _read_layers(path)
     targets: dict[str, nn.Module] = dict(net._keras_names)
-    convs = sorted((n for n in layers if "kernel" in layers[n] and n not in targets), key=_creation_order)
+    convs = sorted(
+        (n for n in layers if "kernel" in layers[n] and n not in targets), key=_creation_order
+    )
     norms = sorted((n for n in layers if "moving_mean" in layers[n]), key=_creation_order)
     if len(convs) != len(net._unnamed_convs):
         raise TeacherError(
@@ -354,7 +390,10 @@ def load_keras_weights(net: StarDistNet, path: str | Path) -> StarDistNet:
         for name, module in targets.items():
             weights = layers[name]
             if isinstance(module, nn.Conv2d):
-                pairs = {"weight": np.transpose(weights.get("kernel"), (3, 2, 0, 1)), "bias": weights.get("bias")}
+                pairs = {
+                    "weight": np.transpose(weights.get("kernel"), (3, 2, 0, 1)),
+                    "bias": weights.get("bias"),
+                }
             else:
                 pairs = {
                     "weight": weights.get("gamma"),
@@ -365,7 +404,9 @@ def load_keras_weights(net: StarDistNet, path: str | Path) -> StarDistNet:
             for attr, value in pairs.items():
                 tensor = getattr(module, attr)
                 if value is None:
-                    raise TeacherError(f"{path}: layer {name!r} has no {attr} (found {', '.join(weights)})")
+                    raise TeacherError(
+                        f"{path}: layer {name!r} has no {attr} (found {', '.join(weights)})"
+                    )
                 if tuple(value.shape) != tuple(tensor.shape):
                     raise TeacherError(
                         f"{path}: layer {name!r} {attr} has shape {tuple(value.shape)}; the config needs {tuple(tensor.shape)}"

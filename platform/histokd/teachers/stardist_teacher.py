@@ -76,7 +76,9 @@ def configure_tensorflow(intra_op_threads: int | None = None):
     if intra_op_threads is not None:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(int(intra_op_threads))
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(intra_op_threads))))
+            tf.config.threading.set_inter_op_parallelism_threads(
+                max(1, min(2, int(intra_op_threads)))
+            )
         except RuntimeError:  # threads are fixed once TensorFlow has run an op
             pass
     return tf
@@ -108,7 +110,9 @@ class StarDistTeacher(StarDistTeacherBase):
         div_by = model._axes_div_by(config.axes)
         axes = config.axes.replace("C", "")
         div_by = tuple(int(div_by[config.axes.index(a)]) for a in axes)
-        super().__init__(source, tuple(int(g) for g in config.grid), div_by, device="cpu", **settings)
+        super().__init__(
+            source, tuple(int(g) for g in config.grid), div_by, device="cpu", **settings
+        )
         self.model = model
         import keras
 
@@ -174,7 +178,9 @@ class StarDistTeacher(StarDistTeacherBase):
             try:
                 model = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
             except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
-                raise TeacherError(f"{folder}: StarDist cannot load this model folder: {exc}") from exc
+                raise TeacherError(
+                    f"{folder}: StarDist cannot load this model folder: {exc}"
+                ) from exc
         log.debug("StarDist %s: %s", folder, printed.getvalue().strip())
         model.basedir = None  # read-only: never write into the folder (it may be a package asset)
         return cls(model, source=source or str(folder), **kwargs)
@@ -194,11 +200,19 @@ class StarDistTeacher(StarDistTeacherBase):
             if size != (height, width):
                 x = resample_images(x, size)
             labels, _ = self.model.predict_instances(
-                self.normalize(x)[0].numpy(), axes="YXC", normalizer=None, show_tile_progress=False, verbose=False
+                self.normalize(x)[0].numpy(),
+                axes="YXC",
+                normalizer=None,
+                show_tile_progress=False,
+                verbose=False,
             )
             if size != (height, width):
-                index_y = np.minimum((np.arange(height) + 0.5) * size[0] / height, size[0] - 1).astype(np.int64)
-                index_x = np.minimum((np.arange(width) + 0.5) * size[1] / width, size[1] - 1).astype(np.int64)
+                index_y = np.minimum(
+                    (np.arange(height) + 0.5) * size[0] / height, size[0] - 1
+                ).astype(np.int64)
+                index_x = np.minimum(
+                    (np.arange(width) + 0.5) * size[1] / width, size[1] - 1
+                ).astype(np.int64)
                 labels = labels[index_y][:, index_x]
             out[i] = labels
         return out

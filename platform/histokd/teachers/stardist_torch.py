@@ -66,9 +66,13 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise TeacherError(f"device={device!r}: not a torch device; allowed: auto, cpu, cuda, cuda:N") from exc
+        raise TeacherError(
+            f"device={device!r}: not a torch device; allowed: auto, cpu, cuda, cuda:N"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"device={str(device)!r}: CUDA is not available here; allowed: auto, cpu")
+        raise TeacherError(
+            f"device={str(device)!r}: CUDA is not available here; allowed: auto, cpu"
+        )
     return device
 
 
@@ -118,14 +122,19 @@ class TorchStarDistTeacher(StarDistTeacherBase):
         if intra_op_threads is not None:
             torch.set_num_threads(max(1, int(intra_op_threads)))
         self.precision = precision
-        self.net = net.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.net = (
+            net.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        )
         # Freezing lets Inductor fold the weights and fuse each convolution with its activation.
         self._forward = torch.compile(self.net, options={"freezing": True}) if compile else self.net
 
     def _network_probability(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         bf16 = self.precision == "bf16" and self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
             return self._forward(x).to(torch.float32)
 
     # -- loading -------------------------------------------------------------------------
@@ -156,7 +165,9 @@ class TorchStarDistTeacher(StarDistTeacherBase):
         folder = check_model_folder(folder, require_weights=require_weights)
         kwargs = folder_defaults(folder, kwargs, source)
         config_path = folder / "config.json"
-        net = StarDistNet(StarDistNetConfig(json.loads(config_path.read_text()), source=str(config_path)))
+        net = StarDistNet(
+            StarDistNetConfig(json.loads(config_path.read_text()), source=str(config_path))
+        )
         weights = folder / "weights_best.h5"
         if not weights.is_file():
             candidates = sorted(folder.glob("*.h5")) + sorted(folder.glob("*.hdf5"))
@@ -189,7 +200,12 @@ def _load_weights(net: StarDistNet, h5: Path, cache_converted: bool) -> None:
                 net.load_state_dict(saved["state_dict"])
                 return
         except (RuntimeError, OSError, KeyError, EOFError) as exc:
-            log.warning("%s: converted weights unreadable (%s); converting %s again", converted, exc, h5.name)
+            log.warning(
+                "%s: converted weights unreadable (%s); converting %s again",
+                converted,
+                exc,
+                h5.name,
+            )
     load_keras_weights(net, h5)
     try:
         tmp = converted.with_suffix(f".tmp{os.getpid()}")

@@ -69,7 +69,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("slide_path", "x", "y", "magnification", "patch_size", "base_magnification")
-_META_COLUMNS = ("patch_id", "slide_path", "x", "y", "magnification", "patch_size", "base_magnification")
+_META_COLUMNS = (
+    "patch_id",
+    "slide_path",
+    "x",
+    "y",
+    "magnification",
+    "patch_size",
+    "base_magnification",
+)
 
 
 # -- resizing to the training input size ----------------------------------------------------
@@ -87,7 +95,9 @@ def resize_label(label: np.ndarray, size: int) -> np.ndarray:
     """A {0, 1} mask to (size, size): the area-weighted share of nucleus, thresholded at one half."""
     if label.shape[0] == size and label.shape[1] == size:
         return label.astype(np.uint8, copy=False)
-    share = Image.fromarray((label > 0).astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+    share = Image.fromarray((label > 0).astype(np.float32)).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     return (np.asarray(share) >= 0.5).astype(np.uint8)
 
 
@@ -109,10 +119,14 @@ def resize_label_tensor(labels: torch.Tensor, size: int) -> torch.Tensor:
     share = (labels > 0).to(torch.float64)[:, None]
     with torch.no_grad():
         if width != size:
-            share = F.interpolate(share, size=(height, size), mode="bilinear", align_corners=False, antialias=True)
+            share = F.interpolate(
+                share, size=(height, size), mode="bilinear", align_corners=False, antialias=True
+            )
             share = share.to(torch.float32).to(torch.float64)
         if height != size:
-            share = F.interpolate(share, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            share = F.interpolate(
+                share, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
         return (share[:, 0].to(torch.float32) >= 0.5).to(torch.uint8)
 
 
@@ -169,7 +183,9 @@ def read_resized_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[st
     return record
 
 
-def _record(batch: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _record(
+    batch: dict[str, np.ndarray], images: np.ndarray, labels: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     record = {"image": images}
     if labels is not None:
         record["pseudo_label"] = labels
@@ -240,7 +256,12 @@ class TeacherActor:
         keys = [
             patch_key(s, x, y, m, p, size)
             for s, x, y, m, p in zip(
-                batch["slide_path"], batch["x"], batch["y"], batch["magnification"], batch["patch_size"], strict=True
+                batch["slide_path"],
+                batch["x"],
+                batch["y"],
+                batch["magnification"],
+                batch["patch_size"],
+                strict=True,
             )
         ]
         hits = [self.index.get(k) for k in keys]
@@ -328,7 +349,9 @@ class TrainerTeacher:
         teacher = self.teacher
         labels = []
         for start in range(0, len(patches), self.batch_size):
-            chunk = torch.from_numpy(patches[start : start + self.batch_size]).to(teacher.device, non_blocking=True)
+            chunk = torch.from_numpy(patches[start : start + self.batch_size]).to(
+                teacher.device, non_blocking=True
+            )
             labels.append(resize_label_tensor(teacher.label_tensor(chunk), self.input_size))
         return torch.cat(labels)
 
@@ -388,15 +411,25 @@ def plan_resources(
             "reserve fewer CPUs for training (e.g. cpus_per_worker) or add CPUs"
         )
     if placement == "trainer":
-        return StreamResources(num_actors=0, actor_cpus=0.0, actor_gpus=0.0, read_cpus=round(min(1.0, free / 2), 3), intra_op_threads=0)
+        return StreamResources(
+            num_actors=0,
+            actor_cpus=0.0,
+            actor_gpus=0.0,
+            read_cpus=round(min(1.0, free / 2), 3),
+            intra_op_threads=0,
+        )
     if placement != "actors":
         raise TeacherError(f"placement={placement!r}: allowed: actors, trainer")
     actor_gpus = 0.0
     if gpus > 0 and num_gpus > 0:
         if not 0 < num_gpus <= 1:
-            raise TeacherError(f"num_gpus={num_gpus!r}: the GPU share per teacher actor must be in (0, 1]")
+            raise TeacherError(
+                f"num_gpus={num_gpus!r}: the GPU share per teacher actor must be in (0, 1]"
+            )
         actor_gpus = float(num_gpus)
-        default_actors = max(1, int(gpus))  # one actor per GPU; the rest of each GPU is the student's
+        default_actors = max(
+            1, int(gpus)
+        )  # one actor per GPU; the rest of each GPU is the student's
     else:
         default_actors = 1
     actors = default_actors if num_actors is None else num_actors
@@ -440,7 +473,12 @@ def load_manifest_table(manifest) -> pa.Table:
             "(build it with histokd.manifest.build_manifest)"
         )
     if "patch_id" not in table.column_names:
-        ids = [f"{s}/{x}_{y}" for s, x, y in zip(*(table.column(c).to_pylist() for c in ("slide_path", "x", "y")), strict=True)]
+        ids = [
+            f"{s}/{x}_{y}"
+            for s, x, y in zip(
+                *(table.column(c).to_pylist() for c in ("slide_path", "x", "y")), strict=True
+            )
+        ]
         table = table.append_column("patch_id", pa.array(ids, pa.string()))
     for column in ("patch_size", "magnification"):
         values = set(table.column(column).to_pylist())
@@ -451,7 +489,9 @@ def load_manifest_table(manifest) -> pa.Table:
             )
     ids = table.column("patch_id")
     if len(set(ids.to_pylist())) != table.num_rows:
-        raise TeacherError(f"{where}: patch_id is not unique; every manifest patch must appear once")
+        raise TeacherError(
+            f"{where}: patch_id is not unique; every manifest patch must appear once"
+        )
     return table.select(list(_META_COLUMNS))
 
 
@@ -523,7 +563,10 @@ def pseudo_label_dataset(
     rows: list[int] = []
     if cache is not None:
         index = cache.index()
-        columns = [table.column(c).to_pylist() for c in ("slide_path", "x", "y", "magnification", "patch_size")]
+        columns = [
+            table.column(c).to_pylist()
+            for c in ("slide_path", "x", "y", "magnification", "patch_size")
+        ]
         for i, (s, x, y, m, p) in enumerate(zip(*columns, strict=True)):
             hit = index.get(patch_key(s, x, y, m, p, input_size))
             if hit is not None:
@@ -531,7 +574,9 @@ def pseudo_label_dataset(
                 shards.append(hit[0])
                 rows.append(hit[1])
     cached_set = set(cached_rows)
-    missing = table.take(pa.array([i for i in range(table.num_rows) if i not in cached_set], pa.int64()))
+    missing = table.take(
+        pa.array([i for i in range(table.num_rows) if i not in cached_set], pa.int64())
+    )
     log.info(
         "teacher stream %s: %d patches, %d with cached labels, %d to label; %d actor(s) x %.2g CPU, %.2g GPU",
         fingerprint, table.num_rows, len(cached_rows), missing.num_rows, plan.num_actors, plan.actor_cpus, plan.actor_gpus,

@@ -106,7 +106,9 @@ def read_monuseg_xml(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndar
         count += 1
         labels[rr, cc] = count
     if count == 0:
-        raise TeacherError(f"{path}: no Region with at least 3 Vertex elements (MoNuSeg XML expected)")
+        raise TeacherError(
+            f"{path}: no Region with at least 3 Vertex elements (MoNuSeg XML expected)"
+        )
     return labels
 
 
@@ -181,8 +183,14 @@ def load_instance_folder(
         TeacherError: The folder has neither layout, an image has no mask, or a file is bad.
     """
     folder = Path(folder)
-    image_dir = next((folder / d for d in ("images", "Tissue Images") if (folder / d).is_dir()), None)
-    mask_dirs = [folder / d for d in ("masks", "labels", "Annotations", "annotations") if (folder / d).is_dir()]
+    image_dir = next(
+        (folder / d for d in ("images", "Tissue Images") if (folder / d).is_dir()), None
+    )
+    mask_dirs = [
+        folder / d
+        for d in ("masks", "labels", "Annotations", "annotations")
+        if (folder / d).is_dir()
+    ]
     if image_dir is None or not mask_dirs:
         raise TeacherError(
             f"{folder}: not a MoNuSeg-like dataset; expected images/ with masks/ (instance masks), "
@@ -208,7 +216,11 @@ def load_image_mask_pairs(
         TeacherError: No images, an image without a mask, a size mismatch or an unreadable file.
     """
     image_dir = Path(image_dir)
-    mask_dirs = [Path(mask_dirs)] if isinstance(mask_dirs, (str, os.PathLike)) else [Path(d) for d in mask_dirs]
+    mask_dirs = (
+        [Path(mask_dirs)]
+        if isinstance(mask_dirs, (str, os.PathLike))
+        else [Path(d) for d in mask_dirs]
+    )
     if not image_dir.is_dir():
         raise TeacherError(f"{image_dir}: no such image folder")
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -223,7 +235,9 @@ def load_image_mask_pairs(
                 candidate = mask_dir / f"{path.stem}{ext}"
                 if candidate.is_file():
                     labels = (
-                        read_monuseg_xml(candidate, image.shape[:2]) if ext == ".xml" else _read_mask(candidate)
+                        read_monuseg_xml(candidate, image.shape[:2])
+                        if ext == ".xml"
+                        else _read_mask(candidate)
                     )
                     break
             if labels is not None:
@@ -234,7 +248,9 @@ def load_image_mask_pairs(
                 f"{', '.join(str(d) for d in mask_dirs)}"
             )
         if labels.shape != image.shape[:2]:
-            raise TeacherError(f"{path}: mask shape {labels.shape} differs from image shape {image.shape[:2]}")
+            raise TeacherError(
+                f"{path}: mask shape {labels.shape} differs from image shape {image.shape[:2]}"
+            )
         image, labels = _rescale(image, labels, factor)
         out.append(InstanceImage(image, labels, str(path)))
     return out
@@ -313,32 +329,87 @@ class TeacherTrainingConfig:
         overwrite: Replace an existing model folder.
     """
 
-    out_dir: str = field(default="runs/teacher", metadata=_help("parent folder of the model folder"))
+    out_dir: str = field(
+        default="runs/teacher", metadata=_help("parent folder of the model folder")
+    )
     name: str = field(default="demo_teacher", metadata=_help("model folder name"))
-    data: tuple[str, ...] = field(default=(), metadata=_help("MoNuSeg-like dataset folders: images/ + masks/ (instance masks), or 'Tissue Images/' + Annotations/ (MoNuSeg XML)"))
-    data_magnification: float = field(default=40.0, metadata=_help("magnification of the images in --data (MoNuSeg 2018, TNBC: 40)"))
-    demo_slides: int = field(default=4, metadata=_help("synthetic demo slides to train on (0: none); one in four is held out"))
-    demo_seed: int = field(default=0, metadata=_help("seed of the demo slides (tests hold out other seeds)"))
-    demo_slide_size: int = field(default=2048, metadata=_help("width and height of each demo slide in pixels"))
-    demo_dir: str | None = field(default=None, metadata=_help("where demo slides are written; default OUT_DIR/demo_slides"))
-    magnification: float = field(default=20.0, metadata=_help("magnification of the training tiles: the stream's (RCKD Sec. 2.1.1: 20); stored as the teacher's scale (teacher_mpp = 10 / magnification)"))
-    normalization: Literal["joint", "per_channel"] = field(default="joint", metadata=_help("percentile normalisation of each training image (1, 99.8): joint over the three channels (StarDist's H&E example) or per channel; stored with the teacher, which labels the same way"))
+    data: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "MoNuSeg-like dataset folders: images/ + masks/ (instance masks), or 'Tissue Images/' + Annotations/ (MoNuSeg XML)"
+        ),
+    )
+    data_magnification: float = field(
+        default=40.0,
+        metadata=_help("magnification of the images in --data (MoNuSeg 2018, TNBC: 40)"),
+    )
+    demo_slides: int = field(
+        default=4,
+        metadata=_help("synthetic demo slides to train on (0: none); one in four is held out"),
+    )
+    demo_seed: int = field(
+        default=0, metadata=_help("seed of the demo slides (tests hold out other seeds)")
+    )
+    demo_slide_size: int = field(
+        default=2048, metadata=_help("width and height of each demo slide in pixels")
+    )
+    demo_dir: str | None = field(
+        default=None, metadata=_help("where demo slides are written; default OUT_DIR/demo_slides")
+    )
+    magnification: float = field(
+        default=20.0,
+        metadata=_help(
+            "magnification of the training tiles: the stream's (RCKD Sec. 2.1.1: 20); stored as the teacher's scale (teacher_mpp = 10 / magnification)"
+        ),
+    )
+    normalization: Literal["joint", "per_channel"] = field(
+        default="joint",
+        metadata=_help(
+            "percentile normalisation of each training image (1, 99.8): joint over the three channels (StarDist's H&E example) or per channel; stored with the teacher, which labels the same way"
+        ),
+    )
     tile_size: int = field(default=512, metadata=_help("side of the tiles cut from demo slides"))
-    patch_size: int = field(default=128, metadata=_help("StarDist's random training patch side (multiple of grid * 2**depth)"))
+    patch_size: int = field(
+        default=128,
+        metadata=_help("StarDist's random training patch side (multiple of grid * 2**depth)"),
+    )
     n_rays: int = field(default=32, metadata=_help("StarDist rays (2D_versatile_he: 32)"))
-    grid: int = field(default=2, metadata=_help("output subsampling of the heads (2D_versatile_he: 2)"))
+    grid: int = field(
+        default=2, metadata=_help("output subsampling of the heads (2D_versatile_he: 2)")
+    )
     unet_n_depth: int = field(default=3, metadata=_help("U-Net depth (2D_versatile_he: 3)"))
-    unet_n_filter_base: int = field(default=16, metadata=_help("filters of the first U-Net level (2D_versatile_he: 32)"))
-    net_conv_after_unet: int = field(default=64, metadata=_help("filters of the conv after the U-Net (2D_versatile_he: 128)"))
+    unet_n_filter_base: int = field(
+        default=16, metadata=_help("filters of the first U-Net level (2D_versatile_he: 32)")
+    )
+    net_conv_after_unet: int = field(
+        default=64, metadata=_help("filters of the conv after the U-Net (2D_versatile_he: 128)")
+    )
     epochs: int = field(default=20, metadata=_help("training epochs"))
     steps_per_epoch: int = field(default=50, metadata=_help("batches per epoch"))
     batch_size: int = field(default=8, metadata=_help("patches per batch"))
-    learning_rate: float = field(default=3e-4, metadata=_help("Adam learning rate (StarDist's default)"))
-    validation_fraction: float = field(default=0.25, metadata=_help("fraction of sources (slides or images) held out, at least one"))
-    optimize_nms: bool = field(default=True, metadata=_help("optimise StarDist's probability/NMS thresholds on the held-out data (for mask_mode=instances)"))
-    device: Literal["auto", "cpu", "gpu"] = field(default="auto", metadata=_help("cpu hides GPUs from TensorFlow; gpu requires one"))
-    seed: int = field(default=0, metadata=_help("seed of sampling, augmentation and initial weights"))
-    keep_checkpoints: bool = field(default=False, metadata=_help("keep weights_last.h5 and weights_now.h5 besides weights_best.h5"))
+    learning_rate: float = field(
+        default=3e-4, metadata=_help("Adam learning rate (StarDist's default)")
+    )
+    validation_fraction: float = field(
+        default=0.25,
+        metadata=_help("fraction of sources (slides or images) held out, at least one"),
+    )
+    optimize_nms: bool = field(
+        default=True,
+        metadata=_help(
+            "optimise StarDist's probability/NMS thresholds on the held-out data (for mask_mode=instances)"
+        ),
+    )
+    device: Literal["auto", "cpu", "gpu"] = field(
+        default="auto", metadata=_help("cpu hides GPUs from TensorFlow; gpu requires one")
+    )
+    seed: int = field(
+        default=0, metadata=_help("seed of sampling, augmentation and initial weights")
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata=_help("keep weights_last.h5 and weights_now.h5 besides weights_best.h5"),
+    )
     overwrite: bool = field(default=False, metadata=_help("replace an existing model folder"))
     command: list[str] = field(default_factory=list, repr=False, metadata={"cli": False})
 
@@ -349,7 +420,9 @@ class TeacherTrainingConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise TeacherError(f"TeacherTrainingConfig.{name}={value!r}: must be a positive integer")
+                raise TeacherError(
+                    f"TeacherTrainingConfig.{name}={value!r}: must be a positive integer"
+                )
         if self.patch_size % (self.grid * 2**self.unet_n_depth):
             raise TeacherError(
                 f"TeacherTrainingConfig.patch_size={self.patch_size}: must be a multiple of "
@@ -360,24 +433,34 @@ class TeacherTrainingConfig:
                 f"TeacherTrainingConfig.patch_size={self.patch_size}: must be at most tile_size={self.tile_size}"
             )
         if not isinstance(self.demo_slides, int) or self.demo_slides < 0:
-            raise TeacherError(f"TeacherTrainingConfig.demo_slides={self.demo_slides!r}: must be an integer >= 0")
+            raise TeacherError(
+                f"TeacherTrainingConfig.demo_slides={self.demo_slides!r}: must be an integer >= 0"
+            )
         if self.demo_slides == 0 and not self.data:
-            raise TeacherError("TeacherTrainingConfig: no training data; give data folders or demo_slides > 0")
+            raise TeacherError(
+                "TeacherTrainingConfig: no training data; give data folders or demo_slides > 0"
+            )
         if self.demo_slides == 1 and not self.data:
             raise TeacherError(
                 "TeacherTrainingConfig.demo_slides=1: need at least 2 sources (one is held out for validation)"
             )
         if self.normalization not in ("joint", "per_channel"):
-            raise TeacherError(f"TeacherTrainingConfig.normalization={self.normalization!r}: allowed: joint, per_channel")
+            raise TeacherError(
+                f"TeacherTrainingConfig.normalization={self.normalization!r}: allowed: joint, per_channel"
+            )
         for name in ("magnification", "data_magnification", "learning_rate"):
             if not getattr(self, name) > 0:
-                raise TeacherError(f"TeacherTrainingConfig.{name}={getattr(self, name)!r}: must be positive")
+                raise TeacherError(
+                    f"TeacherTrainingConfig.{name}={getattr(self, name)!r}: must be positive"
+                )
         if not 0 < self.validation_fraction < 1:
             raise TeacherError(
                 f"TeacherTrainingConfig.validation_fraction={self.validation_fraction!r}: must be in (0, 1)"
             )
         if self.device not in ("auto", "cpu", "gpu"):
-            raise TeacherError(f"TeacherTrainingConfig.device={self.device!r}: allowed: auto, cpu, gpu")
+            raise TeacherError(
+                f"TeacherTrainingConfig.device={self.device!r}: allowed: auto, cpu, gpu"
+            )
 
 
 @dataclass
@@ -403,7 +486,9 @@ class TeacherTrainingResult:
 
 
 # -- training -------------------------------------------------------------------------------
-def _split(items: list[InstanceImage], fraction: float, seed: int) -> tuple[list[InstanceImage], list[InstanceImage]]:
+def _split(
+    items: list[InstanceImage], fraction: float, seed: int
+) -> tuple[list[InstanceImage], list[InstanceImage]]:
     """Hold out whole sources (slides or images), at least one.
 
     Tiles of one slide never sit on both sides of the split.
@@ -421,7 +506,9 @@ def _split(items: list[InstanceImage], fraction: float, seed: int) -> tuple[list
         val = [items[i] for i in order[:n_val]]
         train = [items[i] for i in order[n_val:]]
     if not train or not val:
-        raise TeacherError(f"cannot split {len(items)} training images into train and validation; give more data")
+        raise TeacherError(
+            f"cannot split {len(items)} training images into train and validation; give more data"
+        )
     return train, val
 
 
@@ -447,7 +534,9 @@ def _set_device(device: str):
     if device == "cpu" and gpus:
         tf.config.set_visible_devices([], "GPU")
     if device == "gpu" and not gpus:
-        raise TeacherError("device='gpu' but TensorFlow sees no GPU (install histokd[tf-gpu] on a CUDA machine)")
+        raise TeacherError(
+            "device='gpu' but TensorFlow sees no GPU (install histokd[tf-gpu] on a CUDA machine)"
+        )
     return tf
 
 
@@ -466,7 +555,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     model_dir = out_dir / config.name
     if model_dir.exists():
         if not config.overwrite:
-            raise TeacherError(f"{model_dir}: model folder exists; pass overwrite=True (--overwrite) to replace it")
+            raise TeacherError(
+                f"{model_dir}: model folder exists; pass overwrite=True (--overwrite) to replace it"
+            )
         shutil.rmtree(model_dir)
 
     items: list[InstanceImage] = []
@@ -514,7 +605,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     per_channel = config.normalization == "per_channel"
 
     def normalize(image: np.ndarray) -> np.ndarray:  # as the teacher will: stardist_base
-        return normalize_percentiles(torch.from_numpy(image[None]), per_channel=per_channel)[0].numpy()
+        return normalize_percentiles(torch.from_numpy(image[None]), per_channel=per_channel)[
+            0
+        ].numpy()
 
     x_train = [normalize(i.image) for i in train]
     x_val = [normalize(i.image) for i in val]
@@ -538,7 +631,9 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
 
     teacher_mpp = round(10.0 / config.magnification, 4)  # the pixel size it was trained at
     teacher = StarDistTeacher(model, source=str(model_dir), normalization=config.normalization)
-    val_images = np.stack([i.image for i in val]) if len({i.image.shape for i in val}) == 1 else None
+    val_images = (
+        np.stack([i.image for i in val]) if len({i.image.shape for i in val}) == 1 else None
+    )
     truth = [i.labels > 0 for i in val]
     if val_images is not None:
         probability = list(teacher.probability(val_images))
@@ -582,5 +677,12 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
         },
     }
     (model_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, default=str) + "\n")
-    log.info("teacher %s: alpha=%g, validation IoU %s", model_dir, alpha, defaults["validation_iou_by_alpha"])
-    return TeacherTrainingResult(model_dir, alpha, ious, iou_instances, seconds, len(train), len(val))
+    log.info(
+        "teacher %s: alpha=%g, validation IoU %s",
+        model_dir,
+        alpha,
+        defaults["validation_iou_by_alpha"],
+    )
+    return TeacherTrainingResult(
+        model_dir, alpha, ious, iou_instances, seconds, len(train), len(val)
+    )
