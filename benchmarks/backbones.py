@@ -21,11 +21,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from harness import argument_parser, load_average, per_second, take_turns, write_json  # noqa: E402
 from histokd.models import SegmentationModel  # noqa: E402
 from histokd.models.profile import count_params, macs_full, macs_paper  # noqa: E402
 
@@ -88,11 +86,6 @@ class BenchmarkConfig:
             raise ValueError(f"image_size: {self.image_size}; must be a multiple of 32")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _make_step(model: torch.nn.Module, config: BenchmarkConfig, bf16: bool, compiled: bool):
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(config.device, memory_format=fmt).train()
@@ -116,40 +109,21 @@ def _make_step(model: torch.nn.Module, config: BenchmarkConfig, bf16: bool, comp
 
 def time_configuration(config: BenchmarkConfig, bf16: bool, compiled: bool) -> dict[str, dict]:
     """Images per second of every backbone in one configuration."""
-    steps, results = {}, {}
+    steps = {}
     for name in config.backbones:
         torch.manual_seed(0)
-        step = _make_step(SegmentationModel(name, num_classes=2), config, bf16, compiled)
-        started = time.perf_counter()
-        step()  # the first step compiles, when compiling
-        _sync(config.device)
-        first = time.perf_counter() - started
-        for _ in range(config.warmup_steps):
-            step()
-        steps[name] = step
-        results[name] = {
-            "first_step_s": round(first, 2),
-            "images_per_s_rounds": [],
-            "images_per_cpu_s_rounds": [],
-        }
+        steps[name] = _make_step(SegmentationModel(name, num_classes=2), config, bf16, compiled)
+    timings = take_turns(steps, config.rounds, config.steps_per_round, config.warmup_steps,
+                         config.device)  # fmt: skip
     images = config.batch_size * config.steps_per_round
-    for _ in range(config.rounds):
-        for name, step in steps.items():
-            _sync(config.device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(config.steps_per_round):
-                step()
-            _sync(config.device)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            results[name]["images_per_s_rounds"].append(round(images / wall, 3))
-            results[name]["images_per_cpu_s_rounds"].append(round(images / cpu, 3))
-    for r in results.values():
-        r["images_per_s"] = round(statistics.median(r["images_per_s_rounds"]), 3)
-        r["images_per_cpu_s"] = round(statistics.median(r["images_per_cpu_s_rounds"]), 3)
-        # the least disturbed round: on a shared machine, the closest to a dedicated one
-        r["images_per_s_best"] = max(r["images_per_s_rounds"])
-        r["images_per_cpu_s_best"] = max(r["images_per_cpu_s_rounds"])
-    return results
+    return {
+        name: {
+            "first_step_s": round(t.first_s, 2),  # it compiles, when compiling
+            **per_second(images, t.wall_s, "images_per_s"),
+            **per_second(images, t.cpu_s, "images_per_cpu_s"),
+        }
+        for name, t in timings.items()
+    }
 
 
 def model_costs(config: BenchmarkConfig) -> dict[str, dict]:
@@ -166,32 +140,12 @@ def model_costs(config: BenchmarkConfig) -> dict[str, dict]:
     return costs
 
 
-def _machine(device: str) -> dict:
-    info = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "processor": platform.processor() or platform.machine(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def run(config: BenchmarkConfig) -> dict:
     """Time every configuration and write the JSON file."""
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    load_before = os.getloadavg()
+    load_before = load_average()
     configurations = [("eager", False, False)]
     if config.bf16:
         configurations.append(("eager_bf16", True, False))
@@ -217,9 +171,8 @@ def run(config: BenchmarkConfig) -> dict:
     }
     payload = {
         "config": {**asdict(config), "output": str(config.output)},
-        "machine": _machine(config.device),
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "models": model_costs(config),
         "results": results,
         "csat_over_resnet18": speedup,
@@ -227,16 +180,14 @@ def run(config: BenchmarkConfig) -> dict:
         "goal_met": {label: s >= 1.5 for label, s in speedup.items()},
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    config.output.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(config.output, payload, config.device)
     return payload
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
     defaults = BenchmarkConfig()
+    parser = argument_parser(__doc__, defaults.output, "--output", "--out")
     parser.add_argument("--backbones", nargs="+", default=list(defaults.backbones))
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -248,7 +199,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--output", type=Path, default=defaults.output)
     args = parser.parse_args(argv)
     config = BenchmarkConfig(**{**vars(args), "backbones": tuple(args.backbones)})
     payload = run(config)

@@ -24,11 +24,9 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import time
 import types
@@ -44,7 +42,7 @@ from torch import nn  # noqa: E402
 
 import histokd.models.csat as csat_today  # noqa: E402
 import histokd.models.sat as sat_today  # noqa: E402
-from backbones import _machine  # noqa: E402
+from harness import argument_parser, load_average, per_second, take_turns, write_json  # noqa: E402
 from histokd.models import ClassificationModel, SegmentationModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,26 +154,13 @@ def time_case(config: SpeedConfig, case: str) -> dict:
         "resnet18": _build(task, "resnet18"),
     }
     steps = {name: _make_step(model, task, size, batch) for name, model in models.items()}
-    for step in steps.values():
-        for _ in range(1 + config.warmup_steps):
-            step()
-    wall = {name: [] for name in steps}
-    cpu = {name: [] for name in steps}
-    for _ in range(config.rounds):
-        for name, step in steps.items():
-            started, started_cpu = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(batch / (time.perf_counter() - started))
-            cpu[name].append(batch / (time.process_time() - started_cpu))
+    timings = take_turns(steps, config.rounds, warmup=config.warmup_steps)
     results = {
         name: {
-            "images_per_s": round(statistics.median(wall[name]), 3),
-            "images_per_s_best": round(max(wall[name]), 3),
-            "images_per_cpu_s": round(statistics.median(cpu[name]), 3),
-            "images_per_cpu_s_best": round(max(cpu[name]), 3),
-            "images_per_s_rounds": [round(v, 3) for v in wall[name]],
+            **per_second(batch, t.wall_s, "images_per_s"),
+            **per_second(batch, t.cpu_s, "images_per_cpu_s"),
         }
-        for name in steps
+        for name, t in timings.items()
     }
     ratios = {}
     for label, num, den in (
@@ -198,7 +183,7 @@ def run(config: SpeedConfig) -> dict:
     """Time every case at every thread setting and write the JSON file."""
     started = time.perf_counter()
     default_threads = torch.get_num_threads()
-    load_before = os.getloadavg()
+    load_before = load_average()
     runs = []
     for threads in config.threads:
         torch.set_num_threads(threads or default_threads)
@@ -209,28 +194,24 @@ def run(config: SpeedConfig) -> dict:
     torch.set_num_threads(default_threads)
     payload = {
         "config": {**asdict(config), "output": str(config.output)},
-        "machine": _machine("cpu"),
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "runs": runs,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    config.output.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(config.output, payload)
     return payload
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
     defaults = SpeedConfig()
+    parser = argument_parser(__doc__, defaults.output, "--output", "--out")
     parser.add_argument("--before", default=defaults.before)
     parser.add_argument("--cases", nargs="+", default=list(defaults.cases))
     parser.add_argument("--threads", nargs="+", type=int, default=list(defaults.threads))
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--output", type=Path, default=defaults.output)
     args = parser.parse_args(argv)
     config = SpeedConfig(
         **{**vars(args), "cases": tuple(args.cases), "threads": tuple(args.threads)}

@@ -36,14 +36,11 @@ Without CUDA (and without ``--smoke``) it stops at once with exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -59,6 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from harness import argument_parser, machine, sync, take_turns, write_json  # noqa: E402
 from histokd.losses import pixel_cross_entropy  # noqa: E402
 from histokd.models import SegmentationModel  # noqa: E402
 from histokd.pretrain.config import PretrainConfig  # noqa: E402
@@ -67,7 +65,6 @@ from histokd.teachers.registry import DEMO_TEACHER_DIR  # noqa: E402
 from histokd.teachers.stardist_torch import TorchStarDistTeacher  # noqa: E402
 from pretrain_gpu import VERSATILE_HE, VERSATILE_HE_CONFIG, VERSATILE_HE_THRESHOLDS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("csat", "resnet18", "efficientnet_b0", "convnextv2_atto")
 SECTIONS = ("teacher", "student", "rckd_step", "memory")
 GOALS = {
@@ -194,11 +191,6 @@ def versatile_folder(work: Path) -> Path:
 
 
 # -- measuring ----------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_memory(device: torch.device) -> None:
     """Free what the last measurement left and restart the peak counter."""
     gc.collect()
@@ -228,21 +220,10 @@ def rate(fn: Callable[[], object], items: int, config: CheckConfig, device: torc
     The first call is timed alone (it compiles, when compiling), then ``warmup_steps`` calls
     run untimed.
     """
-    _sync(device)
-    started = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - started
-    for _ in range(config.warmup_steps):
-        fn()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(config.steps):
-        fn()
-    _sync(device)
-    seconds = time.perf_counter() - started
+    timing = take_turns({"fn": fn}, 1, config.steps, config.warmup_steps, device)["fn"]
+    seconds = timing.wall_s[0]
     return {
-        "first_call_s": round(first, 3),
+        "first_call_s": round(timing.first_s, 3),
         "timed_calls": config.steps,
         "seconds": round(seconds, 4),
         "step_ms": round(1000 * seconds / config.steps, 2),
@@ -304,12 +285,12 @@ def profile_busy(step: Callable[[], object], steps: int, device: torch.device) -
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     with profile(activities=activities) as prof:
         for _ in range(steps):
             with record_function(STEP_MARK):
                 step()
-        _sync(device)
+        sync(device)
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -329,13 +310,8 @@ def student_step(
 
     model = SegmentationModel(backbone, num_classes=2)
     model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = create_optimizer_v2(
-        model,
-        "lars",
-        lr=PAPER["lr"],
-        weight_decay=PAPER["weight_decay"],
-        momentum=PAPER["momentum"],
-    )
+    lars = {k: PAPER[k] for k in ("lr", "weight_decay", "momentum")}  # RCKD Sec. 2.2.1
+    optimizer = create_optimizer_v2(model, "lars", **lars)
     forward = torch.compile(model) if compiled else model
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -480,9 +456,8 @@ class Report:
         self.started = time.monotonic()
         self.data: dict = {
             "benchmark": "GPU figures of RCKD pretraining on one GPU (benchmarks/gpu_check.py, issue 14)",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "smoke": smoke,
-            "machine": machine(device),
+            "machine": {**machine(device), "device": str(device)},
             "settings": {
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(config).items()
@@ -533,24 +508,7 @@ class Report:
     def write(self) -> None:
         """Write the JSON (atomically)."""
         self.data["seconds"] = round(time.monotonic() - self.started, 1)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.out)
-
-
-def machine(device: torch.device) -> dict:
-    """Where the figures come from."""
-    out = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}  # fmt: skip
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        out["gpu"] = {
-            "name": props.name,
-            "memory_mib": props.total_memory // 2**20,
-            "capability": f"{props.major}.{props.minor}",
-        }
-    return out
+        write_json(self.out, self.data, quiet=True)
 
 
 def _ratio(student: dict, mode: str) -> float | None:
@@ -701,12 +659,7 @@ def run(config: CheckConfig, report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure, write the JSON, print the table; 2 without CUDA (and without --smoke)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", default=str(REPO / "benchmarks" / "gpu_check.json"), help="the JSON report"
-    )
+    parser = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes on the CPU, no compiling (CI)"
     )

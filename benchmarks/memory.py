@@ -19,11 +19,8 @@ of 512 px; ~6 min to write) are written once into --slides-dir and reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,7 +29,8 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, argument_parser, load_average, machine, write_json
+
 SLIDES = {"n": 10, "seed": 0, "width": 8192, "height": 8192, "tissue_fraction": 0.85}
 
 
@@ -93,21 +91,8 @@ def run_job(args: list[str], log: Path) -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="benchmarks/memory.json")
+    p = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     p.add_argument("--num-patches", type=int, default=200, help="S_n; the second run uses 10 x S_n")
     p.add_argument(
         "--patch-size", type=int, default=512, help="patch side at 20x, as read from the slide"
@@ -175,15 +160,13 @@ def main() -> None:
     ratio = peak[sizes[1]] / peak[sizes[0]]
     report = {
         "benchmark": "peak memory (PSS over the process tree) of jobs/rckd_pretrain.py, S_n vs 10 x S_n",
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "job": "python jobs/rckd_pretrain.py " + " ".join(job_args("S_n", "WORK/runsS_n")),
         "slides": {**SLIDES, "magnification": 20, "tissue_patches_available": available},
         "patch_size": args.patch_size,
         "input_size": args.input_size,
         "teacher": args.teacher,
-        "machine": f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB, no GPU used",
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": {**machine(), "gpu_used": False},
+        "load_average_after": load_average(),
         "results": results,
         "peak_pss_mib": {str(n): v for n, v in peak.items()},
         "ratio_10x": round(ratio, 3),
@@ -195,10 +178,10 @@ def main() -> None:
         },
         "goal": "at most 1.2",
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"ratio {ratio:.3f}, delta {delta:+.1f} MiB (holding the {extra} extra raw patches: {raw:.0f} MiB); wrote {args.out}"
+        f"ratio {ratio:.3f}, delta {delta:+.1f} MiB (holding the {extra} extra raw patches: {raw:.0f} MiB)"
     )
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

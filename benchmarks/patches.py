@@ -13,14 +13,14 @@ workers, side by side in one run; the figure is tissue patches (the layer's coun
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import argument_parser, write_json
 
 
 def naive_slide(
@@ -80,10 +80,7 @@ def run_layer(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="benchmarks/patches.json")
+    p = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     p.add_argument("--patch-size", type=int, default=1024, help="RCKD Sec. 2.1.1: 1024 at 20x")
     p.add_argument("--magnification", type=float, default=20.0)
     p.add_argument("--demo-slides", type=int, default=8)
@@ -135,12 +132,9 @@ def main() -> None:
         "benchmark": "tissue patches per second, histokd slide layer vs naive level-0 loop",
         "patch_size": args.patch_size,
         "magnification": args.magnification,
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs",
-        "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

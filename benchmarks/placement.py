@@ -23,76 +23,31 @@ the actors.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import load_average, machine, write_json
+from pretrain_gpu import demo_slides, job_parser  # benchmarks/ is this script's import path
+
 PLACEMENTS = ("actors", "trainer")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", default=str(REPO / "benchmarks" / "placement.json"), help="the JSON report"
-    )
+    parser = job_parser(__doc__, __file__, patch_size=256, input_size=128, num_patches=64,
+                        batch_size=16)  # fmt: skip
     parser.add_argument(
         "--teacher", default="demo", help="teacher spec of the job (a StarDist teacher)"
     )
-    parser.add_argument(
-        "--patch-size", type=int, default=256, help="patch side at 20x (RCKD: 1024)"
-    )
-    parser.add_argument(
-        "--input-size", type=int, default=128, help="student input side (RCKD: 512)"
-    )
-    parser.add_argument(
-        "--num-patches", type=int, default=64, help="S_n, patches sampled (train + hold-out)"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=3,
-        help="epoch 1 labels every patch; later ones show the cache",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="global student batch")
-    parser.add_argument(
-        "--teacher-batch-size", type=int, default=8, help="patches per teacher call"
-    )
     parser.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--backbone", default="csat", help="student backbone")
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs of each placement, interleaved"
     )
-    parser.add_argument("--slides-dir", default=str(REPO / "runs" / "benchmarks" / "placement_slides"),
-                        help="demo slides, written on first use and reused")  # fmt: skip
-    parser.add_argument("--work-dir", default=str(REPO / "runs" / "benchmarks" / "placement"),
-                        help="the job's storage path (removed afterwards unless --keep)")  # fmt: skip
-    parser.add_argument("--keep", action="store_true", help="keep the runs")
     return parser.parse_args(argv)
-
-
-def _machine() -> dict:
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(v, 2) for v in load] if load else None, "commit": commit,
-    }  # fmt: skip
 
 
 def record_bytes(patch_size: int, input_size: int) -> dict[str, int]:
@@ -160,10 +115,9 @@ def _summary(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     os.environ.pop("RAY_ADDRESS", None)  # a fresh local Ray, not a cluster this shell points at
-    from pretrain_gpu import demo_slides  # benchmarks/ is this script's import path
 
     started = time.time()
-    machine = _machine()
+    facts = {**machine(), "load_average_at_start": load_average()}
     slides = demo_slides(Path(args.slides_dir), args.num_patches, args.patch_size)
     runs = []
     for repeat in range(args.repeats):
@@ -172,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_once(args, slides, placement, repeat))
     report = {
         "benchmark": "teacher placement: actor pool vs training workers (benchmarks/placement.py)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "machine": facts,
         "settings": {
             k: v
             for k, v in vars(args).items()
@@ -187,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "seconds": round(time.time() - started, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
-    print(f"written {out}", flush=True)
+    write_json(args.out, report)
     return 0
 
 

@@ -17,16 +17,16 @@ two measurements so that a shared machine's load affects both alike.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import argument_parser, load_average, machine, write_json
 
 OUTPUT_MAGNIFICATION = 2.5
 CASES = {
@@ -174,9 +174,7 @@ def decoded_tiles(slides: list[str], case: tuple, input_size: int, count: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     parser.add_argument("--backbone", default="csat")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -189,12 +187,10 @@ def main() -> None:
         "--model-seconds", type=float, default=8.0, help="duration of each model-alone measurement"
     )
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
-    parser.add_argument("--out", default="benchmarks/predict.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import ray
-    import torch
 
     from histokd.cluster import init_ray
     from histokd.synthetic import make_demo_slides
@@ -207,7 +203,7 @@ def main() -> None:
     ]
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     plan = plan_resources(ray.cluster_resources(), None, 1.0)
-    load_before = os.getloadavg()
+    load_before = load_average()
     results: dict = {}
     for name in args.cases:
         case = CASES[name]
@@ -236,7 +232,7 @@ def main() -> None:
                     "model_alone": alone,
                     "stream": streamed,
                     "end_to_end": whole,
-                    "load_average_1min": round(os.getloadavg()[0], 2),
+                    "load_average_1min": load_average()[0],
                 }
             )
             print(name, json.dumps(rounds[-1]), flush=True)
@@ -255,14 +251,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "slides": args.slides,
         "slide_size": "2048 x 2048 px at 20x (demo SVS)",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "load_average_before": [round(v, 2) for v in load_before],
-        },  # fmt: skip
+        "machine": {**machine(), "load_average_before": load_before},
         "actor_plan": {
             "actors": plan.num_actors,
             "actor_cpus": plan.actor_cpus,
@@ -272,7 +261,6 @@ def main() -> None:
         },  # fmt: skip
         "results": results,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(
         json.dumps(
             {
@@ -290,7 +278,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print(f"written: {args.out}")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,7 +41,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, argument_parser, write_json
+
 RANDOM_VERSATILE = "2D_versatile_he:random"
 VERSATILE_HE = REPO.parent / "shared" / "testdata" / "stardist" / "2D_versatile_he"
 # The published config.json and thresholds.json of StarDist's 2D_versatile_he (the same as
@@ -66,48 +66,44 @@ SLIDE_SIDE = 4096
 TISSUE_FRACTION = 0.85
 
 
+def job_parser(doc: str, script: str, patch_size: int, input_size: int, num_patches: int,
+               batch_size: int) -> argparse.ArgumentParser:  # fmt: skip
+    """The flags of a benchmark that runs the pretraining job on demo slides (also placement.py)."""
+    name = Path(script).stem
+    parser = argument_parser(doc, Path(script).with_suffix(".json"))
+    add = parser.add_argument
+    add("--patch-size", type=int, default=patch_size, help="patch side at 20x (RCKD: 1024)")
+    add("--input-size", type=int, default=input_size, help="student input side (RCKD: 512)")
+    add("--num-patches", type=int, default=num_patches, help="S_n, patches (train + hold-out)")
+    add(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epoch 1 labels all patches; later ones show the cache",
+    )
+    add("--batch-size", type=int, default=batch_size, help="global student batch (RCKD: 64)")
+    add("--teacher-batch-size", type=int, default=8, help="patches per teacher call")
+    add("--backbone", default="csat", help="student backbone")
+    add("--slides-dir", default=str(REPO / "runs" / "benchmarks" / f"{name}_slides"),
+        help="demo slides, written on first use and reused")  # fmt: skip
+    add("--work-dir", default=str(REPO / "runs" / "benchmarks" / name),
+        help="the job's storage path (its run folders are removed afterwards unless --keep)")  # fmt: skip
+    add("--keep", action="store_true", help="keep the run folders (checkpoints, pseudo labels)")
+    return parser
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--out", default=str(REPO / "benchmarks" / "pretrain_gpu.json"), help="the JSON report"
-    )
+    parser = job_parser(__doc__, __file__, patch_size=1024, input_size=512, num_patches=512,
+                        batch_size=64)  # fmt: skip
     parser.add_argument("--teacher", default=RANDOM_VERSATILE,
                         help=f"{RANDOM_VERSATILE!r} (default): the 2D_versatile_he architecture with random weights, "
                              "offline; else a teacher spec of the job (2D_versatile_he, demo, a model folder)")  # fmt: skip
-    parser.add_argument(
-        "--patch-size", type=int, default=1024, help="patch side at 20x (RCKD: 1024)"
-    )
-    parser.add_argument(
-        "--input-size", type=int, default=512, help="student input side (RCKD: 512)"
-    )
     parser.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16")
-    parser.add_argument(
-        "--num-patches", type=int, default=512, help="S_n, patches sampled (train + hold-out)"
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=3, help="epoch 1 runs the teacher; later ones read its cache"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="global student batch (RCKD: 64)"
-    )
-    parser.add_argument(
-        "--teacher-batch-size", type=int, default=8, help="patches per teacher call"
-    )
     parser.add_argument(
         "--teacher-gpus", type=float, default=0.5, help="GPU share of each teacher actor"
     )
-    parser.add_argument("--backbone", default="csat", help="student backbone")
     parser.add_argument(
         "--interval", type=float, default=0.5, help="seconds between nvidia-smi samples"
-    )
-    parser.add_argument("--slides-dir", default=str(REPO / "runs" / "benchmarks" / "pretrain_gpu_slides"),
-                        help="demo slides, written on first use and reused")  # fmt: skip
-    parser.add_argument("--work-dir", default=str(REPO / "runs" / "benchmarks" / "pretrain_gpu"),
-                        help="the job's storage path (its run folder is removed afterwards unless --keep)")  # fmt: skip
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the run folder (checkpoints, pseudo labels)"
     )
     parser.add_argument(
         "--ray-address", default=None, help="Ray cluster to join; default: a new local Ray"
@@ -208,20 +204,6 @@ def random_versatile_teacher(folder: Path) -> tuple[str, str]:
     return str(folder), source
 
 
-def _machine() -> dict:
-    names = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=10,
-    ).stdout.strip().splitlines()  # fmt: skip
-    import torch
-
-    return {
-        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "gpus": [dict(zip(("name", "memory_total_mib", "driver"), (f.strip() for f in n.split(",")), strict=False)) for n in names],
-    }  # fmt: skip
-
-
 def _epoch_windows(
     tracking_uri: str, run_id: str, history: list[dict]
 ) -> dict[int, tuple[float, float]]:
@@ -314,11 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     later = [e["patches_per_second"] for e in epochs if e["epoch"] > 1]
     report = {
         "benchmark": "RCKD pretraining on GPU (benchmarks/pretrain_gpu.py)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
         "settings": {
             "teacher": args.teacher,
             "teacher_spec": teacher,
@@ -349,15 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         "whole_job": {**_stats(sampler.samples), "missed_samples": sampler.errors},
         "goal": "GPU busy >= 90 % while training",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(
         json.dumps(
             {k: report[k] for k in ("patches_per_second", "training_epochs", "whole_job")}, indent=2
         )
     )
-    print(f"written {out}", flush=True)
     if not args.keep:
         shutil.rmtree(work / "runs" / run_name, ignore_errors=True)
     return 0

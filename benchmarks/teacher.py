@@ -31,10 +31,8 @@ picture rather than a measurement, into the unversioned ``runs/benchmarks/teache
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -43,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, argument_parser, load_average, machine, take_turns, write_json
+
 VERSATILE_HE = REPO.parent / "shared" / "testdata" / "stardist" / "2D_versatile_he"
 PARTS = ("label_rates", "backends", "figure", "stream")
 
@@ -153,24 +152,22 @@ def backend_rates(
         "torch_eager": {"backend": "torch", "device": "cpu"},
         "torch_compiled": {"backend": "torch", "device": "cpu", "compile": True},
     }
+    masks: dict[str, np.ndarray] = {}  # each variant's masks from its last pass
     for label, (spec, kwargs) in models.items():
         teachers = {
             name: build_teacher(spec, **variant, **common, **kwargs)
             for name, variant in variants.items()
         }
-        rows: dict[str, dict] = {name: {"passes_s": [], "cpu_passes_s": []} for name in teachers}
-        masks = {}
-        for name, teacher in teachers.items():
-            started = time.perf_counter()
-            masks[name] = teacher.pseudo_label(images)
-            rows[name]["first_pass_s"] = round(time.perf_counter() - started, 2)
-        for r in range(rounds):
-            names = list(teachers)[r % len(teachers) :] + list(teachers)[: r % len(teachers)]
-            for name in names:
-                wall, cpu = time.perf_counter(), time.process_time()
-                teachers[name].pseudo_label(images)
-                rows[name]["passes_s"].append(round(time.perf_counter() - wall, 3))
-                rows[name]["cpu_passes_s"].append(round(time.process_time() - cpu, 3))
+        passes = {name: lambda n=name, t=teacher: masks.__setitem__(n, t.pseudo_label(images))
+                  for name, teacher in teachers.items()}  # fmt: skip
+        rows = {
+            name: {
+                "passes_s": [round(s, 3) for s in t.wall_s],
+                "cpu_passes_s": [round(s, 3) for s in t.cpu_s],
+                "first_pass_s": round(t.first_s, 2),
+            }
+            for name, t in take_turns(passes, rounds, rotate=True).items()
+        }
         for name, row in rows.items():
             median = statistics.median(row["passes_s"])
             row["labels_per_s"] = round(len(images) / median, 3)
@@ -272,10 +269,7 @@ def figure(images: np.ndarray, path: Path) -> None:
 
 def main() -> None:
     """Run the benchmark and write its JSON."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "teacher.json"))
+    parser = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     parser.add_argument(
         "--num-patches", type=int, default=8, help="1024x1024 patches labelled per model"
     )
@@ -326,14 +320,7 @@ def main() -> None:
     )
     models = benchmark_models(work)
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "gpus": gpus,
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "torch": torch.__version__,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },  # fmt: skip
+        "machine": {**machine(), "tensorflow_gpus": gpus, "load_average_at_start": load_average()},
         "patch_size": int(images.shape[1]),
     }
     if "label_rates" in args.parts:
@@ -356,9 +343,9 @@ def main() -> None:
         )
         results["stream"] = stream_rates(manifest, args.batch_size, args.input_size)
         ray.shutdown()
-    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    results["machine"]["load_average_at_end"] = load_average()
     print(json.dumps(results, indent=2))
+    write_json(args.out, results)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,14 +9,13 @@ The demo teacher was trained on demo slides of seed 0; these are seed 7 (never s
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import argument_parser, write_json
 
 
 def annotated_tiles(work: Path, slides: int, tiles: int) -> tuple[Path, Path]:
@@ -38,10 +37,7 @@ def annotated_tiles(work: Path, slides: int, tiles: int) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="benchmarks/teacher_check.json")
+    parser = argument_parser(__doc__, Path(__file__).with_suffix(".json"))
     parser.add_argument("--slides", type=int, default=2)
     parser.add_argument("--tiles", type=int, default=24)
     args = parser.parse_args()
@@ -49,8 +45,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp())
     images, masks = annotated_tiles(work, args.slides, args.tiles)
-    report = {"machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "tiles": len(list(images.iterdir())),
-              "teachers": {}}  # fmt: skip
+    report = {"tiles": len(list(images.iterdir())), "teachers": {}}
     # The last run asks what labelling 40x and 80x patches (0.25, 0.125 um/px) with this 20x teacher
     # would cost, against resampling them to its scale first.
     runs = {"demo": ("demo", 0.5), "deconvolution": ("deconvolution", 0.5), "demo, 40x patches": ("demo", 0.25),
@@ -67,7 +62,7 @@ def main() -> None:
             "best": result.best,
             "seconds": round(seconds, 1),
         }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":
