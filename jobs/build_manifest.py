@@ -1,107 +1,103 @@
 """Sample tissue patches from slides into a Parquet manifest (RCKD Sec. 2.1.1).
 
-    python jobs/build_manifest.py SLIDES... --out runs/manifest --num-patches 400000
+    python jobs/build_manifest.py --slides /data/wsi --run-name tcga-manifest --num-patches 400000
 
 SLIDES are slide files, folders (searched recursively) or .txt files listing one path per line.
-Bad slides are skipped and listed in OUT/bad_slides.csv; rerunning with the same inputs and
-settings reuses the manifest.
+The manifest goes to STORAGE/RUN_NAME (manifest.parquet, manifest.json); bad slides are skipped
+and listed in bad_slides.csv there. Rerunning with the same inputs and settings reuses it.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from dataclasses import dataclass, field
 
-from histokd.manifest import ManifestConfig, ManifestError, build_manifest
-from histokd.tissue import TissueFilter
+from histokd.cli import run_job
+from histokd.run import RunFolderConfig, take_legacy_out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d, t = ManifestConfig(), TissueFilter()
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass
+class ManifestJobConfig(RunFolderConfig):
+    """The manifest job: which slides, which patches, where the manifest goes."""
+
+    run_name: str = field(default="manifest", metadata={"help": "the manifest's folder name"})
+    slides: list[str] = field(
+        default_factory=list, metadata={"help": "slide files, folders or .txt lists of paths"}
     )
-    p.add_argument("slides", nargs="+", help="slide files, folders or .txt lists of paths")
-    p.add_argument(
-        "--out", required=True, help="folder for manifest.parquet, manifest.json, bad_slides.csv"
+    magnification: float = field(default=20.0, metadata={"help": "patch magnification (RCKD: 20)"})
+    patch_size: int = field(
+        default=1024, metadata={"help": "patch side in pixels at --magnification (RCKD: 1024)"}
     )
-    p.add_argument(
-        "--magnification",
-        type=float,
-        default=d.magnification,
-        help="patch magnification (RCKD: 20)",
-    )
-    p.add_argument(
-        "--patch-size",
-        type=int,
-        default=d.patch_size,
-        help="patch side in pixels at --magnification (RCKD: 1024)",
-    )
-    p.add_argument(
-        "--num-patches",
-        type=int,
+    num_patches: int | None = field(
         default=None,
-        help="S_n, patches over all slides (RCKD: 400000); default: every tissue patch",
+        metadata={"help": "S_n, patches over all slides (RCKD: 400000); default: every one"},
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampling order")
-    p.add_argument(
-        "--base-magnification",
-        type=float,
+    base_magnification: float | None = field(
         default=None,
-        help="level-0 magnification for slides that record neither objective power nor MPP",
+        metadata={"help": "level-0 magnification of slides that record neither power nor MPP"},
     )
-    p.add_argument(
-        "--min-tissue-fraction",
-        type=float,
-        default=t.min_tissue_fraction,
-        help="thumbnail tissue fraction a candidate patch needs",
+    min_tissue_fraction: float = field(
+        default=0.35, metadata={"help": "thumbnail tissue fraction a candidate patch needs"}
     )
-    p.add_argument(
-        "--min-mean-intensity",
-        type=float,
-        default=t.min_mean_intensity,
-        help="RCKD rule: lowest mean intensity kept",
+    min_mean_intensity: float = field(
+        default=50.0, metadata={"help": "RCKD rule: lowest mean intensity kept"}
     )
-    p.add_argument(
-        "--max-mean-intensity",
-        type=float,
-        default=t.max_mean_intensity,
-        help="RCKD rule: highest mean intensity kept",
+    max_mean_intensity: float = field(
+        default=245.0, metadata={"help": "RCKD rule: highest mean intensity kept"}
     )
-    p.add_argument("--local", action="store_true", help="run in this process instead of Ray tasks")
-    p.add_argument(
-        "--overwrite", action="store_true", help="rebuild even if an up-to-date manifest exists"
+    ray_address: str | None = field(
+        default=None, metadata={"help": "Ray cluster to join; default: $RAY_ADDRESS, else local"}
     )
-    return p.parse_args(argv)
+    local: bool = field(default=False, metadata={"help": "run in this process, not Ray tasks"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "rebuild even if an up-to-date manifest exists"}
+    )
+    out: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+
+    def __post_init__(self) -> None:
+        take_legacy_out(self, self.out)
+        self.out = None
+        super().__post_init__()
+        if not self.slides:
+            raise ValueError("slides=[]: give slide files, folders or .txt lists (--slides)")
+
+
+def _run(config: ManifestJobConfig):
+    from histokd.manifest import ManifestConfig, ManifestError, build_manifest
+    from histokd.tissue import TissueFilter
+
+    tissue = TissueFilter(
+        min_tissue_fraction=config.min_tissue_fraction,
+        min_mean_intensity=config.min_mean_intensity,
+        max_mean_intensity=config.max_mean_intensity,
+    )
+    settings = ManifestConfig(
+        magnification=config.magnification, patch_size=config.patch_size,
+        num_patches=config.num_patches, seed=config.seed,
+        base_magnification=config.base_magnification, tissue=tissue,
+    )  # fmt: skip
+    if not config.local:
+        from histokd.cluster import init_ray
+
+        init_ray(config.ray_address)
+    try:
+        return build_manifest(
+            config.slides, config.run_dir, settings, use_ray=not config.local,
+            overwrite=config.overwrite,
+        )  # fmt: skip
+    except ManifestError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _report(result) -> None:
+    print(
+        f"manifest: {result.manifest_path} ({result.num_patches} patches, "
+        f"{result.num_bad_slides} bad slides: {result.bad_slides_path})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    try:
-        config = ManifestConfig(
-            magnification=args.magnification,
-            patch_size=args.patch_size,
-            num_patches=args.num_patches,
-            seed=args.seed,
-            base_magnification=args.base_magnification,
-            tissue=TissueFilter(
-                min_tissue_fraction=args.min_tissue_fraction,
-                min_mean_intensity=args.min_mean_intensity,
-                max_mean_intensity=args.max_mean_intensity,
-            ),
-        )
-        result = build_manifest(
-            args.slides, args.out, config, use_ray=not args.local, overwrite=args.overwrite
-        )
-    except (ValueError, ManifestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"manifest: {result.manifest_path} ({result.num_patches} patches, {result.num_bad_slides} bad slides: {result.bad_slides_path})"
-    )
-    return 0
+    return run_job(ManifestJobConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

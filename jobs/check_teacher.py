@@ -19,38 +19,37 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
-from histokd.teachers.base import TeacherError
+from histokd.cli import run_job
 from histokd.teachers.check import CheckConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, check the teacher, print the table and where the report is."""
-    try:
-        config = parse_config(CheckConfig, argv, description=__doc__)
-    except TeacherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from histokd.teachers.check import check_teacher, format_table
+def _run(config: CheckConfig):
+    from histokd.teachers.check import check_teacher
 
-    try:
-        result = check_teacher(config)
-    except TeacherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return config, check_teacher(config)
+
+
+def _report(outcome) -> None:
+    from histokd.teachers.check import format_table
+
+    config, result = outcome
     print(
-        f"teacher {config.teacher} on {config.images} (images at {config.mpp:g} um/px), pooled IoU with the true nuclei:"
+        f"teacher {config.teacher} on {config.images} (images at {config.mpp:g} um/px), "
+        "pooled IoU with the true nuclei:"
     )
     print(format_table(result.rows))
     best = result.best
     how = ", ".join(f"{k} {best[k]}" for k in ("normalization", "teacher_mpp") if k in best)
     print(
-        f"best: alpha {best['alpha']:g}{', ' + how if how else ''}: IoU {best['check_iou']:.3f}, Dice {best['check_dice']:.3f}"
-        f" (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)"
+        f"best: alpha {best['alpha']:g}{', ' + how if how else ''}: IoU {best['check_iou']:.3f}, "
+        f"Dice {best['check_dice']:.3f} (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)"
     )
     print(f"report:   {result.out_dir}  (results.csv, results.json, overlay.png)")
     print(f"settings: {result.out_dir / 'histokd_teacher.json'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(CheckConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

@@ -1,54 +1,62 @@
 """Parameters and GMAC of every backbone, as RCKD Table 6 and Table 3's Params/GMAC columns.
 
-Usage:
-    python jobs/profile_models.py --output-dir runs/profile [--backbones csat resnet18]
+    python jobs/profile_models.py --run-name profile [--backbones csat resnet18]
         [--input-sizes 224 384 512] [--num-classes 1000]
 
-Prints the table and writes ``profile.json`` and ``profile.md`` into the output folder.
+Prints the table and writes ``profile.json`` and ``profile.md`` into STORAGE/RUN_NAME.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
+from dataclasses import dataclass, field
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads weights
-
-from histokd.models.factory import BACKBONES  # noqa: E402
-from histokd.models.profile import ProfileConfig, format_table, run_profile  # noqa: E402
+from histokd.cli import run_job
+from histokd.run import RunFolderConfig, take_legacy_out
 
 
-def parse_args(argv: list[str] | None = None) -> ProfileConfig:
-    """Build the job's config from the command line."""
-    defaults = ProfileConfig(output_dir="runs/profile")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass
+class ProfileJobConfig(RunFolderConfig):
+    """Which backbones at which input sizes."""
+
+    run_name: str = field(default="profile", metadata={"help": "the output folder's name"})
+    backbones: list[str] = field(
+        default_factory=list, metadata={"help": "histokd backbone names; default: all"}
     )
-    parser.add_argument("--output-dir", default=str(defaults.output_dir))
-    parser.add_argument(
-        "--backbones",
-        nargs="+",
-        default=list(defaults.backbones),
-        metavar="NAME",
-        help=f"any of {', '.join(BACKBONES)}",
+    input_sizes: list[int] = field(
+        default_factory=lambda: [224, 384, 512], metadata={"help": "square input sides"}
     )
-    parser.add_argument("--input-sizes", nargs="+", type=int, default=list(defaults.input_sizes))
-    parser.add_argument("--num-classes", type=int, default=defaults.num_classes)
-    args = parser.parse_args(argv)
-    return ProfileConfig(
-        output_dir=args.output_dir,
-        backbones=tuple(args.backbones),
-        input_sizes=tuple(args.input_sizes),
-        num_classes=args.num_classes,
+    num_classes: int = field(
+        default=1000, metadata={"help": "classes of the head counted (RCKD Table 6: 1000)"}
     )
+    output_dir: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+
+    def __post_init__(self) -> None:
+        take_legacy_out(self, self.output_dir, "--output-dir")
+        self.output_dir = None
+        super().__post_init__()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Profile the backbones and print the table."""
-    config = parse_args(argv)
-    print(format_table(run_profile(config)))
-    print(f"\nwritten: {config.output_dir / 'profile.json'}, {config.output_dir / 'profile.md'}")
+def _run(config: ProfileJobConfig):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads weights
+    from histokd.models.profile import ProfileConfig, format_table, run_profile
+
+    settings = ProfileConfig(config.run_dir, input_sizes=config.input_sizes,
+                             num_classes=config.num_classes,
+                             **({"backbones": config.backbones} if config.backbones else {}))  # fmt: skip
+    return format_table(run_profile(settings)), settings.output_dir
+
+
+def _report(result) -> None:
+    table, folder = result
+    print(table)
+    print(f"\nwritten: {folder / 'profile.json'}, {folder / 'profile.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(ProfileJobConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

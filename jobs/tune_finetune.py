@@ -15,35 +15,35 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.finetune.config import DEMO_PRESET
 from histokd.finetune.search import SearchConfig
 
 # The demo: the paper's grid scaled to the demo's 256 px patches (resolutions 56 and 96 for
 # 224 and 384; learning rates 10x larger, as in the fine-tuning demo), three splits.
-DEMO_SEARCH_PRESET = dict(
-    DEMO_PRESET, input_sizes=[56, 96], lrs=[1e-2, 1e-3], num_splits=3, max_epochs=15, patience=5
-)
+DEMO_SEARCH_PRESET = {
+    "finetune": dict(DEMO_PRESET, num_splits=3, epochs=15, patience=5),
+    "input_sizes": [56, 96],
+    "lrs": [1e-2, 1e-3],
+}
+
+
+def _run(config: SearchConfig):
+    from histokd.finetune.search import run_search
+
+    return run_search(config)
+
+
+def _report(result) -> None:
+    print(f"\ntable: {result.files['markdown']}\nchart: {result.files['chart']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(
-        SearchConfig,
-        argv,
-        description=__doc__,
-        presets={"demo": DEMO_SEARCH_PRESET},
-        default_preset=lambda values: None if values.get("data") else "demo",
-    )
-    from histokd.finetune.search import run_search
-
-    try:
-        result = run_search(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(f"table: {result.files['markdown']}\nchart: {result.files['chart']}")
-    return 0
+    return run_job(
+        SearchConfig, _run, argv, description=__doc__, presets={"demo": DEMO_SEARCH_PRESET},
+        default_preset=lambda values: None if values.get("finetune", {}).get("data") else "demo",
+        report=_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,9 +1,22 @@
 """Command lines from job config dataclasses: one flag per field, YAML files, the resolved config.
 
-Every job config is a ``@dataclass`` whose fields carry their help text in
-``field(metadata={"help": ...})``. :func:`parse_config` builds the argparse parser from the
-fields, so ``--help``, the YAML keys and the code never disagree. Precedence: the dataclass
-defaults, then a ``--preset``, then ``--config FILE.yaml``, then flags given on the command line.
+Every job and tool builds its command line here. A job config is a ``@dataclass`` whose fields
+carry their help text in ``field(metadata={"help": ...})``; :func:`parse_config` builds the
+argparse parser from the fields, so ``--help``, the YAML keys and the code never disagree.
+Precedence: the dataclass defaults, then a ``--preset``, then ``--config FILE.yaml``, then
+flags given on the command line.
+
+Field metadata:
+    help: The flag's help text.
+    aliases: Old names of the field, kept for one release: ``--old-name`` and the YAML key
+        ``old_name`` still work and print a one-line notice.
+    cli: ``"hidden"`` keeps a (test-only) flag out of ``--help``; ``False`` keeps the field off
+        the command line.
+
+A field whose type is itself a config dataclass (a search's job config) is filled from the
+same flags (its own fields' names) and from a nested YAML mapping under its name.
+
+This module imports neither torch nor Ray: a job's ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -18,11 +31,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-__all__ = ["RunStorage", "check_ints", "config_to_dict", "load_yaml", "parse_config", "save_config"]
+__all__ = [
+    "check_ints",
+    "config_to_dict",
+    "load_yaml",
+    "make_parser",
+    "parse_config",
+    "run_job",
+    "save_config",
+]
 
 C = TypeVar("C")
+REMOVED_IN = "0.2"
 
 
 def _field_kind(tp: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
@@ -53,9 +73,96 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _build_parser(
-    cls: type, description: str, presets: Mapping[str, Mapping[str, Any]]
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _nested(cls: type) -> dict[str, type]:
+    """Fields whose type is a config dataclass: {field name: its class}."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if f.init and dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name: sets the field and says, once, what replaced it."""
+
+    def __init__(self, option_strings, dest, new_flag: str, value_action: str, **kwargs):
+        self.new_flag, self.value_action = new_flag, value_action
+        if value_action == "flag":
+            kwargs["nargs"] = 0
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"notice: {option_string} is deprecated and goes in histokd {REMOVED_IN}: "
+            f"use {self.new_flag}",
+            file=sys.stderr,
+        )
+        if self.value_action == "flag":
+            values = not option_string.startswith("--no-")
+        setattr(namespace, self.dest, values)
+
+
+def _add_field(group, f: dataclasses.Field, tp: Any) -> None:
+    parse, is_list, optional = _field_kind(tp)
+    default = _default(f)
+    help_text = f.metadata.get("help", "")
+    help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+    if f.metadata.get("cli") == "hidden":
+        help_text = argparse.SUPPRESS
+    flag = _flag(f.name)
+    if parse is None:  # bool
+        kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+    elif is_list:
+        kwargs = {"nargs": "*", "type": parse, "metavar": f.name.upper()}
+    else:
+        choices = None
+        for candidate in (tp, *typing.get_args(tp)):
+            if typing.get_origin(candidate) is typing.Literal:
+                choices = list(typing.get_args(candidate))
+        kwargs = {
+            "type": _none_or(parse) if optional else parse,
+            "choices": choices,
+            "metavar": f.name.upper() if choices is None else None,
+        }
+    group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+    for old in f.metadata.get("aliases", ()):
+        names = [_flag(old)] + ([_flag("no_" + old)] if parse is None else [])
+        extra = {k: v for k, v in kwargs.items() if k in ("nargs", "type", "choices")}
+        group.add_argument(
+            *names,
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+            action=_Deprecated,
+            new_flag=flag,
+            value_action="flag" if parse is None else "value",
+            **extra,
+        )
+
+
+def make_parser(
+    cls: type,
+    description: str = "",
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> argparse.ArgumentParser:
+    """The parser of a job or tool: ``--config``, ``--print-config``, a flag per field.
+
+    The fields every job shares (those of :class:`histokd.run.RunConfig` and its subclasses
+    in ``histokd.run``) come last, in their own group.
+    """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -74,56 +181,35 @@ def _build_parser(
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("cli") is False:
-            continue
-        parse, is_list, optional = _field_kind(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+    common = parser.add_argument_group("run and cluster (the same in every job)")
+    seen: set[str] = set()
+
+    def add(config_cls: type) -> None:
+        hints = typing.get_type_hints(config_cls)
+        nested = _nested(config_cls)
+        for f in dataclasses.fields(config_cls):
+            if not f.init or f.metadata.get("cli") is False or f.name in seen:
+                continue
+            if f.name in nested:
+                add(nested[f.name])
+                continue
+            seen.add(f.name)
+            owner = next(  # the base-most class that declares it
+                k
+                for k in reversed(config_cls.__mro__)
+                if f.name in vars(k).get("__annotations__", {})
             )
-        )
-        help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
-        if parse is None:  # bool
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif is_list:
-            parser.add_argument(
-                flag,
-                nargs="*",
-                type=parse,
-                default=argparse.SUPPRESS,
-                help=help_text,
-                metavar=f.name.upper(),
-            )
-        else:
-            choices = None
-            tp = hints[f.name]
-            for candidate in (tp, *typing.get_args(tp)):
-                if typing.get_origin(candidate) is typing.Literal:
-                    choices = list(typing.get_args(candidate))
-            parser.add_argument(
-                flag,
-                type=_none_or(parse) if optional else parse,
-                choices=choices,
-                default=argparse.SUPPRESS,
-                help=help_text,
-                metavar=f.name.upper() if choices is None else None,
-            )
+            group = common if owner.__module__ == "histokd.run" else parser
+            _add_field(group, f, hints[f.name])
+
+    add(cls)
     return parser
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping, or a clear error naming the file."""
+    import yaml
+
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -133,6 +219,63 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"error: --config {path}: must be a mapping of field: value, got {type(data).__name__}"
         )
     return data
+
+
+def _renames(cls: type) -> dict[str, str]:
+    """Old field names (aliases) to the current ones."""
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("aliases", ())}
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Field values from a YAML mapping: old names renamed (with a notice), unknown keys
+    refused, nested configs' mappings checked the same way."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    renames, nested = _renames(cls), _nested(cls)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in renames:
+            print(
+                f"notice: {where}: {key!r} is deprecated and goes in histokd {REMOVED_IN}: "
+                f"use {renames[key]!r}",
+                file=sys.stderr,
+            )
+            key = renames[key]
+        if key not in names:
+            raise SystemExit(f"error: {where}: unknown field {key!r}; allowed: {sorted(names)}")
+        if key in nested:
+            if not isinstance(value, Mapping):
+                raise SystemExit(f"error: {where}: {key!r} must be a mapping of field: value")
+            value = _from_mapping(nested[key], value, f"{where}: {key}")
+        values[key] = value
+    return values
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            value = _merge(dict(out[key]), value)
+        out[key] = value
+    return out
+
+
+def _split_flags(cls: type, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat flag values arranged into the config's (possibly nested) fields."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {k: v for k, v in flags.items() if k in names}
+    for name, sub in _nested(cls).items():
+        inner = _split_flags(sub, flags)
+        if inner:
+            values[name] = inner
+    return values
+
+
+def _build(cls: type[C], values: Mapping[str, Any]) -> C:
+    values = dict(values)
+    for name, sub in _nested(cls).items():
+        if isinstance(values.get(name), Mapping):
+            values[name] = _build(sub, values[name])
+    return cls(**values)
 
 
 def parse_config(
@@ -156,35 +299,58 @@ def parse_config(
             (the dataclass's own validation).
     """
     presets = presets or {}
-    parser = _build_parser(cls, description, presets)
-    args = vars(parser.parse_args(argv))
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    args = vars(make_parser(cls, description, presets).parse_args(argv))
     values: dict[str, Any] = {}
     if args.get("config"):
-        from_file = load_yaml(args["config"])
-        unknown = sorted(set(from_file) - names)
-        if unknown:
-            raise SystemExit(
-                f"error: --config {args['config']}: unknown field(s) {unknown}; allowed: {sorted(names)}"
-            )
-        values.update(from_file)
-    values.update({k: v for k, v in args.items() if k in names})
+        values = _from_mapping(cls, load_yaml(args["config"]), f"--config {args['config']}")
+    values = _merge(values, _split_flags(cls, args))
     preset = args.get("preset") or (default_preset(values) if default_preset else None)
-    merged = dict(presets.get(preset, {})) if preset else {}
-    merged.update(values)
+    merged = _merge(dict(presets.get(preset, {})), values) if preset else values
     try:
-        config = cls(**merged)
+        config = _build(cls, merged)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     if preset:
+        given = set(values) | {k for v in values.values() if isinstance(v, Mapping) for k in v}
         print(
             f"preset {preset!r}: "
-            + ", ".join(f"{k}={v!r}" for k, v in presets[preset].items() if k not in values)
+            + ", ".join(f"{k}={v!r}" for k, v in presets[preset].items() if k not in given)
         )
     if args.get("print_config"):
+        import yaml
+
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         sys.exit(0)
     return config
+
+
+def run_job(
+    cls: type[C],
+    run: Callable[[C], Any],
+    argv: Sequence[str] | None = None,
+    *,
+    description: str = "",
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    default_preset: Callable[[dict[str, Any]], str | None] | None = None,
+    report: Callable[[Any], None] | None = None,
+) -> int:
+    """A job's ``main``: parse its config, run it, report; a bad setting is one line, exit 2.
+
+    Args:
+        cls: The job's config dataclass.
+        run: Runs the job from its config; imports what it needs itself, so that ``--help``
+            and ``--print-config`` answer without torch, Ray or TensorFlow.
+        report: Prints the result's lines.
+    """
+    config = parse_config(cls, argv, description, presets, default_preset)
+    try:
+        result = run(config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report is not None:
+        report(result)
+    return 0
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -194,6 +360,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (what timm's train.py does with args.yaml)."""
+    import yaml
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -220,22 +388,13 @@ def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, auto: boo
             raise ValueError(f"{name}={value!r}: must be {allowed}" + (" or auto" if auto else ""))
 
 
-class RunStorage:
-    """Where a job's run lives, for job configs with ``storage_path``, ``run_name`` and
-    ``mlflow_tracking_uri`` fields: mixed into their dataclasses."""
-
+class RunStorage:  # TODO(issue 16): gone once every config composes histokd.run.RunConfig
     @property
     def run_dir(self) -> str:
-        """Everything of this run: ``STORAGE/RUN_NAME`` (a path or a URI)."""
         return f"{self.storage_path.rstrip('/')}/{self.run_name}"
 
     @property
     def tracking_uri(self) -> str:
-        """The MLflow URI: the configured one, or a SQLite file in a local storage folder.
-
-        Raises:
-            ValueError: The storage is remote and no tracking URI is configured.
-        """
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         if "://" in self.storage_path:

@@ -29,8 +29,8 @@ def test_init_entries(tmp_path, backbone_file):
 def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, backbone_file):
     config = CompareConfig(
         storage_path=str(tmp_path / "runs"), run_name="cmp", datasets=[f"Demo={demo_tasks_small.classification_dir}"],
-        backbones=["csat"], backbone_files=[f"csat={backbone_file}"], input_size=32, batch_size=16, max_epochs=1,
-        num_splits=1, bootstrap_resamples=100, workers_per_split=0,
+        backbones=["csat"], backbone_files=[f"csat={backbone_file}"], input_size=32, batch_size=16, epochs=1,
+        num_splits=1, bootstrap_resamples=100, num_workers=0,
     )  # fmt: skip
     result = run_comparison(config)
     assert [(r["model"], r["init"]) for r in result.rows] == [

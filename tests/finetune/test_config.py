@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_defaults_are_rckds(tmp_path):
     c = FinetuneConfig(storage_path=str(tmp_path))
     assert (c.input_size, c.lr, c.positional_encoding) == (384, 1e-4, "frozen")  # Sec. 3.1
-    assert (c.batch_size, c.max_epochs, c.patience) == (64, 200, 20)
+    assert (c.batch_size, c.epochs, c.patience) == (64, 200, 20)
     assert (c.focal_alpha, c.focal_gamma) == (0.25, 2.0)  # Eq. 5
     assert (c.num_splits, c.split_ratios) == (5, [0.6, 0.2, 0.2])  # Algorithm 2, Sec. 2.1.2
     assert c.init_name == "Random Weight"
@@ -67,7 +67,8 @@ def test_jobs_print_the_resolved_config_with_the_demo_preset(job, tmp_path, caps
         printed[printed.index("\n") + 1 :]
     )  # after the "preset 'demo': ..." line
     assert printed.startswith("preset 'demo'") and config["storage_path"] == str(tmp_path)
-    assert config["input_size"] == 96
+    job_config = config.get("finetune", config)  # a search holds the fine-tuning's config
+    assert job_config["input_size"] == 96 and job_config["storage_path"] == str(tmp_path)
 
 
 def test_job_flag_errors_name_the_field(tmp_path, capsys):

@@ -18,7 +18,7 @@ def test_two_splits_as_parallel_ray_train_runs(
 
     config = FinetuneConfig(
         data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="job",
-        init=str(backbone_file), input_size=32, batch_size=16, max_epochs=2, patience=5, lr=0.05,
+        init=str(backbone_file), input_size=32, batch_size=16, epochs=2, patience=5, lr=0.05,
         num_splits=2, bootstrap_resamples=500,
     )  # fmt: skip
     seen = []
@@ -73,7 +73,7 @@ def test_a_failed_split_worker_resumes_from_its_last_epoch(ray_cluster, tmp_path
 
     config = FinetuneConfig(
         data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="faulty",
-        input_size=32, batch_size=16, max_epochs=4, patience=10, lr=0.05, num_splits=1, bootstrap_resamples=200,
+        input_size=32, batch_size=16, epochs=4, patience=10, lr=0.05, num_splits=1, bootstrap_resamples=200,
         fail_at_epoch=3, max_failures=1,
     )  # fmt: skip
     result = run_finetune(config)

@@ -14,7 +14,7 @@ from histokd.models import PositionalEncodingGenerator
 def _config(tmp_path, data, **overrides) -> FinetuneConfig:
     settings = dict(
         data=str(data), storage_path=str(tmp_path / "runs"), run_name="t", input_size=32, batch_size=16,
-        max_epochs=2, patience=5, lr=0.05, num_splits=1, bootstrap_resamples=200, workers_per_split=0,
+        epochs=2, patience=5, lr=0.05, num_splits=1, bootstrap_resamples=200, num_workers=0,
     )  # fmt: skip
     settings.update(overrides)
     return FinetuneConfig(**settings)
@@ -22,11 +22,11 @@ def _config(tmp_path, data, **overrides) -> FinetuneConfig:
 
 def test_early_stopping_triggers_at_the_right_epoch(ray_cluster, tmp_path, demo_tasks_small):
     # min_delta larger than any loss: only epoch 1 counts as an improvement, so with patience 2
-    # every split stops at epoch 1 + 2 = 3, long before max_epochs, and tests epoch 1's weights.
+    # every split stops at epoch 1 + 2 = 3, long before epochs, and tests epoch 1's weights.
     config = _config(
         tmp_path,
         demo_tasks_small.classification_dir,
-        max_epochs=10,
+        epochs=10,
         patience=2,
         min_delta=1e9,
         num_splits=2,
@@ -82,7 +82,7 @@ def test_positional_encodings_frozen_or_trained(
 
 
 def test_segmentation_split(ray_cluster, tmp_path, demo_tasks_small):
-    config = _config(tmp_path, demo_tasks_small.segmentation_dir, task="segmentation", max_epochs=1)
+    config = _config(tmp_path, demo_tasks_small.segmentation_dir, task="segmentation", epochs=1)
     result = run_finetune(config, tracking=False)
     split = result.split_results[0]
     assert result.summary["primary_metric"] == "miou"
@@ -95,7 +95,7 @@ def test_segmentation_split(ray_cluster, tmp_path, demo_tasks_small):
 def test_test_records_are_the_split_test_samples(ray_cluster, tmp_path, demo_tasks_small):
     import json
 
-    config = _config(tmp_path, demo_tasks_small.classification_dir, max_epochs=1)
+    config = _config(tmp_path, demo_tasks_small.classification_dir, epochs=1)
     result = run_finetune(config, tracking=False)
     splits = json.loads((Path(result.run_dir) / "splits.json").read_text())
     records = result.split_results[0]["test_records"]

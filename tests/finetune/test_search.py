@@ -21,7 +21,7 @@ def test_default_space_is_rckds_eight_settings(tmp_path):
     }
     assert config.score_metric == "test_accuracy_mean"
     assert (
-        SearchConfig(storage_path=str(tmp_path), task="segmentation").score_metric
+        SearchConfig(storage_path=str(tmp_path), finetune={"task": "segmentation"}).score_metric
         == "test_miou_mean"
     )
 
@@ -66,9 +66,9 @@ def test_bad_settings_name_the_field(tmp_path):
         SearchConfig(storage_path=str(tmp_path), positional_encodings=["learned"])
     with pytest.raises(
         ValueError,
-        match="workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial",
+        match="num_workers=0: Ray Train's local mode cannot run inside a Tune trial",
     ):
-        SearchConfig(storage_path=str(tmp_path), workers_per_split=0)
+        SearchConfig(storage_path=str(tmp_path), finetune={"num_workers": 0})
     with pytest.raises(ValueError, match="scheduler='hyperband'"):
         SearchConfig(storage_path=str(tmp_path), scheduler="hyperband")
 
@@ -80,9 +80,9 @@ def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, d
     # One split per trial keeps the 8 Ray Train runs (each some 10 s of start-up on 2 CPUs) to
     # a few minutes; four run at once on half a CPU each. Split means: test_job, test_loop.
     config = SearchConfig(
-        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="tiny",
-        input_sizes=[32, 48], lrs=[1e-2, 1e-3], batch_size=16, max_epochs=1, patience=1, num_splits=1,
-        bootstrap_resamples=200, cpus_per_worker=0.5,
+        storage_path=str(tmp_path / "runs"), run_name="tiny", input_sizes=[32, 48], lrs=[1e-2, 1e-3],
+        finetune=dict(data=str(demo_tasks_small.classification_dir), batch_size=16, epochs=1, patience=1,
+                      num_splits=1, bootstrap_resamples=200, cpus_per_worker=0.5),
     )  # fmt: skip
     result = run_search(config)
     table = pd.read_csv(result.files["csv"])
@@ -125,13 +125,13 @@ def test_tiny_eight_trial_search_writes_table_and_chart(ray_cluster, tmp_path, d
 def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monkeypatch):
     from ray.tune.search.variant_generator import generate_variants
 
-    from histokd.cli import parse_config
+    from histokd.cli import config_to_dict, parse_config
     from histokd.finetune.config import FinetuneConfig
 
     def trial_settings(config):  # what tune_trial builds each trial's fine-tuning from
         out = set()
         for _, variant in generate_variants(build_param_space(config)):
-            trial = FinetuneConfig(**dict(config.finetune_fields(), **variant))
+            trial = FinetuneConfig(**dict(config_to_dict(config.finetune), **variant))
             out.add((trial.input_size, trial.lr, trial.positional_encoding, trial.batch_size))
         return out
 
@@ -160,9 +160,7 @@ def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monk
     )
     assert trial_settings(config) == {(48, 0.5, "trained", 16), (48, 0.5, "trained", 32)}
     # and --help says so
-    monkeypatch.setenv(
-        "COLUMNS", "1000"
-    )  # one line per flag: no wrapping inside --positional-encodings
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
     with pytest.raises(SystemExit) as exit_info:
         parse_config(SearchConfig, ["--help"])
     assert exit_info.value.code == 0
@@ -172,10 +170,8 @@ def test_searched_lists_take_precedence_over_single_flags(tmp_path, capsys, monk
         ("--lr", "--lrs"),
         ("--positional-encoding", "--positional-encodings"),
     ):
-        entry = help_text.split(f" {single} ", 1)[1][:200]  # the flag's metavar and help
-        assert f"not used without --space: {searched} are searched and take precedence" in entry, (
-            entry
-        )
+        entry = help_text.split(f" {searched} ", 1)[1][:300]  # the flag's metavar and help
+        assert f"take precedence over {single};" in entry, entry
 
 
 @pytest.mark.slow
@@ -185,9 +181,10 @@ def test_an_interrupted_search_resumes_its_errored_trial(
     """A search whose only trial failed is rerun under the same name: Tune restores it and the
     trial finishes (each split's injected fault happens once; the rerun's splits train)."""
     config = SearchConfig(
-        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="interrupted",
-        input_sizes=[32], lrs=[1e-2], positional_encodings=["frozen"], batch_size=16, max_epochs=2, patience=2,
-        num_splits=2, bootstrap_resamples=200, cpus_per_worker=0.5, fail_at_epoch=1, max_failures=0,
+        storage_path=str(tmp_path / "runs"), run_name="interrupted", input_sizes=[32], lrs=[1e-2],
+        positional_encodings=["frozen"],
+        finetune=dict(data=str(demo_tasks_small.classification_dir), batch_size=16, epochs=2, patience=2,
+                      num_splits=2, bootstrap_resamples=200, cpus_per_worker=0.5, fail_at_epoch=1, max_failures=0),
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="no trial of the search finished"):
         run_search(config)

@@ -20,7 +20,7 @@ def test_flags_parse(tmp_path, classification_model_file):
         and config.patch_size == 512
     )
     assert config.overlap is None and config.tissue_filter().hue_range == (0.0, 360.0)
-    assert config.class_names == ["x", "y", "z"] and config.num_gpus == 0.5
+    assert config.class_names == ["x", "y", "z"] and config.gpus_per_worker == 0.5
     assert config.run_dir == str(tmp_path / "predict")
     assert config.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -39,9 +39,13 @@ def test_flags_parse(tmp_path, classification_model_file):
             [10.0, 400.0],
             r"tissue_hue_range=\[10.0, 400.0\]: .*within \[0, 360\]",
         ),
-        ("num_gpus", 1.5, r"num_gpus=1.5: the GPU share of an actor must be in \(0, 1\]"),
+        (
+            "gpus_per_worker",
+            1.5,
+            r"gpus_per_worker=1.5: the GPU share of an actor must be in \(0, 1\]",
+        ),
         ("batch_size", 0, r"batch_size=0: must be a positive integer"),
-        ("run_name", "a/b", r"run_name='a/b': must be non-empty and contain no '/'"),
+        ("run_name", "a/b", r"run_name='a/b': must be 1-128 characters of letters, digits"),
         ("model", "/nope/best_model.pt", r"model='/nope/best_model.pt': no such file or folder"),
         ("output_magnification", -1, r"output_magnification=-1: must be positive"),
     ],

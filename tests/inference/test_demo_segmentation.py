@@ -38,8 +38,8 @@ def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(
     )
     finetune = FinetuneConfig(
         data=str(tasks.segmentation_dir), task="segmentation", backbone="resnet18", storage_path=str(tmp_path / "runs"),
-        run_name="seg", input_size=64, batch_size=16, max_epochs=10, patience=10, lr=0.05, num_splits=1,
-        bootstrap_resamples=200, workers_per_split=0,
+        run_name="seg", input_size=64, batch_size=16, epochs=10, patience=10, lr=0.05, num_splits=1,
+        bootstrap_resamples=200, num_workers=0,
     )  # fmt: skip
     trained = run_finetune(finetune, tracking=False)
     held_out = make_demo_slides(

@@ -25,14 +25,14 @@ from histokd.models.profile import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("name", "gmac"), [("csat", 1.08), ("resnet18", 5.35)])
+@pytest.mark.parametrize(("name", "gmac"), [("histokd_csat", 1.08), ("resnet18", 5.35)])
 def test_macs_at_384_as_in_the_paper(name: str, gmac: float) -> None:
     # RCKD Tables 3 and 6, counted with THOP at 384x384
     assert macs_paper(timm.create_model(name), 384) / 1e9 == pytest.approx(gmac, abs=0.01)
 
 
 def test_full_count_adds_the_attention_matmuls() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     paper, full = macs_paper(model, 384), macs_full(model, 384)
     assert full / 1e9 == pytest.approx(1.427, abs=0.005)  # CSAT.md: "about 1.44" with norms
     # the fused CPU kernel is counted exactly as the unfused matmuls of the math backend
@@ -45,7 +45,7 @@ def test_full_count_adds_the_attention_matmuls() -> None:
 
 
 def test_count_params() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     assert count_params(model) == 3_065_078
     model.stem.requires_grad_(False)
     assert count_params(model, trainable_only=True) == 3_065_078 - (3 * 16 * 32 + 32) - 64
@@ -79,8 +79,18 @@ def test_run_profile_writes_json_and_markdown(tmp_path: Path) -> None:
 
 def test_job_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = runpy.run_path(str(REPO / "jobs" / "profile_models.py"), run_name="profile_models")
-    job["main"](["--output-dir", str(tmp_path), "--backbones", "csat", "--input-sizes", "384"])
+    args = ["--storage-path", str(tmp_path), "--backbones", "csat", "--input-sizes", "384"]
+    assert job["main"](args) == 0
     assert "| csat | 384 | 3,065,078 | 2,887,726 | 1.076 | 1.427 |" in capsys.readouterr().out
-    assert (tmp_path / "profile.json").is_file()
+    assert (tmp_path / "profile" / "profile.json").is_file()
     with pytest.raises(SystemExit):
-        job["main"](["--output-dir", str(tmp_path), "--input-sizes", "abc"])
+        job["main"](["--storage-path", str(tmp_path), "--input-sizes", "abc"])
+    # the old --output-dir DIR still works for one release: STORAGE is its parent, RUN its name
+    assert (
+        job["main"](
+            ["--output-dir", str(tmp_path / "old"), "--backbones", "csat", "--input-sizes", "224"]
+        )
+        == 0
+    )
+    assert (tmp_path / "old" / "profile.json").is_file()
+    assert "notice: --output-dir is deprecated" in capsys.readouterr().err

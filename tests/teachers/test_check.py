@@ -56,7 +56,7 @@ def _rows(out: Path) -> list[dict]:
 def test_demo_teacher_check(annotated, tmp_path, capsys):
     out = tmp_path / "check"
     code = _job().main(["--teacher", "demo", "--images", str(annotated / "images"), "--masks", str(annotated / "masks"),
-                        "--out", str(out), "--device", "cpu"])  # fmt: skip
+                        "--storage-path", str(tmp_path), "--run-name", "check", "--no-use-gpu"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "pooled IoU with the true nuclei" in printed and "best: alpha" in printed
@@ -94,7 +94,7 @@ def test_the_teachers_own_scale_beats_a_wrong_one(annotated, tmp_path):
     from histokd.teachers.check import CheckConfig, check_teacher
 
     config = CheckConfig(teacher="demo", images=str(annotated / "images"), masks=str(annotated / "masks"),
-                         out=str(tmp_path), patch_mpp=0.125, device="cpu", alphas=(0.1,))  # fmt: skip
+                         storage_path=str(tmp_path), patch_mpp=0.125, use_gpu=False, alphas=(0.1,))  # fmt: skip
     result = check_teacher(config)
     iou = {(r["normalization"], r["scale"]): r["iou"] for r in result.rows}
     assert set(iou) == {(n, s) for n in ("joint", "per_channel") for s in ("teacher", "patch")}
@@ -106,7 +106,7 @@ def test_deconvolution_teacher_is_checked_by_alpha(annotated, tmp_path):
     from histokd.teachers.check import CheckConfig, check_teacher
 
     result = check_teacher(CheckConfig(teacher="deconvolution", images=str(annotated / "images"),
-                                       masks=str(annotated / "masks"), out=str(tmp_path)))  # fmt: skip
+                                       masks=str(annotated / "masks"), storage_path=str(tmp_path)))  # fmt: skip
     assert len(result.rows) == 7 and {r["normalization"] for r in result.rows} == {"-"}
     assert "normalization" not in result.best and 0.2 < result.best["check_iou"] < 0.95
 
@@ -140,9 +140,9 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for normalization in ("joint", "per_channel"):
         config = TeacherTrainingConfig(
-            out_dir=str(out), name=f"tiny_{normalization}", demo_slides=2, demo_slide_size=768, tile_size=256,
+            storage_path=str(out), run_name=f"tiny_{normalization}", demo_slides=2, demo_slide_size=768, tile_size=256,
             patch_size=64, unet_n_depth=2, unet_n_filter_base=8, net_conv_after_unet=16, epochs=8, steps_per_epoch=20,
-            learning_rate=1e-3, batch_size=4, optimize_nms=False, device="cpu", command=["test"],
+            lr=1e-3, batch_size=4, optimize_nms=False, use_gpu=False, command=["test"],
             normalization=normalization, demo_dir=str(out / "slides"),
         )  # fmt: skip
         folders[normalization] = train_teacher(config).model_dir
@@ -154,7 +154,12 @@ def _best_by_normalization(teacher: Path, images: Path, masks: Path, out: Path) 
 
     result = check_teacher(
         CheckConfig(
-            teacher=str(teacher), images=str(images), masks=str(masks), out=str(out), device="cpu"
+            teacher=str(teacher),
+            images=str(images),
+            masks=str(masks),
+            storage_path=str(out.parent),
+            run_name=out.name,
+            use_gpu=False,
         )
     )
     best: dict[str, float] = {}

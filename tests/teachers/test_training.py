@@ -93,14 +93,15 @@ def test_split_holds_out_whole_sources():
     [
         ("patch_size", 100, "patch_size=100: must be a multiple of grid"),
         ("epochs", 0, "epochs=0: must be a positive integer"),
-        ("device", "tpu", "device='tpu': allowed: auto, cpu, gpu"),
+        ("device", "tpu", "device='tpu': allowed: cpu, cuda, gpu, auto"),
+        ("run_name", "a/b", "run_name='a/b': must be 1-128 characters"),
         ("validation_fraction", 1.0, r"validation_fraction=1.0: must be in \(0, 1\)"),
         ("demo_slides", 0, "no training data"),
         ("normalization", "rgb", "normalization='rgb': allowed: joint, per_channel"),
     ],
 )
 def test_config_validation(field, value, message):
-    with pytest.raises(TeacherError, match=message):
+    with pytest.raises(ValueError, match=message):
         TeacherTrainingConfig(**{field: value})
 
 
@@ -116,9 +117,9 @@ def test_demo_slide_tiles_match_their_truth(held_out_slides):
 def test_tiny_training_run_makes_a_loadable_teacher(tmp_path):
     """A real StarDist2D training (1 epoch, a few steps): the folder loads as a teacher."""
     config = TeacherTrainingConfig(
-        out_dir=str(tmp_path), name="tiny", demo_slides=2, demo_slide_size=512, tile_size=256, patch_size=64,
+        storage_path=str(tmp_path), run_name="tiny", demo_slides=2, demo_slide_size=512, tile_size=256, patch_size=64,
         unet_n_depth=2, unet_n_filter_base=8, net_conv_after_unet=16, epochs=1, steps_per_epoch=3,
-        batch_size=2, optimize_nms=False, device="cpu", command=["test"],
+        batch_size=2, optimize_nms=False, use_gpu=False, command=["test"],
     )  # fmt: skip
     result = train_teacher(config)
     files = {p.name for p in result.model_dir.iterdir()}
@@ -193,9 +194,9 @@ def test_tiny_training_from_a_data_folder_without_demo_slides(tmp_path, capsys):
     out_dir = tmp_path / "out"
     argv = [
         "--data", str(folder), "--data-magnification", "40", "--demo-slides", "0",
-        "--out-dir", str(out_dir), "--name", "tiny_monuseg", "--patch-size", "64", "--unet-n-depth", "2",
+        "--storage-path", str(out_dir), "--run-name", "tiny_monuseg", "--patch-size", "64", "--unet-n-depth", "2",
         "--unet-n-filter-base", "8", "--net-conv-after-unet", "16", "--epochs", "1", "--steps-per-epoch", "3",
-        "--batch-size", "2", "--no-optimize-nms", "--device", "cpu",
+        "--batch-size", "2", "--no-optimize-nms", "--no-use-gpu",
     ]  # fmt: skip
     assert _train_teacher_job().main(argv) == 0
     assert "(3 train / 1 held-out images" in capsys.readouterr().out

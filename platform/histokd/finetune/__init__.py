@@ -7,26 +7,17 @@
 * `make_demo_tasks`: classification and segmentation datasets cut from synthetic slides.
 """
 
-from histokd.finetune.config import DEMO_PRESET, FinetuneConfig
-from histokd.finetune.datasets import TaskDataset, load_task_dataset
-from histokd.finetune.demo_tasks import DemoTasks, make_demo_tasks
-from histokd.finetune.early_stopping import EarlyStopping
-from histokd.finetune.evaluation import summarize_splits
-from histokd.finetune.job import FinetuneResult, prepare_dataset, run_finetune
-from histokd.finetune.splits import Split, make_splits
+from histokd.lazy import attach
 
-__all__ = [
-    "DEMO_PRESET",
-    "DemoTasks",
-    "EarlyStopping",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "Split",
-    "TaskDataset",
-    "load_task_dataset",
-    "make_demo_tasks",
-    "make_splits",
-    "prepare_dataset",
-    "run_finetune",
-    "summarize_splits",
-]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "config": ["DEMO_PRESET", "FinetuneConfig"],
+        "datasets": ["TaskDataset", "load_task_dataset"],
+        "demo_tasks": ["DemoTasks", "make_demo_tasks"],
+        "early_stopping": ["EarlyStopping"],
+        "evaluation": ["summarize_splits"],
+        "job": ["FinetuneResult", "prepare_dataset", "run_finetune"],
+        "splits": ["Split", "make_splits"],
+    },
+)

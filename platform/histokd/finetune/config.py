@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histokd.cli import RunStorage, check_ints
+from histokd.cli import check_ints
+from histokd.run import WorkerConfig
 
 __all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
 
@@ -32,7 +33,7 @@ def resolve_init_label(init: str, label: str | None) -> str:
 
 
 @dataclass
-class FinetuneConfig(RunStorage):
+class FinetuneConfig(WorkerConfig):
     """Fine-tuning on a downstream task (Kim et al. 2023, Sec. 2.2.2, Algorithm 2, Sec. 3.1).
 
     Defaults are the paper's. With no ``data`` the job uses the demo task (patches of synthetic
@@ -50,15 +51,7 @@ class FinetuneConfig(RunStorage):
     )
     run_name: str = field(
         default="finetune",
-        metadata=_help(
-            "run name; rerunning with the same name skips finished splits and resumes the others"
-        ),
-    )
-    storage_path: str = field(
-        default="runs",
-        metadata=_help(
-            "where the runs, checkpoints and results go (local path or a URI pyarrow takes)"
-        ),
+        metadata=_help("run name; rerunning it skips finished splits and resumes the others"),
     )
     demo_dir: str = field(
         default="demo_data/tasks",
@@ -122,7 +115,9 @@ class FinetuneConfig(RunStorage):
     batch_size: int = field(
         default=64, metadata=_help("global batch size over a split's workers (RCKD: 64)")
     )
-    max_epochs: int = field(default=200, metadata=_help("most epochs (RCKD: 200)"))
+    epochs: int = field(
+        default=200, metadata=_help("most epochs (RCKD: 200)", aliases=["max_epochs"])
+    )
     patience: int = field(
         default=20,
         metadata=_help("stop after this many epochs without a lower validation loss (RCKD: 20)"),
@@ -155,10 +150,10 @@ class FinetuneConfig(RunStorage):
             "train:val:test ratios without fixed lists (RCKD: 6:2:2); with a fixed test list train:val is split by the first two"
         ),
     )
+    seed: int = field(default=0, metadata=_help("training seed; split i trains with seed + i"))
     split_seed: int = field(
         default=0, metadata=_help("seed of the splits (split i uses SeedSequence([seed, i]))")
     )
-    seed: int = field(default=0, metadata=_help("training seed; split i trains with seed + i"))
     ignore_index: int = field(
         default=255, metadata=_help("mask value of unlabelled pixels (segmentation)")
     )
@@ -176,17 +171,12 @@ class FinetuneConfig(RunStorage):
         default=0.95, metadata=_help("confidence level of the bootstrap interval")
     )
     # --- cluster ----------------------------------------------------------------------------
-    workers_per_split: int = field(
+    num_workers: int = field(
         default=1,
         metadata=_help(
-            "Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the driver process, one split at a time (debugging, tests)"
+            "Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the driver process, one split at a time (debugging, tests)",
+            aliases=["workers_per_split"],
         ),
-    )
-    cpus_per_worker: float = field(
-        default=1.0, metadata=_help("CPUs reserved by each training worker")
-    )
-    use_gpu: bool | None = field(
-        default=None, metadata=_help("train on GPUs; auto: if the cluster has any")
     )
     gpus_per_worker: float = field(
         default=1.0, metadata=_help("GPU share of a worker; 0.2 puts five splits on one GPU")
@@ -198,30 +188,27 @@ class FinetuneConfig(RunStorage):
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
     )
-    fail_at_epoch: int | None = field(
-        default=None,
-        metadata=_help(
-            "test only: one worker raises once at the start of this epoch of each split, to exercise the restart from a checkpoint"
-        ),
-    )
     max_failures: int = field(
         default=1, metadata=_help("worker-group restarts of a split from its last checkpoint")
     )
-    # --- tracking ---------------------------------------------------------------------------
-    mlflow_tracking_uri: str | None = field(
-        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
+    fail_at_epoch: int | None = field(
+        default=None,
+        metadata=_help(
+            "test only: one worker raises once in this epoch of each split", cli="hidden"
+        ),
     )
     mlflow_experiment: str = field(
         default="histokd-finetune", metadata=_help("MLflow experiment name")
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ints(
             self,
             [
                 "input_size",
                 "batch_size",
-                "max_epochs",
+                "epochs",
                 "patience",
                 "num_splits",
                 "bootstrap_resamples",
@@ -229,7 +216,7 @@ class FinetuneConfig(RunStorage):
         )
         check_ints(
             self,
-            ["workers_per_split", "loader_workers", "max_failures", "seed", "split_seed"],
+            ["num_workers", "loader_workers", "split_seed"],
             minimum=0,
         )
         check_ints(self, ["max_parallel_splits"], auto=True)
@@ -289,12 +276,8 @@ class FinetuneConfig(RunStorage):
             )
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence!r}: must be in (0, 1)")
-        if not self.cpus_per_worker > 0 or not 0 < self.gpus_per_worker <= 1:
-            raise ValueError(
-                f"cpus_per_worker={self.cpus_per_worker!r}, gpus_per_worker={self.gpus_per_worker!r}: need cpus > 0 and 0 < gpus <= 1"
-            )
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be in (0, 1]")
         from histokd.models import BACKBONES
 
         if self.backbone not in BACKBONES:
@@ -314,8 +297,6 @@ class FinetuneConfig(RunStorage):
             if not os.path.exists(self.data):
                 raise ValueError(f"data={self.data!r}: no such folder or CSV file")
             self.data = os.path.abspath(self.data)
-        if "://" not in self.storage_path:
-            self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
         self.demo_dir = os.path.abspath(self.demo_dir)
 
     @property
@@ -330,7 +311,7 @@ class FinetuneConfig(RunStorage):
 DEMO_PRESET: dict = {
     "input_size": 96,
     "batch_size": 32,
-    "max_epochs": 40,
+    "epochs": 40,
     "patience": 8,
     "lr": 0.01,
     "bootstrap_resamples": 2000,

@@ -30,6 +30,7 @@ from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset, load_task_dataset
 from histokd.finetune.splits import Split, make_splits
+from histokd.run import check_storage_path, open_mlflow_run
 
 __all__ = ["FinetuneResult", "prepare_dataset", "run_finetune", "split_slots"]
 
@@ -95,14 +96,14 @@ def split_slots(config: FinetuneConfig, use_gpu: bool) -> int:
     """How many splits the cluster can train at once."""
     import ray
 
-    if config.workers_per_split == 0:  # local mode runs in the driver process, one at a time
+    if config.num_workers == 0:  # local mode runs in the driver process, one at a time
         return 1
     total = ray.cluster_resources()
-    per_split_cpu = config.workers_per_split * config.cpus_per_worker
+    per_split_cpu = config.num_workers * config.cpus_per_worker
     slots = int(total.get("CPU", 0) // per_split_cpu) if per_split_cpu else 1
     if use_gpu:
         slots = min(
-            slots, int(total.get("GPU", 0) // (config.workers_per_split * config.gpus_per_worker))
+            slots, int(total.get("GPU", 0) // (config.num_workers * config.gpus_per_worker))
         )
     return max(1, slots)
 
@@ -111,13 +112,6 @@ def _cache_images(config: FinetuneConfig, n: int) -> bool:
     if config.cache_images is not None:
         return config.cache_images
     return n * config.input_size**2 * 3 <= _CACHE_LIMIT_BYTES
-
-
-def _local_dir(config: FinetuneConfig) -> Path:
-    base = (
-        config.storage_path if "://" not in config.storage_path else os.path.abspath("histokd_work")
-    )
-    return Path(base) / config.run_name
 
 
 def run_finetune(
@@ -148,7 +142,6 @@ def run_finetune(
     import ray
 
     from histokd.finetune.evaluation import summarize_splits
-    from histokd.pretrain.config import check_storage_path
 
     check_storage_path(config.storage_path)
     dataset = dataset if dataset is not None else prepare_dataset(config)
@@ -173,7 +166,7 @@ def run_finetune(
             "%s: the magnification of the images is unknown (no --magnification, no dataset.json): the model "
             "files will not record it, and whole-slide inference will need --magnification", dataset.source,
         )  # fmt: skip
-    work_dir = _local_dir(config)
+    work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
     (work_dir / "splits.json").write_text(json.dumps(
@@ -181,7 +174,7 @@ def run_finetune(
          "splits": [s.as_dict() for s in splits]}, indent=1,
     ))  # fmt: skip
 
-    init_ray()
+    init_ray(config.ray_address)
     use_gpu = (
         config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     )
@@ -189,31 +182,10 @@ def run_finetune(
 
     run = None
     if tracking:
-        from histokd.tracking import MLflowRun
-
-        run = MLflowRun(
-            config.tracking_uri,
-            config.mlflow_experiment,
-            config.run_name,
-            artifact_location=_artifacts(config),
-        )
-        run.log_params(
-            {
-                **config_to_dict(config),
-                "num_samples": len(dataset),
-                "class_names": ",".join(dataset.class_names),
-            }
-        )
-        run.log_standard_tags()
-        run.set_tags(
-            {
-                "histokd.job": "finetune",
-                "histokd.init": config.init_name,
-                "histokd.run_dir": str(work_dir),
-            }
-        )
-        if parent_run_id:
-            run.set_tags({"mlflow.parentRunId": parent_run_id})
+        params = {**config_to_dict(config), "num_samples": len(dataset),
+                  "class_names": ",".join(dataset.class_names)}  # fmt: skip
+        run = open_mlflow_run(config, "finetune", parent_run_id=parent_run_id, params=params)
+        run.set_tags({"histokd.init": config.init_name})
     cache = _cache_images(config, len(dataset))
     started = time.monotonic()
     results: list[dict[str, Any]] = []
@@ -277,12 +249,6 @@ def _primary_name(config: FinetuneConfig) -> str:
     return "accuracy" if config.task == "classification" else "miou"
 
 
-def _artifacts(config: FinetuneConfig) -> str | None:
-    return (
-        str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None
-    )
-
-
 def _fit_split(
     config: FinetuneConfig,
     dataset: TaskDataset,
@@ -307,23 +273,12 @@ def _fit_split(
     name = f"{config.run_name}-split{split.index}"
     child = None
     if parent is not None:
-        from histokd.tracking import MLflowRun
-
-        child = MLflowRun(
-            config.tracking_uri,
-            config.mlflow_experiment,
-            name,
-            artifact_location=_artifacts(config),
+        params = {"split": split.index, "train": len(split.train), "val": len(split.val),
+                  "test": len(split.test)}  # fmt: skip
+        child = open_mlflow_run(
+            config, "finetune", run_name=name, parent_run_id=parent.run_id, params=params
         )
-        child.set_tags({"mlflow.parentRunId": parent.run_id, "histokd.split": str(split.index)})
-        child.log_params(
-            {
-                "split": split.index,
-                "train": len(split.train),
-                "val": len(split.val),
-                "test": len(split.test),
-            }
-        )
+        child.set_tags({"histokd.split": str(split.index)})
     loop_config = config_to_dict(config)
     loop_config.update(
         num_classes=dataset.num_classes,
@@ -339,13 +294,13 @@ def _fit_split(
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = config.gpus_per_worker
-    if config.workers_per_split == 0:
+    if config.num_workers == 0:
         # Ray Train's local mode keeps no checkpoint files: the split's results go to its folder
         loop_config["local_result_dir"] = str(split_dir / "local_run")
         scaling = ScalingConfig(num_workers=0)
     else:
         scaling = ScalingConfig(
-            num_workers=config.workers_per_split, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         )
     trainer = TorchTrainer(
         train_fn_per_worker,

@@ -313,7 +313,7 @@ def train_fn_per_worker(config: dict) -> None:
     mlflow_client = worker_mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, config["max_epochs"] + 1):
+    for epoch in range(start_epoch, config["epochs"] + 1):
         epoch_start = time.monotonic()
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -356,13 +356,13 @@ def train_fn_per_worker(config: dict) -> None:
         history.append(row)
         if rank == 0:
             print(
-                f"split {config['split_index']} epoch {epoch}/{config['max_epochs']}  train loss {row['train_loss']:.4f}  "
+                f"split {config['split_index']} epoch {epoch}/{config['epochs']}  train loss {row['train_loss']:.4f}  "
                 f"val loss {val_loss:.4f} acc {val.accuracy:.3f} mIoU {val.miou:.3f}  best epoch {stopper.best_epoch}  "
                 f"{row['seconds']:.1f} s",
                 flush=True,
             )
             log_epoch_metrics(mlflow_client, config, row, epoch)
-        stop = stopper.should_stop or epoch == config["max_epochs"]
+        stop = stopper.should_stop or epoch == config["epochs"]
         if not stop:
             _report_state(
                 model,

@@ -10,7 +10,7 @@ early-stopping scheduler (ASHA) can stop a poor setting after one or two splits.
 Trials are named by their trial id, and a trial's splits are stored under it, so rerunning an
 interrupted search with the same run name restores the Tune experiment and each unfinished
 trial skips the splits it had finished. Other spaces come from a YAML file (``space``): each key
-is a `FinetuneConfig` field, each value a list (grid) or ``{choice: [...]}``,
+is a field of the fine-tuning config, each value a list (grid) or ``{choice: [...]}``,
 ``{uniform: [a, b]}``, ``{loguniform: [a, b]}`` or ``{randint: [a, b]}`` (sampled
 ``num_samples`` times).
 """
@@ -28,7 +28,7 @@ from histokd.cli import check_ints, config_to_dict, load_yaml, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
-from histokd.finetune.evaluation import METRICS, PRIMARY_METRIC
+from histokd.run import RunConfig, check_storage_path, open_mlflow_run
 
 __all__ = [
     "SearchConfig",
@@ -52,53 +52,47 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
-_FINETUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-
-
 @dataclass
-class SearchConfig(FinetuneConfig):
-    """Ray Tune over fine-tuning settings (RCKD Sec. 3.1, Fig. 5); every other field is the
-    fine-tuning's and is the same for all trials."""
+class SearchConfig(RunConfig):
+    """Ray Tune over fine-tuning settings (RCKD Sec. 3.1, Fig. 5): a search space and the
+    fine-tuning job every trial runs (``finetune``; its flags are the fine-tuning job's)."""
 
     run_name: str = field(
-        default="search",
-        metadata=_help("name of the search; rerunning with the same name resumes it"),
+        default="search", metadata=_help("name of the search; rerunning it resumes it")
     )
-    # the single values of the three searched settings: the searched lists take precedence
-    input_size: int = field(
-        default=_FINETUNE_DEFAULTS["input_size"],
-        metadata=_help(
-            "not used without --space: --input-sizes are searched and take precedence; with --space, the input size of trials whose space does not search input_size"
-        ),
+    mlflow_experiment: str = field(
+        default="histokd-search", metadata=_help("MLflow experiment name")
     )
-    lr: float = field(
-        default=_FINETUNE_DEFAULTS["lr"],
-        metadata=_help(
-            "not used without --space: --lrs are searched and take precedence; with --space, the learning rate of trials whose space does not search lr"
-        ),
-    )
-    positional_encoding: Literal["frozen", "trained"] = field(
-        default=_FINETUNE_DEFAULTS["positional_encoding"],
-        metadata=_help(
-            "not used without --space: --positional-encodings are searched and take precedence; with --space, the positional encodings of trials whose space does not search positional_encoding"
-        ),
+    finetune: FinetuneConfig = field(
+        default_factory=FinetuneConfig,
+        metadata=_help("the fine-tuning of every trial; the searched fields vary per trial"),
     )
     input_sizes: list[int] = field(
         default_factory=lambda: [224, 384],
-        metadata=_help("input resolutions searched (RCKD Sec. 3.1: 224 384)"),
+        metadata=_help(
+            "input resolutions searched (RCKD Sec. 3.1: 224 384); take precedence over "
+            "--input-size; with --space, --input-size serves trials whose space lacks it"
+        ),
     )
     lrs: list[float] = field(
         default_factory=lambda: [1e-3, 1e-4],
-        metadata=_help("learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4)"),
+        metadata=_help(
+            "learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4); take precedence over --lr; "
+            "with --space, --lr serves trials whose space lacks it"
+        ),
     )
     positional_encodings: list[str] = field(
         default_factory=lambda: ["frozen", "trained"],
-        metadata=_help("positional encodings searched (RCKD Sec. 3.1: frozen trained)"),
+        metadata=_help(
+            "positional encodings searched (RCKD Sec. 3.1: frozen trained); take precedence "
+            "over --positional-encoding; with --space, it serves trials whose space lacks it"
+        ),
     )
     space: str | None = field(
         default=None,
         metadata=_help(
-            "YAML search space replacing the three lists: field: [values] (grid) or field: {choice|uniform|loguniform|randint: [...]}"
+            "YAML search space replacing the three lists: field: [values] (grid) or "
+            "field: {choice|uniform|loguniform|randint: [...]}"
         ),
     )
     num_samples: int = field(
@@ -108,14 +102,13 @@ class SearchConfig(FinetuneConfig):
     metric: str = field(
         default="auto",
         metadata=_help(
-            "score of a trial: test_<metric>_mean or val_<metric>_mean; auto: test accuracy (classification) or test mIoU (segmentation), the split mean as in RCKD"
+            "score of a trial: test_<metric>_mean or val_<metric>_mean; auto: test accuracy "
+            "(classification) or test mIoU (segmentation), the split mean as in RCKD"
         ),
     )
     scheduler: Literal["none", "asha"] = field(
         default="none",
-        metadata=_help(
-            "trial scheduler: none, or asha (stops poor trials after grace_period splits)"
-        ),
+        metadata=_help("none, or asha (stops poor trials after grace_period splits)"),
     )
     grace_period: int = field(
         default=1, metadata=_help("ASHA: splits every trial runs before it can be stopped")
@@ -126,19 +119,18 @@ class SearchConfig(FinetuneConfig):
     max_concurrent_trials: int | None = field(
         default=None,
         metadata=_help(
-            "trials at once; auto: as many as leave every trial all its splits in parallel, at least 1"
+            "trials at once; auto: as many as leave every trial all its splits in parallel"
         ),
-    )
-    mlflow_experiment: str = field(
-        default="histokd-search", metadata=_help("MLflow experiment name")
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
         check_ints(self, ["num_samples", "grace_period", "reduction_factor"])
-        if self.workers_per_split == 0:
+        if self.finetune.num_workers == 0:
             raise ValueError(
-                "workers_per_split=0: Ray Train's local mode cannot run inside a Tune trial "
+                "num_workers=0: Ray Train's local mode cannot run inside a Tune trial "
                 "(ray.train's worker API refuses a Tune session); use 1 or more"
             )
         if self.reduction_factor < 2:
@@ -179,8 +171,10 @@ class SearchConfig(FinetuneConfig):
     @property
     def score_metric(self) -> str:
         """The Tune metric every trial is ranked by."""
+        from histokd.finetune.evaluation import METRICS, PRIMARY_METRIC
+
         if self.metric == "auto":
-            return f"test_{PRIMARY_METRIC[self.task]}_mean"
+            return f"test_{PRIMARY_METRIC[self.finetune.task]}_mean"
         parts = self.metric.split("_")
         if (
             len(parts) < 3
@@ -191,11 +185,6 @@ class SearchConfig(FinetuneConfig):
             allowed = ", ".join(f"{p}_{m}_mean" for p in ("test", "val") for m in METRICS)
             raise ValueError(f"metric={self.metric!r}: allowed: auto, {allowed}")
         return self.metric
-
-    def finetune_fields(self) -> dict[str, Any]:
-        """The fine-tuning settings shared by every trial."""
-        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        return {k: v for k, v in config_to_dict(self).items() if k in names}
 
 
 def build_param_space(config: SearchConfig) -> dict[str, Any]:
@@ -251,8 +240,8 @@ def build_scheduler(config: SearchConfig):
 
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=config.num_splits,
-        grace_period=min(config.grace_period, config.num_splits),
+        max_t=config.finetune.num_splits,
+        grace_period=min(config.grace_period, config.finetune.num_splits),
         reduction_factor=config.reduction_factor,
     )
 
@@ -304,6 +293,8 @@ def _running_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over the splits done so far, for test and validation."""
     import numpy as np
 
+    from histokd.finetune.evaluation import METRICS
+
     metrics: dict[str, Any] = {"splits_done": len(results)}
     for part in ("test", "val"):
         for name in METRICS:
@@ -336,39 +327,26 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
     import ray
     from ray import tune
 
+    from histokd.finetune.evaluation import METRICS
     from histokd.finetune.job import prepare_dataset, split_slots
     from histokd.finetune.report import write_search_outputs
-    from histokd.pretrain.config import check_storage_path
-    from histokd.tracking import MLflowRun
 
+    job = config.finetune
     check_storage_path(config.storage_path)
-    dataset = dataset if dataset is not None else prepare_dataset(config)
-    init_ray()
-    use_gpu = (
-        config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    )
-    slots = split_slots(config, use_gpu)
-    concurrent = config.max_concurrent_trials or max(1, slots // config.num_splits)
+    dataset = dataset if dataset is not None else prepare_dataset(job)
+    init_ray(config.ray_address)
+    use_gpu = job.use_gpu if job.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    slots = split_slots(job, use_gpu)
+    concurrent = config.max_concurrent_trials or max(1, slots // job.num_splits)
     parallel_splits = max(1, slots // concurrent)
-    work_dir = (
-        Path(
-            config.storage_path
-            if "://" not in config.storage_path
-            else os.path.abspath("histokd_work")
-        )
-        / config.run_name
-    )
+    work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "search_config.yaml")
-    run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name,
-                    artifact_location=str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None)  # fmt: skip
-    run.log_params(config_to_dict(config))
-    run.log_standard_tags()
-    run.set_tags({"histokd.job": "tune_finetune", "histokd.run_dir": str(work_dir)})
+    run = open_mlflow_run(config, "tune_finetune")
 
     metric = config.score_metric
-    base = config.finetune_fields()
-    base["mlflow_experiment"] = config.mlflow_experiment
+    base = config_to_dict(job)
+    base.update(run_name=config.run_name, mlflow_experiment=config.mlflow_experiment)
     param_space = build_param_space(config)
     param_space.update(
         _base=base, _parallel_splits=parallel_splits, _parent_run_id=run.run_id,
@@ -422,8 +400,8 @@ def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> Sear
                 if k.startswith(("test_", "val_")) or k == "splits_done"
             }
         )
-        row["num_splits"] = result.metrics.get("splits_done", config.num_splits)
-        row["stopped_by_scheduler"] = row["num_splits"] < config.num_splits
+        row["num_splits"] = result.metrics.get("splits_done", job.num_splits)
+        row["stopped_by_scheduler"] = row["num_splits"] < job.num_splits
         for name in METRICS:  # the table's names: the metric's five-split numbers on the test set
             for stat in ("mean", "std", "ci_low", "ci_high"):
                 row[f"{name}_{stat}"] = row.get(f"test_{name}_{stat}", math.nan)

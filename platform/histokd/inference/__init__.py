@@ -8,34 +8,16 @@
 * `SlideCanvas`, `blend_window`: overlapping tiles blended into slide-sized maps.
 """
 
-from histokd.inference.config import PredictConfig
-from histokd.inference.job import PredictError, PredictResult, resolve_model, run_prediction
-from histokd.inference.model_file import (
-    ModelFileError,
-    TaskModelInfo,
-    build_model,
-    find_best_model,
-    load_task_model,
-)
-from histokd.inference.stitching import BLEND_WINDOWS, NO_LABEL, SlideCanvas, blend_window
-from histokd.inference.tiling import SlideTiles, lattice, plan_tiles
+from histokd.lazy import attach
 
-__all__ = [
-    "BLEND_WINDOWS",
-    "NO_LABEL",
-    "ModelFileError",
-    "PredictConfig",
-    "PredictError",
-    "PredictResult",
-    "SlideCanvas",
-    "SlideTiles",
-    "TaskModelInfo",
-    "blend_window",
-    "build_model",
-    "find_best_model",
-    "lattice",
-    "load_task_model",
-    "plan_tiles",
-    "resolve_model",
-    "run_prediction",
-]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "config": ["PredictConfig"],
+        "job": ["PredictError", "PredictResult", "resolve_model", "run_prediction"],
+        "model_file": ["ModelFileError", "TaskModelInfo", "build_model", "find_best_model",
+                       "load_task_model"],
+        "stitching": ["BLEND_WINDOWS", "NO_LABEL", "SlideCanvas", "blend_window"],
+        "tiling": ["SlideTiles", "lattice", "plan_tiles"],
+    },
+)  # fmt: skip

@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histokd.cli import RunStorage, check_ints
+from histokd.cli import check_ints
 from histokd.inference.stitching import BLEND_WINDOWS
+from histokd.run import RunConfig
 from histokd.tissue import TissueFilter
 
 __all__ = ["PredictConfig"]
@@ -18,7 +19,7 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class PredictConfig(RunStorage):
+class PredictConfig(RunConfig):
     """Whole-slide inference with a fine-tuned model (`histokd.inference.run_prediction`).
 
     The model file gives the task, backbone, classes and input size. The magnification and
@@ -43,7 +44,6 @@ class PredictConfig(RunStorage):
             "run name; outputs go to STORAGE/RUN_NAME, and a rerun skips slides finished before"
         ),
     )
-    storage_path: str = field(default="runs", metadata=_help("folder of the runs"))
     # --- what the model was trained on ------------------------------------------------------
     magnification: float | None = field(
         default=None,
@@ -96,23 +96,21 @@ class PredictConfig(RunStorage):
     )
     # --- cluster ------------------------------------------------------------------------------
     batch_size: int = field(default=32, metadata=_help("tiles per model call"))
-    num_actors: int | None = field(
-        default=None, metadata=_help("model actors; auto: one per GPU, or 1 on a CPU cluster")
+    num_workers: int | None = field(
+        default=None,
+        metadata=_help(
+            "model actors; auto: one per GPU, or 1 on a CPU cluster", aliases=["num_actors"]
+        ),
     )
-    num_gpus: float = field(
+    gpus_per_worker: float = field(
         default=1.0,
         metadata=_help(
-            "GPU share of each model actor where the cluster has GPUs (0.5 puts two actors on a GPU)"
+            "GPU share of each model actor where the cluster has GPUs (0.5 puts two on a GPU)",
+            aliases=["num_gpus"],
         ),
     )
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
-    )
-    ray_address: str | None = field(
-        default=None,
-        metadata=_help(
-            "Ray cluster to join ('auto': the running one); default: $RAY_ADDRESS, else a new local Ray"
-        ),
     )
     # --- outputs ------------------------------------------------------------------------------
     overwrite: bool = field(
@@ -120,9 +118,6 @@ class PredictConfig(RunStorage):
     )
     overlay_max_side: int = field(
         default=2048, metadata=_help("longest side of the overlay PNGs in pixels")
-    )
-    mlflow_tracking_uri: str | None = field(
-        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
     )
     mlflow_experiment: str = field(
         default="histokd-predict", metadata=_help("MLflow experiment name")
@@ -132,10 +127,9 @@ class PredictConfig(RunStorage):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.slides, str):
             self.slides = [self.slides]
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
         if self.magnification is not None and not self.magnification > 0:
             raise ValueError(
                 f"magnification={self.magnification!r}: must be positive (e.g. 20) or None (the model file's)"
@@ -165,10 +159,10 @@ class PredictConfig(RunStorage):
         self.tissue_hue_range = [float(h) for h in self.tissue_hue_range]
         self.tissue_filter()  # checks the hue range
         check_ints(self, ["batch_size", "overlay_max_side"])
-        check_ints(self, ["num_actors"], auto=True)
-        if not 0 < self.num_gpus <= 1:
+        check_ints(self, ["num_workers"], auto=True)
+        if not 0 < self.gpus_per_worker <= 1:
             raise ValueError(
-                f"num_gpus={self.num_gpus!r}: the GPU share of an actor must be in (0, 1]"
+                f"gpus_per_worker={self.gpus_per_worker!r}: the GPU share of an actor must be in (0, 1]"
             )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
@@ -179,7 +173,6 @@ class PredictConfig(RunStorage):
                     f"model={self.model!r}: no such file or folder; give a best_model.pt of the fine-tuning job or its run folder"
                 )
             self.model = os.path.abspath(self.model)
-        self.storage_path = os.path.abspath(self.storage_path)
 
     def tissue_filter(self) -> TissueFilter:
         """The tissue thresholds of the tile selection."""

@@ -234,21 +234,14 @@ def run_prediction(
 
     run = None
     if tracking:
-        from histokd.tracking import MLflowRun
+        from histokd.run import open_mlflow_run
 
-        run = MLflowRun(
-            config.tracking_uri,
-            config.mlflow_experiment,
-            config.run_name,
-            artifact_location=str(Path(config.storage_path) / "mlartifacts"),
-        )
-        run.log_params({
+        params = {
             **config_to_dict(config), "resolved_overlap": overlap, "task": info.task, "backbone": info.backbone,
             "resolved_magnification": info.magnification, "resolved_patch_size": info.patch_size,
             "input_size": info.input_size, "class_names_resolved": ",".join(info.class_names), "num_slides": len(paths),
-        })  # fmt: skip
-        run.log_standard_tags()
-        run.set_tags({"histokd.job": "predict", "histokd.run_dir": str(run_dir)})
+        }  # fmt: skip
+        run = open_mlflow_run(config, "predict", params=params)
 
     bad: dict[str, tuple[str, str]] = {}
     done_now: list[dict[str, Any]] = []
@@ -265,7 +258,7 @@ def run_prediction(
             )  # fmt: skip
             dataset = prediction_dataset(
                 pending, checkpoint, info.path, stream, tile_side, batch_size=config.batch_size,
-                num_actors=config.num_actors, num_gpus=config.num_gpus, precision=config.precision,
+                num_actors=config.num_workers, num_gpus=config.gpus_per_worker, precision=config.precision,
             )  # fmt: skip
             in_flight: dict[int, SlideAssembly] = {}
             # no prefetching: a finished block reaches the driver at once (Ray Data runs ahead anyway)

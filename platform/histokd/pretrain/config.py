@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histokd.cli import RunStorage, check_ints
+from histokd.cli import check_ints
+from histokd.run import WorkerConfig
 
-__all__ = ["DEMO_PRESET", "PretrainConfig", "check_storage_path"]
+__all__ = ["DEMO_PRESET", "PretrainConfig"]
 
 
 def _help(text: str, **extra) -> dict:
@@ -19,7 +19,7 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class PretrainConfig(RunStorage):
+class PretrainConfig(WorkerConfig):
     """RCKD pretraining (Kim et al. 2023, Sec. 2.2.1 and Algorithm 1).
 
     Defaults are the paper's. With no ``slides`` the job uses the demo preset (synthetic demo
@@ -27,19 +27,13 @@ class PretrainConfig(RunStorage):
     """
 
     # --- where ------------------------------------------------------------------------------
+    run_name: str = field(
+        default="rckd", metadata=_help("run name; rerunning it resumes from its last checkpoint")
+    )
+    mlflow_experiment: str = field(default="histokd-rckd", metadata=_help("MLflow experiment name"))
     slides: list[str] = field(
         default_factory=list,
         metadata=_help("slide files, folders or .txt lists; empty: the demo slides"),
-    )
-    run_name: str = field(
-        default="rckd",
-        metadata=_help("run name; rerunning with the same name resumes from its last checkpoint"),
-    )
-    storage_path: str = field(
-        default="runs",
-        metadata=_help(
-            "where a run goes: a local or shared path holds all of STORAGE/RUN_NAME (checkpoints, config.yaml, manifest, pseudo-label cache, history, backbone file); with a URI pyarrow takes (s3://, gs://) only Ray Train's checkpoints go there, and the rest stays local in ./histokd_work/RUN_NAME (the working directory of the driver, and of each teacher actor for its cache)"
-        ),
     )
     demo_dir: str = field(
         default="demo_data",
@@ -67,9 +61,6 @@ class PretrainConfig(RunStorage):
         metadata=_help(
             "fixed share of the patches held out for per-epoch student-vs-teacher metrics"
         ),
-    )
-    seed: int = field(
-        default=0, metadata=_help("seed of sampling, hold-out, shuffling and initialisation")
     )
     # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
     teacher: str = field(
@@ -210,24 +201,6 @@ class PretrainConfig(RunStorage):
         ),
     )
     # --- cluster -----------------------------------------------------------------------------
-    ray_address: str | None = field(
-        default=None,
-        metadata=_help(
-            "Ray cluster to join ('auto': the running one); default: $RAY_ADDRESS (set by `ray job submit`), else a new local Ray"
-        ),
-    )
-    num_workers: int | None = field(
-        default=None,
-        metadata=_help(
-            "training workers; auto: one per GPU, else 1. With W workers, up to W-1 patches an epoch (and of the hold-out) are left out so that every worker takes the same number of steps (Ray Train's equal split)"
-        ),
-    )
-    use_gpu: bool | None = field(
-        default=None, metadata=_help("train on GPUs; auto: if the cluster has any")
-    )
-    cpus_per_worker: float = field(
-        default=1.0, metadata=_help("CPUs reserved by each training worker")
-    )
     trainer_resources: dict[str, float] = field(
         default_factory=dict,
         metadata=_help(
@@ -237,34 +210,25 @@ class PretrainConfig(RunStorage):
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
     )
-    max_failures: int = field(
-        default=3,
-        metadata=_help("worker-group restarts from the last checkpoint before the run fails"),
-    )
     keep_checkpoints: int = field(
         default=3, metadata=_help("last N checkpoints kept (the best by hold-out IoU is kept too)")
     )
     dataloader_prefetch: int = field(default=2, metadata=_help("batches prefetched per worker"))
-    # --- tracking ----------------------------------------------------------------------------
-    mlflow_tracking_uri: str | None = field(
-        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
-    )
-    mlflow_experiment: str = field(default="histokd-rckd", metadata=_help("MLflow experiment name"))
     overlays: int = field(
         default=8,
         metadata=_help("hold-out patches drawn in the teacher-vs-student overlay each epoch"),
     )
-    # --- testing only ------------------------------------------------------------------------
     stop_after_epoch: int | None = field(
         default=None,
         metadata=_help("stop cleanly after this epoch (resume later with the same run name)"),
     )
     fail_at_epoch: int | None = field(
         default=None,
-        metadata=_help("test only: one worker raises once during this epoch, to exercise recovery"),
+        metadata=_help("test only: one worker raises once in this epoch", cli="hidden"),
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.slides, str):
             self.slides = [self.slides]
         check_ints(
@@ -280,12 +244,12 @@ class PretrainConfig(RunStorage):
                 "epochs",
             ],
         )
-        check_ints(self, ["warmup_epochs", "max_failures", "overlays"], minimum=0)
+        check_ints(self, ["warmup_epochs", "overlays"], minimum=0)
         if self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs}: must be at most epochs={self.epochs}"
             )
-        for name in ["magnification", "lr", "cpus_per_worker"]:
+        for name in ["magnification", "lr"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
         if self.base_magnification is not None and not self.base_magnification > 0:
@@ -320,8 +284,6 @@ class PretrainConfig(RunStorage):
         check_ints(self, ["num_workers", "teacher_actors"], auto=True)
         for name in ["teacher_resources", "trainer_resources"]:
             setattr(self, name, _check_resources(name, getattr(self, name)))
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
         if not self.weight_decay >= 0 or not 0 <= self.momentum < 1:
             raise ValueError(
                 f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r}: need weight_decay >= 0 and 0 <= momentum < 1"
@@ -332,12 +294,12 @@ class PretrainConfig(RunStorage):
             raise ValueError(
                 f"backbone={self.backbone!r}: unknown; allowed: {', '.join(BACKBONES)}"
             )
-        _check_teacher_spec(self.teacher)
+        from histokd.teachers.registry import resolve_teacher_spec
+
+        resolve_teacher_spec(self.teacher)
         _check_teacher_placement(self)
         if self.init is not None and not os.path.isfile(self.init):
             raise ValueError(f"init={self.init!r}: no such backbone file")
-        if "://" not in self.storage_path:
-            self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
         self.demo_dir = os.path.abspath(self.demo_dir)
 
     def teacher_kwargs(self) -> dict:
@@ -460,44 +422,6 @@ def _check_teacher_placement(config: PretrainConfig) -> None:
                 f"{name}={getattr(config, name)!r}: a setting of the teacher actor pool, which "
                 "teacher_placement='trainer' does not start; leave it unset or use --teacher-placement actors"
             )
-
-
-def _check_teacher_spec(spec: str) -> None:
-    """The teacher spec names something that exists, without loading TensorFlow."""
-    from histokd.teachers.registry import available_teachers
-    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
-
-    if spec in available_teachers() or spec in STARDIST_PRETRAINED:
-        return
-    if spec.startswith("stardist:") and spec.split(":", 1)[1] in STARDIST_PRETRAINED:
-        return
-    if os.path.isdir(os.path.expanduser(spec)):
-        return
-    raise ValueError(
-        f"teacher={spec!r}: unknown; allowed: {', '.join(available_teachers())}, "
-        f"{', '.join(STARDIST_PRETRAINED)}, stardist:<name>, or a StarDist model folder"
-    )
-
-
-def check_storage_path(path: str) -> None:
-    """Fail early, naming the field, if the storage path cannot be written.
-
-    Raises:
-        ValueError: The filesystem cannot be reached or written.
-    """
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-        fs.create_dir(root, recursive=True)
-        probe = f"{root.rstrip('/')}/.histokd-write-check-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(probe) as out:
-            out.write(b"ok")
-        fs.delete_file(probe)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
-        raise ValueError(
-            f"storage_path={path!r}: cannot be written ({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 # Small enough to run end to end offline on a 2-core CPU in a few minutes: the demo slides, the

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from histokd.cli import config_to_dict, save_config
 from histokd.cluster import init_ray
-from histokd.pretrain.config import PretrainConfig, check_storage_path
+from histokd.pretrain.config import PretrainConfig
+from histokd.run import check_storage_path, open_mlflow_run
 
 __all__ = ["PretrainResult", "run_pretraining", "split_holdout"]
 
@@ -101,21 +102,13 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from histokd.pretrain.label_share import read_label_share, summary_line
     from histokd.pretrain.loop import CHECKPOINT_FILE, LABEL_SHARE_FILE, train_fn_per_worker
     from histokd.teachers.stream import patch_dataset, pseudo_label_dataset
-    from histokd.tracking import MLflowRun
 
     check_storage_path(config.storage_path)
     if "://" in config.storage_path and not config.mlflow_tracking_uri:
         raise ValueError(
             "mlflow_tracking_uri: required when storage_path is remote (e.g. http://mlflow:5000)"
         )
-    work_dir = (
-        Path(
-            config.storage_path
-            if "://" not in config.storage_path
-            else os.path.abspath("histokd_work")
-        )
-        / config.run_name
-    )
+    work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
 
@@ -179,18 +172,8 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     train_ds = make_stream(str(work_dir / "manifest" / "train.parquet"))
     holdout_ds = make_stream(str(work_dir / "manifest" / "holdout.parquet"))
 
-    tracking = MLflowRun(
-        config.tracking_uri,
-        config.mlflow_experiment,
-        config.run_name,
-        artifact_location=str(Path(config.storage_path) / "mlartifacts")
-        if "://" not in config.storage_path
-        else None,
-    )
     params = config_to_dict(config)
-    tracking.log_params(params)
-    tracking.log_standard_tags()
-    tracking.set_tags({"histokd.job": "rckd_pretrain", "histokd.run_dir": config.run_dir})
+    tracking = open_mlflow_run(config, "rckd_pretrain", params=params)
     if tracking.resumed:
         print(f"MLflow: continuing run {tracking.run_id}", flush=True)
 

@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from histokd.run import RunFolderConfig, take_legacy_device, take_legacy_out
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou
 from histokd.teachers.stardist_models import DEFAULTS_FILE, NORMALIZATIONS
@@ -41,7 +42,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class CheckConfig:
+class CheckConfig(RunFolderConfig):
     """What to check a teacher on, and where the report goes."""
 
     teacher: str = field(
@@ -59,10 +60,11 @@ class CheckConfig:
             "folder of their nuclei masks, same file stems: instance labels (0 = background) or binary masks, png/tif/npy, or MoNuSeg XML"
         ),
     )
-    out: str = field(
-        default="runs/teacher_check",
+    run_name: str = field(
+        default="teacher_check",
         metadata=_help(
-            "report folder: results.csv, results.json, overlay.png and the best settings as histokd_teacher.json"
+            "report folder STORAGE/RUN_NAME: results.csv, results.json, overlay.png and the best "
+            "settings as histokd_teacher.json"
         ),
     )
     mpp: float = field(
@@ -89,12 +91,18 @@ class CheckConfig:
             "StarDist backend: torch (default) or tensorflow (StarDist itself, the tf-cpu extra)"
         ),
     )
-    device: str = field(
-        default="auto", metadata=_help("torch device of the teacher: auto, cpu, cuda")
+    use_gpu: bool | None = field(
+        default=None, metadata=_help("run the teacher on a GPU (torch backend); auto: if any")
     )
     overlays: int = field(default=4, metadata=_help("images drawn in overlay.png"))
+    out: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+    device: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
 
     def __post_init__(self) -> None:
+        take_legacy_out(self, self.out)
+        take_legacy_device(self, self.device)
+        self.out = self.device = None
+        super().__post_init__()
         if not self.images or not self.masks:
             raise TeacherError(
                 "images and masks: both folders are needed (--images DIR --masks DIR)"
@@ -161,7 +169,8 @@ def check_teacher(config: CheckConfig) -> CheckResult:
     items = load_image_mask_pairs(config.images, Path(config.masks))
     kwargs = {"backend": config.teacher_backend}
     if config.teacher != "deconvolution":
-        kwargs["device"] = config.device if config.teacher_backend == "torch" else None
+        device = {None: "auto", True: "cuda", False: "cpu"}[config.use_gpu]
+        kwargs["device"] = device if config.teacher_backend == "torch" else None
     teacher = build_teacher(config.teacher, **{k: v for k, v in kwargs.items() if v is not None})
     truth = np.concatenate([(item.labels > 0).ravel() for item in items])
     rows, maps = [], {}
@@ -198,7 +207,7 @@ def check_teacher(config: CheckConfig) -> CheckResult:
         true_nucleus_fraction=round(truth_fraction, 4),
         teacher=config.teacher,
     )
-    out = Path(config.out)
+    out = config.work_dir
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

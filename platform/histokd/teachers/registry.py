@@ -5,7 +5,11 @@ Specs:
   (``2D_versatile_he``, RCKD's teacher, by default), downloaded once into StarDist's cache;
 - a path to a StarDist model folder (``config.json``, ``thresholds.json``, ``weights_best.h5``);
 - ``"demo"``: the small StarDist model shipped in ``histokd/assets/demo_teacher`` (offline);
-- ``"deconvolution"``: haematoxylin from colour deconvolution, no weights.
+- ``"deconvolution"``: haematoxylin from colour deconvolution, no weights;
+- ``"package.module:name"``: a teacher that module registers with :func:`register_teacher`
+  (imported wherever the spec is resolved: the driver, and each Ray actor).
+
+This module alone resolves and validates specs (:func:`resolve_teacher_spec`).
 
 StarDist teachers run in PyTorch by default (``backend="torch"``,
 :mod:`histokd.teachers.stardist_torch`); ``backend="tensorflow"`` runs StarDist itself (the
@@ -26,7 +30,9 @@ __all__ = [
     "STARDIST_SPECS",
     "available_teachers",
     "build_teacher",
+    "portable_spec",
     "register_teacher",
+    "resolve_teacher_spec",
     "stardist_class",
 ]
 
@@ -124,12 +130,81 @@ def _stardist(name: str = "2D_versatile_he", backend: str = "torch", **kwargs) -
     return teacher_class.from_pretrained(name, **kwargs)
 
 
+def _import_plugin(spec: str) -> str:
+    """``"package.module:name"``: import the module (its ``@register_teacher`` runs) and
+    return ``name``. Ray workers resolve the same string, so such teachers work in actors."""
+    import importlib
+
+    module, name = spec.split(":", 1)
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise TeacherError(f"teacher={spec!r}: cannot import module {module!r} ({exc})") from exc
+    if name not in _REGISTRY:
+        raise TeacherError(
+            f"teacher={spec!r}: module {module!r} registers no teacher {name!r}; "
+            f"registered: {', '.join(available_teachers())}"
+        )
+    return name
+
+
+def resolve_teacher_spec(spec: str) -> tuple[str, str]:
+    """What a spec names, without building it: ``(kind, value)``.
+
+    ``kind`` is ``"registered"`` (value: the registered name), ``"stardist"`` (value: a
+    StarDist pretrained name) or ``"folder"`` (value: the model folder). Checks nothing heavy:
+    no TensorFlow, no download.
+
+    Raises:
+        TeacherError: Nothing matches; the message lists what is allowed.
+    """
+    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise TeacherError(f"teacher spec {spec!r}: must be a non-empty string")
+    spec = spec.strip()
+    if spec in _REGISTRY:
+        return "registered", spec
+    if spec in STARDIST_PRETRAINED:
+        return "stardist", spec
+    prefix, _, rest = spec.partition(":")
+    if rest and prefix == "stardist":
+        if rest not in STARDIST_PRETRAINED:
+            raise TeacherError(
+                f"teacher={spec!r}: no StarDist model {rest!r}; allowed: {', '.join(STARDIST_PRETRAINED)}"
+            )
+        return "stardist", rest
+    if rest and "/" not in prefix:
+        return "registered", _import_plugin(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder", str(path)
+    raise TeacherError(
+        f"teacher spec {spec!r} is neither a teacher name nor a model folder; allowed: "
+        f"{', '.join(available_teachers())}, stardist:<name> with name in "
+        f"{', '.join(STARDIST_PRETRAINED)}, package.module:name (a teacher that module "
+        "registers), or a path to a StarDist model folder"
+        + (" (no such folder)" if ("/" in spec or spec.startswith(".")) else "")
+    )
+
+
+def portable_spec(spec: str) -> str:
+    """The spec as another process resolves it: a teacher registered by a user's module
+    becomes ``"module:name"``, so that Ray actors import that module too."""
+    kind, value = resolve_teacher_spec(spec)
+    module = getattr(_REGISTRY.get(value), "__module__", __name__) if kind == "registered" else None
+    if module and module != __name__ and module != "__main__" and ":" not in spec:
+        return f"{module}:{value}"
+    return spec
+
+
 def build_teacher(spec: str, backend: str = "torch", **kwargs) -> Teacher:
     """The teacher a spec names, built with ``kwargs`` (``alpha``, ``mask_mode``, ...).
 
     Args:
         spec: ``"deconvolution"``, ``"demo"``, ``"stardist"``, ``"stardist:<name>"``, a
-            registered StarDist name such as ``"2D_versatile_he"``, or a model folder path.
+            StarDist pretrained name such as ``"2D_versatile_he"``, ``"package.module:name"``
+            (a teacher that module registers), or a model folder path.
         backend: How StarDist models run: ``"torch"`` (default) or ``"tensorflow"``
             (StarDist itself; needed for ``mask_mode="instances"``). Other teachers ignore it.
         **kwargs: Passed to the teacher (see each teacher's arguments).
@@ -138,40 +213,21 @@ def build_teacher(spec: str, backend: str = "torch", **kwargs) -> Teacher:
         TeacherError: Nothing matches the spec (the message lists what is allowed), or the
             teacher cannot be built.
     """
-    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
-
     if backend not in BACKENDS:
         raise TeacherError(f"backend={backend!r}: allowed: {', '.join(BACKENDS)}")
-    if not isinstance(spec, str) or not spec.strip():
-        raise TeacherError(f"teacher spec {spec!r}: must be a non-empty string")
-    spec = spec.strip()
-    if spec in _REGISTRY:
-        if spec in STARDIST_SPECS:
-            return _REGISTRY[spec](backend=backend, **kwargs)
-        for (
-            key,
-            allowed,
-        ) in _STARDIST_ONLY.items():  # settings of StarDist teachers, at their defaults
-            if kwargs.get(key, allowed[0]) not in allowed:
-                raise TeacherError(
-                    f"{key}={kwargs[key]!r} is a setting of StarDist teachers; teacher {spec!r} takes none"
-                )
-            kwargs.pop(key, None)
-        kwargs.pop(
-            "patch_mpp", None
-        )  # the patches' scale: only a teacher with a scale of its own uses it
-        return _REGISTRY[spec](**kwargs)
-    if spec.startswith("stardist:"):
-        return _REGISTRY["stardist"](name=spec.split(":", 1)[1], backend=backend, **kwargs)
-    if spec in STARDIST_PRETRAINED:
-        return _REGISTRY["stardist"](name=spec, backend=backend, **kwargs)
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    kind, value = resolve_teacher_spec(spec)
+    if kind == "stardist":
+        return _REGISTRY["stardist"](name=value, backend=backend, **kwargs)
+    if kind == "folder":
         teacher_class, kwargs = stardist_class(backend, **kwargs)
-        return teacher_class.from_folder(path, **kwargs)
-    raise TeacherError(
-        f"teacher spec {spec!r} is neither a teacher name nor a model folder; allowed: "
-        f"{', '.join(available_teachers())}, stardist:<name> with name in "
-        f"{', '.join(STARDIST_PRETRAINED)}, or a path to a StarDist model folder"
-        + (" (no such folder)" if ("/" in spec or spec.startswith(".")) else "")
-    )
+        return teacher_class.from_folder(Path(value), **kwargs)
+    if value in STARDIST_SPECS:
+        return _REGISTRY[value](backend=backend, **kwargs)
+    for key, allowed in _STARDIST_ONLY.items():  # settings of StarDist teachers, at defaults
+        if kwargs.get(key, allowed[0]) not in allowed:
+            raise TeacherError(
+                f"{key}={kwargs[key]!r} is a setting of StarDist teachers; teacher {value!r} takes none"
+            )
+        kwargs.pop(key, None)
+    kwargs.pop("patch_mpp", None)  # the patches' scale: only a teacher with a scale of its own
+    return _REGISTRY[value](**kwargs)

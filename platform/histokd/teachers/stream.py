@@ -36,7 +36,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -546,10 +545,11 @@ def pseudo_label_dataset(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from histokd.teachers.registry import build_teacher  # noqa: F401 - fail early on import errors
+    from histokd.teachers.registry import portable_spec
 
     _check_sizes(input_size, batch_size)
     _check_spec(teacher, teacher_kwargs)
+    teacher = portable_spec(teacher)  # a user's registered teacher: its module, for the actors
     table = load_manifest_table(manifest)
     from histokd.cluster import init_ray
 
@@ -696,24 +696,12 @@ def _check_spec(spec: str, teacher_kwargs: dict[str, Any] | None = None) -> None
     Nothing here loads TensorFlow; an actor that fails to start would only be retried.
     """
     from histokd.teachers.base import TeacherSettings
-    from histokd.teachers.registry import available_teachers, build_teacher
-    from histokd.teachers.stardist_models import STARDIST_PRETRAINED
+    from histokd.teachers.registry import build_teacher, resolve_teacher_spec
 
-    if not isinstance(spec, str):
-        raise TeacherError(f"teacher={spec!r}: must be a string spec")
     kwargs = dict(teacher_kwargs or {})
     TeacherSettings(
         alpha=kwargs.get("alpha") if kwargs.get("alpha") is not None else 0.5,
         mask_mode=kwargs.get("mask_mode") or "probability",
     )
-    if spec == "deconvolution":
+    if resolve_teacher_spec(spec) == ("registered", "deconvolution"):
         build_teacher(spec, **kwargs)  # cheap: checks its own arguments
-        return
-    if spec in available_teachers() or spec in STARDIST_PRETRAINED or spec.startswith("stardist:"):
-        return
-    if Path(spec).expanduser().is_dir():
-        return
-    raise TeacherError(
-        f"teacher={spec!r}: not a teacher name or model folder; allowed: {', '.join(available_teachers())}, "
-        f"{', '.join(STARDIST_PRETRAINED)}, stardist:<name>, or a StarDist model folder"
-    )

@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
+from histokd.run import RunFolderConfig, take_legacy_device
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou, iou_by_alpha
-from histokd.teachers.stardist_base import normalize_percentiles
 from histokd.teachers.stardist_models import DEFAULTS_FILE
-from histokd.teachers.stardist_teacher import StarDistTeacher, configure_tensorflow
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -290,7 +288,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class TeacherTrainingConfig:
+class TeacherTrainingConfig(RunFolderConfig):
     """How to train a StarDist2D teacher.
 
     The defaults make the shipped demo teacher (``histokd/assets/demo_teacher``): a StarDist2D
@@ -298,14 +296,14 @@ class TeacherTrainingConfig:
     trained for about three minutes on two CPU cores.
 
     Attributes:
-        out_dir: Parent folder of the model folder.
-        name: Model folder name.
+        storage_path: Parent folder of the model folder.
+        run_name: Model folder name.
         data: MoNuSeg-like dataset folders (see :func:`load_instance_folder`).
         data_magnification: Magnification of the images in ``data`` (MoNuSeg: 40x).
         demo_slides: Number of synthetic demo slides to train on (0: none).
         demo_seed: Seed of the demo slides (the tests hold out other seeds).
         demo_slide_size: Width and height of each demo slide in pixels.
-        demo_dir: Where the demo slides are written; ``<out_dir>/demo_slides`` when None.
+        demo_dir: Where the demo slides are written; ``<storage_path>/demo_slides`` when None.
         magnification: Magnification of the training tiles, the stream's (RCKD: 20x); the
             teacher's scale, stored as ``teacher_mpp``.
         normalization: ``"joint"`` or ``"per_channel"`` percentile normalisation, stored too.
@@ -319,20 +317,24 @@ class TeacherTrainingConfig:
         epochs: Training epochs.
         steps_per_epoch: Batches per epoch.
         batch_size: Patches per batch.
-        learning_rate: Adam learning rate (StarDist's default, 3e-4).
+        lr: Adam learning rate (StarDist's default, 3e-4).
         validation_fraction: Fraction of sources (images or slides) held out, at least one.
         optimize_nms: Optimise StarDist's probability/NMS thresholds on the held-out data
             (used by ``mask_mode="instances"``).
-        device: ``"cpu"`` hides GPUs from TensorFlow; ``"gpu"`` requires one; ``"auto"``.
+        use_gpu: False hides GPUs from TensorFlow; True requires one; None: auto.
         seed: Seed of sampling, augmentation and initial weights.
         keep_checkpoints: Keep ``weights_last.h5``/``weights_now.h5`` besides ``weights_best.h5``.
         overwrite: Replace an existing model folder.
     """
 
-    out_dir: str = field(
-        default="runs/teacher", metadata=_help("parent folder of the model folder")
+    storage_path: str = field(
+        default="runs/teacher",
+        metadata={**_help("parent folder of the model folder"), "aliases": ["out_dir"]},
     )
-    name: str = field(default="demo_teacher", metadata=_help("model folder name"))
+    run_name: str = field(
+        default="demo_teacher",
+        metadata={**_help("model folder name: STORAGE/RUN_NAME"), "aliases": ["name"]},
+    )
     data: tuple[str, ...] = field(
         default=(),
         metadata=_help(
@@ -354,7 +356,7 @@ class TeacherTrainingConfig:
         default=2048, metadata=_help("width and height of each demo slide in pixels")
     )
     demo_dir: str | None = field(
-        default=None, metadata=_help("where demo slides are written; default OUT_DIR/demo_slides")
+        default=None, metadata=_help("where demo slides are written; default STORAGE/demo_slides")
     )
     magnification: float = field(
         default=20.0,
@@ -387,8 +389,9 @@ class TeacherTrainingConfig:
     epochs: int = field(default=20, metadata=_help("training epochs"))
     steps_per_epoch: int = field(default=50, metadata=_help("batches per epoch"))
     batch_size: int = field(default=8, metadata=_help("patches per batch"))
-    learning_rate: float = field(
-        default=3e-4, metadata=_help("Adam learning rate (StarDist's default)")
+    lr: float = field(
+        default=3e-4,
+        metadata={**_help("Adam learning rate (StarDist's default)"), "aliases": ["learning_rate"]},
     )
     validation_fraction: float = field(
         default=0.25,
@@ -400,11 +403,9 @@ class TeacherTrainingConfig:
             "optimise StarDist's probability/NMS thresholds on the held-out data (for mask_mode=instances)"
         ),
     )
-    device: Literal["auto", "cpu", "gpu"] = field(
-        default="auto", metadata=_help("cpu hides GPUs from TensorFlow; gpu requires one")
-    )
-    seed: int = field(
-        default=0, metadata=_help("seed of sampling, augmentation and initial weights")
+    use_gpu: bool | None = field(
+        default=None,
+        metadata=_help("train on a GPU (one is then required); no: hide GPUs; auto: if any"),
     )
     keep_checkpoints: bool = field(
         default=False,
@@ -412,8 +413,12 @@ class TeacherTrainingConfig:
     )
     overwrite: bool = field(default=False, metadata=_help("replace an existing model folder"))
     command: list[str] = field(default_factory=list, repr=False, metadata={"cli": False})
+    device: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
 
     def __post_init__(self) -> None:
+        take_legacy_device(self, self.device)
+        self.device = None
+        super().__post_init__()
         self.data = tuple(str(d) for d in self.data)
         positive = ("tile_size", "patch_size", "n_rays", "grid", "unet_n_depth", "unet_n_filter_base",
                     "net_conv_after_unet", "epochs", "steps_per_epoch", "batch_size", "demo_slide_size")  # fmt: skip
@@ -448,7 +453,7 @@ class TeacherTrainingConfig:
             raise TeacherError(
                 f"TeacherTrainingConfig.normalization={self.normalization!r}: allowed: joint, per_channel"
             )
-        for name in ("magnification", "data_magnification", "learning_rate"):
+        for name in ("magnification", "data_magnification", "lr"):
             if not getattr(self, name) > 0:
                 raise TeacherError(
                     f"TeacherTrainingConfig.{name}={getattr(self, name)!r}: must be positive"
@@ -456,10 +461,6 @@ class TeacherTrainingConfig:
         if not 0 < self.validation_fraction < 1:
             raise TeacherError(
                 f"TeacherTrainingConfig.validation_fraction={self.validation_fraction!r}: must be in (0, 1)"
-            )
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise TeacherError(
-                f"TeacherTrainingConfig.device={self.device!r}: allowed: auto, cpu, gpu"
             )
 
 
@@ -528,14 +529,16 @@ def _augmenter(seed: int):
     return augment
 
 
-def _set_device(device: str):
+def _set_device(use_gpu: bool | None):
+    from histokd.teachers.stardist_teacher import configure_tensorflow
+
     tf = configure_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
-    if device == "cpu" and gpus:
+    if use_gpu is False and gpus:
         tf.config.set_visible_devices([], "GPU")
-    if device == "gpu" and not gpus:
+    if use_gpu and not gpus:
         raise TeacherError(
-            "device='gpu' but TensorFlow sees no GPU (install histokd[tf-gpu] on a CUDA machine)"
+            "use_gpu=True but TensorFlow sees no GPU (install histokd[tf-gpu] on a CUDA machine)"
         )
     return tf
 
@@ -551,8 +554,13 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     Raises:
         TeacherError: Bad data, or the model folder exists and ``overwrite`` is False.
     """
-    out_dir = Path(config.out_dir)
-    model_dir = out_dir / config.name
+    import torch
+
+    from histokd.teachers.stardist_base import normalize_percentiles
+    from histokd.teachers.stardist_teacher import StarDistTeacher
+
+    out_dir = Path(config.storage_path)
+    model_dir = out_dir / config.run_name
     if model_dir.exists():
         if not config.overwrite:
             raise TeacherError(
@@ -579,7 +587,7 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     train, val = _split(items, config.validation_fraction, config.seed)
     log.info("teacher training: %d train and %d validation images", len(train), len(val))
 
-    tf = _set_device(config.device)
+    tf = _set_device(config.use_gpu)
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -597,11 +605,11 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
         train_batch_size=config.batch_size,
         train_epochs=config.epochs,
         train_steps_per_epoch=config.steps_per_epoch,
-        train_learning_rate=config.learning_rate,
+        train_learning_rate=config.lr,
         train_tensorboard=False,  # tensorboard is not installed
         use_gpu=False,  # gputools (OpenCL) data generation, not TensorFlow's device
     )
-    model = StarDist2D(conf, name=config.name, basedir=str(out_dir))
+    model = StarDist2D(conf, name=config.run_name, basedir=str(out_dir))
     per_channel = config.normalization == "per_channel"
 
     def normalize(image: np.ndarray) -> np.ndarray:  # as the teacher will: stardist_base
