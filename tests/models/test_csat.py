@@ -26,14 +26,14 @@ def n_params(module: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("csat", 3_065_078), ("csat_nosat", 3_063_272)],  # RCKD Table 6
+    [("histokd_csat", 3_065_078), ("histokd_csat_nosat", 3_063_272)],  # RCKD Table 6
 )
 def test_param_count_with_1000_class_head(name: str, expected: int) -> None:
     assert n_params(timm.create_model(name, num_classes=1000)) == expected
 
 
 def test_sat_modules_add_the_papers_1_8k() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     sat = [m for m in model.modules() if isinstance(m, SpatialAttentionTransformer)]
     assert len(sat) == 14  # one per SAT block: 2 + 2 + 6 + 4
     assert sum(n_params(m) for m in sat) == 1_806
@@ -46,7 +46,7 @@ def test_block_formulas_of_csat_md() -> None:
 
 
 def test_structure_of_table_2() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     sat_blocks = [sum(isinstance(b, SatBlock) for b in stage.blocks) for stage in model.stages]
     vit_blocks = [
         sum(isinstance(b, TransformerBlock) for b in stage.blocks) for stage in model.stages
@@ -64,14 +64,14 @@ def test_structure_of_table_2() -> None:
 
 
 def test_backbone_without_head_is_table_3s_2_8m() -> None:
-    model = timm.create_model("csat", num_classes=0)
+    model = timm.create_model("histokd_csat", num_classes=0)
     # num_classes=0 keeps the head norm: 3,065,078 - 176 * 1000 - 1000
     assert n_params(model) == 2_888_078
-    assert n_params(timm.create_model("csat", features_only=True)) == 2_887_726
+    assert n_params(timm.create_model("histokd_csat", features_only=True)) == 2_887_726
 
 
 def test_positional_encodings_are_5580_params() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     pegs = [m for m in model.modules() if isinstance(m, PositionalEncodingGenerator)]
     assert len(pegs) == 14 + 4
     assert sum(n_params(m) for m in pegs) == 5_580
@@ -79,7 +79,7 @@ def test_positional_encodings_are_5580_params() -> None:
 
 @pytest.mark.parametrize("size", [224, 512])
 def test_stage_shapes(size: int) -> None:
-    model = timm.create_model("csat", features_only=True).eval()
+    model = timm.create_model("histokd_csat", features_only=True).eval()
     with torch.no_grad():
         features = model(torch.randn(1, 3, size, size))
     assert [tuple(f.shape[1:]) for f in features] == STAGE_SHAPES[size]
@@ -101,16 +101,16 @@ def test_csat_1024_forward_backward_batch_1() -> None:
 
 
 def test_features_only_out_indices_and_num_classes() -> None:
-    model = timm.create_model("csat", num_classes=7, features_only=True, out_indices=(1, 3))
+    model = timm.create_model("histokd_csat", num_classes=7, features_only=True, out_indices=(1, 3))
     features = model(torch.randn(2, 3, 64, 64))
     assert [tuple(f.shape) for f in features] == [(2, 48, 8, 8), (2, 176, 2, 2)]
     assert model.feature_info.channels() == [48, 176]
-    logits = timm.create_model("csat", num_classes=7)(torch.randn(2, 3, 64, 64))
+    logits = timm.create_model("histokd_csat", num_classes=7)(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 7)
 
 
 def test_forward_intermediates_match_forward_features() -> None:
-    model = timm.create_model("csat").eval()
+    model = timm.create_model("histokd_csat").eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)
@@ -121,7 +121,7 @@ def test_forward_intermediates_match_forward_features() -> None:
 
 
 def test_prune_keeps_only_needed_stages() -> None:
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     kept = model.prune_intermediate_layers([0, 1])
     assert kept == [0, 1]
     assert len(model.stages) == 2

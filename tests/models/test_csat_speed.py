@@ -151,7 +151,7 @@ def _model(name: str) -> Csat:
 INPUT_SHAPE = (2, 3, 160, 128)
 
 
-@pytest.mark.parametrize("name", ["csat", "csat_nosat"])
+@pytest.mark.parametrize("name", ["histokd_csat", "histokd_csat_nosat"])
 @pytest.mark.parametrize("train", [False, True])
 def test_forward_matches_the_plain_transcription_fp32(name: str, train: bool) -> None:
     model = _model(name).train(train)
@@ -167,7 +167,7 @@ def test_forward_matches_the_plain_transcription_fp32(name: str, train: bool) ->
     _assert_close(logits, ref_logits, "logits")
 
 
-@pytest.mark.parametrize("name", ["csat", "csat_nosat"])
+@pytest.mark.parametrize("name", ["histokd_csat", "histokd_csat_nosat"])
 def test_gradients_match_the_plain_transcription_float64(name: str) -> None:
     # float64, so that the hand-written GRN backward is checked far below fp32 rounding
     model = _model(name).double().train()
@@ -177,7 +177,7 @@ def test_gradients_match_the_plain_transcription_float64(name: str) -> None:
     # the fast paths ran: the fused GRN + fc2 in all 14 SAT blocks, addcmul for the SAT residual
     nodes = _backward_nodes(logits)
     assert nodes["_GrnLinearBackward"] == 14
-    assert nodes["AddcmulBackward0"] == (14 if name == "csat" else 0)
+    assert nodes["AddcmulBackward0"] == (14 if name == "histokd_csat" else 0)
     torch.testing.assert_close(logits, ref_logits, atol=1e-12, rtol=1e-10)
     weights = torch.randn(logits.shape, dtype=torch.float64)
     params = [x, *model.parameters()]
@@ -268,7 +268,7 @@ def test_dropout_and_drop_path_fall_back_to_the_plain_path() -> None:
 
 def test_mac_counts_are_unchanged() -> None:
     # the counts of csat.py before the speed work, at 224 px: THOP's (RCKD's) and flop_counter's
-    model = timm.create_model("csat")
+    model = timm.create_model("histokd_csat")
     assert macs_paper(model, 224) == 366_189_240
     assert macs_full(model, 224) == 404_857_200
 

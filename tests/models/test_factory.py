@@ -14,6 +14,7 @@ from histokd.models import (
     create_backbone,
     load_backbone_file,
     save_backbone,
+    timm_name,
 )
 
 FEATURES = {  # channels and strides of each level, finest first
@@ -59,7 +60,7 @@ def test_multi_scale_features(name: str) -> None:
 @pytest.mark.parametrize("name", BACKBONES)
 def test_state_dict_keys_are_timms(name: str) -> None:
     keys = set(backbone_state_dict(create_backbone(name)))
-    full = set(timm.create_model(name).state_dict())
+    full = set(timm.create_model(timm_name(name)).state_dict())
     assert keys <= full
     assert all(k.startswith(HEAD_PREFIXES[name]) for k in full - keys), sorted(full - keys)[:5]
 
@@ -93,7 +94,7 @@ def test_file_loads_through_timms_pretrained_overlay(tmp_path: Path, name: str) 
     overlay = dict(file=str(path))
     # features_only (FeatureListNet, flattened names for csat and convnext) ...
     listnet = timm.create_model(
-        name, features_only=True, pretrained=True, pretrained_cfg_overlay=overlay
+        timm_name(name), features_only=True, pretrained=True, pretrained_cfg_overlay=overlay
     )
     first = next(iter(saved))
     assert torch.equal(next(iter(listnet.state_dict().values())), saved[first])
@@ -102,7 +103,7 @@ def test_file_loads_through_timms_pretrained_overlay(tmp_path: Path, name: str) 
     assert _equal_weights(backbone_state_dict(getter), saved)
     # ... and a classifier with a new head
     classifier = timm.create_model(
-        name, num_classes=5, pretrained=True, pretrained_cfg_overlay=overlay
+        timm_name(name), num_classes=5, pretrained=True, pretrained_cfg_overlay=overlay
     )
     loaded = classifier.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())
@@ -134,7 +135,7 @@ def test_shape_mismatch_names_the_key(tmp_path: Path) -> None:
 
 
 def test_extra_head_keys_are_ignored(tmp_path: Path) -> None:
-    full = timm.create_model("csat", num_classes=3)
+    full = timm.create_model("histokd_csat", num_classes=3)
     path = tmp_path / "classifier.pth"
     torch.save(full.state_dict(), path)
     backbone = create_backbone("csat", backbone_file=path)

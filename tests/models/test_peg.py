@@ -23,7 +23,12 @@ def test_peg_is_a_residual_depthwise_3x3() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("csat", 5_580), ("csat_nosat", 5_440), ("resnet18_sat", 80), ("resnet18", 0)],
+    [
+        ("histokd_csat", 5_580),
+        ("histokd_csat_nosat", 5_440),
+        ("histokd_resnet18_sat", 80),
+        ("resnet18", 0),
+    ],
 )
 def test_switch_counts_every_peg(name: str, expected: int) -> None:
     model = timm.create_model(name)

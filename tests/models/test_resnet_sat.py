@@ -6,19 +6,19 @@ import pytest
 import timm
 import torch
 
-import histokd.models  # noqa: F401  (registers resnet18_sat with timm)
+import histokd.models  # noqa: F401  (registers histokd_resnet18_sat with timm)
 from histokd.models.sat import SpatialAttentionTransformer
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("resnet18", 11_689_512), ("resnet18_sat", 11_690_544)]
+    ("name", "expected"), [("resnet18", 11_689_512), ("histokd_resnet18_sat", 11_690_544)]
 )
 def test_param_count_with_1000_class_head(name: str, expected: int) -> None:
     assert sum(p.numel() for p in timm.create_model(name).parameters()) == expected
 
 
 def test_one_sat_module_after_bn2_of_each_basic_block() -> None:
-    model = timm.create_model("resnet18_sat")
+    model = timm.create_model("histokd_resnet18_sat")
     blocks = [
         b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer
     ]
@@ -35,7 +35,7 @@ def test_one_sat_module_after_bn2_of_each_basic_block() -> None:
 
 def test_resnet18_weights_load_with_only_sat_keys_missing() -> None:
     plain = timm.create_model("resnet18")
-    model = timm.create_model("resnet18_sat")
+    model = timm.create_model("histokd_resnet18_sat")
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(".se." in k for k in result.missing_keys)
@@ -43,7 +43,7 @@ def test_resnet18_weights_load_with_only_sat_keys_missing() -> None:
 
 
 def test_features_only() -> None:
-    model = timm.create_model("resnet18_sat", features_only=True)
+    model = timm.create_model("histokd_resnet18_sat", features_only=True)
     features = model(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in features] == [64, 64, 128, 256, 512]
     assert model.feature_info.reduction() == [2, 4, 8, 16, 32]

@@ -1,7 +1,9 @@
 """Backbones, decoders and task models.
 
-Importing this package registers ``csat``, ``csat_nosat`` and ``resnet18_sat`` with timm, so
-``timm.create_model("csat", features_only=True)`` works from then on.
+Importing this package registers ``histokd_csat``, ``histokd_csat_nosat`` and
+``histokd_resnet18_sat`` with timm, so ``timm.create_model("histokd_csat", features_only=True)``
+works from then on. ``import histokd`` imports it as soon as timm is imported (histokd.compat).
+Inside histokd the backbones keep RCKD's names (``csat``, ...; `BACKBONES`, `timm_name`).
 """
 
 from histokd.compat import ensure_torchvision
@@ -11,17 +13,19 @@ ensure_torchvision()  # before anything imports timm (and with it torchvision)
 from histokd.models.csat import Csat  # noqa: E402
 from histokd.models.factory import (  # noqa: E402
     BACKBONES,
+    TIMM_NAMES,
     backbone_state_dict,
     create_backbone,
     load_backbone_file,
     load_backbone_state_dict,
     save_backbone,
+    timm_name,
 )
 from histokd.models.peg import (  # noqa: E402
     PositionalEncodingGenerator,
     set_positional_encoding_trainable,
 )
-from histokd.models.resnet_sat import resnet18_sat  # noqa: E402
+from histokd.models.resnet_sat import histokd_resnet18_sat  # noqa: E402
 from histokd.models.sat import SpatialAttentionTransformer  # noqa: E402
 from histokd.models.task_models import ClassificationModel, SegmentationModel  # noqa: E402
 from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder  # noqa: E402
@@ -29,6 +33,7 @@ from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder  # noqa: E
 __all__ = [
     "BACKBONES",
     "DEFAULT_DECODER_CHANNELS",
+    "TIMM_NAMES",
     "ClassificationModel",
     "Csat",
     "PositionalEncodingGenerator",
@@ -37,9 +42,10 @@ __all__ = [
     "UNetDecoder",
     "backbone_state_dict",
     "create_backbone",
+    "histokd_resnet18_sat",
     "load_backbone_file",
     "load_backbone_state_dict",
-    "resnet18_sat",
     "save_backbone",
     "set_positional_encoding_trainable",
+    "timm_name",
 ]

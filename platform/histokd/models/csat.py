@@ -14,7 +14,9 @@ exactly the paper's parameter counts (Table 6: 3,065,078 with SAT modules, 3,063
 before the next down-sampling layer (ConvNeXt's convention), so stage ``i`` is at stride
 ``4 * 2**i``.
 
-Variants: ``csat`` (with SAT modules) and ``csat_nosat`` (the ablation of RCKD Table 6).
+Variants, registered with timm under a ``histokd_`` prefix (timm has an unrelated ``csatv2``):
+``histokd_csat`` (with SAT modules) and ``histokd_csat_nosat`` (the ablation of RCKD Table 6).
+histokd's own jobs call them ``csat`` and ``csat_nosat`` (`histokd.models.factory`).
 
 Speed (issue 14, item 8): SAT blocks fold the GRN into the linear layer after it
 (`FusedGrnMlp`) and add ``x * attention`` to the shortcut in one pass. Parameters, state-dict
@@ -46,6 +48,7 @@ from torch import nn
 
 from histokd.models.peg import PositionalEncodingGenerator
 from histokd.models.sat import SpatialAttentionTransformer
+from histokd.models.timm_weights import keep_head_init
 
 __all__ = ["Csat", "SatBlock", "TransformerBlock", "GlobalAttention", "FusedGrnMlp"]
 
@@ -619,18 +622,21 @@ def _create_csat(variant: str, pretrained: bool = False, **kwargs) -> Csat:
         variant,
         pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        pretrained_filter_fn=partial(keep_head_init, head_prefix="head."),  # backbone files
         **kwargs,
     )
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
+    # What RCKD pretraining feeds the student (Sec. 3.1): 512 px patches resized bilinearly,
+    # no crop, ImageNet mean and std (histokd.pretrain.loop).
     return {
         "url": url,
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
+        "input_size": (3, 512, 512),
+        "pool_size": (16, 16),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0",
@@ -642,24 +648,24 @@ def _cfg(url: str = "", **kwargs) -> dict:
     }
 
 
-# No public weights: load a local file with pretrained_cfg_overlay=dict(file=...).
+# No public weights: load a histokd backbone file with pretrained_cfg_overlay=dict(file=...).
 default_cfgs = generate_default_cfgs(
     {
-        "csat": _cfg(),
-        "csat_nosat": _cfg(),
+        "histokd_csat": _cfg(),
+        "histokd_csat_nosat": _cfg(),
     }
 )
 
 
 @register_model
-def csat(pretrained: bool = False, **kwargs) -> Csat:
+def histokd_csat(pretrained: bool = False, **kwargs) -> Csat:
     """CSAT with SAT modules: 3,065,078 parameters with a 1000-class head (RCKD Table 6)."""
     model_args: dict[str, object] = dict(use_sat=True)
-    return _create_csat("csat", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_csat("histokd_csat", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def csat_nosat(pretrained: bool = False, **kwargs) -> Csat:
+def histokd_csat_nosat(pretrained: bool = False, **kwargs) -> Csat:
     """CSAT without SAT modules: 3,063,272 parameters with a 1000-class head (RCKD Table 6)."""
     model_args: dict[str, object] = dict(use_sat=False)
-    return _create_csat("csat_nosat", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_csat("histokd_csat_nosat", pretrained=pretrained, **dict(model_args, **kwargs))

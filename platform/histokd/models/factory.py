@@ -1,18 +1,27 @@
 """One factory over timm for every backbone histokd trains, and its backbone files.
 
-A backbone is ``timm.create_model(name, features_only=True, feature_cls="getter")``: timm's
+histokd names its backbones as in RCKD (`BACKBONES`: ``csat``, ``resnet18_sat``, ...). timm
+knows histokd's own models under a ``histokd_`` prefix (`timm_name`: ``histokd_csat``,
+``histokd_csat_nosat``, ``histokd_resnet18_sat``), apart from timm's unrelated ``csatv2``; the
+others (``resnet18``, ...) are timm's models under their timm names.
+
+A backbone is ``timm.create_model(timm_name(name), features_only=True, feature_cls="getter")``: timm's
 ``FeatureGetterNet``, which wraps the unchanged timm model (head pruned) under ``model.`` and
 returns the stage outputs of ``forward_intermediates`` as a list, strides 2 or 4 up to 32.
 It has ``feature_info.channels()`` and ``feature_info.reduction()``.
 
-Backbone files hold the state dict with the keys of ``timm.create_model(name)`` (no
-``model.`` prefix, no classifier), so the same file loads
+Backbone files hold the state dict with the keys of ``timm.create_model(timm_name(name))`` (no
+``model.`` prefix, no classifier): a plain dict of tensors that timm reads with
+``weights_only=True`` (or safetensors). The file names no model, so files written before the
+timm names changed load unchanged. The same file loads
 
 * into any histokd task model, strictly (`load_backbone_file`, ``backbone_file=``), and
-* through timm itself: ``timm.create_model(name, pretrained=True,
-  pretrained_cfg_overlay=dict(file=path), features_only=True)`` or with ``num_classes=k``.
-  timm loads non-strictly there (the classifier is missing), so prefer ``backbone_file=``,
-  which fails on a missing key.
+* through timm itself: ``timm.create_model("histokd_csat", pretrained=True,
+  pretrained_cfg_overlay=dict(file=path))``, with ``features_only=True`` or ``num_classes=k``.
+  For histokd's models the head keeps its initialisation and every other key is strict
+  (`histokd.models.timm_weights`); timm's own models (``resnet18``, ...) need ``num_classes``
+  or ``features_only`` and then load non-strictly, so prefer ``backbone_file=``, which fails
+  on a missing key.
 """
 
 from __future__ import annotations
@@ -28,16 +37,18 @@ from timm.models import load_state_dict as timm_load_state_dict
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-import histokd.models.csat  # noqa: F401  (registers csat, csat_nosat)
-import histokd.models.resnet_sat  # noqa: F401  (registers resnet18_sat)
+import histokd.models.csat  # noqa: F401  (registers histokd_csat, histokd_csat_nosat)
+import histokd.models.resnet_sat  # noqa: F401  (registers histokd_resnet18_sat)
 
 __all__ = [
     "BACKBONES",
+    "TIMM_NAMES",
     "backbone_state_dict",
     "create_backbone",
     "load_backbone_file",
     "load_backbone_state_dict",
     "save_backbone",
+    "timm_name",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -52,7 +63,19 @@ BACKBONES: tuple[str, ...] = (
     "convnextv2_atto",
 )
 
+#: histokd's name -> timm's, for histokd's own models (the others keep their timm names).
+TIMM_NAMES: dict[str, str] = {
+    "csat": "histokd_csat",
+    "csat_nosat": "histokd_csat_nosat",
+    "resnet18_sat": "histokd_resnet18_sat",
+}
+
 _PREFIX = "model."
+
+
+def timm_name(name: str) -> str:
+    """The name under which timm knows backbone ``name`` (``csat`` -> ``histokd_csat``)."""
+    return TIMM_NAMES.get(name, name)
 
 
 def create_backbone(
@@ -82,7 +105,9 @@ def create_backbone(
         raise ValueError(f"backbone name {name!r} is not one of {', '.join(BACKBONES)}")
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)
-    backbone = timm.create_model(name, features_only=True, feature_cls="getter", **kwargs)
+    backbone = timm.create_model(
+        timm_name(name), features_only=True, feature_cls="getter", **kwargs
+    )
     backbone.backbone_name = name
     if backbone_file is not None:
         load_backbone_file(backbone, backbone_file)
@@ -113,7 +138,7 @@ def load_backbone_state_dict(
 
     Args:
         backbone: A backbone from `create_backbone`.
-        state_dict: Weights keyed as in ``timm.create_model(name)``.
+        state_dict: Weights keyed as in ``timm.create_model(timm_name(name))``.
         source: What the weights are, for error messages (e.g. the file path).
 
     Raises:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from histokd.models.factory import BACKBONES, create_backbone
+from histokd.models.factory import BACKBONES, create_backbone, timm_name
 
 __all__ = [
     "ProfileConfig",
@@ -119,7 +119,7 @@ def profile_backbones(
     """Count parameters and MACs of each backbone at each input size."""
     rows = []
     for name in backbones:
-        model = timm.create_model(name, num_classes=num_classes)
+        model = timm.create_model(timm_name(name), num_classes=num_classes)
         params = count_params(model)
         params_backbone = count_params(create_backbone(name))
         for size in input_sizes:

@@ -8,9 +8,13 @@ SE would go (../shared/CSAT.md). timm's ``BasicBlock`` already has that hook (``
 stored as ``se``), so the variant is timm's ResNet with a keyword argument:
 11,689,512 + 8 x 129 = 11,690,544 parameters with a 1000-class head. A plain ``resnet18``
 checkpoint loads into it with only the ``*.se.*`` keys missing.
+
+Registered with timm as ``histokd_resnet18_sat``; histokd's jobs call it ``resnet18_sat``.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
@@ -18,17 +22,19 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, ResNet
 
 from histokd.models.sat import SpatialAttentionTransformer
+from histokd.models.timm_weights import keep_head_init
 
 __all__: list[str] = []  # register_model appends the entry points
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
+    # What RCKD pretraining feeds the student: 512 px, bilinear, no crop, ImageNet mean and std.
     return {
         "url": url,
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
+        "input_size": (3, 512, 512),
+        "pool_size": (16, 16),
+        "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
@@ -38,16 +44,22 @@ def _cfg(url: str = "", **kwargs) -> dict:
     }
 
 
-# No public weights: load a local file with pretrained_cfg_overlay=dict(file=...).
-default_cfgs = generate_default_cfgs({"resnet18_sat": _cfg()})
+# No public weights: load a histokd backbone file with pretrained_cfg_overlay=dict(file=...).
+default_cfgs = generate_default_cfgs({"histokd_resnet18_sat": _cfg()})
 
 
 @register_model
-def resnet18_sat(pretrained: bool = False, **kwargs) -> ResNet:
+def histokd_resnet18_sat(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet18 with a SAT module after ``bn2`` of each basic block (RCKD Table 6)."""
     model_args = dict(
         block=BasicBlock,
         layers=(2, 2, 2, 2),
         block_args=dict(attn_layer=SpatialAttentionTransformer),
     )
-    return build_model_with_cfg(ResNet, "resnet18_sat", pretrained, **dict(model_args, **kwargs))
+    return build_model_with_cfg(
+        ResNet,
+        "histokd_resnet18_sat",
+        pretrained,
+        pretrained_filter_fn=partial(keep_head_init, head_prefix="fc."),  # backbone files
+        **dict(model_args, **kwargs),
+    )
