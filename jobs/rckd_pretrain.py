@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 
 from histokd.cli import parse_config
+from histokd.console import driver_log_file, setup_console
 from histokd.pretrain.config import DEMO_PRESET, PretrainConfig
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         presets={"demo": DEMO_PRESET},
         default_preset=lambda values: None if values.get("slides") else "demo",
     )
+    setup_console(getattr(config, "verbose", False), driver_log_file(config.run_dir))
     from histokd.pretrain.job import run_pretraining
 
     try:

@@ -22,9 +22,12 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     """
     import ray
 
+    from histokd import console
+
     if ray.is_initialized():
         return
     kwargs.setdefault("configure_logging", False)
+    kwargs = console.ray_init_kwargs(kwargs)  # a quiet console: every worker runs quiet_worker
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         # Ray Train V2 sends a worker's print() both to stdout and to a logger that prints it
@@ -32,6 +35,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # process's environment; the docker image sets the same for clusters.
         os.environ.setdefault(PRINT_PATCH_ENV, "0")
     ray.init(address=address, **kwargs)
+    console.route_worker_logs()
 
 
 def quiet_train_reports() -> None:
@@ -50,3 +54,6 @@ def quiet_train_reports() -> None:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
+    from histokd.console import quiet_train_worker
+
+    quiet_train_worker()  # a quiet console: libraries' log lines below ERROR off the console too

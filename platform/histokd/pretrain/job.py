@@ -98,6 +98,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from histokd.console import train_log_level
     from histokd.manifest import ManifestConfig, build_manifest, read_manifest
     from histokd.pretrain.label_share import read_label_share, summary_line
     from histokd.pretrain.loop import CHECKPOINT_FILE, LABEL_SHARE_FILE, train_fn_per_worker
@@ -201,9 +202,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             name=config.run_name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            logging_config=LoggingConfig(
-                log_level="WARNING"
-            ),  # not a console line per checkpoint and report
+            logging_config=LoggingConfig(log_level=train_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": train_ds, "holdout": holdout_ds},

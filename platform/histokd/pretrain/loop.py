@@ -71,13 +71,20 @@ class EpochStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _writable_tensor(array: Any) -> torch.Tensor:
+    """A tensor on the batch's array, or on a copy of it when read-only: Ray Data hands out
+    views of Arrow buffers, which torch must not write through (it would warn)."""
+    array = np.asarray(array)
+    return torch.as_tensor(array if array.flags.writeable else array.copy())
+
+
 def _to_tensors(
     batch: dict, device: torch.device, channels_last: bool, label: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised image and the pseudo label (the batch's, or ``label`` when given)."""
-    image = torch.as_tensor(np.asarray(batch["image"])).to(device, non_blocking=True)
+    image = _writable_tensor(batch["image"]).to(device, non_blocking=True)
     if label is None:
-        label = torch.as_tensor(np.asarray(batch["pseudo_label"])).to(device, non_blocking=True)
+        label = _writable_tensor(batch["pseudo_label"]).to(device, non_blocking=True)
     image = image.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
