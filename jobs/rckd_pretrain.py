@@ -16,27 +16,17 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
-from histokd.console import driver_log_file, setup_console
+from histokd.cli import run_job
 from histokd.pretrain.config import DEMO_PRESET, PretrainConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(
-        PretrainConfig,
-        argv,
-        description=__doc__,
-        presets={"demo": DEMO_PRESET},
-        default_preset=lambda values: None if values.get("slides") else "demo",
-    )
-    setup_console(getattr(config, "verbose", False), driver_log_file(config.run_dir))
+def _run(config: PretrainConfig):
     from histokd.pretrain.job import run_pretraining
 
-    try:
-        result = run_pretraining(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_pretraining(config)
+
+
+def _report(result) -> None:
     last = result.history[-1] if result.history else {}
     print()
     print(f"backbone:    {result.backbone_path}")
@@ -49,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     if result.label_share_summary:
         print(f"{result.label_share_summary}  (per slide: {result.run_dir}/label_share.csv)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        PretrainConfig, _run, argv, description=__doc__, presets={"demo": DEMO_PRESET},
+        default_preset=lambda values: None if values.get("slides") else "demo", report=_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

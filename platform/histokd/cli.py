@@ -334,7 +334,12 @@ def run_job(
     default_preset: Callable[[dict[str, Any]], str | None] | None = None,
     report: Callable[[Any], None] | None = None,
 ) -> int:
-    """A job's ``main``: parse its config, run it, report; a bad setting is one line, exit 2.
+    """A job's ``main``: parse its config, set up the console, run it, report; a bad setting
+    is one line, exit 2.
+
+    The console (:func:`histokd.console.setup_console`) shows the job's own lines, and Ray's,
+    the libraries' and their warnings only with ``--verbose``; the driver's full output goes to
+    ``RUN_DIR/logs/driver.log``.
 
     Args:
         cls: The job's config dataclass.
@@ -343,13 +348,17 @@ def run_job(
         report: Prints the result's lines.
     """
     config = parse_config(cls, argv, description, presets, default_preset)
-    try:
-        result = run(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if report is not None:
-        report(result)
+    from histokd.console import driver_log_file, setup_console
+
+    run_dir = getattr(config, "run_dir", None)
+    with setup_console(getattr(config, "verbose", False), run_dir and driver_log_file(run_dir)):
+        try:
+            result = run(config)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if report is not None:
+            report(result)
     return 0
 
 

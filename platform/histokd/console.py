@@ -10,7 +10,8 @@ Nothing is lost: the driver writes everything it prints or logs, shown or not, t
 ``RUN_DIR/logs/driver.log``; Ray's workers keep their output in the Ray session's logs folder
 (Ray Data's plans and advice in ``ray-data.log`` there), whose path the driver log names.
 
-The driver calls :func:`setup_console` once, first thing. :func:`histokd.cluster.init_ray` asks
+The driver sets it up once, first thing (:func:`histokd.cli.run_job` does, with
+``with setup_console(...)``), and closes it at the end. :func:`histokd.cluster.init_ray` asks
 :func:`ray_init_kwargs` for what Ray needs (every worker process then runs
 :func:`quiet_worker` first) and calls :func:`route_worker_logs` once Ray is up. Lines that
 workers print, such as each epoch's line, still reach the console.
@@ -18,7 +19,6 @@ workers print, such as each epoch's line, still reach the console.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
@@ -132,7 +132,8 @@ def _show_warning_quietly(
 
 
 class Console:
-    """What :func:`setup_console` set up; :meth:`close` undoes it (tests, a second setup)."""
+    """What :func:`setup_console` set up; :meth:`close` undoes it. As a context manager it
+    closes at the end of the job, after logging a failure's traceback."""
 
     def __init__(self, verbose: bool, log_file: Path | None) -> None:
         self.verbose = verbose
@@ -166,8 +167,6 @@ class Console:
             self._undo.append(
                 lambda: (setattr(sys, "stdout", stdout), setattr(sys, "stderr", stderr))
             )
-            atexit.register(self._say_where_the_log_is)
-            self._undo.append(lambda: atexit.unregister(self._say_where_the_log_is))
 
     def _set_env(self, key: str, value: str) -> None:
         """Set an environment variable unless the user did, to restore in close()."""
@@ -251,22 +250,30 @@ class Console:
         if self._log is not None and not self._log.closed:
             self._log.write(text)
 
-    def _say_where_the_log_is(self) -> None:
-        if self._log is not None and not self._log.closed:
-            self._console_err.flush()
-            print(f"full log: {self.log_file}", flush=True)
-
     def close(self) -> None:
-        """Restore what :func:`setup_console` changed, and close the log file."""
+        """Restore what :func:`setup_console` changed, close the log file and say where it is."""
         global _current
+        had_log = self._log is not None and not self._log.closed
         while self._undo:
             self._undo.pop()()
         if _current is self:
             _current = None
+        if had_log:
+            print(f"full log: {self.log_file}", flush=True)
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self._log is not None and not self._log.closed:
+            import traceback
+
+            self._log.write("".join(traceback.format_exception(exc_type, exc, tb)))
+        self.close()
 
 
 def setup_console(verbose: bool = False, log_file: str | os.PathLike | None = None) -> Console:
-    """Set up the driver's console; call once, first thing in a job.
+    """Set up the driver's console: once, first thing in a job, as ``with setup_console(...):``.
 
     Args:
         verbose: Show everything: the libraries' log lines and warnings, Ray Data's progress
@@ -275,7 +282,7 @@ def setup_console(verbose: bool = False, log_file: str | os.PathLike | None = No
             see :func:`driver_log_file`. Its path is the console's last line.
 
     Returns:
-        The console; its ``close()`` restores the previous state.
+        The console; leaving its ``with`` block (or ``close()``) restores the previous state.
     """
     global _current
     if _current is not None:
