@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
-from histokd.resdist.demo import DemoConfig
+from histokd.cli import run_job
+from histokd.resdist.config import DemoConfig
+
+
+def _run(config: DemoConfig):
+    from histokd.resdist.demo import run_demo
+
+    return run_demo(config)
+
+
+def _report(result) -> None:
+    print(f"\n{result.table_markdown}\nfiles: " + ", ".join(result.files.values()))
+    print("seconds:", ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(DemoConfig, argv, description=__doc__)
-    from histokd.resdist.demo import run_demo
-
-    result = run_demo(config)
-    print()
-    print(result.table_markdown)
-    print("files:", ", ".join(result.files.values()))
-    print("seconds:", ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
-    return 0
+    return run_job(DemoConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python jobs/resdist_distill.py --data data.csv --teacher runs/teacher --magnification 1.25 --run-name kd-1.25x
     python jobs/resdist_distill.py --data data.csv --teacher runs/teacher --magnification 1.25 \\
         --train-splits aux --val-splits val --run-name kd-aux-1.25x            # KD (AD) + fine-tuning
-    python jobs/resdist_distill.py ... --arch resnet18                         # a zoo student (beyond the paper)
+    python jobs/resdist_distill.py ... --backbone resnet18                     # a zoo student (beyond the paper)
 
 Loss (Eqs. 1-3): KL(teacher/T || student/T) x T^2 plus the mean over max-pool and bicubic
 resizing of the MSE between the frozen teacher's last feature map, shrunk to the student's, and
@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.resdist.config import DistillConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(DistillConfig, argv, description=__doc__)
+def _run(config: DistillConfig):
     from histokd.resdist.job import run_distill
 
-    try:
-        result = run_distill(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(f"{config.method_name} student at {config.magnification:g}x: {result.model_path}")
-    print(f"MLflow: {config.tracking_uri}  run {result.mlflow_run_id}")
-    return 0
+    return run_distill(config)
+
+
+def _report(result) -> None:
+    print(f"\nstudent: {result.model_path}\nMLflow run {result.mlflow_run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(DistillConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Resolution-based distillation: test-set evaluation, DiPalma Tables 5-8 and Fig. 3.
 
-    python jobs/resdist_evaluate.py --data data.csv --models runs/teacher runs/baseline-1.25x runs/kd-1.25x \\
+    python jobs/resdist_evaluate.py --data data.csv --model runs/teacher runs/baseline-1.25x runs/kd-1.25x \\
         --dataset-name "celiac disease"
 
 Accuracy, F1, precision and recall (one-vs-rest, macro-averaged) and top-1 accuracy of every
@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.resdist.config import EvaluateConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(EvaluateConfig, argv, description=__doc__)
-    from histokd.resdist.report import run_evaluation
+def _run(config: EvaluateConfig):
+    from histokd.resdist.evaluation import run_evaluation
 
-    try:
-        result = run_evaluation(config)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    for name, path in result.files.items():
-        print(f"{name:>9}: {path}")
-    return 0
+    return run_evaluation(config)
+
+
+def _report(result) -> None:
+    print("\n" + "\n".join(f"{name:>9}: {path}" for name, path in result.files.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(EvaluateConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

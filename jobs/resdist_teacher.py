@@ -7,37 +7,35 @@
 Trains the GroupNorm ResNet with cross-entropy and Adam (lr 1e-3, 100 epochs, Sec. 4.5.1) on
 whole tissue regions, one image at a time with gradients accumulated over 32 (Sec. 3.5), on
 Ray Train. The data table (CSV: slide, split, label[, x, y, width, height]) is turned into
-region images at every magnification once (STORAGE/regions). Writes STORAGE/RUN/model.pt and
-an MLflow run. Rerunning with the same --run-name resumes. jobs/resdist_demo.py makes a data
-table from synthetic slides.
+region images at every magnification once (STORAGE/regions). Writes STORAGE/RUN/model.pt (a
+model file jobs/predict_slides.py reads) and an MLflow run; rerunning the same --run-name
+resumes. jobs/resdist_demo.py makes a data table from synthetic slides.
 """
 
 from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.resdist.config import SupervisedConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(SupervisedConfig, argv, description=__doc__)
+def _run(config: SupervisedConfig):
     from histokd.resdist.job import run_supervised
 
-    try:
-        result = run_supervised(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    history = result.result["history"]
-    print()
-    print(
-        f"model:  {result.model_path}  (epoch {result.result['kept_epoch']}, {result.result['selected']})"
-    )
+    return run_supervised(config)
+
+
+def _report(result) -> None:
+    kept, history = result.result["kept_epoch"], result.result["history"]
+    print(f"\nmodel:  {result.model_path}  (epoch {kept}, {result.result['selected']})")
     if history and "val_accuracy" in history[-1]:
         print(f"validation accuracy, last epoch: {history[-1]['val_accuracy']:.3f}")
-    print(f"MLflow: {config.tracking_uri}  run {result.mlflow_run_id}")
-    return 0
+    print(f"MLflow run {result.mlflow_run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(SupervisedConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
-from histokd.resdist.search import DistillSearchConfig
+from histokd.cli import run_job
+from histokd.resdist.config import DistillSearchConfig
+
+
+def _run(config: DistillSearchConfig):
+    from histokd.resdist.search import run_search
+
+    rows = run_search(config)
+    for row in rows:
+        print(f"{row['magnification']:>6g}x  T={row['temperature']:<4g} {config.score} "
+              f"{row[config.score]:.3f}  {row['gflops']:.3g} GFLOPs")  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(DistillSearchConfig, argv, description=__doc__)
-    from histokd.resdist.search import run_search
-
-    try:
-        rows = run_search(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    for row in rows:
-        print(
-            f"{row['magnification']:>6g}x  T={row['temperature']:<4g} {config.score} {row[config.score]:.3f}  {row['gflops']:.3g} GFLOPs"
-        )
-    return 0
+    return run_job(DistillSearchConfig, _run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,20 @@ def test_a_run_folder_gives_the_split_with_the_lowest_validation_loss(tmp_path, 
     with pytest.raises(ModelFileError, match=r"empty: no split_\*/result.json with a best_model"):
         (tmp_path / "empty").mkdir()
         find_best_model(tmp_path / "empty")
+
+
+def test_a_resolution_distillation_classifier_loads(tmp_path):
+    """resdist saves its networks in this format, with their magnification and input statistics."""
+    from histokd.resdist.model import create_resdist_model, save_model_file
+
+    torch.manual_seed(0)
+    net = create_resdist_model("resdist_resnet", num_classes=2).eval()
+    config = {"backbone": "resdist_resnet", "num_classes": 2, "class_names": ["a", "b"],
+              "magnification": 1.25, "input_size": 96, "mean": [0.7, 0.5, 0.6], "std": [0.2] * 3}  # fmt: skip
+    model, info = load_task_model(save_model_file(tmp_path / "model.pt", net, config, best_epoch=2))
+    assert (info.task, info.backbone, info.class_names, info.best_epoch) == ("classification", "resdist_resnet", ("a", "b"), 2)  # fmt: skip
+    assert (info.magnification, info.patch_size, info.mean, info.std) == (1.25, 96, (0.7, 0.5, 0.6), (0.2,) * 3)  # fmt: skip
+    assert info.resdist == {"num_groups": 32, "hint_channels": None}
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x)) and model(x).shape == (1, 2)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from histokd.compat import ensure_torchvision
-
-ensure_torchvision()  # torchvision (imported by timm) must be fixed up before test modules import timm
+import histokd  # noqa: F401  (its import hook lets the test modules import timm beside a CPU torch)
 
 MAGNIFICATIONS = [10.0, 2.5, 1.25]
 
@@ -28,7 +26,7 @@ def tiny_demo(tmp_path_factory) -> dict:
     config = DemoConfig(
         storage_path=str(root / "runs"), demo_dir=str(root / "slides"), labelled_slides=6, aux_slides=2, val_slides=1,
         test_slides=2, slide_size=1024, student_magnifications=[2.5, 1.25], teacher_epochs=1, epochs=1,
-        finetune_epochs=1, accumulation_steps=2, n_resamples=200, min_purity=0.0,
+        finetune_epochs=1, accumulation_steps=2, bootstrap_resamples=200, min_purity=0.0,
     )  # fmt: skip
     table, summary = make_demo_data(config)
     supervised = SupervisedConfig(

@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from histokd.cli import parse_config
-from histokd.resdist.config import DistillConfig, EvaluateConfig, SupervisedConfig
-from histokd.resdist.demo import DemoConfig
+from histokd.resdist.config import DemoConfig, DistillConfig, EvaluateConfig, SupervisedConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,20 +23,12 @@ def table(tmp_path) -> str:
 
 @pytest.fixture
 def teacher_file(tmp_path) -> str:
-    from histokd.resdist.model import create_resdist_model
-    from histokd.resdist.training import save_model_file
+    from histokd.resdist.model import create_resdist_model, save_model_file
 
-    meta = {
-        "arch": "resdist_resnet",
-        "num_classes": 2,
-        "magnification": 10.0,
-        "stats": ([0.5] * 3, [0.2] * 3),
-    }
-    return str(
-        save_model_file(
-            tmp_path / "teacher" / "model.pt", create_resdist_model(num_classes=2), meta
-        )
-    )
+    meta = {"backbone": "resdist_resnet", "num_classes": 2, "magnification": 10.0,
+            "input_size": 64, "mean": [0.5] * 3, "std": [0.2] * 3}  # fmt: skip
+    path = tmp_path / "teacher" / "model.pt"
+    return str(save_model_file(path, create_resdist_model(num_classes=2), meta))
 
 
 def test_paper_defaults(table, teacher_file):
@@ -53,7 +44,9 @@ def test_paper_defaults(table, teacher_file):
         0.2,
     )
     assert config.magnifications == [10.0, 5.0, 2.5, 1.25, 0.625]
-    assert config.arch == "resdist_resnet" and config.num_groups == 32
+    assert config.backbone == "resdist_resnet" and config.num_groups == 32
+    assert (config.num_workers, config.max_failures, config.mlflow_experiment) == (
+        None, 3, "histokd-resdist")  # fmt: skip
     kd = DistillConfig(data=table, teacher=str(Path(teacher_file).parent))  # a run folder works too
     assert kd.teacher == teacher_file
     assert (
@@ -84,9 +77,11 @@ def test_paper_defaults(table, teacher_file):
         ("magnification", 3.0, "magnification=3.0: not among magnifications"),
         ("train_splits", ["dev"], "split 'dev'"),
         ("select", "first", "select='first'"),
-        ("arch", "resnet_9000", "arch='resnet_9000'"),
+        ("backbone", "resnet_9000", "backbone='resnet_9000'"),
         ("min_region_area_um2", -5.0, "min_area_um2"),
         ("run_name", "a/b", "run_name='a/b'"),
+        ("num_workers", -1, "num_workers=-1"),
+        ("cpus_per_worker", 0.0, "cpus_per_worker=0.0"),
         ("storage_path", "s3://bucket/runs", "shared file system"),
     ],
 )
@@ -108,15 +103,15 @@ def test_bad_distill_values(table, teacher_file, tmp_path):
         SupervisedConfig()
     with pytest.raises(ValueError, match="no such file"):
         SupervisedConfig(data=str(tmp_path / "missing.csv"))
-    with pytest.raises(ValueError, match="models: 'x.pt'"):
-        EvaluateConfig(models=["x.pt"], data=table)
+    with pytest.raises(ValueError, match="model: '.*x.pt' is neither"):
+        EvaluateConfig(model=["x.pt"], data=table)
     with pytest.raises(ValueError, match="labelled_slides=3"):
         DemoConfig(labelled_slides=3, val_slides=1, test_slides=2)
     with pytest.raises(ValueError, match="student_magnifications"):
         DemoConfig(student_magnifications=[10.0])
 
 
-def test_command_line_and_yaml(table, teacher_file, tmp_path):
+def test_command_line_and_yaml(table, teacher_file, tmp_path, capsys):
     config_file = tmp_path / "kd.yaml"
     config_file.write_text(yaml.safe_dump({"temperature": 4.0, "train_splits": ["aux"]}))
     config = parse_config(
@@ -137,6 +132,14 @@ def test_command_line_and_yaml(table, teacher_file, tmp_path):
         and config.train_splits == ["aux"]
         and config.magnification == 0.625
     )
+    # the old flag names work for one release, with a notice
+    old = ["--data", table, "--teacher", teacher_file, "--arch", "resnet18"]
+    assert parse_config(DistillConfig, old).backbone == "resnet18"
+    assert "deprecated" in capsys.readouterr().err
+    evaluate = parse_config(EvaluateConfig, ["--data", table, "--models", teacher_file, "--n-resamples", "7"])  # fmt: skip
+    assert (evaluate.model, evaluate.bootstrap_resamples) == ([teacher_file], 7)
+    demo = parse_config(DemoConfig, ["--n-resamples", "9"])
+    assert (demo.bootstrap_resamples, demo.run_name) == (9, "resdist-demo")
     with pytest.raises(SystemExit, match="temperature=-1.0"):
         parse_config(
             DistillConfig, ["--data", table, "--teacher", teacher_file, "--temperature", "-1"]
@@ -155,4 +158,25 @@ def test_jobs_show_their_help(job, capsys):
         module.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage:" in out and "--storage-path" in out
+    assert "usage:" in out and "--storage-path" in out and "--run-name" in out
+
+
+def test_help_imports_no_torch_timm_or_ray():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "timm", "ray", "tensorflow")
+    for job in (
+        "resdist_teacher",
+        "resdist_distill",
+        "resdist_evaluate",
+        "resdist_tune",
+        "resdist_demo",
+    ):
+        code = (f"import runpy, sys\nsys.argv = ['job', '--help']\ntry:\n"
+                f"    runpy.run_path({str(REPO / 'jobs' / f'{job}.py')!r}, run_name='__main__')\n"
+                f"except SystemExit:\n    print([m for m in {heavy!r} if m in sys.modules])")  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip().endswith("[]"), (job, out.stdout[-200:], out.stderr[-500:])

@@ -119,21 +119,3 @@ def test_missing_views_and_statistics_are_named(pair):
         RegionImages(items, ["5x"], {"5x": ([0] * 3, [1] * 3)})
     with pytest.raises(ValueError, match="no images"):
         channel_stats([])
-
-
-def test_loader_processes_give_the_same_items(pair):
-    from histokd.resdist.loop import _items
-
-    items, _, _ = pair
-    two = items + [dict(items[0], region_id="r1", label=0)]
-    dataset = RegionImages(
-        two, ["10x"], {"10x": ([0.5] * 3, [0.25] * 3)}, augment=True, seed=1, cache=False
-    )
-    dataset.set_epoch(2)
-    direct = [dataset[i] for i in (1, 0)]
-    loaded = list(_items(dataset, [1, 0], workers=1))
-    assert [x["index"] for x in loaded] == [1, 0] and [x["label"] for x in loaded] == [0, 2]
-    for a, b in zip(direct, loaded, strict=True):
-        assert torch.equal(
-            a["images"][0], b["images"][0]
-        )  # the epoch's augmentation, in the worker too

@@ -20,7 +20,7 @@ def test_demo_runs_teacher_distillation_and_evaluation(tmp_path):
     config = DemoConfig(
         storage_path=str(tmp_path / "runs"), demo_dir=str(tmp_path / "slides"), labelled_slides=6, aux_slides=2,
         val_slides=1, test_slides=2, slide_size=1024, student_magnifications=list(STUDENTS.values()), teacher_epochs=1,
-        epochs=1, finetune_epochs=1, accumulation_steps=2, n_resamples=200, min_purity=0.0,
+        epochs=1, finetune_epochs=1, accumulation_steps=2, bootstrap_resamples=200, min_purity=0.0,
     )  # fmt: skip
     result = run_demo(config)
     storage = Path(config.storage_path)

@@ -1,14 +1,26 @@
-"""Metrics, bootstrap intervals and GFLOPs as DiPalma Sec. 4.5 reports them."""
+"""Metrics, bootstrap intervals, GFLOPs, Tables 5-8 and Fig. 3 as DiPalma Sec. 4.5 reports them."""
 
 from __future__ import annotations
+
+import csv
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
-from histokd.metrics import accuracy
-from histokd.resdist.evaluation import METRICS, forward_gflops, metric_intervals, ovr_accuracy
+from histokd.metrics import BootstrapInterval, accuracy
+from histokd.resdist.evaluation import (
+    METRICS,
+    ModelEvaluation,
+    forward_gflops,
+    markdown_table,
+    metric_intervals,
+    ovr_accuracy,
+    write_chart,
+    write_tables,
+)
 from histokd.resdist.model import create_resdist_model
 
 
@@ -59,8 +71,8 @@ def test_intervals_are_seeded():
     a = metric_intervals(targets, predictions, 3, n_resamples=2000, seed=4)["f1"]
     b = metric_intervals(targets, predictions, 3, n_resamples=2000, seed=4)["f1"]
     assert (a.low, a.high) == (b.low, b.high)
-    with pytest.raises(ValueError, match="metric 'auc'"):
-        metric_intervals(targets, predictions, 3, metrics=["auc"])
+    with pytest.raises(ValueError, match="50 targets, 49 predictions"):
+        metric_intervals(targets, predictions[:-1], 3)
 
 
 def test_gflops_of_a_convolution_by_hand():
@@ -92,3 +104,68 @@ def test_gflops_fall_with_the_square_of_the_magnification():
         next(model.parameters()).device.type == "cpu"
         and torch.isfinite(next(model.parameters())).all()
     )
+
+
+def _evaluation(method: str, mag: float, accuracy: float) -> ModelEvaluation:
+    metrics = {
+        name: BootstrapInterval(estimate=accuracy - 0.01 * i, low=accuracy - 0.05 - 0.01 * i, high=accuracy + 0.04 - 0.01 * i,
+                                confidence=0.95, n_resamples=10_000, method="percentile")
+        for i, name in enumerate(METRICS)
+    }  # fmt: skip
+    gflops = 2.0 * (mag / 10) ** 2
+    return ModelEvaluation(
+        method,
+        mag,
+        f"{method}-{mag:g}x",
+        f"/runs/{method}/model.pt",
+        40,
+        metrics,
+        gflops,
+        gflops * 1.1,
+        (100, 120),
+    )
+
+
+EVALUATIONS = [
+    _evaluation("teacher", 10.0, 0.87),
+    _evaluation("baseline", 1.25, 0.79),
+    _evaluation("KD", 1.25, 0.81),
+    _evaluation("KD (AD)", 1.25, 0.83),
+    _evaluation("baseline", 0.625, 0.70),
+    _evaluation("KD", 0.625, 0.70),
+]
+
+
+def test_markdown_layout_as_in_the_paper():
+    text = markdown_table(EVALUATIONS, "celiac disease")
+    lines = text.splitlines()
+    assert "## Teacher (Table 5)" in text and "| Accuracy | 87.00 (82.00–91.00) |" in text
+    header = next(line for line in lines if line.startswith("| | baseline"))
+    assert header == "| | baseline | KD | KD (AD) |"
+    # magnifications from low to high, with their pixel size
+    assert text.index("mag = 0.625x (16 µm/pixel)") < text.index("mag = 1.25x (8 µm/pixel)")
+    block = lines[lines.index(next(line for line in lines if "mag = 1.25x" in line)) + 1]
+    assert (
+        block
+        == "| Accuracy | 79.00 (74.00–83.00) | 81.00 (76.00–85.00) | **83.00 (78.00–87.00)** |"
+    )
+    # a tie marks nothing; a missing method shows a dash
+    tied = lines[lines.index(next(line for line in lines if "mag = 0.625x" in line)) + 1]
+    assert tied == "| Accuracy | 70.00 (65.00–74.00) | 70.00 (65.00–74.00) | - |"
+    assert "| GFLOPs | 0.0312 | 0.0312 | 0.0312 |" in text
+
+
+def test_files(tmp_path):
+    files = write_tables(EVALUATIONS, tmp_path, "demo")
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert len(rows) == len(EVALUATIONS) * len(METRICS)
+    first = rows[0]
+    assert (
+        first["method"] == "teacher"
+        and float(first["magnification"]) == 10.0
+        and float(first["um_per_pixel"]) == 1.0
+    )
+    assert float(first["ci_low"]) <= float(first["estimate"]) <= float(first["ci_high"])
+    chart = write_chart(EVALUATIONS, tmp_path / "chart.png", "demo")
+    with Image.open(chart) as image:
+        assert image.size == (900, 552)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from histokd.resdist.config import DistillConfig, EvaluateConfig, SupervisedConfig
+from histokd.resdist.evaluation import run_evaluation
 from histokd.resdist.job import run_distill, run_supervised, training_stats
-from histokd.resdist.report import run_evaluation
-from histokd.resdist.training import load_model_file
+from histokd.resdist.model import load_model_file
 
 
 def _common(tiny_demo, **extra) -> dict:
@@ -49,15 +49,13 @@ def trained(tiny_demo):
 def test_teacher(trained, tiny_demo):
     teacher = trained["teacher"]
     model, meta = load_model_file(teacher.model_path)
+    assert (meta["method"], meta["magnification"], meta["backbone"]) == ("teacher", 10.0, "resdist_resnet")  # fmt: skip
     assert (
-        meta["method"] == "teacher"
-        and meta["magnification"] == 10.0
-        and meta["arch"] == "resdist_resnet"
+        meta["class_names"] == ["lymphocyte", "stroma", "tumor"]
+        and meta["task"] == "classification"
     )
-    assert meta["class_names"] == ["lymphocyte", "stroma", "tumor"]
-    assert [list(v) for v in meta["stats"]] == [
-        list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 10.0)
-    ]
+    stats = training_stats(tiny_demo["region_set"], ["train"], 10.0)
+    assert [meta["mean"], meta["std"]] == [list(v) for v in stats]
     result = teacher.result
     assert [row["epoch"] for row in result["history"]] == [1, 2]
     assert result["selected"] == "best" and result["kept_epoch"] in (
@@ -75,15 +73,17 @@ def test_teacher(trained, tiny_demo):
 def test_kd_on_the_labelled_set_skips_fine_tuning(trained, tiny_demo):
     kd = trained["kd"]
     _, meta = load_model_file(kd.model_path)
-    assert (
-        meta["method"] == "KD"
-        and meta["magnification"] == 2.5
-        and meta["teacher_magnification"] == 10.0
+    assert (meta["method"], meta["magnification"], meta["teacher_magnification"]) == (
+        "KD",
+        2.5,
+        10.0,
     )
-    assert meta["phase"] == "distill"
-    assert [list(v) for v in meta["stats"]] == [
-        list(v) for v in training_stats(tiny_demo["region_set"], ["train"], 2.5)
-    ]
+    assert meta["phase"] == "distill" and meta["resdist"] == {
+        "num_groups": 32,
+        "hint_channels": 256,
+    }
+    stats = training_stats(tiny_demo["region_set"], ["train"], 2.5)
+    assert [meta["mean"], meta["std"]] == [list(v) for v in stats]
     rows = kd.result["history"]
     assert rows[0]["train_loss"] == pytest.approx(
         rows[0]["train_soft"] + rows[0]["train_pixel"], rel=1e-5
@@ -112,6 +112,34 @@ def test_kd_aux_is_fine_tuned_on_the_last_layer_only(trained, tiny_demo):
     assert distill_result["sizes"]["train"] == len(tiny_demo["region_set"].select(["aux"]))
 
 
+def test_student_file_is_a_task_model_for_slide_inference(trained, tiny_demo):
+    """The student's model.pt is what jobs/predict_slides.py reads: same network, same scores."""
+    from histokd.inference import load_task_model
+    from histokd.resdist.dataset import load_rgb
+    from histokd.resdist.evaluation import predict
+    from histokd.resdist.region_set import median_size
+
+    path, region_set = trained["kd"].model_path, tiny_demo["region_set"]
+    model, info = load_task_model(path)
+    student, meta = load_model_file(path)
+    names = ("lymphocyte", "stroma", "tumor")
+    assert (info.task, info.backbone, info.num_classes, info.class_names) == ("classification", "resdist_resnet", 3, names)  # fmt: skip
+    side = max(median_size(region_set.select(["train"], labelled=True), 2.5))
+    assert (info.magnification, info.input_size, info.patch_size) == (2.5, side, side)
+    assert info.resolve().read_magnification == 2.5  # tiles of the median region's side at 2.5x
+    assert (list(info.mean), list(info.std)) == (meta["mean"], meta["std"]) and info.mean != (0.485, 0.456, 0.406)  # fmt: skip
+    items = region_set.items(["test"], [2.5], labelled=True)
+    _, predicted, expected = predict(student, items, (meta["mean"], meta["std"]))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (info.mean, info.std))
+    for item, probs, label in zip(items, expected, predicted, strict=True):
+        tile = torch.from_numpy(load_rgb(item["paths"]["2.5x"])).permute(2, 0, 1).float() / 255
+        with torch.no_grad():
+            got = model(((tile - mean) / std)[None]).softmax(1)[0]
+        assert (
+            torch.allclose(got, torch.from_numpy(probs), atol=1e-6) and int(got.argmax()) == label
+        )
+
+
 def test_rerun_reuses_the_finished_run(trained, tiny_demo, capsys):
     again = run_supervised(
         SupervisedConfig(**_common(tiny_demo), run_name="t-teacher", magnification=10.0, epochs=2)
@@ -137,8 +165,8 @@ def test_evaluation_tables_chart_and_mlflow(trained, tiny_demo):
     import mlflow
 
     config = EvaluateConfig(
-        models=[trained["teacher"].model_path, trained["kd"].run_dir, trained["kd_aux"].model_path], data=str(tiny_demo["table"]),
-        storage_path=str(tiny_demo["storage"]), run_name="t-eval", dataset_name="tiny", n_resamples=500,
+        model=[trained["teacher"].model_path, trained["kd"].run_dir, trained["kd_aux"].model_path], data=str(tiny_demo["table"]),
+        storage_path=str(tiny_demo["storage"]), run_name="t-eval", dataset_name="tiny", bootstrap_resamples=500,
     )  # fmt: skip
     result = run_evaluation(config)
     n_test = len(tiny_demo["region_set"].select(["test"], labelled=True))

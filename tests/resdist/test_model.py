@@ -1,4 +1,4 @@
-"""The GroupNorm ResNet (DiPalma Sec. 3.5; public code's sizes) and zoo models as students."""
+"""The GroupNorm ResNet (DiPalma Sec. 3.5; public code's sizes), zoo students, model files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from histokd.resdist.model import (
     DistillationNet,
     ResolutionResNet,
     create_resdist_model,
-    group_count,
+    load_model_file,
     replace_batchnorm,
+    save_model_file,
 )
 
 
@@ -44,10 +45,12 @@ def test_architecture_sizes_and_outputs():
     assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
     assert sum(p.numel() for p in model.parameters()) == 1_231_011
-    features, logits = model(torch.randn(1, 3, 250, 200))
+    x = torch.randn(1, 3, 250, 200)
+    features, logits = model.forward_distill(x)
     assert features.shape == (1, 256, 8, 7)  # stride 32, ceil-rounded
-    assert logits.shape == (1, 3)
+    assert logits.shape == (1, 3) and model.hint_channels == 256
     assert torch.allclose(model.forward_head(features), logits)
+    assert torch.equal(model(x), logits) and torch.equal(model.forward_features(x), features)
 
 
 def test_he_initialisation():
@@ -70,7 +73,7 @@ def test_trains_with_batch_size_one_where_batchnorm_cannot():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):
-        _, logits = model(image)
+        logits = model(image)
         loss = nn.functional.cross_entropy(logits, target)
         optimizer.zero_grad()
         loss.backward()
@@ -94,17 +97,18 @@ def test_trains_with_batch_size_one_where_batchnorm_cannot():
 def test_registered_with_timm():
     model = timm.create_model("resdist_resnet", num_classes=5)
     assert isinstance(model, ResolutionResNet)
-    assert model(torch.randn(1, 3, 64, 64))[1].shape == (1, 5)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
-def test_zoo_backbone_as_student(arch):
-    model = create_resdist_model(arch, num_classes=3, hint_channels=256)
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0"])
+def test_zoo_backbone_as_student(backbone):
+    model = create_resdist_model(backbone, num_classes=3, hint_channels=256)
     assert isinstance(model, DistillationNet)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    features, logits = model(torch.randn(1, 3, 64, 96))
+    x = torch.randn(1, 3, 64, 96)
+    features, logits = model.forward_distill(x)
     assert features.shape == (1, 256, 2, 3)  # mapped to the teacher's channels for Eq. 3
-    assert logits.shape == (1, 3)
+    assert logits.shape == (1, 3) and torch.equal(model.eval()(x), model.forward_distill(x)[1])
     assert model.get_classifier() is model.model.get_classifier()
 
 
@@ -118,9 +122,33 @@ def test_replace_batchnorm_keeps_fused_activations():
     assert sum(isinstance(m, GroupNormAct) for m in model.modules()) == fused
     acts = [type(m.act).__name__ for m in model.modules() if isinstance(m, GroupNormAct)]
     assert "SiLU" in acts  # efficientnet's activation survived the swap
-    assert group_count(24) == 8 and group_count(32) == 32 and group_count(1280) == 32
+    # the most groups up to 32 that divide the channels: 24 -> 8, 32 -> 32, 1280 -> 32
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert (groups[24], groups[32], groups[1280]) == (8, 32, 32)
 
 
-def test_unknown_arch_is_named():
+def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="not_a_model"):
         create_resdist_model("not_a_model")
+
+
+def test_model_file_round_trip(tmp_path):
+    torch.manual_seed(0)
+    for backbone, hint in (("resdist_resnet", None), ("resnet18", 256)):
+        model = create_resdist_model(backbone, num_classes=3, hint_channels=hint).eval()
+        config = {"backbone": backbone, "num_classes": 3, "magnification": 2.5, "input_size": 64,
+                  "mean": [0.5] * 3, "std": [0.2] * 3, "method": "KD",
+                  "resdist": {"num_groups": 32, "hint_channels": hint}}  # fmt: skip
+        path = save_model_file(tmp_path / f"{backbone}.pt", model, config, best_epoch=4)
+        loaded, loaded_config = load_model_file(path)
+        assert loaded_config["method"] == "KD" and loaded_config["magnification"] == 2.5
+        assert loaded_config["class_names"] == ["class_0", "class_1", "class_2"]
+        assert torch.load(path, weights_only=True)["best_epoch"] == 4 and not loaded.training
+        x = torch.randn(1, 3, 64, 64)
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+        assert loaded.hint_channels == 256
+    with pytest.raises(ValueError, match="mean"):
+        save_model_file(tmp_path / "bad.pt", model, {"backbone": "resnet18", "num_classes": 3,
+                                                     "magnification": 1.0, "input_size": 64})  # fmt: skip
+    with pytest.raises(ValueError, match="missing.pt: file not found"):
+        load_model_file(tmp_path / "missing.pt")

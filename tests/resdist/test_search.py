@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from histokd.resdist.search import DistillSearchConfig, build_param_space
+from histokd.resdist.config import DistillSearchConfig
+from histokd.resdist.search import build_param_space
 
 
 @pytest.fixture(scope="module")
@@ -16,13 +17,13 @@ def teacher_file(tiny_demo) -> str:
     import torch
 
     from histokd.resdist.job import training_stats
-    from histokd.resdist.model import create_resdist_model
-    from histokd.resdist.training import save_model_file
+    from histokd.resdist.model import create_resdist_model, save_model_file
 
     torch.manual_seed(0)
     region_set = tiny_demo["region_set"]
-    meta = {"arch": "resdist_resnet", "num_classes": 3, "magnification": 10.0, "method": "teacher",
-            "class_names": list(region_set.class_names), "stats": training_stats(region_set, ["train"], 10.0)}  # fmt: skip
+    mean, std = training_stats(region_set, ["train"], 10.0)
+    meta = {"backbone": "resdist_resnet", "num_classes": 3, "magnification": 10.0, "method": "teacher",
+            "class_names": list(region_set.class_names), "mean": mean, "std": std, "input_size": 64}  # fmt: skip
     return str(
         save_model_file(
             tiny_demo["storage"] / "search-teacher" / "model.pt",

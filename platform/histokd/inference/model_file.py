@@ -8,6 +8,8 @@ What a slide needs besides is the magnification and the side in pixels the train
 at that magnification. The fine-tuning job records both when it knows them (``--magnification``,
 ``--patch-size`` or the dataset's ``dataset.json``; the side also from the images themselves);
 `TaskModelInfo.resolve` fills what a file lacks from the caller, and a value given there wins.
+Resolution-distillation classifiers (`histokd.resdist`) are saved the same way, with ``resdist``
+(how to rebuild the network) and the input ``mean`` and ``std`` of their training set.
 
 Only plain tensors and Python values are read (``torch.load(..., weights_only=True)``), and the
 network is built from its name with random weights before the state is loaded strictly, so
@@ -70,6 +72,10 @@ class TaskModelInfo:
             resized to ``input_size``; None where the file lacks it.
         best_epoch: The epoch whose weights were kept.
         drop_rate: Dropout of the classifier (no effect at inference, kept for rebuilding).
+        mean: Per-channel input mean in [0, 1] (None: ImageNet's).
+        std: Per-channel input standard deviation (None: ImageNet's).
+        resdist: A resolution-distillation network (`histokd.resdist.model`): its
+            ``num_groups`` and ``hint_channels``; None for the fine-tuning job's models.
     """
 
     path: str
@@ -82,6 +88,9 @@ class TaskModelInfo:
     patch_size: int | None = None
     best_epoch: int | None = None
     drop_rate: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resdist: dict[str, Any] | None = None
 
     @property
     def read_magnification(self) -> float:
@@ -220,8 +229,13 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
             path, f"config is a {type(config).__name__}; expected the fine-tuning config dict"
         )
     task = _require(path, config, "task", lambda v: v in _TASKS, f"allowed: {', '.join(_TASKS)}")
+    resdist = config.get("resdist")  # any timm name: histokd.resdist.model checks it
     backbone = _require(
-        path, config, "backbone", lambda v: v in BACKBONES, f"allowed: {', '.join(BACKBONES)}"
+        path,
+        config,
+        "backbone",
+        lambda v: v in BACKBONES or (resdist and isinstance(v, str)),
+        f"allowed: {', '.join(BACKBONES)}",
     )
     positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     num_classes = _require(
@@ -252,6 +266,9 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
         patch_size=int(patch_size) if patch_size is not None else None,
         best_epoch=payload.get("best_epoch"),
         drop_rate=float(config.get("drop_rate") or 0.0),
+        mean=tuple(map(float, config["mean"])) if config.get("mean") else None,
+        std=tuple(map(float, config["std"])) if config.get("std") else None,
+        resdist=dict(resdist) if resdist else None,
     )
 
 
@@ -265,10 +282,12 @@ def build_model(
     """
     from histokd.models import ClassificationModel, SegmentationModel
 
-    if info.task == "classification":
-        model: nn.Module = ClassificationModel(
-            info.backbone, info.num_classes, drop_rate=info.drop_rate
-        )
+    if info.resdist is not None:
+        from histokd.resdist.model import create_resdist_model
+
+        model: nn.Module = create_resdist_model(info.backbone, info.num_classes, **info.resdist)
+    elif info.task == "classification":
+        model = ClassificationModel(info.backbone, info.num_classes, drop_rate=info.drop_rate)
     else:
         model = SegmentationModel(info.backbone, info.num_classes)
     if state_dict is not None:

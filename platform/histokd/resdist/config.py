@@ -1,231 +1,144 @@
 """Settings of the resolution-distillation jobs, with the paper's defaults and their sources.
 
 DiPalma et al. 2021 give the method and some settings (Sec. 3, 4.5); the network size and the
-remaining training settings come from the authors' public code as recorded in
-``../shared/RESOLUTION_KD.md`` (cited as "public code" below).
+other training settings come from the authors' public code (``../shared/RESOLUTION_KD.md``,
+"public code" below). Nothing here imports torch, timm or Ray: the jobs' ``--help`` reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from histokd.cli import RunStorage
-from histokd.resdist.regions import RegionFinder
+from histokd.cli import check_ints, config_to_dict
+from histokd.run import RunConfig, WorkerConfig
 
 __all__ = [
-    "DEFAULT_MAGNIFICATIONS",
+    "DemoConfig",
     "DistillConfig",
+    "DistillSearchConfig",
     "EvaluateConfig",
     "ResdistConfig",
     "SupervisedConfig",
-    "default_method",
 ]
 
-#: Teacher 10x and the students' 5x, 2.5x, 1.25x and 0.625x (DiPalma Sec. 4.5.1, Tables 6-8).
-DEFAULT_MAGNIFICATIONS = [10.0, 5.0, 2.5, 1.25, 0.625]
+SPLITS = ("train", "val", "test", "aux")
+SCORES = ("accuracy", "top1_accuracy", "f1", "precision", "recall")
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+def _f(default: Any, text: str, **metadata: Any) -> Any:
+    """A field with its help text; a list default is copied for each config."""
+    metadata = {"help": text, **metadata}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+def _check(config: Any, *checks: tuple[str, bool, str]) -> None:
+    """Raise naming the first field whose check failed: ``(field, ok, what is allowed)``."""
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name}={getattr(config, name)!r}: {allowed}")
 
 
-@dataclass
-class ResdistConfig(RunStorage):
-    """What every resolution-distillation training job shares."""
+def _check_splits(*groups: list[str]) -> None:
+    if not groups[0]:
+        raise ValueError("train splits: give at least one")
+    for name in (s for group in groups for s in group):
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r}: allowed: {', '.join(SPLITS)}")
 
-    # --- data ---------------------------------------------------------------------------------
-    data: str = field(
-        default="",
-        metadata=_help(
-            "data table (CSV: slide, split, label[, x, y, width, height]); see histokd.resdist.region_set"
-        ),
-    )
-    region_dir: str | None = field(
-        default=None, metadata=_help("folder of the region images; default: STORAGE/regions")
-    )
-    magnifications: list[float] = field(
-        default_factory=lambda: list(DEFAULT_MAGNIFICATIONS),
-        metadata=_help(
-            "magnifications the region images are made at (Sec. 4.1, Tables 6-8: 10 5 2.5 1.25 0.625)"
-        ),
-    )
-    class_names: list[str] = field(
-        default_factory=list,
-        metadata=_help("class order; default: the sorted labels of the data table"),
-    )
-    base_magnification: float | None = field(
-        default=None, metadata=_help("level-0 magnification of slides that record none")
-    )
-    thumbnail_magnification: float = field(
-        default=1.25,
-        metadata=_help(
-            "magnification of the view tissue regions are found on (tissueloc works on a low-resolution level)"
-        ),
-    )
-    min_region_area_um2: float = field(
-        default=10_000.0,
-        metadata=_help("smallest tissue area of a region in um^2 (tissueloc's min_tissue_size)"),
-    )
-    closing_um: float = field(
-        default=16.0,
-        metadata=_help("radius of the closing that joins nearby tissue into one region, um"),
-    )
-    padding_um: float = field(default=8.0, metadata=_help("margin around each region's box, um"))
-    # --- training (Sec. 4.5.1 and the public code) ----------------------------------------------
-    arch: str = field(
-        default="resdist_resnet",
-        metadata=_help(
-            "network: resdist_resnet (the paper's GroupNorm ResNet) or any timm/histokd zoo model (beyond the paper)"
-        ),
-    )
-    num_groups: int = field(default=32, metadata=_help("GroupNorm groups (public code: 32)"))
-    epochs: int = field(default=100, metadata=_help("training epochs (Sec. 4.5.1: 100)"))
-    accumulation_steps: int = field(
-        default=32,
-        metadata=_help(
-            "images per optimizer step, by gradient accumulation over single images (Sec. 3.5; public code: 32)"
-        ),
-    )
-    lr: float = field(default=1e-3, metadata=_help("Adam learning rate (Sec. 4.5.1: 0.001)"))
-    weight_decay: float = field(
-        default=1e-4, metadata=_help("Adam weight decay (public code: 1e-4)")
-    )
-    lr_gamma: float = field(
-        default=1.0, metadata=_help("learning rate factor per epoch (public code: 1.0, constant)")
-    )
-    augment: bool = field(
-        default=True, metadata=_help("colour jitter, flips and 90-degree rotations (Sec. 3.2)")
-    )
-    brightness: float = field(
-        default=0.5, metadata=_help("colour jitter brightness (public code: 0.5)")
-    )
-    contrast: float = field(
-        default=0.5, metadata=_help("colour jitter contrast (public code: 0.5)")
-    )
-    saturation: float = field(
-        default=0.5, metadata=_help("colour jitter saturation (public code: 0.5)")
-    )
-    hue: float = field(default=0.2, metadata=_help("colour jitter hue (public code: 0.2)"))
-    select: Literal["auto", "best", "last"] = field(
-        default="auto",
-        metadata=_help(
-            "weights kept: best (lowest validation loss), last, or auto (best when there is a validation set outside the training splits)"
-        ),
-    )
-    seed: int = field(
-        default=0, metadata=_help("seed of initialisation, shuffling and augmentation")
-    )
-    # --- cluster ------------------------------------------------------------------------------
-    run_name: str = field(
-        default="resdist",
-        metadata=_help("run name; rerunning with the same name resumes from its last checkpoint"),
-    )
-    storage_path: str = field(
-        default="runs", metadata=_help("where runs, checkpoints, region images and models go")
-    )
-    num_workers: int = field(
-        default=1,
-        metadata=_help(
-            "Ray Train workers (DDP); 0 runs Ray Train's local mode in the driver process"
-        ),
-    )
-    use_gpu: bool | None = field(
-        default=None, metadata=_help("train on GPUs; auto: if the cluster has any")
-    )
-    cpus_per_worker: float = field(
-        default=1.0,
-        metadata=_help("CPUs reserved by each training worker (also its torch threads)"),
-    )
-    loader_workers: int = field(
-        default=0, metadata=_help("DataLoader processes per training worker")
-    )
-    max_failures: int = field(
-        default=3,
-        metadata=_help("worker-group restarts from the last checkpoint before the run fails"),
-    )
-    # --- tracking -----------------------------------------------------------------------------
-    mlflow_tracking_uri: str | None = field(
-        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
-    )
-    mlflow_experiment: str = field(
-        default="histokd-resdist", metadata=_help("MLflow experiment name")
-    )
 
-    def __post_init__(self) -> None:
+def _model_path(path: str) -> str:
+    """A model file, or the ``model.pt`` of a run folder, as an absolute path."""
+    path = os.path.abspath(path)
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
+class _Regions:
+    """The data table and its region images, shared by the training and evaluation configs."""
+
+    def _check_data(self) -> None:
         if not self.data:
-            raise ValueError(
-                "data: give the data table (CSV); jobs/resdist_demo.py makes one from synthetic slides"
-            )
+            raise ValueError("data: give the data table (CSV); jobs/resdist_demo.py makes one")
         if not os.path.isfile(self.data):
             raise ValueError(f"data={self.data!r}: no such file")
         self.data = os.path.abspath(self.data)
-        self.magnifications = sorted({float(m) for m in self.magnifications}, reverse=True)
-        if not self.magnifications or any(not m > 0 for m in self.magnifications):
-            raise ValueError(f"magnifications={self.magnifications}: need positive values")
-        for name in ("epochs", "accumulation_steps", "num_groups"):
-            _positive_int(name, getattr(self, name))
-        for name in ("loader_workers", "max_failures", "num_workers"):
-            _positive_int(name, getattr(self, name), allow_zero=True)
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}: must be positive")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r}: must be >= 0")
-        if not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"lr_gamma={self.lr_gamma!r}: must be in (0, 1]")
-        for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
-        if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"hue={self.hue!r}: must be in [0, 0.5]")
-        if self.select not in ("auto", "best", "last"):
-            raise ValueError(f"select={self.select!r}: allowed: auto, best, last")
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: must be positive")
-        if not self.run_name or "/" in self.run_name:
-            raise ValueError(f"run_name={self.run_name!r}: must be non-empty and contain no '/'")
-        self.region_finder()  # validates the region settings
-        self._check_arch()
-        if "://" in self.storage_path:
-            raise ValueError(
-                f"storage_path={self.storage_path!r}: resolution distillation writes region images and models next to the runs; use a shared file system path"
-            )
-        self.storage_path = os.path.abspath(self.storage_path)  # Ray needs absolute paths
-        if self.region_dir is not None:
-            self.region_dir = os.path.abspath(self.region_dir)
-
-    def _check_arch(self) -> None:
-        from histokd.resdist.model import RESDIST_ARCH
-
-        if self.arch == RESDIST_ARCH:
-            return
-        import timm
-
-        import histokd.models  # noqa: F401  (registers the zoo's models)
-
-        if not timm.is_model(self.arch):
-            raise ValueError(
-                f"arch={self.arch!r}: not a timm model; use {RESDIST_ARCH} (the paper's) or e.g. resnet18, csat"
-            )
-
-    def region_finder(self) -> RegionFinder:
-        """The tissue-region settings."""
-        return RegionFinder(
-            thumbnail_magnification=self.thumbnail_magnification, min_area_um2=self.min_region_area_um2,
-            closing_um=self.closing_um, padding_um=self.padding_um,
-        )  # fmt: skip
+        self.region_dir = self.region_dir and os.path.abspath(self.region_dir)
 
     @property
     def regions_root(self) -> str:
-        """Folder of the region images."""
         return self.region_dir or os.path.join(self.storage_path, "regions")
+
+
+@dataclass
+class ResdistConfig(WorkerConfig, _Regions):
+    """What every resolution-distillation training job shares."""
+
+    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
+    data: str = _f("", "data table: CSV of slide, split, label[, x, y, width, height]")
+    region_dir: str | None = _f(None, "folder of the region images; default: STORAGE/regions")
+    magnifications: list[float] = _f(
+        [10.0, 5.0, 2.5, 1.25, 0.625], "magnifications of the region images (Tables 6-8)"
+    )
+    class_names: list[str] = _f([], "class order; default: the sorted labels of the table")
+    thumbnail_magnification: float = _f(1.25, "magnification tissue regions are found at")
+    min_region_area_um2: float = _f(10_000.0, "smallest tissue area of a region, um^2")
+    closing_um: float = _f(16.0, "radius of the closing that joins nearby tissue, um")
+    padding_um: float = _f(8.0, "margin around each region's box, um")
+    backbone: str = _f("resdist_resnet", "the paper's network, or a timm model", aliases=["arch"])
+    num_groups: int = _f(32, "GroupNorm groups (public code: 32)")
+    epochs: int = _f(100, "training epochs (Sec. 4.5.1: 100)")
+    accumulation_steps: int = _f(32, "images per optimizer step (Sec. 3.5; public code: 32)")
+    lr: float = _f(1e-3, "Adam learning rate (Sec. 4.5.1: 0.001)")
+    weight_decay: float = _f(1e-4, "Adam weight decay (public code: 1e-4)")
+    lr_gamma: float = _f(1.0, "learning-rate factor per epoch (public code: 1.0)")
+    augment: bool = _f(True, "colour jitter, flips and 90-degree rotations (Sec. 3.2)")
+    brightness: float = _f(0.5, "colour jitter brightness (public code: 0.5)")
+    contrast: float = _f(0.5, "colour jitter contrast (public code: 0.5)")
+    saturation: float = _f(0.5, "colour jitter saturation (public code: 0.5)")
+    hue: float = _f(0.2, "colour jitter hue (public code: 0.2)")
+    select: Literal["auto", "best", "last"] = _f(
+        "auto", "weights kept: best (lowest validation loss) or last; auto: best if held out"
+    )
+    loader_workers: int = _f(0, "DataLoader processes per training worker")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_data()
+        self.magnifications = sorted({float(m) for m in self.magnifications}, reverse=True)
+        check_ints(self, ["epochs", "accumulation_steps", "num_groups"])
+        check_ints(self, ["loader_workers"], minimum=0)
+        jitter = ("brightness", "contrast", "saturation")
+        _check(
+            self,
+            ("magnifications", min(self.magnifications, default=0) > 0, "need positive values"),
+            ("lr", self.lr > 0, "must be positive"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("lr_gamma", 0 < self.lr_gamma <= 1, "must be in (0, 1]"),
+            *((name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]") for name in jitter),
+            ("hue", 0 <= self.hue <= 0.5, "must be in [0, 0.5]"),
+            ("select", self.select in ("auto", "best", "last"), "allowed: auto, best, last"),
+            ("storage_path", not self.remote_storage, "use a shared file system path"),
+        )
+        self.region_finder()  # checks the region settings
+        if self.backbone != "resdist_resnet":
+            import timm
+
+            import histokd.models  # noqa: F401  (registers the zoo's models)
+
+            ok = timm.is_model(self.backbone)
+            _check(self, ("backbone", ok, "not a timm model; e.g. resdist_resnet, resnet18, csat"))
+
+    def region_finder(self):
+        """The tissue-region settings (a ``histokd.resdist.regions.RegionFinder``)."""
+        from histokd.resdist.regions import RegionFinder
+
+        return RegionFinder(
+            self.thumbnail_magnification, self.min_region_area_um2, self.closing_um, self.padding_um
+        )
 
     def check_magnification(self, name: str, value: float) -> None:
         """Raise naming ``name`` when ``value`` has no region images."""
@@ -237,29 +150,13 @@ class ResdistConfig(RunStorage):
 
 @dataclass
 class SupervisedConfig(ResdistConfig):
-    """A network trained with cross-entropy on labelled regions.
+    """The teacher (Sec. 3.2, 4.5.1), or a baseline from scratch at a low magnification (4.5.2)."""
 
-    The teacher (Sec. 3.2, 4.5.1), or a baseline trained from scratch at a lower magnification
-    (Sec. 4.5.2).
-    """
-
-    run_name: str = field(
-        default="teacher", metadata=_help("run name; rerunning with the same name resumes")
-    )
-    magnification: float = field(
-        default=10.0,
-        metadata=_help("input magnification (Sec. 4.5.1: 10x teacher for CD and LUAD, 5x for RCC)"),
-    )
-    method: str = field(
-        default="teacher", metadata=_help("name in the tables: teacher or baseline")
-    )
-    train_splits: list[str] = field(
-        default_factory=lambda: ["train"], metadata=_help("splits trained on")
-    )
-    val_splits: list[str] = field(
-        default_factory=lambda: ["val"],
-        metadata=_help("splits validated on (weights of the lowest validation loss are kept)"),
-    )
+    run_name: str = _f("teacher", "run name; rerunning it resumes")
+    magnification: float = _f(10.0, "input magnification (Sec. 4.5.1: 10x; RCC: 5x)")
+    method: str = _f("teacher", "name in the tables: teacher or baseline")
+    train_splits: list[str] = _f(["train"], "splits trained on")
+    val_splits: list[str] = _f(["val"], "splits validated on")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -269,103 +166,53 @@ class SupervisedConfig(ResdistConfig):
 
 @dataclass
 class DistillConfig(ResdistConfig):
-    """A student at a lower magnification distilled from a frozen teacher.
+    """A student at a low magnification distilled from a frozen teacher (Sec. 3.3, 4.5.3-4.5.4),
+    then, when distilled on other data, its last layer fine-tuned (Sec. 3.4)."""
 
-    Sec. 3.3, 4.5.3-4.5.4, optionally followed by fine-tuning its last layer (Sec. 3.4).
-    """
-
-    run_name: str = field(
-        default="kd", metadata=_help("run name; rerunning with the same name resumes")
+    run_name: str = _f("kd", "run name; rerunning it resumes")
+    teacher: str = _f("", "the teacher's model file or run folder")
+    magnification: float = _f(1.25, "the student's magnification (Tables 6-8)")
+    temperature: float = _f(1.0, "T of the soft loss, Eq. 2 (public code: 1.0)")
+    resize_modes: list[str] = _f(["maxpool", "bicubic"], "g_k of Eq. 3, averaged")
+    distance: Literal["mse", "l1"] = _f("mse", "pixel-loss distance (Eq. 3: mse)")
+    public_code_maxpool_only: bool = _f(
+        False, "the public code's pixel loss (max-pool term, halved)"
     )
-    teacher: str = field(
-        default="", metadata=_help("the teacher's model file (model.pt) or run folder")
+    train_splits: list[str] = _f(
+        ["train", "val"], "splits distilled on, labels ignored (KD (AD): aux)"
     )
-    magnification: float = field(
-        default=1.25, metadata=_help("the student's magnification (Tables 6-8: 0.625 1.25 2.5 5)")
+    val_splits: list[str] = _f([], "splits of the validation loss")
+    finetune: Literal["auto", "yes", "no"] = _f(
+        "auto", "fine-tune the last layer (Sec. 3.4); auto: if distilled on other than its data"
     )
-    temperature: float = field(
-        default=1.0, metadata=_help("T of the soft loss, Eq. 2 (public code: 1.0)")
-    )
-    resize_modes: list[str] = field(
-        default_factory=lambda: ["maxpool", "bicubic"],
-        metadata=_help("g_k of Eq. 3 that are averaged (paper: maxpool bicubic)"),
-    )
-    distance: Literal["mse", "l1"] = field(
-        default="mse", metadata=_help("pixel-loss distance (Eq. 3: mse)")
-    )
-    public_code_maxpool_only: bool = field(
-        default=False,
-        metadata=_help(
-            "reproduce the public code's pixel loss (max-pool term only, halved) instead of Eq. 3"
-        ),
-    )
-    train_splits: list[str] = field(
-        default_factory=lambda: ["train", "val"],
-        metadata=_help(
-            "splits distilled on, labels ignored (Sec. 4.5.3 KD: train val; Sec. 4.5.4 KD (AD): aux)"
-        ),
-    )
-    val_splits: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "splits for the validation distillation loss (and fine-tuning's validation)"
-        ),
-    )
-    finetune: Literal["auto", "yes", "no"] = field(
-        default="auto",
-        metadata=_help(
-            "fine-tune the last layer on the labelled training set at the student's magnification (Sec. 3.4); auto: only when the distillation set is not the labelled training set"
-        ),
-    )
-    finetune_epochs: int = field(
-        default=100,
-        metadata=_help(
-            "fine-tuning epochs ('until convergence', Sec. 3.4; the weights of the lowest validation loss are kept)"
-        ),
-    )
-    finetune_lr: float = field(
-        default=1e-3,
-        metadata=_help(
-            "Adam learning rate of the fine-tuning (Sec. 3.4 gives none: the training rate)"
-        ),
-    )
-    finetune_splits: list[str] = field(
-        default_factory=lambda: ["train"],
-        metadata=_help("labelled splits the last layer is fine-tuned on"),
-    )
-    finetune_val_splits: list[str] = field(
-        default_factory=lambda: ["val"], metadata=_help("splits validating the fine-tuning")
-    )
-    method: str | None = field(
-        default=None,
-        metadata=_help("name in the tables; default: KD, or KD (AD) when distilling on aux"),
-    )
+    finetune_epochs: int = _f(100, "fine-tuning epochs ('until convergence', Sec. 3.4)")
+    finetune_lr: float = _f(1e-3, "fine-tuning learning rate (Sec. 3.4 gives none)")
+    finetune_splits: list[str] = _f(["train"], "labelled splits the last layer is fine-tuned on")
+    finetune_val_splits: list[str] = _f(["val"], "splits validating the fine-tuning")
+    method: str | None = _f(None, "name in the tables; default: KD, or KD (AD) on aux")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.teacher:
-            raise ValueError(
-                "teacher: give the teacher's model file or run folder (jobs/resdist_teacher.py writes it)"
-            )
-        self.teacher = os.path.abspath(self.teacher)
-        if os.path.isdir(self.teacher):
-            self.teacher = os.path.join(self.teacher, "model.pt")
+            raise ValueError("teacher: give the teacher's model file or run folder")
+        self.teacher = _model_path(self.teacher)
         if not os.path.isfile(self.teacher):
             raise ValueError(f"teacher={self.teacher!r}: no such model file")
         self.check_magnification("magnification", self.magnification)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r}: must be positive")
-        if not self.resize_modes or any(m not in ("maxpool", "bicubic") for m in self.resize_modes):
-            raise ValueError(
-                f"resize_modes={self.resize_modes}: allowed: maxpool, bicubic (one or both)"
-            )
-        if self.distance not in ("mse", "l1"):
-            raise ValueError(f"distance={self.distance!r}: allowed: mse, l1")
-        if self.finetune not in ("auto", "yes", "no"):
-            raise ValueError(f"finetune={self.finetune!r}: allowed: auto, yes, no")
-        _positive_int("finetune_epochs", self.finetune_epochs)
-        if not self.finetune_lr > 0:
-            raise ValueError(f"finetune_lr={self.finetune_lr!r}: must be positive")
+        check_ints(self, ["finetune_epochs"])
+        modes = set(self.resize_modes)
+        _check(
+            self,
+            ("temperature", self.temperature > 0, "must be positive"),
+            (
+                "resize_modes",
+                modes and modes <= {"maxpool", "bicubic"},
+                "allowed: maxpool, bicubic",
+            ),
+            ("distance", self.distance in ("mse", "l1"), "allowed: mse, l1"),
+            ("finetune", self.finetune in ("auto", "yes", "no"), "allowed: auto, yes, no"),
+            ("finetune_lr", self.finetune_lr > 0, "must be positive"),
+        )
         _check_splits(self.train_splits, self.val_splits)
         _check_splits(self.finetune_splits, self.finetune_val_splits)
 
@@ -378,82 +225,145 @@ class DistillConfig(ResdistConfig):
 
     @property
     def method_name(self) -> str:
-        """The method's name in the tables."""
-        return self.method or default_method(self.train_splits)
+        """``KD (AD)`` when distilled on the auxiliary set, else ``KD`` (Tables 6-8)."""
+        return self.method or ("KD (AD)" if "aux" in self.train_splits else "KD")
 
 
-def default_method(train_splits: list[str]) -> str:
-    """``KD (AD)`` when the distillation uses the auxiliary set, else ``KD`` (Tables 6-8)."""
-    return "KD (AD)" if "aux" in train_splits else "KD"
+_UNUSED = "not used (giving it is an error): every trial's {} comes from --{}"
 
 
 @dataclass
-class EvaluateConfig(RunStorage):
-    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs."""
+class DistillSearchConfig(DistillConfig):
+    """A grid over student magnification x temperature; every other field is the distillation's."""
 
-    models: list[str] = field(
-        default_factory=list, metadata=_help("model files (model.pt) or run folders to evaluate")
+    run_name: str = _f("kd-search", "name of the search; rerunning it resumes")
+    # every trial takes these two from the grid: refused when given, so no flag is silently ignored
+    magnification: float | None = _f(
+        None, _UNUSED.format("student magnification", "searched-magnifications")
     )
-    data: str = field(default="", metadata=_help("the data table the models were trained on"))
-    region_dir: str | None = field(
-        default=None, metadata=_help("folder of the region images; default: STORAGE/regions")
-    )
-    storage_path: str = field(default="runs", metadata=_help("where the evaluation folder goes"))
-    run_name: str = field(
-        default="evaluation", metadata=_help("name of the evaluation (its folder and MLflow run)")
-    )
-    dataset_name: str = field(default="dataset", metadata=_help("title of the table and chart"))
-    splits: list[str] = field(
-        default_factory=lambda: ["test"],
-        metadata=_help("splits evaluated (Sec. 4.5: the labelled test set)"),
-    )
-    n_resamples: int = field(
-        default=10_000, metadata=_help("bootstrap resamples of the test set (Sec. 4.5: 10,000)")
-    )
-    confidence: float = field(default=0.95, metadata=_help("interval level (Sec. 4.5: 0.95)"))
-    seed: int = field(default=0, metadata=_help("bootstrap seed"))
-    mlflow_tracking_uri: str | None = field(
-        default=None, metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db")
-    )
-    mlflow_experiment: str = field(
-        default="histokd-resdist", metadata=_help("MLflow experiment name")
-    )
+    temperature: float | None = _f(None, _UNUSED.format("temperature", "temperatures"))
+    searched_magnifications: list[float] = _f([0.625, 1.25, 2.5, 5.0], "student magnifications")
+    temperatures: list[float] = _f([1.0, 2.0, 4.0], "soft-loss temperatures searched")
+    score_splits: list[str] = _f(["val"], "labelled splits a trial is scored on")
+    score: str = _f("top1_accuracy", f"metric trials are ranked by: {', '.join(SCORES)}")
+    max_concurrent_trials: int | None = _f(None, "trials at once; auto: as the CPUs allow")
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ValueError("models: give at least one model file or run folder")
-        resolved = []
-        for entry in self.models:
-            path = os.path.abspath(entry)
-            path = os.path.join(path, "model.pt") if os.path.isdir(path) else path
-            if not os.path.isfile(path):
+        grids = {"magnification": "searched_magnifications", "temperature": "temperatures"}
+        for name, grid in grids.items():
+            if getattr(self, name) is not None:
                 raise ValueError(
-                    f"models: {entry!r} is neither a model file nor a run folder with model.pt"
+                    f"{name}={getattr(self, name)!r}: a search takes every trial's {name} from "
+                    f"{grid} and would ignore it; give the values as --{grid.replace('_', '-')}"
                 )
-            resolved.append(path)
-        self.models = resolved
-        if not self.data or not os.path.isfile(self.data):
-            raise ValueError(f"data={self.data!r}: no such file")
-        self.data = os.path.abspath(self.data)
-        _positive_int("n_resamples", self.n_resamples)
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence={self.confidence!r}: must be in (0, 1)")
-        _check_splits(self.splits, [])
-        self.storage_path = os.path.abspath(self.storage_path)
-        if self.region_dir is not None:
-            self.region_dir = os.path.abspath(self.region_dir)
+        if not self.searched_magnifications or not self.temperatures:
+            raise ValueError("searched_magnifications and temperatures: give at least one each")
+        self.searched_magnifications = [float(m) for m in self.searched_magnifications]
+        self.temperatures = [float(t) for t in self.temperatures]
+        # DistillConfig checks one student's magnification and temperature: placeholders it takes
+        self.magnification, self.temperature = (self.magnifications or [None])[0], 1.0
+        try:
+            super().__post_init__()
+        finally:
+            self.magnification = self.temperature = None
+        for mag in self.searched_magnifications:
+            self.check_magnification("searched_magnifications", mag)
+        check_ints(self, ["max_concurrent_trials"], auto=True)
+        _check(
+            self,
+            ("temperatures", min(self.temperatures) > 0, "must be positive"),
+            # Ray Train's local mode cannot run in a Tune trial: each trial trains on its workers
+            ("num_workers", self.num_workers != 0, "a search needs Ray Train workers: 1 or more"),
+            ("score", self.score in SCORES, f"allowed: {', '.join(SCORES)}"),
+        )
 
-    @property
-    def regions_root(self) -> str:
-        """Folder of the region images."""
-        return self.region_dir or os.path.join(self.storage_path, "regions")
+    def distill_fields(self) -> dict[str, Any]:
+        """The distillation settings shared by every trial."""
+        names = {f.name for f in dataclasses.fields(DistillConfig)}
+        return {k: v for k, v in config_to_dict(self).items() if k in names}
 
 
-def _check_splits(train: list[str], val: list[str]) -> None:
-    from histokd.resdist.region_set import SPLITS
+@dataclass
+class EvaluateConfig(RunConfig, _Regions):
+    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs."""
 
-    if not train:
-        raise ValueError("train splits: give at least one")
-    for name in list(train) + list(val):
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r}: allowed: {', '.join(SPLITS)}")
+    run_name: str = _f("evaluation", "name of the evaluation (its folder and MLflow run)")
+    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
+    model: list[str] = _f([], "model files or run folders to evaluate", aliases=["models"])
+    data: str = _f("", "the data table the models were trained on")
+    region_dir: str | None = _f(None, "folder of the region images; default: STORAGE/regions")
+    dataset_name: str = _f("dataset", "title of the table and chart")
+    splits: list[str] = _f(["test"], "splits evaluated (Sec. 4.5: the labelled test set)")
+    bootstrap_resamples: int = _f(10_000, "bootstrap resamples (Sec. 4.5)", aliases=["n_resamples"])
+    confidence: float = _f(0.95, "interval level (Sec. 4.5: 0.95)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("model: give at least one model file or run folder")
+        self.model = [_model_path(m) for m in self.model]
+        for path in self.model:
+            if not os.path.isfile(path):
+                raise ValueError(f"model: {path!r} is neither a model file nor a run folder")
+        self._check_data()
+        check_ints(self, ["bootstrap_resamples"])
+        _check(self, ("confidence", 0 < self.confidence < 1, "must be in (0, 1)"))
+        _check_splits(self.splits)
+
+
+@dataclass
+class DemoConfig(RunConfig):
+    """The offline demo (small on purpose; the paper's settings are the jobs' defaults)."""
+
+    run_name: str = _f("resdist-demo", "name of the demo's MLflow run")
+    storage_path: str = _f("runs/resdist_demo", "where the runs, tables and chart go")
+    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
+    demo_dir: str = _f("demo_data/resdist", "where the synthetic slides go (reused)")
+    labelled_slides: int = _f(30, "synthetic slides with labelled regions")
+    aux_slides: int = _f(8, "synthetic slides of the unlabelled auxiliary set")
+    val_slides: int = _f(5, "labelled slides held out for validation")
+    test_slides: int = _f(10, "labelled slides held out for testing")
+    slide_size: int = _f(2048, "side of each synthetic slide in pixels at 20x")
+    teacher_magnification: float = _f(10.0, "teacher magnification (Sec. 4.5.1: 10x)")
+    student_magnifications: list[float] = _f([5.0, 2.5, 1.25, 0.625], "(Tables 6-8)")
+    teacher_epochs: int = _f(20, "teacher epochs (paper: 100)")
+    epochs: int = _f(12, "baseline and distillation epochs (paper: 100)")
+    finetune_epochs: int = _f(10, "last-layer fine-tuning epochs after KD (AD)")
+    accumulation_steps: int = _f(2, "images per optimizer step (public code: 32)")
+    label_level: Literal["region", "slide"] = _f(
+        "region",
+        "region: a region's label is its dominant class (impure ones left out); slide: each "
+        "labelled slide is drawn with one dominant class (70%% of it), its regions' label",
+    )
+    min_purity: float = _f(0.75, "labelled regions whose dominant class covers less are left out")
+    paper_jitter: bool = _f(
+        False, "the public code's colour jitter, not a mild one (0.1, hue 0.02)"
+    )
+    temperature: float = _f(1.0, "soft-loss temperature (public code: 1.0)")
+    bootstrap_resamples: int = _f(
+        10_000, "bootstrap resamples (paper: 10,000)", aliases=["n_resamples"]
+    )
+    num_workers: int = _f(0, "Ray Train workers per run; 0: Ray Train's local mode (fast start)")
+    cpus_per_worker: float = _f(1.0, "CPUs of each training worker")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ints(self, ["labelled_slides", "aux_slides", "val_slides", "test_slides",
+                          "slide_size", "teacher_epochs", "epochs", "finetune_epochs",
+                          "accumulation_steps", "bootstrap_resamples"])  # fmt: skip
+        check_ints(self, ["num_workers"], minimum=0)
+        mags = self.student_magnifications = [float(m) for m in self.student_magnifications]
+        held_out = self.val_slides + self.test_slides
+        teacher = self.teacher_magnification
+        _check(
+            self,
+            ("labelled_slides", self.labelled_slides > held_out,
+             f"need more than val_slides + test_slides = {held_out}"),
+            ("label_level", self.label_level in ("region", "slide"), "allowed: region, slide"),
+            ("min_purity", 0 <= self.min_purity <= 1, "must be in [0, 1]"),
+            ("slide_size", self.slide_size >= 512, "must be at least 512"),
+            ("teacher_magnification", 0 < teacher <= 20, "the slides are 20x: must be in (0, 20]"),
+            ("student_magnifications", mags and all(0 < m < teacher for m in mags),
+             f"each must be in (0, teacher_magnification={teacher:g})"),
+        )  # fmt: skip
+        self.demo_dir = os.path.abspath(self.demo_dir)

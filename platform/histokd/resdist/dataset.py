@@ -1,16 +1,11 @@
 """Region images for training and evaluation: one variable-size image at a time.
 
-DiPalma et al. 2021 feed whole tissue regions of their native size, one at a time, and
-accumulate gradients over them (Sec. 3.5), so there is no batching here: an item is one region
-at one or more magnifications (the teacher's and the student's, for distillation), with the same
-augmentation drawn once and applied to each, so the two views stay aligned for the pixel loss.
-
-Augmentation (Sec. 3.2; strengths from the public code, ``../shared/RESOLUTION_KD.md``): colour
-jitter with brightness, contrast and saturation factors in [0.5, 1.5] and a hue shift in
-[-0.2, 0.2], in a random order as torchvision's ``ColorJitter`` applies them; horizontal and
-vertical flips; rotations by multiples of 90 degrees (exact for any image size, where other
-angles would need padding). Every image is then standardised with the per-channel mean and
-standard deviation of its magnification's training set (Sec. 3.2, 4.5).
+DiPalma et al. 2021 feed whole regions of their native size, one at a time (Sec. 3.5): an item
+is one region at one or more magnifications (the teacher's and the student's), with the same
+augmentation applied to each, so the views stay aligned for the pixel loss. Augmentation
+(Sec. 3.2; strengths from the public code): colour jitter in a random order as torchvision's
+``ColorJitter`` applies it, flips, rotations by multiples of 90 degrees (exact for any size).
+Each image is then standardised with its magnification's training-set statistics (Sec. 3.2).
 """
 
 from __future__ import annotations
@@ -23,15 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = [
-    "AugmentParams",
-    "ColorJitter",
-    "RegionImages",
-    "apply_augment",
-    "channel_stats",
-    "draw_augment",
-    "load_rgb",
-]
+__all__ = ["AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats", "draw_augment", "load_rgb"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,11 +38,11 @@ class AugmentParams:
     rotations: int
     flip_horizontal: bool
     flip_vertical: bool
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-    order: tuple[int, ...]
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    order: tuple[int, ...] = (0, 1, 2, 3)
 
 
 def draw_augment(generator: torch.Generator, jitter: ColorJitter | None) -> AugmentParams:
@@ -65,41 +52,28 @@ def draw_augment(generator: torch.Generator, jitter: ColorJitter | None) -> Augm
         return low + (high - low) * float(torch.rand((), generator=generator))
 
     rotations = int(torch.randint(0, 4, (), generator=generator))
-    flips = torch.randint(0, 2, (2,), generator=generator).tolist()
+    flips = [bool(f) for f in torch.randint(0, 2, (2,), generator=generator).tolist()]
     order = tuple(torch.randperm(4, generator=generator).tolist())
     if jitter is None:
-        return AugmentParams(rotations, bool(flips[0]), bool(flips[1]), 1.0, 1.0, 1.0, 0.0, order)
-    return AugmentParams(
-        rotations, bool(flips[0]), bool(flips[1]),
-        uniform(max(0.0, 1 - jitter.brightness), 1 + jitter.brightness),
-        uniform(max(0.0, 1 - jitter.contrast), 1 + jitter.contrast),
-        uniform(max(0.0, 1 - jitter.saturation), 1 + jitter.saturation),
-        uniform(-jitter.hue, jitter.hue), order,
-    )  # fmt: skip
+        return AugmentParams(rotations, *flips, order=order)
+    factors = [uniform(max(0.0, 1 - s), 1 + s) for s in (jitter.brightness, jitter.contrast, jitter.saturation)]  # fmt: skip
+    return AugmentParams(rotations, *flips, *factors, uniform(-jitter.hue, jitter.hue), order)
 
 
 def apply_augment(image: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     """Apply one draw to a ``3 x H x W`` float image in [0, 1]."""
-    from histokd.compat import ensure_torchvision
-
-    ensure_torchvision()
     from torchvision.transforms.v2 import functional as TF
 
-    if params.rotations:
-        image = torch.rot90(image, params.rotations, (-2, -1))
+    image = torch.rot90(image, params.rotations, (-2, -1))
     if params.flip_horizontal:
         image = image.flip(-1)
     if params.flip_vertical:
         image = image.flip(-2)
-    for op in params.order:
-        if op == 0 and params.brightness != 1.0:
-            image = TF.adjust_brightness(image, params.brightness)
-        elif op == 1 and params.contrast != 1.0:
-            image = TF.adjust_contrast(image, params.contrast)
-        elif op == 2 and params.saturation != 1.0:
-            image = TF.adjust_saturation(image, params.saturation)
-        elif op == 3 and params.hue != 0.0:
-            image = TF.adjust_hue(image, params.hue)
+    ops = [(TF.adjust_brightness, params.brightness, 1.0), (TF.adjust_contrast, params.contrast, 1.0),
+           (TF.adjust_saturation, params.saturation, 1.0), (TF.adjust_hue, params.hue, 0.0)]  # fmt: skip
+    for op, value, identity in (ops[i] for i in params.order):
+        if value != identity:
+            image = op(image, value)
     return image.contiguous()
 
 
@@ -110,40 +84,35 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 def channel_stats(paths: Sequence[str]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation over all pixels of the images, in [0, 1].
+    """Per-channel mean and standard deviation in [0, 1] over every pixel of the images.
 
-    Every pixel counts once, so large regions weigh more (the statistics of the training set's
-    pixels, DiPalma Sec. 3.2).
+    Large regions weigh more: the statistics of the training set's pixels (DiPalma Sec. 3.2).
     """
     if not paths:
         raise ValueError("channel_stats: no images")
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0
     for path in paths:
         pixels = load_rgb(path).reshape(-1, 3).astype(np.float64) / 255.0
         total += pixels.sum(0)
         total_sq += (pixels**2).sum(0)
         count += len(pixels)
     mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
-    return mean.tolist(), std.tolist()
+    return mean.tolist(), np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12)).tolist()
 
 
 class RegionImages(torch.utils.data.Dataset):
     """Regions at one or more magnifications, standardised, optionally augmented.
 
     Args:
-        items: ``{"region_id", "label", "paths": {mag tag: file}}`` dicts
-            (:meth:`RegionSet.items`).
+        items: ``{"region_id", "label", "paths": {mag tag: file}}`` (:meth:`RegionSet.items`).
         views: Magnification tags to return, in order (e.g. ``["10x", "2.5x"]``).
         stats: ``{mag tag: (mean, std)}`` of the training set, for each view.
-        augment: Draw an augmentation per item.
+        augment: Draw an augmentation per item; item i of epoch e uses ``(seed, e, i)``.
         jitter: Colour jitter strengths when augmenting (None: geometry only).
-        seed: Seed of the augmentation; item i of epoch e uses ``(seed, e, i)``.
+        seed: Seed of the augmentation.
         cache: Keep the decoded images in memory.
 
-    Each item is ``{"images": [3 x H x W float tensor per view], "label": int, "index": int}``.
+    An item is ``{"images": [3 x H x W float tensor per view], "label": int, "index": int}``.
     """
 
     def __init__(
@@ -162,23 +131,11 @@ class RegionImages(torch.utils.data.Dataset):
         for item in items:
             lacking = [v for v in views if v not in item["paths"]]
             if lacking:
-                raise ValueError(
-                    f"RegionImages: region {item['region_id']} has no image at {lacking}"
-                )
-        self.items = list(items)
-        self.views = list(views)
-        self.stats = {
-            v: (
-                torch.tensor(stats[v][0], dtype=torch.float32).view(3, 1, 1),
-                torch.tensor(stats[v][1], dtype=torch.float32).view(3, 1, 1),
-            )
-            for v in self.views
-        }
-        self.augment = augment
-        self.jitter = jitter
-        self.seed = seed
+                raise ValueError(f"RegionImages: region {item['region_id']} has no image at {lacking}")  # fmt: skip
+        self.items, self.views = list(items), list(views)
+        self.stats = {v: [torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in stats[v]] for v in views}  # fmt: skip
+        self.augment, self.jitter, self.seed, self.cache = augment, jitter, seed, cache
         self.epoch = 0
-        self.cache = cache
         self._cache: dict[tuple[int, str], np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,20 +146,17 @@ class RegionImages(torch.utils.data.Dataset):
         return len(self.items)
 
     def _image(self, index: int, view: str) -> np.ndarray:
-        key = (index, view)
-        if key in self._cache:
-            return self._cache[key]
-        image = load_rgb(self.items[index]["paths"][view])
-        if self.cache:
-            self._cache[key] = image
+        image = self._cache.get((index, view))
+        if image is None:
+            image = load_rgb(self.items[index]["paths"][view])
+            if self.cache:
+                self._cache[index, view] = image
         return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         params = None
         if self.augment:
-            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(
-                2, dtype=np.uint32
-            )
+            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2)
             generator = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
             params = draw_augment(generator, self.jitter)
         images = []

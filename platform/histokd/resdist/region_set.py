@@ -5,16 +5,14 @@ The data table (CSV) has one row per slide or per region:
 * ``slide`` (required): slide file, absolute or relative to the table's folder;
 * ``split`` (required): ``train``, ``val``, ``test`` or ``aux`` (the unlabelled auxiliary set
   of DiPalma Sec. 4.2, whose labels, if any, are ignored);
-* ``label``: class name; empty for unlabelled rows. A slide's label goes to every region found
-  on it (slide-level labels, as for celiac disease and renal cell carcinoma, Sec. 4.2, 4.4);
+* ``label``: class name, empty for unlabelled rows. A slide's label goes to every region found
+  on it (slide-level labels, Sec. 4.2, 4.4);
 * ``x``, ``y``, ``width``, ``height`` (optional, level-0 pixels): a given region (annotated
-  regions, as for lung adenocarcinoma, Sec. 4.3). Rows without a box get the tissue regions
-  :func:`~histokd.resdist.regions.find_tissue_regions` finds;
+  regions, Sec. 4.3); rows without one get the regions :func:`find_tissue_regions` finds;
 * ``base_magnification`` (optional): for slides that record no magnification.
 
-:func:`build_region_set` writes ``images/{mag}x/{region_id}.png`` for every magnification
-(each downsampled from the original with Lanczos, Sec. 4.1), ``regions.csv`` and
-``region_set.json``; a second call with the same inputs reuses them.
+:func:`build_region_set` writes ``images/{mag}x/{region_id}.png`` at every magnification,
+``regions.csv`` and ``region_set.json``; a second call with the same inputs reuses them.
 """
 
 from __future__ import annotations
@@ -25,16 +23,17 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from histokd.resdist.config import SPLITS
 from histokd.resdist.regions import (
-    DEFAULT_MAX_SOURCE_PIXELS,
     RegionFinder,
     TissueRegion,
     find_tissue_regions,
@@ -43,53 +42,32 @@ from histokd.resdist.regions import (
 )
 from histokd.slides import SlideReader
 
-__all__ = ["SPLITS", "RegionRecord", "RegionSet", "build_region_set", "read_data_table"]
+__all__ = ["RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "aux")
 _TABLE_FILE = "regions.csv"
 _META_FILE = "region_set.json"
 _BOX = ("x", "y", "width", "height")
 
 
 @dataclass(frozen=True)
-class RegionRecord:
-    """One region of the set.
+class RegionRecord(TissueRegion):
+    """A region of the set: its box, its split and its class index (-1: unlabelled)."""
 
-    Attributes:
-        region_id: Unique name (``{slide stem}-r{k:03d}``).
-        slide: Slide file.
-        split: ``train``, ``val``, ``test`` or ``aux``.
-        label: Class index, -1 when unlabelled.
-        x: Left edge (level 0).
-        y: Top edge (level 0).
-        width: Width (level 0).
-        height: Height (level 0).
-        base_magnification: Magnification of level 0.
-    """
+    split: str = "train"
+    label: int = -1
 
-    region_id: str
-    slide: str
-    split: str
-    label: int
-    x: int
-    y: int
-    width: int
-    height: int
-    base_magnification: float
+
+def median_size(records: Sequence[TissueRegion], magnification: float) -> tuple[int, int]:
+    """Median (height, width) of the regions at ``magnification``, rounded half up."""
+    sizes = np.array([r.size_at(magnification) for r in records])
+    return tuple(math.floor(np.median(sizes[:, i]) + 0.5) for i in (1, 0))
 
 
 @dataclass
 class RegionSet:
-    """Region images on disk and their table.
-
-    Attributes:
-        root: The set's folder.
-        class_names: Class names; label k is ``class_names[k]``.
-        magnifications: Magnifications with images.
-        records: The regions.
-    """
+    """Region images on disk and their table; label k is ``class_names[k]``."""
 
     root: Path
     class_names: tuple[str, ...]
@@ -98,46 +76,35 @@ class RegionSet:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes."""
         return len(self.class_names)
 
     def image_path(self, region_id: str, magnification: float) -> Path:
-        """The image file of a region at a magnification."""
         return self.root / "images" / magnification_tag(magnification) / f"{region_id}.png"
 
     def select(self, splits: Iterable[str], labelled: bool = False) -> list[RegionRecord]:
         """Records of the given splits (in table order), optionally only the labelled ones."""
         wanted = set(splits)
-        unknown = wanted - set(SPLITS)
-        if unknown:
-            raise ValueError(f"splits {sorted(unknown)}: allowed: {', '.join(SPLITS)}")
+        if wanted - set(SPLITS):
+            raise ValueError(f"splits {sorted(wanted - set(SPLITS))}: allowed: {', '.join(SPLITS)}")
         return [r for r in self.records if r.split in wanted and (not labelled or r.label >= 0)]
 
     def items(
         self, splits: Iterable[str], magnifications: Sequence[float], labelled: bool = False
     ) -> list[dict[str, Any]]:
-        """Plain dicts for training workers: ``region_id``, ``label`` and ``paths`` by magnification tag.
+        """Plain dicts for training workers: ``region_id``, ``label``, ``paths`` by magnification tag.
 
         Raises:
             ValueError: A magnification the set has no images for.
         """
         missing = [m for m in magnifications if float(m) not in self.magnifications]
         if missing:
-            raise ValueError(
-                f"magnifications {missing}: the region set at {self.root} has images at "
-                f"{', '.join(magnification_tag(m) for m in self.magnifications)} only"
-            )
+            have = ", ".join(magnification_tag(m) for m in self.magnifications)
+            raise ValueError(f"magnifications {missing}: the set at {self.root} has {have} only")
         return [
-            {
-                "region_id": r.region_id,
-                "label": r.label,
-                "paths": {
-                    magnification_tag(m): str(self.image_path(r.region_id, m))
-                    for m in magnifications
-                },
-            }
+            {"region_id": r.region_id, "label": r.label,
+             "paths": {magnification_tag(m): str(self.image_path(r.region_id, m)) for m in magnifications}}
             for r in self.select(splits, labelled)
-        ]
+        ]  # fmt: skip
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Regions per split and class (DiPalma Tables 2-4)."""
@@ -152,34 +119,24 @@ class RegionSet:
     def load(cls, root: str | os.PathLike) -> RegionSet:
         """Open a set written by :func:`build_region_set`."""
         root = Path(root)
-        meta_path = root / _META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{root}: no {_META_FILE}; build the region set first (build_region_set)"
-            )
-        meta = json.loads(meta_path.read_text())
-        records = []
+        if not (root / _META_FILE).is_file():
+            raise FileNotFoundError(f"{root}: no {_META_FILE}; build the region set first")
+        meta = json.loads((root / _META_FILE).read_text())
+        types = {f.name: f.type for f in fields(RegionRecord)}
+        parse = {"int": int, "float": float, "str": str}
         with open(root / _TABLE_FILE, newline="") as f:
-            for row in csv.DictReader(f):
-                records.append(
-                    RegionRecord(
-                        region_id=row["region_id"], slide=row["slide"], split=row["split"], label=int(row["label"]),
-                        x=int(row["x"]), y=int(row["y"]), width=int(row["width"]), height=int(row["height"]),
-                        base_magnification=float(row["base_magnification"]),
-                    )
-                )  # fmt: skip
-        return cls(
-            root,
-            tuple(meta["class_names"]),
-            tuple(float(m) for m in meta["magnifications"]),
-            records,
-        )
+            records = [
+                RegionRecord(**{k: parse[types[k]](v) for k, v in row.items()})
+                for row in csv.DictReader(f)
+            ]
+        mags = tuple(float(m) for m in meta["magnifications"])
+        return cls(root, tuple(meta["class_names"]), mags, records)
 
 
 def read_data_table(
     path: str | os.PathLike, class_names: Sequence[str] | None = None
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """Rows of the data table, checked, with slide paths made absolute, and the class names.
+    """Rows of the data table, checked, with absolute slide paths, and the class names.
 
     Args:
         path: The CSV.
@@ -193,117 +150,69 @@ def read_data_table(
         raise ValueError(f"data={str(path)!r}: no such CSV file")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or [])
-        rows = list(reader)
+        columns, rows = set(reader.fieldnames or []), list(reader)
     for required in ("slide", "split"):
         if required not in columns:
             raise ValueError(f"{path}: column {required!r} missing; columns are {sorted(columns)}")
-    has_box = set(_BOX) <= columns
-    if not has_box and columns & set(_BOX):
-        raise ValueError(
-            f"{path}: give all of {list(_BOX)} or none; found {sorted(columns & set(_BOX))}"
-        )
-    labels = sorted({(r.get("label") or "").strip() for r in rows} - {""})
-    names = tuple(class_names) if class_names else tuple(labels)
+    if columns & set(_BOX) and not set(_BOX) <= columns:
+        raise ValueError(f"{path}: give all of {list(_BOX)} or none")
+    names = tuple(class_names or sorted({(r.get("label") or "").strip() for r in rows} - {""}))
     out = []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}, line {i}"
-        split = (row.get("split") or "").strip()
+        split, label = ((row.get(k) or "").strip() for k in ("split", "label"))
         if split not in SPLITS:
             raise ValueError(f"{where}: split={split!r}; allowed: {', '.join(SPLITS)}")
-        label = (row.get("label") or "").strip()
         if label and label not in names:
             raise ValueError(
                 f"{where}: label={label!r} is not a class; classes: {', '.join(names)}"
             )
-        slide = Path(row["slide"].strip())
-        slide = slide if slide.is_absolute() else (path.parent / slide)
-        entry: dict[str, Any] = {
-            "slide": str(slide.resolve()),
-            "split": split,
-            "label": names.index(label) if label else -1,
-        }
-        if has_box and all((row.get(k) or "").strip() for k in _BOX):
+        slide = path.parent / row["slide"].strip()  # an absolute path stays as it is
+        base = (row.get("base_magnification") or "").strip()
+        entry = {"slide": str(slide.resolve()), "split": split,
+                 "label": names.index(label) if label else -1,
+                 "base_magnification": float(base) if base else None}  # fmt: skip
+        if all((row.get(k) or "").strip() for k in _BOX):
             try:
-                box = [int(float(row[k])) for k in _BOX]
+                x, y, w, h = (int(float(row[k])) for k in _BOX)
             except ValueError as exc:
                 raise ValueError(f"{where}: box {[row[k] for k in _BOX]} is not numeric") from exc
-            if box[0] < 0 or box[1] < 0 or box[2] < 1 or box[3] < 1:
-                raise ValueError(
-                    f"{where}: box x={box[0]}, y={box[1]}, width={box[2]}, height={box[3]}: need x, y >= 0 and sizes >= 1"
-                )
-            entry["box"] = box
-        base = (row.get("base_magnification") or "").strip()
-        entry["base_magnification"] = float(base) if base else None
+            if x < 0 or y < 0 or w < 1 or h < 1:
+                raise ValueError(f"{where}: box {x, y, w, h}: need x, y >= 0 and sizes >= 1")
+            entry["box"] = [x, y, w, h]
         out.append(entry)
     if not out:
         raise ValueError(f"{path}: no rows")
     return out, names
 
 
-def _fingerprint(
-    rows: list[dict[str, Any]],
-    names: Sequence[str],
-    magnifications: Sequence[float],
-    finder: RegionFinder,
-) -> str:
-    payload = json.dumps(
-        {"rows": rows, "classes": list(names), "mags": [float(m) for m in magnifications], "finder": repr(finder), "version": 1},
-        sort_keys=True, default=str,
-    )  # fmt: skip
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def _extract_slide(
     slide: str,
     entries: list[dict[str, Any]],
     root: str,
-    magnifications: Sequence[float],
+    mags: Sequence[float],
     finder: RegionFinder,
-    max_source_pixels: int,
 ) -> list[dict[str, Any]]:
     """Find or take the regions of one slide and write their images; their table rows."""
-    reader = SlideReader(slide, entries[0]["base_magnification"])
     rows = []
-    try:
-        regions: list[tuple[TissueRegion, dict[str, Any]]] = []
-        index = 0
+    with SlideReader(slide, entries[0]["base_magnification"]) as reader:
+        base = reader.info.base_magnification
         for entry in entries:
             if "box" in entry:
-                x, y, w, h = entry["box"]
-                found = [TissueRegion(reader.path, 0, x, y, w, h, reader.info.base_magnification)]
+                found = [TissueRegion(slide, 0, *entry["box"], base)]
             else:
                 found = find_tissue_regions(reader, finder)
             for region in found:
-                region = TissueRegion(reader.path, index, region.x, region.y, region.width, region.height,
-                                      region.base_magnification, region.tissue_fraction)  # fmt: skip
-                index += 1
-                regions.append((region, entry))
-        for region, entry in regions:
-            images = read_region_magnifications(reader, region, magnifications, max_source_pixels)
-            for mag, image in images.items():
-                out = Path(root) / "images" / magnification_tag(mag) / f"{region.region_id}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.tmp.png")
-                Image.fromarray(image).save(tmp, compress_level=1)
-                os.replace(tmp, out)
-            rows.append(
-                asdict(
-                    RegionRecord(
-                        region.region_id,
-                        slide,
-                        entry["split"],
-                        entry["label"],
-                        region.x,
-                        region.y,
-                        region.width,
-                        region.height,
-                        region.base_magnification,
-                    )
-                )  # fmt: skip
-            )
-    finally:
-        reader.close()
+                fraction = region.tissue_fraction
+                record = RegionRecord(slide, len(rows), region.x, region.y, region.width,
+                                      region.height, base, fraction, entry["split"], entry["label"])  # fmt: skip
+                for mag, image in read_region_magnifications(reader, record, mags).items():
+                    out = Path(root) / "images" / magnification_tag(mag) / f"{record.region_id}.png"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = out.with_name(f".{out.name}.tmp.png")
+                    Image.fromarray(image).save(tmp, compress_level=1)
+                    os.replace(tmp, out)
+                rows.append(asdict(record))
     return rows
 
 
@@ -313,104 +222,58 @@ def build_region_set(
     magnifications: Sequence[float],
     finder: RegionFinder | None = None,
     class_names: Sequence[str] | None = None,
-    max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-    use_ray: bool | None = None,
 ) -> RegionSet:
     """Write (or reuse) the region images of a data table at every magnification.
 
-    Args:
-        data: The data table (see the module docstring).
-        out_dir: Folder of the set.
-        magnifications: Magnifications to write, e.g. (10, 5, 2.5, 1.25, 0.625).
-        finder: Tissue-region settings for rows without a box.
-        class_names: Fixed class order (default: sorted labels).
-        max_source_pixels: See :func:`read_region_magnifications`.
-        use_ray: One Ray task per slide; None: when Ray is initialised and there are at least
-            16 slides (below that, starting the task workers costs more than it saves).
-
-    Returns:
-        The set.
+    With Ray initialised and 16 or more slides, each slide is one Ray task.
 
     Raises:
         ValueError: A bad table, or no region found at all.
     """
     finder = finder or RegionFinder()
     mags = tuple(sorted({float(m) for m in magnifications}, reverse=True))
-    if not mags or any(not m > 0 for m in mags):
+    if not mags or min(mags) <= 0:
         raise ValueError(f"magnifications={list(magnifications)}: need positive values")
     rows, names = read_data_table(data, class_names)
     root = Path(out_dir)
-    fingerprint = _fingerprint(rows, names, mags, finder)
+    fingerprint = hashlib.sha256(json.dumps(
+        {"rows": rows, "classes": names, "mags": mags, "finder": repr(finder), "version": 2},
+        sort_keys=True, default=str,
+    ).encode()).hexdigest()[:16]  # fmt: skip
     meta_path = root / _META_FILE
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
         return RegionSet.load(root)
-    root.mkdir(parents=True, exist_ok=True)
     by_slide: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_slide.setdefault(row["slide"], []).append(row)
     for slide, entries in by_slide.items():
         if len({e["split"] for e in entries}) > 1:
             raise ValueError(
-                f"{data}: slide {slide} is in several splits {sorted({e['split'] for e in entries})}; a slide's regions must share a split"
+                f"{data}: slide {slide} is in several splits; its regions must share one"
             )
-    if use_ray is None:
-        import ray
-
-        use_ray = ray.is_initialized() and len(by_slide) >= 16
-    if use_ray:
-        import ray
-
+    args = [(s, e, str(root), mags, finder) for s, e in by_slide.items()]
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and len(args) >= 16:  # fewer: not worth the tasks
         task = ray.remote(num_cpus=1)(_extract_slide)
-        futures = [
-            task.remote(s, e, str(root), mags, finder, max_source_pixels)
-            for s, e in by_slide.items()
-        ]
-        per_slide = ray.get(futures)
+        per_slide = ray.get([task.remote(*a) for a in args])
     else:
-        per_slide = [
-            _extract_slide(s, e, str(root), mags, finder, max_source_pixels)
-            for s, e in by_slide.items()
-        ]
+        per_slide = [_extract_slide(*a) for a in args]
     table = [row for rows_ in per_slide for row in rows_]
     if not table:
         raise ValueError(f"{data}: no tissue region found on any slide (RegionFinder: {finder})")
-    ids = [r["region_id"] for r in table]
+    ids = [RegionRecord(**row).region_id for row in table]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{data}: two slides share a file name stem; region ids must be unique")
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{_TABLE_FILE}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
     os.replace(tmp, root / _TABLE_FILE)
-    meta = {
-        "fingerprint": fingerprint,
-        "data": str(Path(data).resolve()),
-        "class_names": list(names),
-        "magnifications": list(mags),
-        "finder": repr(finder),
-        "num_regions": len(table),
-    }
+    meta = {"fingerprint": fingerprint, "data": str(Path(data).resolve()), "class_names": list(names),
+            "magnifications": list(mags), "finder": repr(finder), "num_regions": len(table)}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=2))
     region_set = RegionSet.load(root)
     log.info("region set %s: %s", root, region_set.counts())
     return region_set
-
-
-def median_size(
-    region_set: RegionSet, records: Sequence[RegionRecord], magnification: float
-) -> tuple[int, int]:
-    """Median (height, width) of the records' images at ``magnification`` (for GFLOPs)."""
-    if not records:
-        raise ValueError("median_size: no records")
-    sizes = np.array(
-        [
-            TissueRegion(r.slide, 0, r.x, r.y, r.width, r.height, r.base_magnification).size_at(
-                magnification
-            )
-            for r in records
-        ]
-    )
-    return int(math.floor(np.median(sizes[:, 1]) + 0.5)), int(
-        math.floor(np.median(sizes[:, 0]) + 0.5)
-    )

@@ -1,4 +1,4 @@
-"""Gradient accumulation over single images (DiPalma Sec. 3.5) and model files."""
+"""Gradient accumulation over single images (DiPalma Sec. 3.5) and the loader of the loop."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from histokd.resdist.loop import GradientAccumulator
 from histokd.resdist.model import create_resdist_model
-from histokd.resdist.training import (
-    GradientAccumulator,
-    feature_channels,
-    load_model_file,
-    save_model_file,
-)
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
@@ -22,7 +17,7 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _loss(model: nn.Module, image: torch.Tensor, label: int) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(image[None])[1], torch.tensor([label]))
+    return nn.functional.cross_entropy(model(image[None]), torch.tensor([label]))
 
 
 def test_accumulated_gradients_equal_the_summed_loss():
@@ -64,7 +59,7 @@ def test_groupnorm_makes_accumulation_equal_a_real_batch():
     batch = torch.randn(4, 3, 64, 64)
     labels = torch.tensor([0, 1, 2, 1])
     reference = copy.deepcopy(model)
-    nn.functional.cross_entropy(reference(batch)[1], labels).backward()
+    nn.functional.cross_entropy(reference(batch), labels).backward()
     for x, y in zip(batch, labels.tolist(), strict=True):
         (_loss(model, x, y) / 4).backward()
     for got, want in zip(_grads(model), _grads(reference), strict=True):
@@ -104,21 +99,24 @@ def test_bad_steps():
         GradientAccumulator(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), steps=0)
 
 
-def test_model_file_round_trip(tmp_path):
-    torch.manual_seed(0)
-    for arch, hint in (("resdist_resnet", None), ("resnet18", 256)):
-        model = create_resdist_model(arch, num_classes=3, hint_channels=hint).eval()
-        meta = {"arch": arch, "num_classes": 3, "hint_channels": hint, "magnification": 2.5,
-                "stats": ([0.5] * 3, [0.2] * 3), "method": "KD"}  # fmt: skip
-        path = save_model_file(tmp_path / f"{arch}.pt", model, meta)
-        loaded, loaded_meta = load_model_file(path)
-        assert loaded_meta["method"] == "KD" and loaded_meta["magnification"] == 2.5
-        x = torch.randn(1, 3, 64, 64)
-        assert torch.allclose(loaded(x)[1], model(x)[1], atol=1e-6)
-        assert feature_channels(loaded) == 256
-    with pytest.raises(ValueError, match="stats"):
-        save_model_file(
-            tmp_path / "bad.pt", model, {"arch": "resnet18", "num_classes": 3, "magnification": 1.0}
-        )
-    with pytest.raises(FileNotFoundError):
-        load_model_file(tmp_path / "missing.pt")
+def test_loader_processes_give_the_same_items(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from histokd.resdist.dataset import RegionImages
+    from histokd.resdist.loop import _items
+
+    path = tmp_path / "r.png"
+    Image.fromarray((np.random.default_rng(0).random((16, 24, 3)) * 255).astype(np.uint8)).save(
+        path
+    )
+    items = [
+        {"region_id": f"r{i}", "label": 2 - 2 * i, "paths": {"10x": str(path)}} for i in (0, 1)
+    ]
+    dataset = RegionImages(items, ["10x"], {"10x": ([0.5] * 3, [0.25] * 3)}, augment=True, seed=1, cache=False)  # fmt: skip
+    dataset.set_epoch(2)
+    direct = [dataset[i] for i in (1, 0)]
+    loaded = list(_items(dataset, [1, 0], workers=1))
+    assert [x["index"] for x in loaded] == [1, 0] and [x["label"] for x in loaded] == [0, 2]
+    for a, b in zip(direct, loaded, strict=True):  # the epoch's augmentation, in the worker too
+        assert torch.equal(a["images"][0], b["images"][0])
