@@ -14,7 +14,7 @@ import pytest
 
 import histokd
 from histokd import console as console_module
-from histokd.console import DRIVER_LOG, driver_log_file, setup_console
+from histokd.console import DRIVER_LOG, setup_console
 
 REPO = Path(__file__).resolve().parents[1]
 HISTOKD_FILE = str(Path(histokd.__file__).resolve().parent / "run.py")  # a histokd module
@@ -23,14 +23,6 @@ LIBRARY_FILE = "/opt/somelib/somelib/core.py"  # a third-party module
 
 def _warn(message: str, filename: str) -> None:
     warnings.warn_explicit(message, UserWarning, filename, 1)
-
-
-def test_driver_log_file_is_in_the_run_folder_and_local_for_remote_storage(tmp_path, monkeypatch):
-    assert driver_log_file(str(tmp_path / "rckd")) == str(tmp_path / "rckd" / DRIVER_LOG)
-    monkeypatch.chdir(tmp_path)
-    assert driver_log_file("s3://bucket/runs/rckd/") == str(
-        tmp_path / "histokd_work" / "rckd" / DRIVER_LOG
-    )
 
 
 def test_quiet_console_shows_the_jobs_lines_and_logs_everything(tmp_path, capsys, monkeypatch):
@@ -144,3 +136,25 @@ def test_a_ray_data_pipeline_prints_no_progress_bars_or_plans(tmp_path):
     assert out.stdout.splitlines()[-1] == f"full log: {log_file}"
     logged = log_file.read_text()
     assert "rows 40" in logged and "Ray session logs:" in logged
+
+
+def test_every_job_gets_the_console_from_run_job(tmp_path, capsys):
+    """run_job sets the console up from the config's --verbose and run folder, and closes it."""
+    from histokd.cli import run_job
+    from histokd.run import RunFolderConfig
+
+    def run(config: RunFolderConfig) -> int:
+        assert console_module._current is not None and not console_module._current.verbose
+        print("the job's line")
+        return 7
+
+    argv = ["--storage-path", str(tmp_path), "--run-name", "r"]
+    assert run_job(RunFolderConfig, run, argv, report=lambda result: print("result", result)) == 0
+    assert console_module._current is None
+    log_file = tmp_path / "r" / DRIVER_LOG
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "the job's line",
+        "result 7",
+        f"full log: {log_file}",
+    ]
+    assert "the job's line" in log_file.read_text() and "result 7" in log_file.read_text()

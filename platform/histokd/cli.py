@@ -348,10 +348,10 @@ def run_job(
         report: Prints the result's lines.
     """
     config = parse_config(cls, argv, description, presets, default_preset)
-    from histokd.console import driver_log_file, setup_console
+    from histokd.console import DRIVER_LOG, setup_console
 
-    run_dir = getattr(config, "run_dir", None)
-    with setup_console(getattr(config, "verbose", False), run_dir and driver_log_file(run_dir)):
+    work_dir = getattr(config, "work_dir", None)  # the run's local folder
+    with setup_console(getattr(config, "verbose", False), work_dir and work_dir / DRIVER_LOG):
         try:
             result = run(config)
         except ValueError as exc:

@@ -7,7 +7,8 @@ included), Ray Data's progress bars, execution plans and advice, and Ray core's 
 workers copy to stderr. histokd's own warnings and everyone's errors always show.
 
 Nothing is lost: the driver writes everything it prints or logs, shown or not, to
-``RUN_DIR/logs/driver.log``; Ray's workers keep their output in the Ray session's logs folder
+``RUN_DIR/logs/driver.log`` (with remote storage, the run's local folder
+``./histokd_work/RUN_NAME``); Ray's workers keep their output in the Ray session's logs folder
 (Ray Data's plans and advice in ``ray-data.log`` there), whose path the driver log names.
 
 The driver sets it up once, first thing (:func:`histokd.cli.run_job` does, with
@@ -33,7 +34,6 @@ from typing import Any, TextIO
 __all__ = [
     "DRIVER_LOG",
     "Console",
-    "driver_log_file",
     "quiet_train_worker",
     "quiet_worker",
     "ray_init_kwargs",
@@ -43,7 +43,7 @@ __all__ = [
     "train_log_level",
 ]
 
-DRIVER_LOG = "logs/driver.log"  # in the run folder
+DRIVER_LOG = "logs/driver.log"  # in the run's local folder (RunFolderConfig.work_dir)
 RAY_DATA_LOGGING = Path(__file__).parent / "assets" / "ray_data_logging.yaml"
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -88,6 +88,13 @@ class _QuietFilter(logging.Filter):
         return record.levelno >= logging.ERROR or (
             record.levelno >= logging.WARNING and _ours(record.name)
         )
+
+
+class _PlainFormatter(logging.Formatter):
+    """The log file's records, without terminal colour codes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ANSI.sub("", super().format(record))
 
 
 class _Tee:
@@ -140,7 +147,6 @@ class Console:
         self.log_file = log_file
         self._log: TextIO | None = None
         self._console_err: TextIO = sys.stderr
-        self._file_handler: logging.Handler | None = None
         self._undo: list[Callable[[], None]] = []
 
     def _start(self) -> None:
@@ -205,9 +211,9 @@ class Console:
             console.addFilter(_QuietFilter())
         handlers: list[logging.Handler] = [console]
         if self._log is not None:
-            self._file_handler = logging.StreamHandler(self._log)
-            self._file_handler.setFormatter(logging.Formatter(_FORMAT))
-            handlers.append(self._file_handler)
+            to_file = logging.StreamHandler(self._log)
+            to_file.setFormatter(_PlainFormatter(_FORMAT))
+            handlers.append(to_file)
         previous_level = root.level
         root.setLevel(logging.INFO)
         for handler in handlers:
@@ -279,7 +285,8 @@ def setup_console(verbose: bool = False, log_file: str | os.PathLike | None = No
         verbose: Show everything: the libraries' log lines and warnings, Ray Data's progress
             bars and execution plans.
         log_file: Where the driver's full output goes (appended), shown on the console or not;
-            see :func:`driver_log_file`. Its path is the console's last line.
+            ``RUN_DIR/logs/driver.log`` (:data:`DRIVER_LOG`). Its path is the console's last
+            line.
 
     Returns:
         The console; leaving its ``with`` block (or ``close()``) restores the previous state.
@@ -291,15 +298,6 @@ def setup_console(verbose: bool = False, log_file: str | os.PathLike | None = No
     console._start()
     _current = console
     return console
-
-
-def driver_log_file(run_dir: str) -> str:
-    """The driver's log of a run: ``RUN_DIR/logs/driver.log``. A run folder on remote storage
-    (a URI) gets it locally, in ``./histokd_work/RUN_NAME/logs/``, beside the run's local work."""
-    if "://" in run_dir:
-        name = run_dir.rstrip("/").rsplit("/", 1)[-1]
-        return os.path.join(os.path.abspath("histokd_work"), name, DRIVER_LOG)
-    return os.path.join(run_dir, DRIVER_LOG)
 
 
 def ray_init_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -46,4 +46,12 @@ def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(
         and Path(backbone.group(1)).is_relative_to(tmp_path)
     )
     assert (tmp_path / "demo_data").is_dir() and (tmp_path / "runs" / "mlflow.db").is_file()
+    # a quiet console (histokd.console): the job's own lines; the rest in the run's log file
+    console = out.stdout + out.stderr
+    assert len(console.splitlines()) <= 40, console
+    assert "Warning" not in console and "Traceback" not in console, console
+    assert "Running Dataset" not in console and "Execution plan" not in console, console
+    log_file = tmp_path / "runs" / "rckd" / "logs" / "driver.log"
+    assert out.stdout.splitlines()[-1] == f"full log: {log_file}"
+    assert "epoch 8/8" in log_file.read_text()
     assert wall < 600, f"the demo took {wall:.0f} s; README promises minutes"
