@@ -15,14 +15,8 @@ from typing import Any, Literal
 from histokd.cli import check_ints, config_to_dict
 from histokd.run import RunConfig, WorkerConfig
 
-__all__ = [
-    "DemoConfig",
-    "DistillConfig",
-    "DistillSearchConfig",
-    "EvaluateConfig",
-    "ResdistConfig",
-    "SupervisedConfig",
-]
+__all__ = ["DemoConfig", "DistillConfig", "DistillSearchConfig", "EvaluateConfig", "ResdistConfig",
+           "SupervisedConfig"]  # fmt: skip
 
 SPLITS = ("train", "val", "test", "aux")
 SCORES = ("accuracy", "top1_accuracy", "f1", "precision", "recall")
@@ -127,9 +121,9 @@ class ResdistConfig(WorkerConfig, _Regions):
         if self.backbone != "resdist_resnet":
             import timm
 
-            import histokd.models  # noqa: F401  (registers the zoo's models)
+            from histokd.models import timm_name
 
-            ok = timm.is_model(self.backbone)
+            ok = timm.is_model(timm_name(self.backbone))
             _check(self, ("backbone", ok, "not a timm model; e.g. resdist_resnet, resnet18, csat"))
 
     def region_finder(self):

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats", "draw_augment", "load_rgb"]  # fmt: skip
+__all__ = [
+    "AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats",
+    "draw_augment", "load_rgb",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,8 @@ class RegionImages(torch.utils.data.Dataset):
         items: ``{"region_id", "label", "paths": {mag tag: file}}`` (:meth:`RegionSet.items`).
         views: Magnification tags to return, in order (e.g. ``["10x", "2.5x"]``).
         stats: ``{mag tag: (mean, std)}`` of the training set, for each view.
-        augment: Draw an augmentation per item; item i of epoch e uses ``(seed, e, i)``.
-        jitter: Colour jitter strengths when augmenting (None: geometry only).
-        seed: Seed of the augmentation.
+        augment: Draw an augmentation per item: item i of epoch e from ``(seed, e, i)``, with
+            colour ``jitter`` (None: geometry only).
         cache: Keep the decoded images in memory.
 
     An item is ``{"images": [3 x H x W float tensor per view], "label": int, "index": int}``.

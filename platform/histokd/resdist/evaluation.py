@@ -17,6 +17,7 @@ import copy
 import csv
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,9 +126,7 @@ def metric_intervals(
     """Each metric of :data:`METRICS` with its bootstrap interval over the test images."""
     targets, predictions = np.asarray(targets, np.int64), np.asarray(predictions, np.int64)
     if len(targets) != len(predictions):
-        raise ValueError(
-            f"metric_intervals: {len(targets)} targets, {len(predictions)} predictions"
-        )
+        raise ValueError(f"{len(targets)} targets, {len(predictions)} predictions")
     counts = np.zeros((len(targets), num_classes, num_classes))
     counts[np.arange(len(targets)), targets, predictions] = 1
     return {name: bootstrap_confusion_ci(counts, fn, n_resamples=n_resamples, confidence=confidence, seed=seed)
@@ -330,13 +329,9 @@ def run_evaluation(config, *, parent_run_id: str | None = None) -> EvaluationRes
     run = open_mlflow_run(config, "resdist_evaluate", parent_run_id=parent_run_id)
     metrics = {"wall_seconds": time.monotonic() - started}
     for ev in evaluations:
-        key = (
-            f"{ev.method.replace(' ', '_').replace('(', '').replace(')', '')}_{ev.magnification:g}x"
-        )
+        key = re.sub(r"\W+", "_", ev.method).strip("_") + f"_{ev.magnification:g}x"  # KD_AD_1.25x
         for name, iv in ev.metrics.items():
-            metrics.update(
-                {f"{key}_{k}": v for k, v in iv.as_dict(name).items() if math.isfinite(v)}
-            )
+            metrics |= {f"{key}_{k}": v for k, v in iv.as_dict(name).items() if math.isfinite(v)}
         metrics[f"{key}_gflops"] = ev.gflops_median
     run.log_metrics(metrics)
     for path in files.values():

@@ -1,16 +1,12 @@
 """The Ray Train worker loop of every resolution-distillation phase (DiPalma Sec. 3.1).
 
-* ``supervised``: cross-entropy on labelled regions at one magnification: the teacher
-  (Sec. 3.2, 4.5.1) or a baseline from scratch (Sec. 4.5.2);
-* ``distill``: the student learns from the frozen, eval-mode teacher on the same regions at the
-  teacher's magnification, labels ignored: soft plus pixel loss (Sec. 3.3, Eqs. 1-3);
-* ``finetune``: only the student's final layer, with cross-entropy (Sec. 3.4).
-
-Images go through the network one at a time and gradients are accumulated over
-``accumulation_steps`` images (Sec. 3.5): with several workers each accumulates its share, and
-DDP synchronises only on the backward pass that closes a group. Rank 0 reports each epoch with
-the state a restarted run continues from; the last report carries ``model.pt`` and
-``result.json``.
+``supervised``: cross-entropy on labelled regions (the teacher, Sec. 3.2, or a baseline, Sec.
+4.5.2); ``distill``: soft plus pixel loss against the frozen teacher on the same regions at its
+magnification, labels ignored (Sec. 3.3, Eqs. 1-3); ``finetune``: cross-entropy on the last
+layer alone (Sec. 3.4). One image per forward pass, gradients accumulated over
+``accumulation_steps`` images (Sec. 3.5) shared among the workers; DDP synchronises only on the
+backward pass that closes a group. Rank 0 reports each epoch with the state to continue from;
+the last report carries ``model.pt`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -46,27 +42,14 @@ class GradientAccumulator:
     """Sums single-image gradients and steps the optimizer every ``steps`` images (Sec. 3.5).
 
     Each image's loss is divided by ``steps`` (as the public code does), so a full group gives
-    the gradient of its mean loss; with GroupNorm, which never mixes images, that is the
-    gradient of the batch. A last, shorter group is rescaled to its own mean before the step.
-
-    Args:
-        optimizer: The optimizer.
-        steps: Images per optimizer step (public code: 32).
-        parameters: Those rescaled for a short group (default: all of the optimizer's).
+    the gradient of its mean loss, which with GroupNorm (no mixing of images) is the batch's.
+    A last, shorter group is rescaled to its own mean before its step.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        steps: int,
-        parameters: Iterable[nn.Parameter] | None = None,
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"accumulation steps={steps!r}: must be a positive integer")
-        self.optimizer, self.steps = optimizer, steps
-        groups = optimizer.param_groups
-        self.parameters = list(parameters or (p for g in groups for p in g["params"]))
-        self.pending = self.num_steps = 0
+        self.optimizer, self.steps, self.pending, self.num_steps = optimizer, steps, 0, 0
 
     @property
     def closes_group(self) -> bool:
@@ -74,7 +57,6 @@ class GradientAccumulator:
         return self.pending + 1 >= self.steps
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one image's loss, scaled by 1 / steps; steps when the group is full."""
         (loss / self.steps).backward()
         self.pending += 1
         if self.pending >= self.steps:
@@ -84,7 +66,7 @@ class GradientAccumulator:
         """Step on what has accumulated; False when nothing was pending."""
         if self.pending == 0:
             return False
-        for p in self.parameters:
+        for p in (p for g in self.optimizer.param_groups for p in g["params"]):
             if p.grad is not None and self.pending < self.steps:
                 p.grad.mul_(self.steps / self.pending)
         self.optimizer.step()
@@ -192,16 +174,10 @@ def _final_metrics(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function of one phase.
-
-    Args:
-        config: What the driver resolved (``histokd.resdist.job``): the job's config and
-            ``phase``, ``views`` (magnification tags: ``[student]`` or
-            ``[teacher, student]``), ``stats`` by tag, ``data`` (``{"train", "val"}`` items),
-            ``init`` (finetune: the distilled model file), ``select``, ``cache_images``,
-            ``meta`` (the model file's config), ``mlflow_run_id``, ``tracking_uri`` and
-            ``local_result_dir`` (Ray Train's local mode).
-    """
+    """Ray Train worker function of one phase; ``config`` is the job's config and what the
+    driver (``histokd.resdist.job``) added: ``phase``, ``views`` (magnification tags: ``[student]``
+    or ``[teacher, student]``), ``stats`` by tag, ``data`` (``train`` and ``val`` items), ``init``
+    (finetune), ``select``, ``cache_images``, ``meta`` (the model file's config), the MLflow run."""
     from histokd.cluster import quiet_train_reports
 
     quiet_train_reports()
@@ -222,8 +198,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["lr_gamma"])
     # DDP averages the workers' gradients: each accumulates its share of the effective batch
-    steps = max(1, config["accumulation_steps"] // world)
-    accumulator = GradientAccumulator(optimizer, steps, trainable)
+    accumulator = GradientAccumulator(optimizer, max(1, config["accumulation_steps"] // world))
     parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, accumulator=accumulator)
     progress = dict(history=[], best_state=None, best_loss=math.inf, best_epoch=0, epoch=0, seconds=0.0)  # fmt: skip
     finished, state = restore_checkpoint(STATE_FILE, RESULT_FILE, _final_metrics, rank)
@@ -255,8 +230,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_set.set_epoch(epoch)
         train_net.train()
         order = _shard(len(train_set), epoch, seed, rank, world)
-        workers = config["loader_workers"]
-        train = _pass(train_net, train_set, order, kd, workers, accumulator)
+        train = _pass(train_net, train_set, order, kd, config["loader_workers"], accumulator)
         accumulator.step()  # the epoch's last, shorter group
         scheduler.step()
         net.eval()

@@ -1,20 +1,13 @@
-"""The GroupNorm ResNet of resolution-based distillation, any timm model in its place, model files.
+"""The GroupNorm ResNet of resolution-based distillation, timm models in its place, model files.
 
-Paper: DiPalma et al., "Resolution-based distillation for efficient histology image
-classification", Artificial Intelligence in Medicine 2021, Sec. 3.2, 3.5, 4.5. Teacher and
-student share one network (Sec. 3.3) whose size the paper leaves out; the authors' public code
-(``../shared/RESOLUTION_KD.md``) has one BasicBlock per stage, widths 32-256, a 7x7 stride-2 stem
-and a 3x3 stride-2 max-pool, bias-free convolutions, GroupNorm with 32 groups (Sec. 3.5: single
-variable-size images, where BatchNorm cannot work) and Kaiming-normal initialisation.
-
-``forward`` returns the logits, as every timm model does; ``forward_distill`` returns the hint
-for the pixel loss (the last feature map, Eq. 3) and the logits (for the soft loss, Eq. 2).
-Beyond the paper, any timm model can be the student (:class:`DistillationNet`): its BatchNorms
-become GroupNorms and a 1x1 convolution maps its feature map to the teacher's channels when they
-differ (FitNets' regressor, Romero et al. 2015).
-
-A trained network is saved as a task-model file that whole-slide inference reads
-(:mod:`histokd.inference.model_file`), with its magnification and input standardisation.
+DiPalma et al., Artificial Intelligence in Medicine 2021, Sec. 3.2, 3.5, 4.5. Teacher and student
+share one network (Sec. 3.3); its size is the authors' public code's (``RESOLUTION_KD.md``): one
+BasicBlock per stage, widths 32-256, GroupNorm with 32 groups (Sec. 3.5: single variable-size
+images, where BatchNorm cannot work), Kaiming-normal initialisation. ``forward`` returns the
+logits, as every timm model; ``forward_distill`` the hint for the pixel loss (the last feature
+map, Eq. 3) and the logits (Eq. 2). Beyond the paper, any timm model can be the student
+(:class:`DistillationNet`: GroupNorms, and FitNets' 1x1 regressor to the teacher's channels).
+Trained networks are task-model files (:mod:`histokd.inference.model_file`).
 """
 
 from __future__ import annotations
@@ -35,14 +28,9 @@ from timm.models.resnet import BasicBlock
 from torch import nn
 
 __all__ = [
-    "RESDIST_ARCH",
-    "DistillationNet",
-    "ResolutionResNet",
-    "create_resdist_model",
-    "load_model_file",
-    "replace_batchnorm",
-    "save_model_file",
-]
+    "DistillationNet", "ResolutionResNet", "create_resdist_model", "load_model_file",
+    "replace_batchnorm", "save_model_file",
+]  # fmt: skip
 
 RESDIST_ARCH = "resdist_resnet"
 
@@ -53,14 +41,8 @@ def _group_norm(channels: int, num_groups: int, **kwargs) -> GroupNorm:
 
 
 class ResolutionResNet(nn.Module):
-    """The teacher and student network of DiPalma et al. (public code's sizes).
-
-    Args:
-        num_classes: Classes of the linear layer.
-        in_chans: Input channels.
-        widths: Channels of each stage, one BasicBlock each.
-        num_groups: GroupNorm groups (fewer where a layer's channels are not a multiple).
-    """
+    """The teacher and student network of DiPalma et al.: one BasicBlock per stage of ``widths``;
+    ``num_groups`` GroupNorm groups (fewer where a layer's channels are not a multiple)."""
 
     def __init__(
         self,
@@ -126,13 +108,8 @@ class ResolutionResNet(nn.Module):
 
 
 def replace_batchnorm(module: nn.Module, num_groups: int = 32) -> int:
-    """Swap every BatchNorm2d (and timm's fused ``BatchNormAct2d``) for a GroupNorm in place.
-
-    The GroupNorms start as identity maps: BatchNorm statistics do not transfer to them.
-
-    Returns:
-        The number of layers replaced.
-    """
+    """Swap every BatchNorm2d (timm's fused ``BatchNormAct2d`` too) for a GroupNorm in place;
+    the number swapped. The GroupNorms start as identity maps: statistics do not transfer."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
@@ -151,13 +128,8 @@ def replace_batchnorm(module: nn.Module, num_groups: int = 32) -> int:
 
 
 class DistillationNet(nn.Module):
-    """Any timm classifier as a resolution-distillation network (beyond the paper).
-
-    Args:
-        model: A timm model with ``forward_features`` (an NCHW map) and ``forward_head``.
-        hint_channels: Channels the hint must have for the pixel loss (the teacher's); a 1x1
-            convolution maps the model's map to them when they differ.
-    """
+    """A timm classifier (``forward_features`` gives an NCHW map) as a resolution-distillation
+    network; a 1x1 convolution maps its map to ``hint_channels`` (the teacher's) if they differ."""
 
     def __init__(self, model: nn.Module, hint_channels: int | None = None) -> None:
         super().__init__()
@@ -179,7 +151,7 @@ class DistillationNet(nn.Module):
         features = self.model.forward_features(x)
         if features.dim() != 4:
             raise ValueError(
-                f"{type(self.model).__name__}.forward_features gave shape {tuple(features.shape)}; need N x C x H x W"
+                f"{type(self.model).__name__}: features {tuple(features.shape)}, not NCHW"
             )
         return self.adapter(features), self.model.forward_head(features)
 
@@ -191,42 +163,32 @@ def create_resdist_model(
     hint_channels: int | None = None,
     num_groups: int = 32,
 ) -> nn.Module:
-    """The paper's network, or any timm model with GroupNorms (beyond the paper).
-
-    Args:
-        backbone: ``resdist_resnet`` or a timm model name (e.g. ``resnet18``, ``csat``).
-        num_classes: Classes.
-        hint_channels: Feature-map channels the pixel loss needs (the teacher's).
-        num_groups: GroupNorm groups.
+    """The paper's network, or a timm model with GroupNorms (beyond the paper), with a hint
+    adapter where ``hint_channels`` (the teacher's) differ from its own.
 
     Raises:
         ValueError: ``backbone`` is not a timm model.
     """
+    from histokd.models import timm_name  # histokd's short names: csat is histokd_csat
+
+    if not timm.is_model(timm_name(backbone)):
+        raise ValueError(f"backbone={backbone!r}: not a timm model; e.g. {RESDIST_ARCH}, resnet18, csat")  # fmt: skip
     if backbone == RESDIST_ARCH:
         model = timm.create_model(RESDIST_ARCH, num_classes=num_classes, num_groups=num_groups)
         if hint_channels in (None, model.num_features):
             return model
-        return DistillationNet(model, hint_channels)
-    import histokd.models  # noqa: F401  (registers the zoo's own models with timm)
-
-    if not timm.is_model(backbone):
-        raise ValueError(
-            f"backbone={backbone!r}: not a timm model; use {RESDIST_ARCH} (the paper's) or e.g. resnet18, csat"
-        )
-    model = timm.create_model(backbone, num_classes=num_classes, pretrained=False)
-    replace_batchnorm(model, num_groups)  # DiPalma Sec. 3.5
+    else:
+        model = timm.create_model(timm_name(backbone), num_classes=num_classes)
+        replace_batchnorm(model, num_groups)  # DiPalma Sec. 3.5
     return DistillationNet(model, hint_channels)
 
 
 def save_model_file(
     path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any], best_epoch: int = 0
 ) -> Path:
-    """Write a task-model file (:mod:`histokd.inference.model_file`'s format).
-
-    ``config`` holds at least ``backbone``, ``num_classes``, ``class_names``, ``magnification``,
-    ``input_size``, ``mean`` and ``std``; ``resdist`` (``num_groups``, ``hint_channels``) says
-    how to rebuild the network.
-    """
+    """Write a task-model file (:mod:`histokd.inference.model_file`): ``config`` has at least
+    ``backbone``, ``num_classes``, ``magnification``, ``input_size``, ``mean`` and ``std``, and
+    ``resdist`` (``num_groups``, ``hint_channels``) to rebuild the network."""
     for key in ("backbone", "num_classes", "magnification", "mean", "std", "input_size"):
         if key not in config:
             raise ValueError(f"save_model_file: config lacks {key!r}")
@@ -245,11 +207,8 @@ def save_model_file(
 def load_model_file(
     path: str | os.PathLike, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a model file (eval mode, on ``device``) and the file's config.
-
-    Raises:
-        ModelFileError: A missing or unusable file (a ``ValueError``).
-    """
+    """The network of a model file (eval mode, on ``device``) and the file's config; a
+    ``ModelFileError`` (a ``ValueError``) for a missing or unusable file."""
     from histokd.inference.model_file import build_model, describe_checkpoint, load_checkpoint
 
     payload = load_checkpoint(path)

@@ -24,15 +24,8 @@ from scipy import ndimage
 from histokd.slides import SlideReader
 from histokd.tissue import TissueFilter, tissue_mask
 
-__all__ = [
-    "RegionFinder",
-    "TissueRegion",
-    "find_tissue_regions",
-    "lanczos_resize",
-    "magnification_tag",
-    "read_region_magnifications",
-    "scaled_size",
-]
+__all__ = ["RegionFinder", "TissueRegion", "find_tissue_regions", "lanczos_resize",
+           "magnification_tag", "read_region_magnifications", "scaled_size"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
