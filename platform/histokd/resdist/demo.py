@@ -20,7 +20,6 @@ minutes: the numbers show the pipeline works; they are not the paper's experimen
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
     Returns:
         The table's path and the regions per split and class (by their dominant class).
     """
+    from histokd.resdist.region_set import write_csv
     from histokd.resdist.regions import RegionFinder, find_tissue_regions
     from histokd.synthetic import DEFAULT_CLASSES, make_demo_slides
 
@@ -84,10 +84,7 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
             rows.append({"slide": str(Path(slide.path).relative_to(root)), "split": split, "label": label,
                          "x": region.x, "y": region.y, "width": region.width, "height": region.height,
                          "reference_label": name, "purity": round(float(purity), 3)})  # fmt: skip
-    with open(root / "data.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(root / "data.csv", rows)
     summary: dict[str, dict[str, int]] = {}
     for row in rows:
         counts = summary.setdefault(row["split"], {})

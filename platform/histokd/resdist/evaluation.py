@@ -14,7 +14,6 @@ of a row in bold), ``accuracy_vs_gflops.png`` (Fig. 3) and ``evaluations.json``,
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import re
@@ -34,7 +33,7 @@ from histokd.metrics import (
     bootstrap_confusion_ci,
     macro_precision_recall_f1,
 )
-from histokd.resdist.region_set import RegionSet, median_size
+from histokd.resdist.region_set import RegionSet, median_size, write_csv
 
 __all__ = ["METRICS", "ModelEvaluation", "evaluate_model", "forward_gflops", "markdown_table",
            "metric_intervals", "ovr_accuracy", "predict", "run_evaluation", "write_chart", "write_tables"]  # fmt: skip
@@ -238,10 +237,7 @@ def write_tables(evaluations: Sequence[ModelEvaluation], out_dir: str | Path, da
          "gflops_mean": ev.gflops_mean, "run_name": ev.run_name}
         for ev in evaluations for name, iv in ev.metrics.items()
     ]  # fmt: skip
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["dataset"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     (out / "results.md").write_text(markdown_table(evaluations, dataset))
     return {"csv": str(out / "results.csv"), "markdown": str(out / "results.md")}
 

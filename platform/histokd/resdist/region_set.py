@@ -42,7 +42,9 @@ from histokd.resdist.regions import (
 )
 from histokd.slides import SlideReader
 
-__all__ = ["RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table"]
+__all__ = [
+    "RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table", "write_csv",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,18 @@ class RegionRecord(TissueRegion):
 
     split: str = "train"
     label: int = -1
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
+    """Rows of the same keys as a CSV file, written whole or not at all."""
+    path, fields = Path(path), list(rows[0]) if rows else []
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def median_size(records: Sequence[TissueRegion], magnification: float) -> tuple[int, int]:
@@ -136,11 +150,8 @@ class RegionSet:
 def read_data_table(
     path: str | os.PathLike, class_names: Sequence[str] | None = None
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """Rows of the data table, checked, with absolute slide paths, and the class names.
-
-    Args:
-        path: The CSV.
-        class_names: Fixed class order; default: the sorted labels of the table.
+    """Rows of the data table, checked, with absolute slide paths, and the class names
+    (``class_names``, else the table's sorted labels).
 
     Raises:
         ValueError: A missing column, a bad split, box or label, naming the row.
@@ -186,13 +197,7 @@ def read_data_table(
     return out, names
 
 
-def _extract_slide(
-    slide: str,
-    entries: list[dict[str, Any]],
-    root: str,
-    mags: Sequence[float],
-    finder: RegionFinder,
-) -> list[dict[str, Any]]:
+def _extract_slide(slide: str, entries: list[dict], root: str, mags: Sequence[float], finder):
     """Find or take the regions of one slide and write their images; their table rows."""
     rows = []
     with SlideReader(slide, entries[0]["base_magnification"]) as reader:
@@ -265,12 +270,7 @@ def build_region_set(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{data}: two slides share a file name stem; region ids must be unique")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{_TABLE_FILE}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    os.replace(tmp, root / _TABLE_FILE)
+    write_csv(root / _TABLE_FILE, table)
     meta = {"fingerprint": fingerprint, "data": str(Path(data).resolve()), "class_names": list(names),
             "magnifications": list(mags), "finder": repr(finder), "num_regions": len(table)}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=2))

@@ -108,13 +108,8 @@ def find_tissue_regions(
     finder: RegionFinder | None = None,
     base_magnification: float | None = None,
 ) -> list[TissueRegion]:
-    """The bounding boxes of a slide's tissue pieces, in row-major order of their corners.
-
-    Args:
-        slide: Slide file or an open reader.
-        finder: Settings (default ``RegionFinder()``).
-        base_magnification: Level-0 magnification for files that record none.
-    """
+    """The bounding boxes of a slide's tissue pieces (a file, with ``base_magnification`` for
+    one that records none, or an open reader), in row-major order of their corners."""
     finder = finder or RegionFinder()
     reader = slide if isinstance(slide, SlideReader) else SlideReader(slide, base_magnification)
     try:
@@ -159,17 +154,9 @@ def read_region_magnifications(
     magnifications: Sequence[float],
     max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
 ) -> dict[float, np.ndarray]:
-    """One region at each magnification, each Lanczos-downsampled from the original.
-
-    Args:
-        reader: The region's slide.
-        region: The box in level-0 pixels.
-        magnifications: Target magnifications, each at most the scan's.
-        max_source_pixels: Regions with more level-0 pixels are read at the highest
-            magnification asked for, and the others made from that one (with a warning).
-
-    Returns:
-        ``{magnification: RGB uint8 array}`` of the sizes :meth:`TissueRegion.size_at` gives.
+    """``{magnification: RGB uint8 image}`` of a region, each Lanczos-downsampled from level 0
+    to :meth:`TissueRegion.size_at`; a region of more than ``max_source_pixels`` level-0 pixels
+    is read at the highest magnification asked for instead (with a warning).
 
     Raises:
         SlideError: A magnification above the scan's, or unreadable tiles.

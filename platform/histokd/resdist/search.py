@@ -9,7 +9,6 @@ restores the Tune experiment.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     from histokd.cli import save_config
     from histokd.cluster import init_ray
     from histokd.resdist.job import prepare_region_set
+    from histokd.resdist.region_set import write_csv
     from histokd.run import open_mlflow_run
 
     init_ray(config.ray_address)
@@ -105,10 +105,7 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
         run.finish("FAILED")
         raise RuntimeError(f"no trial of the search {config.run_name} finished")
     rows.sort(key=lambda r: -r[config.score])
-    with open(work_dir / "search.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(work_dir / "search.csv", rows)
     best = rows[0]
     run.log_params({f"best.{k}": best[k] for k in ("magnification", "temperature")})
     run.log_metrics({f"best_{config.score}": best[config.score], "trials_finished": len(rows)})
