@@ -60,7 +60,6 @@ from harness import argument_parser, machine, sync, take_turns, write_json  # no
 from histokd.losses import pixel_cross_entropy  # noqa: E402
 from histokd.models import SegmentationModel  # noqa: E402
 from histokd.pretrain.config import PretrainConfig  # noqa: E402
-from histokd.pretrain.loop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from histokd.teachers.registry import DEMO_TEACHER_DIR  # noqa: E402
 from histokd.teachers.stardist_torch import TorchStarDistTeacher  # noqa: E402
 from pretrain_gpu import VERSATILE_HE, VERSATILE_HE_CONFIG, VERSATILE_HE_THRESHOLDS  # noqa: E402
@@ -332,16 +331,17 @@ def to_student(
     """uint8 patches (N, H, W, 3) and masks (N, H, W) to the student's input and target at ``size``.
 
     Bilinear with antialiasing, as PIL's bilinear in ``histokd.teachers.stream`` (image), and the
-    nucleus share thresholded at one half (label); ImageNet normalisation as the training loop.
+    nucleus share thresholded at one half (label); [0, 1] as the training loop (the model
+    normalises).
     """
     with torch.no_grad():
         image = patches.permute(0, 3, 1, 2).float()
         image = F.interpolate(
             image, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-        mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
-        image = ((image / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+        image = (image / 255.0).contiguous(
+            memory_format=torch.channels_last
+        )  # the model normalises
         share = F.interpolate(
             labels[:, None].float(),
             size=(size, size),

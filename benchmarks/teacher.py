@@ -204,9 +204,9 @@ def stream_rates(manifest: Path, batch_size: int, input_size: int) -> dict:
     """Reading alone against reading + labelling with the demo teacher, through Ray Data."""
     import ray
 
+    from histokd.streams import plan_resources
     from histokd.teachers.stream import (
         load_manifest_table,
-        plan_resources,
         pseudo_label_dataset,
         read_patch_batch,
     )

@@ -1,8 +1,8 @@
 """Compare initialisations and backbones on downstream tasks (RCKD Tables 3-4, Fig. 10).
 
-    python jobs/compare_pretraining.py --backbone-files csat=runs/rckd/backbone.pth   # demo task
+    python jobs/compare_pretraining.py --inits csat=runs/rckd/backbone.pth   # demo task
     python jobs/compare_pretraining.py --backbones csat resnet18 \\
-        --backbone-files csat=runs/tcga-csat/backbone.pth resnet18=runs/tcga-r18/backbone.pth \\
+        --inits csat=runs/tcga-csat/backbone.pth resnet18=runs/tcga-r18/backbone.pth \\
         --timm-weights "SPT on ImageNet@resnet18=/w/resnet18.a1_in1k.safetensors" \\
         --datasets Lymph=/data/lymph BACH=/data/bach --segmentation-datasets GlaS=/data/glas
 
@@ -16,32 +16,32 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.finetune.compare import CompareConfig
 from histokd.finetune.config import DEMO_PRESET
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(
-        CompareConfig,
-        argv,
-        description=__doc__,
-        presets={"demo": DEMO_PRESET},
-        default_preset=lambda values: (
-            None if values.get("datasets") or values.get("segmentation_datasets") else "demo"
-        ),
-    )
+def _run(config: CompareConfig):
     from histokd.finetune.compare import run_comparison
 
-    try:
-        result = run_comparison(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_comparison(config)
+
+
+def _report(result) -> None:
     print()
     print(open(result.files["markdown"]).read())
     print(f"chart: {result.files.get('chart', '(no classification dataset)')}")
-    return 0
+
+
+def _default_preset(values: dict) -> str | None:
+    return None if values.get("datasets") or values.get("segmentation_datasets") else "demo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        CompareConfig, _run, argv, description=__doc__, presets={"demo": {"finetune": DEMO_PRESET}},
+        default_preset=_default_preset, report=_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,35 +16,33 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.finetune.config import DEMO_PRESET, FinetuneConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(
-        FinetuneConfig,
-        argv,
-        description=__doc__,
-        presets={"demo": DEMO_PRESET},
-        default_preset=lambda values: None if values.get("data") else "demo",
-    )
+def _run(config: FinetuneConfig):
     from histokd.finetune.job import run_finetune
 
-    try:
-        result = run_finetune(config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    primary = result.summary["primary_metric"]
-    entry = result.primary
-    print()
+    return config, run_finetune(config)
+
+
+def _report(outcome) -> None:
+    config, result = outcome
+    primary, entry = result.summary["primary_metric"], result.primary
     print(
-        f"{config.backbone} ({config.init_name}) test {primary} over {result.summary['num_splits']} splits: "
-        f"{entry['mean']:.4f} ± {entry['std']:.4f}  (95% CI of the mean [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}])"
+        f"\n{config.backbone} ({config.init_name}) test {primary} over "
+        f"{result.summary['num_splits']} splits: {entry['mean']:.4f} ± {entry['std']:.4f}  "
+        f"(95% CI of the mean [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}])"
     )
     print(f"results: {result.files['summary_md']}")
     print(f"MLflow:  {result.tracking_uri}  run {result.mlflow_run_id}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        FinetuneConfig, _run, argv, description=__doc__, presets={"demo": DEMO_PRESET},
+        default_preset=lambda values: None if values.get("data") else "demo", report=_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,27 +21,32 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import parse_config
+from histokd.cli import run_job
 from histokd.inference.config import PredictConfig
+
+
+def _run(config: PredictConfig):
+    from histokd.inference.job import PredictError, run_prediction
+
+    try:
+        return config, run_prediction(config)
+    except PredictError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _report(outcome) -> None:
+    config, result = outcome
+    print(
+        f"\noutputs:    {result.run_dir}/slides  ({len(result.slides)} slides, "
+        f"summary: {result.files['summary_table']})"
+    )
+    print(f"bad slides: {result.num_bad}  ({result.files['bad_slides']})")
+    print(f"MLflow:     {config.tracking_uri}  run {result.mlflow_run_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, run the inference, print where the outputs are; 2 on a bad setting."""
-    config = parse_config(PredictConfig, argv, description=__doc__)
-    from histokd.inference.job import PredictError, run_prediction
-
-    try:
-        result = run_prediction(config)
-    except (ValueError, PredictError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(
-        f"outputs:    {result.run_dir}/slides  ({len(result.slides)} slides, summary: {result.files['summary_table']})"
-    )
-    print(f"bad slides: {result.num_bad}  ({result.files['bad_slides']})")
-    print(f"MLflow:     {config.tracking_uri}  run {result.mlflow_run_id}")
-    return 0
+    return run_job(PredictConfig, _run, argv, description=__doc__, report=_report)
 
 
 if __name__ == "__main__":

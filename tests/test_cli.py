@@ -29,6 +29,10 @@ class _Search(RunConfig):
     job: _Job = field(default_factory=_Job)
     lrs: list[float] = field(default_factory=lambda: [0.1])
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.job = _Job(**self.job) if isinstance(self.job, dict) else self.job
+
 
 @pytest.mark.parametrize(
     ("value", "minimum", "auto", "message"),

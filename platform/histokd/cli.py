@@ -14,7 +14,8 @@ Field metadata:
         the command line.
 
 A field whose type is itself a config dataclass (a search's job config) is filled from the
-same flags (its own fields' names) and from a nested YAML mapping under its name.
+same flags (its own fields' names) and from a nested YAML mapping under its name; the config
+receives it as a mapping and builds it in its ``__post_init__``.
 
 This module imports neither torch nor Ray: a job's ``--help`` answers at once.
 """
@@ -271,10 +272,8 @@ def _split_flags(cls: type, flags: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _build(cls: type[C], values: Mapping[str, Any]) -> C:
-    values = dict(values)
-    for name, sub in _nested(cls).items():
-        if isinstance(values.get(name), Mapping):
-            values[name] = _build(sub, values[name])
+    """The config; a nested job config arrives as a mapping, which the config's own
+    ``__post_init__`` checks and builds (it may refuse fields it sets itself)."""
     return cls(**values)
 
 

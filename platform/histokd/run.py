@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunConfig",
+    "all_gather",
     "RunFolderConfig",
     "WorkerConfig",
     "all_reduce_sum",
@@ -283,3 +284,14 @@ def all_reduce_sum(values: torch.Tensor | list[float], device: Any = None) -> An
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.cpu().tolist() if as_list else tensor
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every worker's ``obj`` (picklable), in rank order; ``[obj]`` with one worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

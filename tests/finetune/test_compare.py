@@ -9,7 +9,7 @@ from histokd.finetune.compare import CompareConfig, parse_init_entry, run_compar
 
 
 def test_init_entries(tmp_path, backbone_file):
-    assert parse_init_entry(f"csat={backbone_file}", "backbone_files", "RCKD") == (
+    assert parse_init_entry(f"csat={backbone_file}", "inits", "RCKD") == (
         "RCKD",
         "csat",
         str(backbone_file),
@@ -19,18 +19,18 @@ def test_init_entries(tmp_path, backbone_file):
         == "SPT on ImageNet"
     )
     with pytest.raises(ValueError, match="backbone 'vit' unknown"):
-        parse_init_entry(f"vit={backbone_file}", "backbone_files", "RCKD")
+        parse_init_entry(f"vit={backbone_file}", "inits", "RCKD")
     with pytest.raises(ValueError, match="expected \\[LABEL@\\]BACKBONE=PATH"):
-        parse_init_entry(str(backbone_file), "backbone_files", "RCKD")
+        parse_init_entry(str(backbone_file), "inits", "RCKD")
     with pytest.raises(ValueError, match="no such file"):
-        CompareConfig(storage_path=str(tmp_path), backbone_files=["csat=/nope.pth"])
+        CompareConfig(storage_path=str(tmp_path), inits=["csat=/nope.pth"])
 
 
 def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, backbone_file):
     config = CompareConfig(
         storage_path=str(tmp_path / "runs"), run_name="cmp", datasets=[f"Demo={demo_tasks_small.classification_dir}"],
-        backbones=["csat"], backbone_files=[f"csat={backbone_file}"], input_size=32, batch_size=16, epochs=1,
-        num_splits=1, bootstrap_resamples=100, num_workers=0,
+        backbones=["csat"], inits=[f"csat={backbone_file}"],
+        finetune=dict(input_size=32, batch_size=16, epochs=1, num_splits=1, bootstrap_resamples=100, num_workers=0),
     )  # fmt: skip
     result = run_comparison(config)
     assert [(r["model"], r["init"]) for r in result.rows] == [
@@ -59,9 +59,9 @@ def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, b
         (["--backbone", "resnet18"], r"backbone='resnet18': .* --backbones"),
         (
             ["--init", "random-weights.pth"],
-            r"init='random-weights.pth': .* --backbone-files .* --timm-weights",
+            r"init='random-weights.pth': .* --inits .* --timm-weights",
         ),
-        (["--init-label", "Mine"], r"init_label='Mine': .* LABEL@ in --backbone-files"),
+        (["--init-label", "Mine"], r"init_label='Mine': .* LABEL@ in --inits"),
     ],
 )
 def test_fields_set_per_cell_are_refused(tmp_path, flags, message):
@@ -72,7 +72,9 @@ def test_fields_set_per_cell_are_refused(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         parse_config(CompareConfig, ["--storage-path", str(tmp_path), *flags])
     with pytest.raises(ValueError, match=message):
-        CompareConfig(storage_path=str(tmp_path), **{flags[0][2:].replace("-", "_"): flags[1]})
+        CompareConfig(
+            storage_path=str(tmp_path), finetune={flags[0][2:].replace("-", "_"): flags[1]}
+        )
 
 
 def test_per_cell_values_come_from_the_lists(tmp_path, demo_tasks_small, backbone_file):
@@ -81,9 +83,10 @@ def test_per_cell_values_come_from_the_lists(tmp_path, demo_tasks_small, backbon
     config = parse_config(CompareConfig, [
         "--storage-path", str(tmp_path), "--datasets", f"Demo={demo_tasks_small.classification_dir}",
         "--segmentation-datasets", f"Glands={demo_tasks_small.segmentation_dir}", "--backbones", "resnet18",
-        "--backbone-files", f"Mine@csat={backbone_file}",
+        "--inits", f"Mine@csat={backbone_file}",
     ])  # fmt: skip
-    assert (config.data, config.task, config.backbone, config.init, config.init_label) == (
+    job = config.finetune
+    assert (job.data, job.task, job.backbone, job.init, job.init_label) == (
         "",
         "classification",
         "csat",

@@ -9,7 +9,7 @@ from PIL import Image
 
 from histokd.finetune.augment import augment
 from histokd.finetune.datasets import load_task_dataset
-from histokd.finetune.samples import ImageSamples, normalize
+from histokd.finetune.samples import ImageSamples
 
 
 def _png(path: Path, size=(40, 30), value=0, mode="RGB") -> Path:
@@ -136,13 +136,6 @@ def test_colour_jitter_is_mild():
     image[0] = 180
     out, _ = augment(image, None, color_jitter=0.1, hue_jitter=0.02)
     assert out.dtype == torch.uint8 and (out.float() - image.float()).abs().max() <= 40
-
-
-def test_normalize_uses_imagenet_statistics():
-    x = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
-    assert x[0, :, 0, 0].tolist() == pytest.approx(
-        [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5
-    )
 
 
 def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):

@@ -72,3 +72,22 @@ def test_num_classes_must_be_positive() -> None:
         SegmentationModel("csat", num_classes=0)
     with pytest.raises(ValueError, match="num_classes is 0"):
         ClassificationModel("csat", num_classes=0)
+
+
+def test_task_models_own_their_input_normalisation():
+    """uint8 or [0, 1] images in; the backbone's ImageNet mean and std applied inside, the same
+    for both task models, and nothing of it in the state dict (model files are unchanged)."""
+    torch.manual_seed(0)
+    model = ClassificationModel("resnet18", num_classes=3).eval()
+    white = model.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert white[0, :, 0, 0].tolist() == pytest.approx(
+        [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225], rel=1e-5
+    )
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), model(images.float() / 255))
+        by_hand = model.head(model.backbone(model.normalize(images))[-1])
+        torch.testing.assert_close(model(images), by_hand)
+    assert not any("input_mean" in k or "input_std" in k for k in model.state_dict())
+    segmenter = SegmentationModel("resnet18", num_classes=2)
+    torch.testing.assert_close(segmenter.input_mean, model.input_mean)

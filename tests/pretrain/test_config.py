@@ -19,7 +19,7 @@ from histokd.run import check_storage_path
         ({"backbone": "vgg99"}, "backbone='vgg99': unknown; allowed: csat"),
         (
             {"teacher": "nonsense"},
-            "teacher spec 'nonsense' is neither a teacher name nor a model folder; allowed:",
+            "teacher='nonsense': neither a teacher name nor a model folder; allowed:",
         ),
         ({"alpha": 1.5}, r"alpha=1.5: must be in \(0, 1\]"),
         ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs=20: must be at most epochs=10"),

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from histokd.pretrain.config import PretrainConfig
+from histokd.streams import plan_resources
 from histokd.teachers.stream import (
     TeacherActor,
     TrainerTeacher,
     patch_dataset,
-    plan_resources,
     pseudo_label_dataset,
     read_patch_batch,
     resize_label,

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from histokd.streams import plan_resources
 from histokd.teachers import TeacherError, build_teacher
 from histokd.teachers.cache import PseudoLabelCache, teacher_fingerprint
 from histokd.teachers.stream import (
     TeacherActor,
     load_manifest_table,
-    plan_resources,
     pseudo_label_dataset,
     read_patch_batch,
     resize_image,
@@ -74,11 +74,11 @@ def test_gpu_share_and_pool_size():
 
 
 def test_impossible_resources_are_clear():
-    with pytest.raises(TeacherError, match="reserved_cpus=2 leaves no CPU"):
+    with pytest.raises(ValueError, match="reserved_cpus=2 leaves no CPU"):
         plan_resources({"CPU": 2.0}, reserved_cpus=2)
-    with pytest.raises(TeacherError, match="needs 1.5 GPUs; the cluster has 1"):
+    with pytest.raises(ValueError, match="needs 1.5 GPUs; the cluster has 1"):
         plan_resources({"CPU": 8.0, "GPU": 1.0}, num_actors=3, num_gpus=0.5)
-    with pytest.raises(TeacherError, match="num_actors=0"):
+    with pytest.raises(ValueError, match="num_actors=0"):
         plan_resources({"CPU": 8.0}, num_actors=0)
 
 

@@ -6,7 +6,7 @@ segmentation dataset, their averages, with each backbone's parameters and GMAC) 
 cell is one fine-tuning job (`run_finetune`, five splits by default), named
 ``RUN_NAME-DATASET-BACKBONE-INIT``, so rerunning a comparison skips what it finished.
 
-Initialisations: random weights (``random_init``), backbone files (``backbone_files``: RCKD
+Initialisations: random weights (``random_init``), backbone files (``inits``: RCKD
 pretraining's output, label "RCKD") and timm weights (``timm_weights``: e.g. ImageNet-supervised
 weights from a local file, label "SPT on ImageNet"). Each entry is ``[LABEL@]BACKBONE=PATH``.
 """
@@ -18,11 +18,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from histokd.cli import config_to_dict, save_config
+from histokd.cli import save_config
 from histokd.finetune.config import FinetuneConfig
+from histokd.run import RunConfig, open_mlflow_run
 
 __all__ = ["CompareConfig", "ComparisonResult", "parse_init_entry", "run_comparison"]
 
@@ -67,44 +67,27 @@ def _parse_dataset(entry: str, field_name: str) -> tuple[str, str]:
 _PER_CELL = {
     "data": "give the datasets as --datasets NAME=PATH (classification) or --segmentation-datasets NAME=PATH",
     "task": "give segmentation datasets as --segmentation-datasets NAME=PATH, classification ones as --datasets NAME=PATH",
-    "backbone": "give the backbones as --backbones (random weights), or as BACKBONE in --backbone-files / --timm-weights",
-    "init": "give the initialisations as --random-init, --backbone-files [LABEL@]BACKBONE=PATH or --timm-weights [LABEL@]BACKBONE=PATH",
-    "init_label": "give labels as LABEL@ in --backbone-files / --timm-weights ([LABEL@]BACKBONE=PATH)",
+    "backbone": "give the backbones as --backbones (random weights), or as BACKBONE in --inits / --timm-weights",
+    "init": "give the initialisations as --random-init, --inits [LABEL@]BACKBONE=PATH or --timm-weights [LABEL@]BACKBONE=PATH",
+    "init_label": "give labels as LABEL@ in --inits / --timm-weights ([LABEL@]BACKBONE=PATH)",
 }
 
 
 @dataclass
-class CompareConfig(FinetuneConfig):
-    """Backbones x initialisations x datasets, fine-tuned with the shared settings below
-    (``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set per cell)."""
+class CompareConfig(RunConfig):
+    """Backbones x initialisations x datasets, each cell a fine-tuning job (``finetune``: the
+    shared settings; its ``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set
+    per cell, so giving them is an error)."""
 
     run_name: str = field(
         default="compare",
-        metadata=_help("name of the comparison; rerunning with the same name skips finished cells"),
+        metadata=_help("name of the comparison; rerunning it skips finished cells"),
     )
-    # set per cell by run_comparison: kept as flags (so that --data is not read as an abbreviation
-    # of --datasets), refused when given
-    data: str = field(
-        default="",
-        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['data']}"),
+    mlflow_experiment: str = field(
+        default="histokd-compare", metadata=_help("MLflow experiment name")
     )
-    task: Literal["classification", "segmentation"] = field(
-        default="classification",
-        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['task']}"),
-    )
-    backbone: str = field(
-        default="csat",
-        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['backbone']}"),
-    )
-    init: str = field(
-        default="random",
-        metadata=_help(f"not used, set per cell (giving it is an error): {_PER_CELL['init']}"),
-    )
-    init_label: str | None = field(
-        default=None,
-        metadata=_help(
-            f"not used, set per cell (giving it is an error): {_PER_CELL['init_label']}"
-        ),
+    finetune: FinetuneConfig = field(
+        default_factory=FinetuneConfig, metadata=_help("the fine-tuning of every cell")
     )
     backbones: list[str] = field(
         default_factory=lambda: ["csat"],
@@ -112,14 +95,14 @@ class CompareConfig(FinetuneConfig):
     )
     random_init: bool = field(
         default=True,
-        metadata=_help(
-            "include random initialisation of every backbone (RCKD Table 3: Random Weight)"
-        ),
+        metadata=_help("include random initialisation of every backbone (RCKD: Random Weight)"),
     )
-    backbone_files: list[str] = field(
+    inits: list[str] = field(
         default_factory=list,
         metadata=_help(
-            "backbone files, [LABEL@]BACKBONE=PATH; label default RCKD (e.g. csat=runs/rckd/backbone.pth)"
+            "backbone files, [LABEL@]BACKBONE=PATH; label default RCKD "
+            "(e.g. csat=runs/rckd/backbone.pth)",
+            aliases=["backbone_files"],
         ),
     )
     timm_weights: list[str] = field(
@@ -131,24 +114,25 @@ class CompareConfig(FinetuneConfig):
     datasets: list[str] = field(
         default_factory=list,
         metadata=_help(
-            "classification datasets, NAME=PATH; none given and no segmentation datasets: the demo task"
+            "classification datasets, NAME=PATH; none and no segmentation datasets: the demo task"
         ),
     )
     segmentation_datasets: list[str] = field(
         default_factory=list, metadata=_help("segmentation datasets, NAME=PATH")
     )
-    mlflow_experiment: str = field(
-        default="histokd-compare", metadata=_help("MLflow experiment name")
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        given = (
+            dict(self.finetune) if isinstance(self.finetune, dict) else vars(self.finetune).copy()
+        )
         # run_comparison sets these per cell: a value given here would be silently ignored
-        for name, value in ((n, getattr(self, n)) for n in _PER_CELL):
+        for name in _PER_CELL:
+            value = given.get(name, FinetuneConfig.__dataclass_fields__[name].default)
             if value != FinetuneConfig.__dataclass_fields__[name].default:
                 raise ValueError(
                     f"{name}={value!r}: a comparison sets it for every cell and would ignore it; {_PER_CELL[name]}"
                 )
-        super().__post_init__()
         from histokd.models import BACKBONES
 
         for name in self.backbones:
@@ -156,9 +140,9 @@ class CompareConfig(FinetuneConfig):
                 raise ValueError(f"backbones: {name!r} unknown; allowed: {', '.join(BACKBONES)}")
         inits = self.initialisations()
         if not inits:
-            raise ValueError(
-                "no initialisation to compare: set random_init, backbone_files or timm_weights"
-            )
+            raise ValueError("no initialisation to compare: set random_init, inits or timm_weights")
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
         self.dataset_list()  # validates
 
     def initialisations(self) -> list[tuple[str, str, str]]:
@@ -174,9 +158,7 @@ class CompareConfig(FinetuneConfig):
         ]
         cells += [
             (label, b, p)
-            for label, b, p in (
-                parse_init_entry(e, "backbone_files", "RCKD") for e in self.backbone_files
-            )
+            for label, b, p in (parse_init_entry(e, "inits", "RCKD") for e in self.inits)
         ]
         return cells
 
@@ -212,26 +194,15 @@ def run_comparison(config: CompareConfig) -> ComparisonResult:
     from histokd.finetune.job import prepare_dataset, run_finetune
     from histokd.finetune.report import write_comparison_outputs
     from histokd.models.profile import profile_backbones
-    from histokd.tracking import MLflowRun
 
     datasets = config.dataset_list() or [("Demo tissue", "", "classification")]
-    work_dir = (
-        Path(
-            config.storage_path
-            if "://" not in config.storage_path
-            else os.path.abspath("histokd_work")
-        )
-        / config.run_name
-    )
+    work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "compare_config.yaml")
-    run = MLflowRun(config.tracking_uri, config.mlflow_experiment, config.run_name,
-                    artifact_location=str(Path(config.storage_path) / "mlartifacts") if "://" not in config.storage_path else None)  # fmt: skip
-    run.log_params(config_to_dict(config))
-    run.log_standard_tags()
-    run.set_tags({"histokd.job": "compare_pretraining", "histokd.run_dir": str(work_dir)})
-
-    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    run = open_mlflow_run(config, "compare_pretraining")
+    input_size = config.finetune.input_size
+    base = {f.name: getattr(config.finetune, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    base.update(storage_path=config.storage_path, mlflow_experiment=config.mlflow_experiment)
     profiles: dict[str, Any] = {}
     rows = []
     try:
@@ -246,12 +217,12 @@ def run_comparison(config: CompareConfig) -> ComparisonResult:
                 print(f"[{dataset_name}] {backbone} ({label})", flush=True)
                 outcome = run_finetune(cell_config, dataset=dataset, parent_run_id=run.run_id)
                 if backbone not in profiles:
-                    profiles[backbone] = profile_backbones([backbone], [config.input_size])[0]
+                    profiles[backbone] = profile_backbones([backbone], [input_size])[0]
                 entry = outcome.primary
                 rows.append({
                     "dataset": dataset_name, "task": task, "model": backbone, "init": label,
                     "params": profiles[backbone].params_backbone, "gmac": profiles[backbone].gmac_paper,
-                    "input_size": config.input_size, "metric": outcome.summary["primary_metric"],
+                    "input_size": input_size, "metric": outcome.summary["primary_metric"],
                     "mean": entry["mean"], "std": entry["std"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"],
                     "num_splits": outcome.summary["num_splits"], "run_dir": outcome.run_dir,
                 })  # fmt: skip

@@ -27,7 +27,8 @@ from torch import nn
 
 from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
-from histokd.resume import inject_fault, restore_checkpoint
+from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint
+from histokd.run import all_gather, all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
@@ -128,21 +129,6 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, config: dict) -> torch.Ten
     return loss.flatten(1).sum(1) / valid
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
-
-
-def _gather(obj: Any) -> list[Any]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -158,7 +144,6 @@ def evaluate(
         per sample its index, and its target and prediction (classification) or its pixel
         confusion matrix (segmentation).
     """
-    from histokd.finetune.samples import normalize
     from histokd.metrics import confusion_matrix
 
     model.eval()
@@ -168,7 +153,7 @@ def evaluate(
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     records: dict[str, list] = {"index": [], "target": [], "prediction": [], "confusion": []}
     for image, target, index in loader:
-        image, target = normalize(image.to(device)), target.to(device)
+        image, target = image.to(device), target.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.get("_bf16", False)):
             logits = model(image)
         logits = logits.float()
@@ -196,7 +181,7 @@ def _reduce_eval(result: dict[str, Any], device: torch.device) -> tuple[float, n
         dtype=torch.float64,
         device=device,
     )
-    flat = _all_reduce(flat).cpu().numpy()
+    flat = all_reduce_sum(flat).cpu().numpy()
     c = result["confusion"].shape[0]
     return float(flat[0] / max(flat[1], 1)), flat[2:].reshape(c, c).round().astype(np.int64)
 
@@ -260,7 +245,6 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from histokd.finetune.samples import normalize
     from histokd.metrics import classification_metrics
     from histokd.models import set_positional_encoding_trainable
 
@@ -321,7 +305,7 @@ def train_fn_per_worker(config: dict) -> None:
         loss_sum, seen = 0.0, 0
         inject_fault(config, epoch, rank, world, config["split_dir"])
         for image, target, _ in train_loader:
-            image, target = normalize(image.to(device)), target.to(device)
+            image, target = image.to(device), target.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["_bf16"]):
                 logits = ddp_model(image)
             loss = _loss(logits.float(), target, config).mean()  # RCKD Eqs. 5 and 7
@@ -331,7 +315,7 @@ def train_fn_per_worker(config: dict) -> None:
             loss_sum += float(loss.detach()) * int(target.shape[0])
             seen += int(target.shape[0])
         train_sums = (
-            _all_reduce(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
+            all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=device))
             .cpu()
             .tolist()
         )
@@ -387,7 +371,7 @@ def train_fn_per_worker(config: dict) -> None:
     val_loss_best, val_confusion_best = _reduce_eval(
         evaluate(model, val_loader, config, device), device
     )
-    records = _gather(test_eval["records"])
+    records = all_gather(test_eval["records"])
     if rank != 0:
         ray.train.report({"epoch": epoch, "done": True}, checkpoint=None)
         return
@@ -447,27 +431,14 @@ def _report_state(
     model, optimizer, stopper, history, best_state, epoch, seconds, rank, row
 ) -> None:
     """Report the epoch; rank 0 attaches the state a restarted split continues from."""
-    import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "stopper": json.dumps(stopper.state_dict()),
-                    "history": json.dumps(history),
-                    "best_model": best_state,
-                    "epoch": epoch,
-                    "seconds": seconds,
-                },
-                os.path.join(tmp, STATE_FILE),
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            {k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint
-        )
+    def state():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "stopper": json.dumps(stopper.state_dict()), "history": json.dumps(history),
+                "best_model": best_state, "epoch": epoch, "seconds": seconds}  # fmt: skip
+
+    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    report_checkpoint(metrics, state, STATE_FILE, rank)
 
 
 def _plain(config: dict) -> dict:

@@ -18,10 +18,7 @@ from torch.utils.data import Dataset
 
 from histokd.finetune.augment import augment
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageSamples", "load_image", "load_mask", "normalize"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's default for every backbone histokd trains
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["ImageSamples", "load_image", "load_mask"]
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -57,20 +54,12 @@ def load_mask(path: str, size: int) -> np.ndarray:
         raise ValueError(f"mask {path!r} cannot be read: {exc}") from exc
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """``N x 3 x H x W`` uint8 or [0, 1] floats -> ImageNet-normalised floats."""
-    image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
-    return (image - mean) / std
-
-
 class ImageSamples(Dataset):
     """Images with class labels or masks, at the input resolution.
 
     Items are ``(image, target, index)``: ``3 x S x S`` uint8, a class index (classification)
     or an ``S x S`` int64 mask (segmentation), and the sample's position in ``images``.
-    Normalisation happens on the batch (`normalize`), after augmentation.
+    The task model normalises the batch itself (`histokd.models`), after augmentation.
 
     Args:
         images: Image paths.

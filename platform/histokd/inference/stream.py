@@ -14,7 +14,7 @@ driver only ever holds the slides in flight:
    probabilities per tile, and for a segmentation model per-pixel probabilities already
    resized to the tile's footprint at the output magnification (small, float16).
 
-The CPU shares of the actors and read tasks come from `histokd.teachers.stream.plan_resources`
+The CPU shares of the actors and read tasks come from `histokd.streams.plan_resources`
 (fractional, so a 2-CPU machine cannot deadlock).
 """
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from histokd.inference.tiling import plan_tiles
 from histokd.slides import SlideError
+from histokd.streams import plan_resources, worker_patch_reader
 from histokd.tissue import TissueFilter
 
 __all__ = [
@@ -149,19 +150,6 @@ def plan_slide_batch(
 
 
 # -- 2. read ----------------------------------------------------------------------------------------
-_PATCH_READER = None
-
-
-def _patch_reader():
-    """One reader per worker process, keeping recently used slides open between batches."""
-    global _PATCH_READER
-    if _PATCH_READER is None:
-        from histokd.manifest import PatchReader
-
-        _PATCH_READER = PatchReader(max_open=4)
-    return _PATCH_READER
-
-
 def read_tile_batch(
     batch: dict[str, np.ndarray], input_size: int, read_magnification: float
 ) -> dict[str, np.ndarray]:
@@ -175,7 +163,7 @@ def read_tile_batch(
     images = np.zeros((n, input_size, input_size, 3), np.uint8)
     status = np.asarray(batch["status"], dtype=object).copy()
     message = np.asarray(batch["message"], dtype=object).copy()
-    reader = _patch_reader()
+    reader = worker_patch_reader(max_open=4)
     for i in np.flatnonzero(status == TILE):
         row = {
             "slide_path": str(batch["slide_path"][i]), "base_magnification": float(batch["base_magnification"][i]),
@@ -236,15 +224,12 @@ class TilePredictor:
         import torch
         import torch.nn.functional as F
 
-        from histokd.finetune.samples import normalize
-
         with torch.inference_mode():
             x = (
                 torch.from_numpy(np.ascontiguousarray(images))
                 .to(self.device, non_blocking=True)
                 .permute(0, 3, 1, 2)
             )
-            x = normalize(x)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -318,13 +303,7 @@ def prediction_dataset(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from histokd.teachers.base import TeacherError
-    from histokd.teachers.stream import plan_resources
-
-    try:
-        plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus)
-    except TeacherError as exc:  # the planner speaks of teachers; the settings are the same
-        raise ValueError(f"num_actors={num_actors!r}, num_gpus={num_gpus!r}: {exc}") from exc
+    plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus)
     log.info(
         "inference stream: %d slide(s), %d actor(s) x %.2g CPU, %.2g GPU; read tasks %.2g CPU",
         len(slides), plan.num_actors, plan.actor_cpus, plan.actor_gpus, plan.read_cpus,

@@ -7,6 +7,9 @@ head (Sec. 2.2.2): linear + softmax for classification, a U-Net decoder for segm
 Both models hold the backbone as ``.backbone`` with the same modules and keys, so
 ``SegmentationModel.save_backbone(path)`` writes a file that ``ClassificationModel(...,
 backbone_file=path)`` or ``SegmentationModel(..., backbone_file=path)`` loads strictly.
+Both take images as they come, ``B x 3 x H x W`` uint8 or floats in [0, 1], and normalise them
+with their backbone's own mean and std (its timm ``pretrained_cfg``): a model owns its input
+normalisation, so training, evaluation and whole-slide inference cannot disagree about it.
 Both return logits; the softmax belongs in the loss and the metrics.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead
 from torch import nn
 
@@ -28,9 +32,22 @@ __all__ = ["ClassificationModel", "SegmentationModel"]
 
 
 class _BackboneTaskModel(nn.Module):
-    """What every task model shares: the backbone and its file."""
+    """What every task model shares: the backbone, its file and its input normalisation."""
 
     backbone: nn.Module
+
+    def _set_normalization(self) -> None:
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+        std = cfg.get("std", IMAGENET_DEFAULT_STD)
+        # not in the state dict: the backbone's config defines them, and files stay as they were
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] images -> the backbone's normalised input (memory format kept)."""
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone weights with ``timm.create_model(name)`` key names."""
@@ -71,10 +88,11 @@ class SegmentationModel(_BackboneTaskModel):
         info = self.backbone.feature_info
         self.decoder = UNetDecoder(info.channels(), info.reduction(), decoder_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=1)
+        self._set_normalization()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel class logits, ``B x num_classes x H x W`` for ``B x 3 x H x W`` images."""
-        logits = self.head(self.decoder(self.backbone(x)))
+        logits = self.head(self.decoder(self.backbone(self.normalize(x))))
         if logits.shape[-2:] != x.shape[-2:]:  # input side not a multiple of the deepest stride
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
@@ -115,10 +133,11 @@ class ClassificationModel(_BackboneTaskModel):
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate
         )
+        self._set_normalization()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The deepest backbone feature map."""
-        return self.backbone(x)[-1]
+        return self.backbone(self.normalize(x))[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits, ``B x num_classes``."""

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from histokd.run import all_gather, all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LABEL_SHARE_FILE = "label_share.csv"  # per slide: the pseudo labels' nucleus share (label_share.py)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def patch_checksum(patch_ids) -> int:
@@ -81,14 +80,12 @@ def _writable_tensor(array: Any) -> torch.Tensor:
 def _to_tensors(
     batch: dict, device: torch.device, channels_last: bool, label: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalised image and the pseudo label (the batch's, or ``label`` when given)."""
+    """The image in [0, 1] (the model normalises it) and the pseudo label (the batch's, or
+    ``label`` when given)."""
     image = _writable_tensor(batch["image"]).to(device, non_blocking=True)
     if label is None:
         label = _writable_tensor(batch["pseudo_label"]).to(device, non_blocking=True)
     image = image.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    image = (image - mean) / std
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, label.long()
@@ -104,13 +101,6 @@ def _augment(
     if bool(torch.randint(0, 2, (1,), generator=generator)):
         image, label = image.flip(3), label.flip(2)
     return image, label
-
-
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values = values.clone()
-        torch.distributed.all_reduce(values)
-    return values
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -134,7 +124,7 @@ def train_fn_per_worker(config: dict) -> None:
     from histokd.models import SegmentationModel, load_backbone_file
     from histokd.pretrain.label_share import LabelShare
     from histokd.pretrain.overlay import save_overlay
-    from histokd.resume import inject_fault
+    from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -192,12 +182,8 @@ def train_fn_per_worker(config: dict) -> None:
         t_in_epochs=False,
     )
     start_epoch, history, best_iou, step = 1, [], -1.0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(
-                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True
-            )
+    _, state = restore_checkpoint(CHECKPOINT_FILE, rank=rank)
+    if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -206,9 +192,7 @@ def train_fn_per_worker(config: dict) -> None:
         history = json.loads(state["history"])
         best_iou = float(state["best_iou"])
         if rank == 0:
-            print(
-                f"resuming from epoch {start_epoch - 1} (checkpoint {checkpoint.path})", flush=True
-            )
+            print(f"resuming from epoch {start_epoch - 1}", flush=True)
 
     mlflow_client = worker_mlflow_client(config) if rank == 0 else None
 
@@ -272,7 +256,7 @@ def train_fn_per_worker(config: dict) -> None:
                     overlay_images.extend(np.asarray(batch["image"])[:keep])
                     overlay_labels.extend(label[:keep].cpu().numpy().astype(np.uint8))
                     overlay_preds.extend(prediction[:keep].cpu().numpy().astype(np.uint8))
-        sums = _all_reduce(
+        sums = all_reduce_sum(
             torch.tensor(
                 [
                     loss_sum,
@@ -328,40 +312,31 @@ def train_fn_per_worker(config: dict) -> None:
                 _warn_empty_slides(shares, config)
                 if mlflow_client is not None:
                     mlflow_client.log_artifact(config["mlflow_run_id"], str(share_path))
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "best_iou": best_iou,
-                        "history": json.dumps(history),
-                        "backbone": config["backbone"],
-                    },
-                    os.path.join(tmp, CHECKPOINT_FILE),
-                )
-                if is_best:
-                    _save_best(raw_model, run_dir, stats)
-                overlay_path = None
-                if overlay_images and (
-                    epoch == 1
-                    or epoch == epochs
-                    or epoch % 5 == 0
-                    or epoch == config.get("stop_after_epoch")
-                ):
-                    overlay_path = save_overlay(
-                        np.stack(overlay_images), np.stack(overlay_labels), np.stack(overlay_preds),
-                        os.path.join(tmp, f"overlay_epoch_{epoch:03d}.png"),
-                        title=f"epoch {epoch}: image | teacher pseudo label | student",
-                    )  # fmt: skip
-                if mlflow_client is not None:
-                    _log_mlflow(mlflow_client, config, metrics, epoch, overlay_path)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+
+        def state(epoch=epoch, step=step, best_iou=best_iou):
+            return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                    "best_iou": best_iou, "history": json.dumps(history), "backbone": config["backbone"]}  # fmt: skip
+
+        overlay = (overlay_images, overlay_labels, overlay_preds)
+
+        def write_files(folder, epoch=epoch, is_best=is_best, stats=stats, metrics=metrics,
+                        overlay=overlay):  # fmt: skip
+            if is_best:
+                _save_best(raw_model, run_dir, stats)
+            overlay_path = None
+            if overlay[0] and (
+                epoch in (1, epochs, config.get("stop_after_epoch")) or epoch % 5 == 0
+            ):
+                overlay_path = save_overlay(
+                    *(np.stack(part) for part in overlay),
+                    os.path.join(folder, f"overlay_epoch_{epoch:03d}.png"),
+                    title=f"epoch {epoch}: image | teacher pseudo label | student",
+                )  # fmt: skip
+            if mlflow_client is not None:
+                _log_mlflow(mlflow_client, config, metrics, epoch, overlay_path)
+
+        report_checkpoint(metrics, state, CHECKPOINT_FILE, rank, write_files)
         if config.get("stop_after_epoch") == epoch:
             if rank == 0:
                 print(
@@ -373,11 +348,9 @@ def train_fn_per_worker(config: dict) -> None:
 
 def _gather_label_shares(shares, world: int):
     """Every worker's per-slide label counts, merged (on each worker)."""
-    if world == 1 or not torch.distributed.is_initialized():
+    if world == 1:
         return shares
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, shares.counts)
-    return type(shares)(shares.empty_patch_share).merge(gathered)
+    return type(shares)(shares.empty_patch_share).merge(all_gather(shares.counts))
 
 
 def _warn_empty_slides(shares, config: dict) -> None:

@@ -161,7 +161,7 @@ def resolve_teacher_spec(spec: str) -> tuple[str, str]:
     from histokd.teachers.stardist_models import STARDIST_PRETRAINED
 
     if not isinstance(spec, str) or not spec.strip():
-        raise TeacherError(f"teacher spec {spec!r}: must be a non-empty string")
+        raise TeacherError(f"teacher={spec!r}: must be a non-empty string")
     spec = spec.strip()
     if spec in _REGISTRY:
         return "registered", spec
@@ -180,7 +180,7 @@ def resolve_teacher_spec(spec: str) -> tuple[str, str]:
     if path.is_dir():
         return "folder", str(path)
     raise TeacherError(
-        f"teacher spec {spec!r} is neither a teacher name nor a model folder; allowed: "
+        f"teacher={spec!r}: neither a teacher name nor a model folder; allowed: "
         f"{', '.join(available_teachers())}, stardist:<name> with name in "
         f"{', '.join(STARDIST_PRETRAINED)}, package.module:name (a teacher that module "
         "registers), or a path to a StarDist model folder"

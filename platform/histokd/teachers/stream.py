@@ -33,15 +33,14 @@ train on the same labels.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from histokd.streams import plan_resources, worker_patch_reader
 from histokd.teachers.base import TeacherError
 from histokd.teachers.cache import PseudoLabelCache, patch_key, teacher_fingerprint
 
@@ -50,12 +49,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REQUIRED_COLUMNS",
-    "StreamResources",
     "TeacherActor",
     "TrainerTeacher",
     "load_manifest_table",
     "patch_dataset",
-    "plan_resources",
     "pseudo_label_dataset",
     "read_cached_batch",
     "read_patch_batch",
@@ -130,21 +127,8 @@ def resize_label_tensor(labels: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # -- reading patches (Ray Data tasks) ---------------------------------------------------------
-_PATCH_READER = None
-
-
-def _patch_reader():
-    """One reader per worker process, keeping recently used slides open between tasks."""
-    global _PATCH_READER
-    if _PATCH_READER is None:
-        from histokd.manifest import PatchReader
-
-        _PATCH_READER = PatchReader(max_open=8)
-    return _PATCH_READER
-
-
 def _read_images(batch: dict[str, np.ndarray]) -> np.ndarray:
-    reader = _patch_reader()
+    reader = worker_patch_reader(max_open=8)
     rows = [{c: batch[c][i] for c in REQUIRED_COLUMNS} for i in range(len(batch["x"]))]
     return np.stack([reader.read(row) for row in rows])
 
@@ -353,100 +337,6 @@ class TrainerTeacher:
             )
             labels.append(resize_label_tensor(teacher.label_tensor(chunk), self.input_size))
         return torch.cat(labels)
-
-
-# -- resources --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StreamResources:
-    """How the stream uses the cluster.
-
-    Attributes:
-        num_actors: Teacher actors in the pool (0: the teacher runs in the training workers).
-        actor_cpus: CPUs each actor reserves (fractional).
-        actor_gpus: GPU share of each actor (0 on a CPU cluster).
-        read_cpus: CPUs each read task reserves (fractional).
-        intra_op_threads: TensorFlow CPU threads per actor.
-    """
-
-    num_actors: int
-    actor_cpus: float
-    actor_gpus: float
-    read_cpus: float
-    intra_op_threads: int
-
-
-def plan_resources(
-    cluster: dict[str, float],
-    num_actors: int | None = None,
-    num_gpus: float = 0.5,
-    reserved_cpus: float = 0.0,
-    placement: Literal["actors", "trainer"] = "actors",
-) -> StreamResources:
-    """Size the actor pool and the CPU shares from the cluster's resources.
-
-    Half the CPUs left after ``reserved_cpus`` go to the actors, half to one read task's
-    worth of reading, each share at most one CPU. Every share is fractional, so the stream
-    always fits beside the training workers: on 2 CPUs with one worker reserving 1, an actor
-    takes 0.5 and a read task 0.5. With ``placement="trainer"`` the teacher runs in the
-    training workers: no actors and no GPU for the stream, and read tasks of the same size
-    share the CPUs left (two at a time on that 2-CPU machine).
-
-    Args:
-        cluster: ``ray.cluster_resources()``.
-        num_actors: Pool size; None: one per GPU (by ``num_gpus`` share), one on a CPU cluster.
-        num_gpus: GPU share per actor when the cluster has GPUs; ignored without GPUs.
-        reserved_cpus: CPUs the caller keeps for itself (training workers).
-        placement: ``"actors"`` (a teacher actor pool) or ``"trainer"`` (none).
-
-    Raises:
-        TeacherError: No CPU is left for the stream, or the GPU settings are impossible.
-    """
-    cpus = float(cluster.get("CPU", 0.0))
-    gpus = float(cluster.get("GPU", 0.0))
-    free = cpus - float(reserved_cpus)
-    if free <= 0.05:
-        raise TeacherError(
-            f"reserved_cpus={reserved_cpus:g} leaves no CPU of the cluster's {cpus:g} for the teacher stream; "
-            "reserve fewer CPUs for training (e.g. cpus_per_worker) or add CPUs"
-        )
-    if placement == "trainer":
-        return StreamResources(
-            num_actors=0,
-            actor_cpus=0.0,
-            actor_gpus=0.0,
-            read_cpus=round(min(1.0, free / 2), 3),
-            intra_op_threads=0,
-        )
-    if placement != "actors":
-        raise TeacherError(f"placement={placement!r}: allowed: actors, trainer")
-    actor_gpus = 0.0
-    if gpus > 0 and num_gpus > 0:
-        if not 0 < num_gpus <= 1:
-            raise TeacherError(
-                f"num_gpus={num_gpus!r}: the GPU share per teacher actor must be in (0, 1]"
-            )
-        actor_gpus = float(num_gpus)
-        default_actors = max(
-            1, int(gpus)
-        )  # one actor per GPU; the rest of each GPU is the student's
-    else:
-        default_actors = 1
-    actors = default_actors if num_actors is None else num_actors
-    if not isinstance(actors, int) or actors < 1:
-        raise TeacherError(f"num_actors={num_actors!r}: must be a positive integer or None (auto)")
-    if actor_gpus and actors * actor_gpus > gpus + 1e-6:
-        raise TeacherError(
-            f"num_actors={actors} x num_gpus={actor_gpus:g} needs {actors * actor_gpus:g} GPUs; the cluster has {gpus:g}"
-        )
-    actor_cpus = min(1.0, free / 2 / actors)
-    read_cpus = min(1.0, free / 2)
-    return StreamResources(
-        num_actors=actors,
-        actor_cpus=round(actor_cpus, 3),
-        actor_gpus=actor_gpus,
-        read_cpus=round(read_cpus, 3),
-        intra_op_threads=max(1, math.ceil(actor_cpus)),
-    )
 
 
 # -- the dataset --------------------------------------------------------------------------------
