@@ -262,6 +262,7 @@ def _fit_split(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from histokd.console import train_log_level
     from histokd.finetune.loop import BEST_MODEL_FILE, RESULT_FILE, train_fn_per_worker
 
     split_dir = work_dir / f"split_{split.index}"
@@ -310,9 +311,7 @@ def _fit_split(
             name=name,
             storage_path=config.storage_path,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            logging_config=LoggingConfig(
-                log_level="WARNING"
-            ),  # not a console line per checkpoint and report
+            logging_config=LoggingConfig(log_level=train_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )

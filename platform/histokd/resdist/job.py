@@ -100,6 +100,7 @@ def _fit(config: ResdistConfig, loop: dict[str, Any], phase_dir: Path) -> dict[s
     from ray.train.torch import TorchTrainer
 
     from histokd.cluster import init_ray
+    from histokd.console import train_log_level
     from histokd.resdist.loop import train_fn_per_worker
 
     if (phase_dir / MODEL_FILE).is_file() and (phase_dir / RESULT_FILE).is_file():
@@ -119,7 +120,7 @@ def _fit(config: ResdistConfig, loop: dict[str, Any], phase_dir: Path) -> dict[s
     run_config = RunConfig(
         name=phase_dir.name, storage_path=str(Path(config.run_dir) / "ray"),
         failure_config=FailureConfig(max_failures=config.max_failures),
-        logging_config=LoggingConfig(log_level="WARNING"),  # no console line per report
+        logging_config=LoggingConfig(log_level=train_log_level()),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
     )  # fmt: skip
     outcome = TorchTrainer(train_fn_per_worker, train_loop_config=loop, scaling_config=scaling,
