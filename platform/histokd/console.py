@@ -3,8 +3,8 @@
 A job prints a settings summary, one line per epoch, its results and where they are. Unless it
 runs with ``--verbose``, the rest stays off the console: Ray's, Ray Data's, MLflow's,
 TensorFlow's and absl's log lines below ERROR, other libraries' warnings (deprecations
-included), Ray Data's progress bars, execution plans and advice, and Ray core's log lines that
-workers copy to stderr. histokd's own warnings and everyone's errors always show.
+included), Ray Data's progress bars, execution plans and advice, and the native log lines
+(Ray core's, TensorFlow's) that workers write to stderr. histokd's own warnings and everyone's errors always show.
 
 Nothing is lost: the driver writes everything it prints or logs, shown or not, to
 ``RUN_DIR/logs/driver.log`` (with remote storage, the run's local folder
@@ -47,9 +47,15 @@ DRIVER_LOG = "logs/driver.log"  # in the run's local folder (RunFolderConfig.wor
 RAY_DATA_LOGGING = Path(__file__).parent / "assets" / "ray_data_logging.yaml"
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# A Ray core (C++) log line, which Ray's workers copy to stderr from ERROR up, e.g.
-# "[2026-12-06 20:09:51,207 E 17040 17089] core_worker.cc:2465: Actor with class name: ..."
-_RAY_CORE_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWE] \d+ \d+\] \S+:\d+: ")
+# A native (C++) library's log line on a worker's stderr: Ray core's, which workers copy to
+# stderr from ERROR up ("[2026-12-06 20:09:51,207 E 17040 17089] core_worker.cc:2465: ..."),
+# and TensorFlow's absl INFO and WARNING lines, which TF_CPP_MIN_LOG_LEVEL does not reach
+# ("I0000 00:00:1796591205.447926   15988 port.cc:153] oneDNN custom operations are on ...").
+_NATIVE_LOG_LINE = re.compile(
+    r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWE] \d+ \d+\] \S+:\d+: "
+    r"|[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray's colours: kept on the console, not in the file
 
@@ -323,7 +329,8 @@ def train_log_level() -> str:
 
 
 def route_worker_logs() -> None:
-    """Once Ray is up: Ray core's log lines that workers copy to stderr go to the log file only.
+    """Once Ray is up: native libraries' log lines on workers' stderr (Ray core's, TensorFlow's)
+    go to the log file only.
 
     Everything else the workers print still reaches the console through Ray's own forwarding
     (each epoch's line, a failing task's traceback). Ray has no public hook for this; on another
@@ -350,7 +357,7 @@ def route_worker_logs() -> None:
     def route(data: dict[str, Any]) -> None:
         keep = []
         for line in data.get("lines") or []:
-            if _RAY_CORE_LINE.match(line):
+            if _NATIVE_LOG_LINE.match(line):
                 who = data.get("actor_name") or data.get("task_name") or ""
                 console.write_log(f"({who} pid={data.get('pid')}) {line}\n")
             else:

@@ -52,6 +52,6 @@ def test_the_demo_runs_offline_without_tensorflow_and_the_student_learns(
     assert "Warning" not in console and "Traceback" not in console, console
     assert "Running Dataset" not in console and "Execution plan" not in console, console
     log_file = tmp_path / "runs" / "rckd" / "logs" / "driver.log"
-    assert out.stdout.splitlines()[-1] == f"full log: {log_file}"
+    assert f"full log: {log_file}" in out.stdout.splitlines()
     assert "epoch 8/8" in log_file.read_text()
     assert wall < 600, f"the demo took {wall:.0f} s; README promises minutes"
