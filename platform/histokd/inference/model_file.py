@@ -273,14 +273,20 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
 
 
 def build_model(
-    info: TaskModelInfo, state_dict: Mapping[str, torch.Tensor] | None = None
+    info: TaskModelInfo,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    bare: bool = False,
 ) -> nn.Module:
-    """The task model of ``info`` in eval mode, with ``state_dict`` loaded strictly.
+    """The task model of ``info`` in eval mode, with ``state_dict`` loaded strictly. It takes
+    images as they come (uint8 or [0, 1]) and normalises them itself; ``bare`` gives a
+    resolution-distillation network without its input normalisation (resdist's own training
+    and evaluation normalise their data).
 
     Raises:
         ModelFileError: The state does not fit the architecture the config names.
     """
-    from histokd.models import ClassificationModel, SegmentationModel
+    from histokd.models import ClassificationModel, NormalizedModel, SegmentationModel
 
     if info.resdist is not None:
         from histokd.resdist.model import create_resdist_model
@@ -300,6 +306,8 @@ def build_model(
                 f"weights do not fit a {info.task} model with backbone {info.backbone!r} and "
                 f"{info.num_classes} classes: {str(exc).splitlines()[0]}",
             ) from exc
+    if info.resdist is not None and not bare:  # its training set's statistics, in the file
+        model = NormalizedModel(model, info.mean, info.std)
     return model.eval()
 
 

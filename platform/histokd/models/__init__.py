@@ -27,7 +27,12 @@ from histokd.models.peg import (  # noqa: E402
 )
 from histokd.models.resnet_sat import histokd_resnet18_sat  # noqa: E402
 from histokd.models.sat import SpatialAttentionTransformer  # noqa: E402
-from histokd.models.task_models import ClassificationModel, SegmentationModel  # noqa: E402
+from histokd.models.task_models import (  # noqa: E402
+    ClassificationModel,
+    InputNormalization,
+    NormalizedModel,
+    SegmentationModel,
+)
 from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder  # noqa: E402
 
 __all__ = [
@@ -35,6 +40,8 @@ __all__ = [
     "DEFAULT_DECODER_CHANNELS",
     "TIMM_NAMES",
     "ClassificationModel",
+    "InputNormalization",
+    "NormalizedModel",
     "Csat",
     "PositionalEncodingGenerator",
     "SegmentationModel",

@@ -28,7 +28,44 @@ from torch import nn
 from histokd.models.factory import backbone_state_dict, create_backbone, save_backbone
 from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder
 
-__all__ = ["ClassificationModel", "SegmentationModel"]
+__all__ = ["ClassificationModel", "InputNormalization", "NormalizedModel", "SegmentationModel"]
+
+
+class InputNormalization(nn.Module):
+    """uint8 or [0, 1] images -> ``(x - mean) / std`` per channel (the memory format kept).
+
+    ``mean`` and ``std`` are buffers outside the state dict: the model's config defines them.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class NormalizedModel(nn.Module):
+    """A network trained on normalised inputs that takes images as they come (uint8 or [0, 1]),
+    as every task model does: for networks that keep their statistics in their file."""
+
+    def __init__(
+        self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> None:
+        super().__init__()
+        self.input_norm = InputNormalization(
+            mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
+        )
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.input_norm(x))
 
 
 class _BackboneTaskModel(nn.Module):
@@ -38,16 +75,13 @@ class _BackboneTaskModel(nn.Module):
 
     def _set_normalization(self) -> None:
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
-        mean = cfg.get("mean", IMAGENET_DEFAULT_MEAN)
-        std = cfg.get("std", IMAGENET_DEFAULT_STD)
-        # not in the state dict: the backbone's config defines them, and files stay as they were
-        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.input_norm = InputNormalization(
+            cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] images -> the backbone's normalised input (memory format kept)."""
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
-        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+        """uint8 or [0, 1] images -> the backbone's normalised input."""
+        return self.input_norm(x)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone weights with ``timm.create_model(name)`` key names."""

@@ -212,7 +212,7 @@ def load_model_file(
     from histokd.inference.model_file import build_model, describe_checkpoint, load_checkpoint
 
     payload = load_checkpoint(path)
-    model = build_model(describe_checkpoint(str(path), payload), payload["model"])
+    model = build_model(describe_checkpoint(str(path), payload), payload["model"], bare=True)
     return model.to(device), dict(payload["config"])
 
 
