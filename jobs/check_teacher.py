@@ -1,7 +1,7 @@
 r"""Check a nuclei teacher against your own annotated nuclei: the first step with a new teacher.
 
     python jobs/check_teacher.py --teacher 2D_versatile_he --images my/images --masks my/masks --mpp 0.25
-    python jobs/check_teacher.py --teacher runs/teacher/my_teacher --images ... --masks ... --out runs/check
+    python jobs/check_teacher.py --teacher runs/teacher/my_teacher --images ... --masks ... --run-name check
 
 It measures RCKD's pseudo label (Eq. 2: probability >= alpha) against the true nuclei, pooled
 IoU and Dice, at several alphas, with joint and per-channel normalisation, at the teacher's own
