@@ -107,8 +107,8 @@ def main() -> None:
     )
     args = p.parse_args()
 
+    from histokd.demos.synthetic import make_demo_slides
     from histokd.manifest import ManifestConfig, build_manifest
-    from histokd.synthetic import make_demo_slides
 
     t0 = time.monotonic()
     slides = make_demo_slides(args.slides_dir, **SLIDES)

@@ -89,7 +89,7 @@ def main() -> None:
 
     import ray
 
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     work = Path(tempfile.mkdtemp(prefix="bench-patches-"))
     slides: list[tuple[str, float | None]] = [

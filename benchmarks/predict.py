@@ -193,8 +193,8 @@ def main() -> None:
     import ray
 
     from histokd.cluster import init_ray
+    from histokd.demos.synthetic import make_demo_slides
     from histokd.streams import plan_resources
-    from histokd.synthetic import make_demo_slides
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="histokd_predict_bench_"))
     slides = [

@@ -161,7 +161,7 @@ class GpuSampler(threading.Thread):
 
 
 def _one_slide(folder: str, seed: int) -> str:
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     slide = make_demo_slides(
         folder, n=1, seed=seed, width=SLIDE_SIDE, height=SLIDE_SIDE, tissue_fraction=TISSUE_FRACTION

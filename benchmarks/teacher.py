@@ -49,8 +49,8 @@ PARTS = ("label_rates", "backends", "figure", "stream")
 
 def demo_patches(work: Path, n: int, size: int = 1024) -> tuple[np.ndarray, Path]:
     """``n`` tissue patches of ``size`` px at 20x from demo slides, and the manifest of them."""
+    from histokd.demos.synthetic import make_demo_slides
     from histokd.manifest import ManifestConfig, build_manifest
-    from histokd.synthetic import make_demo_slides
     from histokd.teachers.stream import read_patch_batch
 
     slides_needed = max(2, -(-n // 3))

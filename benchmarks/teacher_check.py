@@ -23,7 +23,7 @@ def annotated_tiles(work: Path, slides: int, tiles: int) -> tuple[Path, Path]:
     import tifffile
     from PIL import Image
 
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
     from histokd.teachers.training import demo_slide_images
 
     demo = make_demo_slides(work / "slides", n=slides, seed=7, width=1024, height=1024)

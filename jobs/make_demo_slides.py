@@ -47,7 +47,7 @@ class DemoSlidesConfig:
 
 
 def _run(config: DemoSlidesConfig):
-    from histokd.synthetic import SlideSpec, make_demo_slides
+    from histokd.demos.synthetic import SlideSpec, make_demo_slides
 
     spec = SlideSpec(
         width=config.slide_size, height=config.slide_size, mpp=config.mpp,

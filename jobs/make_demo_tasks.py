@@ -43,7 +43,7 @@ class DemoTasksConfig:
 
 
 def _run(config: DemoTasksConfig):
-    from histokd.finetune.demo_tasks import make_demo_tasks
+    from histokd.demos.tasks import make_demo_tasks
 
     seed = {} if config.seed is None else {"seed": config.seed}
     return make_demo_tasks(

@@ -20,7 +20,7 @@ from histokd.resdist.config import DemoConfig
 
 
 def _run(config: DemoConfig):
-    from histokd.resdist.demo import run_demo
+    from histokd.demos.resdist import run_demo
 
     return run_demo(config)
 

@@ -89,7 +89,7 @@ def tiled_tiff(tmp_path: Path):
 @pytest.fixture(scope="session")
 def demo_slides_dir(tmp_path_factory) -> Path:
     """Two small synthetic demo slides, written once per session."""
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     folder = tmp_path_factory.mktemp("demo_slides")
     make_demo_slides(folder, n=2, seed=0, width=2048, height=2048)

@@ -1,4 +1,4 @@
-"""Tests of histokd.synthetic.
+"""Tests of histokd.demos.synthetic.
 
 Demo slides open in OpenSlide, carry their resolution, are deterministic, and their
 ground truth lines up with the image.
@@ -15,8 +15,7 @@ import openslide
 import pytest
 from skimage import measure
 
-from histokd.slides import SlideReader
-from histokd.synthetic import (
+from histokd.demos.synthetic import (
     DemoSlide,
     SlideSpec,
     TissueClass,
@@ -28,6 +27,7 @@ from histokd.synthetic import (
     write_label_tiff,
     write_tiled_tiff,
 )
+from histokd.slides import SlideReader
 
 # Small, non-square slides (a swapped x/y shows up) with regions small enough that every
 # class has room on them.
@@ -314,7 +314,7 @@ def test_bad_parameters_name_the_field_and_the_value(tmp_path: Path) -> None:
 
 
 def test_class_weights_give_a_slide_a_dominant_class(tmp_path):
-    from histokd.synthetic import SlideSpec, make_demo_slides
+    from histokd.demos.synthetic import SlideSpec, make_demo_slides
 
     slide = make_demo_slides(
         tmp_path, n=1, seed=4, width=1024, height=1024, class_weights=(0.0, 1.0, 0.0)

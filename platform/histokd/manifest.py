@@ -236,7 +236,7 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
 
 
 def _is_demo_truth(path: Path) -> bool:
-    """A demo slide's ground-truth mask (see :mod:`histokd.synthetic.demo`), not a slide."""
+    """A demo slide's ground-truth mask (see :mod:`histokd.demos.synthetic.demo`), not a slide."""
     for suffix in (".nuclei.tif", ".regions.tif"):
         if path.name.endswith(suffix):
             return path.with_name(path.name[: -len(suffix)] + ".json").is_file()

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def demo_tasks_small(tmp_path_factory):
     """36 classification patches (12 per tissue class, 64 px at 20x) and region-mask pairs."""
-    from histokd.finetune.demo_tasks import make_demo_tasks
+    from histokd.demos.tasks import make_demo_tasks
 
     return make_demo_tasks(
         tmp_path_factory.mktemp("demo_tasks"), n_slides=2, slide_size=1024, patch_size=64,

@@ -3,9 +3,9 @@
 import numpy as np
 from PIL import Image
 
+from histokd.demos.synthetic import load_demo_slide
+from histokd.demos.tasks import make_demo_tasks
 from histokd.finetune.datasets import load_task_dataset
-from histokd.finetune.demo_tasks import make_demo_tasks
-from histokd.synthetic import load_demo_slide
 
 
 def test_classification_patches_lie_in_their_class(demo_tasks_small):

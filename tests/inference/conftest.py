@@ -61,7 +61,7 @@ def segmentation_model_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_demo_slides(tmp_path_factory) -> list:
     """Three small demo slides (768 px at 20x) of a seed no other test uses."""
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     return make_demo_slides(
         tmp_path_factory.mktemp("predict_slides"), n=3, seed=11, width=768, height=768

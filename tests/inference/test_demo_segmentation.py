@@ -24,9 +24,10 @@ def _iou(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndar
 def test_a_demo_fine_tuned_model_recovers_the_regions_of_a_held_out_slide(
     ray_cluster, tmp_path, record_property
 ):
-    from histokd.finetune import FinetuneConfig, make_demo_tasks, run_finetune
+    from histokd.demos.synthetic import make_demo_slides
+    from histokd.demos.tasks import make_demo_tasks
+    from histokd.finetune import FinetuneConfig, run_finetune
     from histokd.inference import PredictConfig, run_prediction
-    from histokd.synthetic import make_demo_slides
 
     tasks = make_demo_tasks(
         tmp_path / "tasks",

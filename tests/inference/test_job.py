@@ -246,7 +246,7 @@ def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs
     ray_cluster, tmp_path, classification_model_file
 ):
     """Six slides, each cut into several model batches: the driver holds at most 2 at once."""
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     slides = make_demo_slides(tmp_path / "slides", n=6, seed=12, width=512, height=512)
     paths = [str(s.slide_path) for s in slides]

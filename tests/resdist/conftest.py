@@ -18,8 +18,8 @@ def tiny_demo(tmp_path_factory) -> dict:
     Returns ``{"table": data.csv, "storage": folder, "region_set": RegionSet, "config": DemoConfig,
     "summary": regions per split and class, "magnifications": those with images}``.
     """
+    from histokd.demos.resdist import DemoConfig, make_demo_data
     from histokd.resdist.config import SupervisedConfig
-    from histokd.resdist.demo import DemoConfig, make_demo_data
     from histokd.resdist.job import prepare_region_set
 
     root = tmp_path_factory.mktemp("resdist_demo")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from histokd.resdist.demo import DemoConfig, run_demo
+from histokd.demos.resdist import DemoConfig, run_demo
 
 STUDENTS = {"2.5x": 2.5, "1.25x": 1.25}
 METHODS = {"baseline": "baseline", "kd": "KD", "kd-aux": "KD (AD)"}
@@ -111,7 +111,7 @@ def test_demo_runs_teacher_distillation_and_evaluation(tmp_path):
 
 def test_slide_level_labels_give_every_region_of_a_slide_its_label(tmp_path):
     """--label-level slide: the paper's setting, one label per slide on all its regions."""
-    from histokd.resdist.demo import make_demo_data
+    from histokd.demos.resdist import make_demo_data
 
     common = dict(demo_dir=str(tmp_path / "slides"), storage_path=str(tmp_path / "runs"), labelled_slides=6, aux_slides=1,
                   val_slides=1, test_slides=2, slide_size=1024)  # fmt: skip

@@ -30,7 +30,7 @@ NUCLEI_SCORE_CHAINS = {
 @pytest.fixture(scope="session")
 def held_out_slides(tmp_path_factory):
     """Two demo slides the demo teacher never saw (another seed than its training slides)."""
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     return make_demo_slides(
         tmp_path_factory.mktemp("held_out"), n=2, seed=HELD_OUT_SEED, width=1024, height=1024

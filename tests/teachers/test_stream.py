@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -261,3 +263,85 @@ def test_stream_sizes_are_checked_before_any_work(field, value):
     ):
         with pytest.raises(TeacherError, match=f"{field}={value!r}: must be a positive integer"):
             make()
+
+
+# -- a user's teacher ---------------------------------------------------------------------------
+PLUGIN = '''
+import numpy as np
+from histokd.teachers import register_teacher
+from histokd.teachers.deconvolution import DeconvolutionTeacher
+
+
+class Inverted(DeconvolutionTeacher):
+    """A teacher of the user's own: colour deconvolution with its labels flipped."""
+
+    def pseudo_label(self, images):
+        return 1 - super().pseudo_label(images)
+
+
+@register_teacher("inverted")
+def _inverted(**kwargs):
+    return Inverted(**kwargs)
+'''
+
+PLUGIN_RUN = """
+import sys
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from histokd.teachers import build_teacher
+from histokd.teachers.stream import pseudo_label_dataset
+
+manifest, cache, how = sys.argv[1:4]
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+if how == "registered_here":  # the driver imported the module itself; the actors must too
+    import my_lab_teachers  # noqa: F401
+    spec = "inverted"
+else:  # only the spec names the module, as on the command line
+    spec = "my_lab_teachers:inverted"
+out = pseudo_label_dataset(manifest, spec, input_size=64, cache_dir=cache, batch_size=4).take_all()
+by_hand = build_teacher("my_lab_teachers:inverted")
+deconv = build_teacher("deconvolution")
+row = pq.read_table(manifest).slice(0, 1).to_pylist()[0]
+from histokd.manifest import PatchReader
+from histokd.teachers.stream import resize_label
+patch = PatchReader().read(row)
+got = next(r["pseudo_label"] for r in out if r["patch_id"] == row["patch_id"])
+assert np.array_equal(got, resize_label(by_hand.pseudo_label(patch)[0], 64))
+assert not np.array_equal(got, resize_label(deconv.pseudo_label(patch)[0], 64))
+print("labelled", len(out))
+"""
+
+
+@pytest.mark.parametrize("how", ["named_by_spec", "registered_here"])
+def test_a_registered_teacher_works_in_ray_actors_and_from_the_cli(manifest, tmp_path, how):
+    """A teacher from a user's module (``@register_teacher``) labels in Ray's teacher actors,
+    whether the driver imported its module or the spec names it (``module:name``), and the job's
+    command line accepts that spec. Fresh processes: the actors must import the module themselves."""
+    import subprocess
+
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "my_lab_teachers.py").write_text(PLUGIN)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(tmp_path / "plugin"), os.environ.get("PYTHONPATH", "")]),
+    )
+    script = tmp_path / "run.py"
+    script.write_text(PLUGIN_RUN)
+    out = subprocess.run([sys.executable, str(script), str(manifest), str(tmp_path / "cache"), how],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert out.returncode == 0 and "labelled" in out.stdout, out.stderr[-3000:]
+    if how == "named_by_spec":
+        job = Path(__file__).resolve().parents[2] / "jobs" / "rckd_pretrain.py"
+        cli = subprocess.run([sys.executable, str(job), "--slides", "x.svs", "--teacher", "my_lab_teachers:inverted",
+                              "--storage-path", str(tmp_path / "runs"), "--print-config"],
+                             capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+        assert cli.returncode == 0 and "teacher: my_lab_teachers:inverted" in cli.stdout, (
+            cli.stderr[-2000:]
+        )
+        bad = subprocess.run([sys.executable, str(job), "--slides", "x.svs", "--teacher", "my_lab_teachers:nope",
+                              "--print-config"], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+        assert (
+            bad.returncode != 0
+            and "module 'my_lab_teachers' registers no teacher 'nope'" in bad.stderr
+        )

@@ -148,7 +148,7 @@ def _monuseg_like_folder(root, n_images: int = 4, side: int = 256):
     twice as wide in pixels as at the 20x the teacher trains at; the most crowded tiles first."""
     import openslide
 
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     slide = make_demo_slides(
         root / "slide", n=1, seed=11, width=3 * side, height=3 * side, mpp=0.25

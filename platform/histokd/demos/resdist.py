@@ -2,7 +2,7 @@
 
 In the paper's order (DiPalma Sec. 3.1, 4.5):
 
-1. Synthetic 20x H&E slides (``histokd.synthetic``) whose tissue falls into pieces, and their
+1. Synthetic 20x H&E slides (``histokd.demos.synthetic``) whose tissue falls into pieces, and their
    tissue regions found as tissueloc would. A region's label is the class (stroma, tumor,
    lymphocyte) covering most of it in the slides' ground truth; labelled regions whose dominant
    class covers less than ``min_purity`` of the tissue are left out. With ``--label-level
@@ -45,9 +45,9 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
     Returns:
         The table's path and the regions per split and class (by their dominant class).
     """
+    from histokd.demos.synthetic import DEFAULT_CLASSES, make_demo_slides
     from histokd.resdist.region_set import write_csv
     from histokd.resdist.regions import RegionFinder, find_tissue_regions
-    from histokd.synthetic import DEFAULT_CLASSES, make_demo_slides
 
     root = Path(config.demo_dir)
     common = dict(width=config.slide_size, height=config.slide_size, **_SLIDE_FIELDS)

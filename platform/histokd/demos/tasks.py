@@ -1,6 +1,6 @@
 """Demo downstream tasks cut from synthetic slides, so fine-tuning runs offline in minutes.
 
-The synthetic slides (``histokd.synthetic``) are divided into large regions of tissue classes
+The synthetic slides (``histokd.demos.synthetic``) are divided into large regions of tissue classes
 (stroma, tumour, lymphocytes) that differ in nuclei density, size, shape and darkness, with an
 exact region mask. From them this module writes two datasets in the layouts that
 ``histokd.finetune.datasets`` reads:
@@ -84,8 +84,8 @@ def make_demo_tasks(
     Returns:
         The datasets' locations and counts.
     """
+    from histokd.demos.synthetic import make_demo_slides
     from histokd.slides import SlideReader
-    from histokd.synthetic import make_demo_slides
 
     if not 0.5 <= purity <= 1 or not 0 <= min_tissue <= 1:
         raise ValueError(

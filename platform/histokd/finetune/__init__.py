@@ -4,7 +4,6 @@
   loss, the best epoch tested, mean ± std and bootstrap intervals, MLflow.
 * `run_search`: Ray Tune over resolution, learning rate and positional encodings (Fig. 5).
 * `run_comparison`: backbones x initialisations, Tables 3/4 and Fig. 10.
-* `make_demo_tasks`: classification and segmentation datasets cut from synthetic slides.
 """
 
 from histokd.lazy import attach
@@ -14,7 +13,6 @@ __getattr__, __dir__, __all__ = attach(
     {
         "config": ["DEMO_PRESET", "FinetuneConfig"],
         "datasets": ["TaskDataset", "load_task_dataset"],
-        "demo_tasks": ["DemoTasks", "make_demo_tasks"],
         "early_stopping": ["EarlyStopping"],
         "evaluation": ["summarize_splits"],
         "job": ["FinetuneResult", "prepare_dataset", "run_finetune"],

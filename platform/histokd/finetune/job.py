@@ -69,7 +69,7 @@ def prepare_dataset(config: FinetuneConfig) -> TaskDataset:
     """The configured dataset, or the demo task (written on first use) when ``data`` is empty."""
     if config.data:
         return load_task_dataset(config.data, config.task)
-    from histokd.finetune.demo_tasks import make_demo_tasks
+    from histokd.demos.tasks import make_demo_tasks
 
     tasks = make_demo_tasks(config.demo_dir)
     folder = tasks.classification_dir if config.task == "classification" else tasks.segmentation_dir

@@ -81,7 +81,7 @@ def _cluster_gpus() -> float:
 
 def _demo_slides(config: PretrainConfig) -> list[str]:
     """The synthetic demo slides, written on first use."""
-    from histokd.synthetic import make_demo_slides
+    from histokd.demos.synthetic import make_demo_slides
 
     slides = make_demo_slides(config.demo_dir, n=4, seed=config.seed)
     return [str(s.path) for s in slides]

@@ -10,6 +10,6 @@ original), :mod:`~histokd.resdist.region_set` (data table in, region images out)
 :mod:`~histokd.resdist.dataset` (single variable-size images), :mod:`~histokd.resdist.model`
 (the network and its task-model file), :mod:`~histokd.resdist.loop` (the Ray Train worker loop)
 and :mod:`~histokd.resdist.job` (the drivers) to :mod:`~histokd.resdist.evaluation` (Tables 5-8,
-Fig. 3); :mod:`~histokd.resdist.search` is Ray Tune, :mod:`~histokd.resdist.demo` the offline demo.
+Fig. 3); :mod:`~histokd.resdist.search` is Ray Tune, :mod:`~histokd.demos.resdist` the offline demo.
 The package imports nothing itself: the jobs' ``--help`` reads only :mod:`~histokd.resdist.config`.
 """

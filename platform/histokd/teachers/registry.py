@@ -30,6 +30,7 @@ __all__ = [
     "STARDIST_SPECS",
     "available_teachers",
     "build_teacher",
+    "is_stardist_spec",
     "portable_spec",
     "register_teacher",
     "resolve_teacher_spec",
@@ -186,6 +187,12 @@ def resolve_teacher_spec(spec: str) -> tuple[str, str]:
         "registers), or a path to a StarDist model folder"
         + (" (no such folder)" if ("/" in spec or spec.startswith(".")) else "")
     )
+
+
+def is_stardist_spec(spec: str) -> bool:
+    """True when the spec names a StarDist model (which takes StarDist's settings)."""
+    kind, value = resolve_teacher_spec(spec)
+    return kind != "registered" or value in STARDIST_SPECS
 
 
 def portable_spec(spec: str) -> str:

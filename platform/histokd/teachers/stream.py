@@ -203,8 +203,10 @@ class TeacherActor:
         fingerprint: str,
         intra_op_threads: int | None = None,
     ):
+        from histokd.teachers.registry import is_stardist_spec
+
         kwargs = dict(teacher_kwargs or {})
-        if intra_op_threads is not None and teacher != "deconvolution":
+        if intra_op_threads is not None and is_stardist_spec(teacher):
             kwargs.setdefault("intra_op_threads", intra_op_threads)
         self._spec, self._kwargs = teacher, kwargs
         self._teacher = None  # built on the first cache miss: see `teacher`

@@ -4,7 +4,7 @@ Training data come from two kinds of source, used together:
 
 * folders in the MoNuSeg-like layout (see :func:`load_instance_folder`): RGB images and, for
   each, an instance mask (0 = background, 1..n = nuclei) or MoNuSeg's XML annotations;
-* the synthetic demo slides (:mod:`histokd.synthetic`), tiled, with their exact nuclei masks.
+* the synthetic demo slides (:mod:`histokd.demos.synthetic`), tiled, with their exact nuclei masks.
 
 Every image is brought to one magnification (the stream's, 20x as RCKD Sec. 2.1.1) so the
 teacher sees nuclei at the size it will label them. One source (an image or a slide) in
@@ -260,7 +260,7 @@ def demo_slide_images(
     """Tiles of demo slides with their true nuclei, read as the stream reads patches.
 
     Args:
-        slides: :class:`histokd.synthetic.DemoSlide` objects.
+        slides: :class:`histokd.demos.synthetic.DemoSlide` objects.
         magnification: Magnification of the tiles (the slide reader resizes to it).
         tile_size: Tile side in pixels at ``magnification``.
         min_nuclei: Tiles with fewer nuclei are skipped (glass).
@@ -572,7 +572,7 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     for folder in config.data:
         items += load_instance_folder(folder, config.data_magnification, config.magnification)
     if config.demo_slides:
-        from histokd.synthetic import make_demo_slides
+        from histokd.demos.synthetic import make_demo_slides
 
         demo_dir = Path(config.demo_dir) if config.demo_dir else out_dir / "demo_slides"
         slides = make_demo_slides(
@@ -661,7 +661,7 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
     import stardist
     import tensorflow
 
-    from histokd.synthetic import GENERATOR_VERSION
+    from histokd.demos.synthetic import GENERATOR_VERSION
 
     defaults = {
         "alpha": alpha,

@@ -8,16 +8,21 @@
   edge cases (tiny slides, blank slides, slides without magnification).
 """
 
-from histokd.synthetic.demo import (
+from histokd.demos.synthetic.demo import (
     GENERATOR_VERSION,
     DemoSlide,
     load_demo_slide,
     make_demo_slides,
     read_truth,
 )
-from histokd.synthetic.slide import SlideSpec, SyntheticSlide, synthesize_slide
-from histokd.synthetic.tiff import read_tiff_region, write_label_tiff, write_svs, write_tiled_tiff
-from histokd.synthetic.tissue import DEFAULT_CLASSES, TissueClass
+from histokd.demos.synthetic.slide import SlideSpec, SyntheticSlide, synthesize_slide
+from histokd.demos.synthetic.tiff import (
+    read_tiff_region,
+    write_label_tiff,
+    write_svs,
+    write_tiled_tiff,
+)
+from histokd.demos.synthetic.tissue import DEFAULT_CLASSES, TissueClass
 
 __all__ = [
     "DEFAULT_CLASSES",

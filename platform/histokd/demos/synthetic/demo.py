@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from histokd.synthetic.slide import SlideSpec, synthesize_slide
-from histokd.synthetic.tiff import _atomic, read_tiff_region, write_label_tiff, write_svs
+from histokd.demos.synthetic.slide import SlideSpec, synthesize_slide
+from histokd.demos.synthetic.tiff import _atomic, read_tiff_region, write_label_tiff, write_svs
 
 __all__ = ["GENERATOR_VERSION", "DemoSlide", "load_demo_slide", "make_demo_slides", "read_truth"]
 

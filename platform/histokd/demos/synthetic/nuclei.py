@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histokd.synthetic.noise import resize_field, smooth_noise
-from histokd.synthetic.tissue import TissueClass
+from histokd.demos.synthetic.noise import resize_field, smooth_noise
+from histokd.demos.synthetic.tissue import TissueClass
 
 __all__ = ["NucleiMaps", "draw_nuclei"]
 

@@ -17,9 +17,9 @@ import numpy as np
 from scipy import ndimage
 from skimage import segmentation
 
-from histokd.synthetic.noise import fibre_field, resize_field, smooth_noise
-from histokd.synthetic.nuclei import draw_nuclei
-from histokd.synthetic.tissue import DEFAULT_CLASSES, TissueClass, draw_layout
+from histokd.demos.synthetic.noise import fibre_field, resize_field, smooth_noise
+from histokd.demos.synthetic.nuclei import draw_nuclei
+from histokd.demos.synthetic.tissue import DEFAULT_CLASSES, TissueClass, draw_layout
 
 __all__ = ["SlideSpec", "SyntheticSlide", "synthesize_slide"]
 

@@ -5,7 +5,7 @@ A slide is a tissue section of irregular outline on white glass, with a few whit
 classes differ in what a pathologist (and a classifier) sees: how dense, how large, how
 elongated and how dark their nuclei are, and how their background stains. The region
 mask is the ground truth for the demo's tissue classification and region segmentation
-tasks; the nuclei drawn into it (:mod:`histokd.synthetic.nuclei`) are the ground truth
+tasks; the nuclei drawn into it (:mod:`histokd.demos.synthetic.nuclei`) are the ground truth
 for the teacher.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histokd.synthetic.noise import fractal_noise, resize_field, smooth_noise
+from histokd.demos.synthetic.noise import fractal_noise, resize_field, smooth_noise
 
 __all__ = ["DEFAULT_CLASSES", "TissueClass", "TissueLayout", "draw_layout"]
 
