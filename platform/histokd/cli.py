@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "arg",
     "check_ints",
     "config_to_dict",
     "load_yaml",
@@ -44,6 +45,33 @@ __all__ = [
 
 C = TypeVar("C")
 REMOVED_IN = "0.2"
+
+
+def arg(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 - argparse's word
+    *,
+    factory: Callable[[], Any] | None = None,
+    aliases: Sequence[str] = (),
+    hidden: bool = False,
+) -> Any:
+    """A config field on one line: ``lr: float = arg(0.075, "peak learning rate")``.
+
+    Args:
+        default: The default value (a list or dict default: ``factory``).
+        help: The flag's help text.
+        factory: Builds a mutable default.
+        aliases: Old names, accepted for one release with a notice.
+        hidden: Keep the flag out of ``--help`` (test hooks).
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if aliases:
+        metadata["aliases"] = list(aliases)
+    if hidden:
+        metadata["cli"] = "hidden"
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _field_kind(tp: Any) -> tuple[Callable[[str], Any] | None, bool, bool]:
