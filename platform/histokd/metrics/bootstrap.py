@@ -113,18 +113,16 @@ def bootstrap_ci(
     if n < 2:
         raise ValueError(f"bootstrap_ci: need at least 2 samples, got {n}")
     estimate = float(statistic(*arrays, axis=-1))
+    return _interval(arrays, statistic, estimate, n_resamples, confidence, method, seed,
+                     batch=_batch_size(n, 1), paired=True)  # fmt: skip
+
+
+def _interval(data, statistic, estimate, n_resamples, confidence, method, seed, **kwargs):
+    """SciPy's vectorised bootstrap as a :class:`BootstrapInterval`."""
     result = stats.bootstrap(
-        arrays,
-        statistic,
-        n_resamples=n_resamples,
-        paired=True,
-        vectorized=True,
-        axis=-1,
-        confidence_level=confidence,
-        method=method,
-        rng=np.random.default_rng(seed),
-        batch=_batch_size(n, 1),
-    )
+        data, statistic, n_resamples=n_resamples, vectorized=True, axis=-1,
+        confidence_level=confidence, method=method, rng=np.random.default_rng(seed), **kwargs,
+    )  # fmt: skip
     return BootstrapInterval(
         estimate=estimate,
         low=float(result.confidence_interval.low),
@@ -189,23 +187,5 @@ def bootstrap_confusion_ci(
         return np.asarray(metric(summed), dtype=np.float64)
 
     estimate = float(metric(confusion.sum(0)))
-    result = stats.bootstrap(
-        (np.arange(n),),
-        statistic,
-        n_resamples=n_resamples,
-        vectorized=True,
-        axis=-1,
-        confidence_level=confidence,
-        method=method,
-        rng=np.random.default_rng(seed),
-        batch=_batch_size(n, 2),
-    )
-    return BootstrapInterval(
-        estimate=estimate,
-        low=float(result.confidence_interval.low),
-        high=float(result.confidence_interval.high),
-        confidence=confidence,
-        n_resamples=n_resamples,
-        method=method,
-        distribution=np.asarray(result.bootstrap_distribution, dtype=np.float64),
-    )
+    return _interval((np.arange(n),), statistic, estimate, n_resamples, confidence, method, seed,
+                     batch=_batch_size(n, 2))  # fmt: skip

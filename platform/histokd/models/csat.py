@@ -30,7 +30,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     GlobalResponseNormMlp,
@@ -48,7 +47,7 @@ from torch import nn
 
 from histokd.models.peg import PositionalEncodingGenerator
 from histokd.models.sat import SpatialAttentionTransformer
-from histokd.models.timm_weights import keep_head_init
+from histokd.models.timm_weights import keep_head_init, rckd_cfg
 
 __all__ = ["Csat", "SatBlock", "TransformerBlock", "GlobalAttention", "FusedGrnMlp"]
 
@@ -627,32 +626,17 @@ def _create_csat(variant: str, pretrained: bool = False, **kwargs) -> Csat:
     )
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    # What RCKD pretraining feeds the student (Sec. 3.1): 512 px patches resized bilinearly,
-    # no crop, ImageNet mean and std (histokd.pretrain.loop).
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 512, 512),
-        "pool_size": (16, 16),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head.fc",
-        "paper_ids": "doi:10.3390/bioengineering10111279",
-        "paper_name": "RCKD: Response-Based Cross-Task Knowledge Distillation for Pathological "
-        "Image Analysis",
-        **kwargs,
-    }
+_CFG = rckd_cfg(
+    "stem.0", "head.fc", paper_ids="doi:10.3390/bioengineering10111279",
+    paper_name="RCKD: Response-Based Cross-Task Knowledge Distillation for Pathological Image Analysis",
+)  # fmt: skip
 
 
 # No public weights: load a histokd backbone file with pretrained_cfg_overlay=dict(file=...).
 default_cfgs = generate_default_cfgs(
     {
-        "histokd_csat": _cfg(),
-        "histokd_csat_nosat": _cfg(),
+        "histokd_csat": _CFG,
+        "histokd_csat_nosat": dict(_CFG),
     }
 )
 

@@ -16,36 +16,17 @@ from __future__ import annotations
 
 from functools import partial
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, ResNet
 
 from histokd.models.sat import SpatialAttentionTransformer
-from histokd.models.timm_weights import keep_head_init
+from histokd.models.timm_weights import keep_head_init, rckd_cfg
 
 __all__: list[str] = []  # register_model appends the entry points
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    # What RCKD pretraining feeds the student: 512 px, bilinear, no crop, ImageNet mean and std.
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 512, 512),
-        "pool_size": (16, 16),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        **kwargs,
-    }
-
-
-# No public weights: load a histokd backbone file with pretrained_cfg_overlay=dict(file=...).
-default_cfgs = generate_default_cfgs({"histokd_resnet18_sat": _cfg()})
+default_cfgs = generate_default_cfgs({"histokd_resnet18_sat": rckd_cfg("conv1", "fc")})
 
 
 @register_model

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["keep_head_init"]
+__all__ = ["keep_head_init", "rckd_cfg"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,3 +48,15 @@ def keep_head_init(
             len(head),
         )
     return {**state_dict, **head}
+
+
+def rckd_cfg(first_conv: str, classifier: str, **kwargs) -> dict:
+    """The ``pretrained_cfg`` of histokd's timm models: what RCKD pretraining feeds the student
+    (Sec. 3.1): 512 px patches resized bilinearly, no crop, ImageNet mean and std. Task models
+    normalise their input with it (`histokd.models.task_models.InputNormalization`)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"url": "", "num_classes": 1000, "input_size": (3, 512, 512), "pool_size": (16, 16),
+            "crop_pct": 1.0, "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": first_conv, "classifier": classifier,
+            **kwargs}  # fmt: skip
