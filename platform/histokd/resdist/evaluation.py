@@ -114,14 +114,8 @@ def forward_gflops(model: nn.Module, height: int, width: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def metric_intervals(
-    targets: np.ndarray,
-    predictions: np.ndarray,
-    num_classes: int,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, BootstrapInterval]:
+def metric_intervals(targets, predictions, num_classes: int, n_resamples: int = 10_000,
+                     confidence: float = 0.95, seed: int = 0) -> dict[str, BootstrapInterval]:  # fmt: skip
     """Each metric of :data:`METRICS` with its bootstrap interval over the test images."""
     targets, predictions = np.asarray(targets, np.int64), np.asarray(predictions, np.int64)
     if len(targets) != len(predictions):
@@ -132,20 +126,10 @@ def metric_intervals(
             for name, (_, fn) in METRICS.items()}  # fmt: skip
 
 
-def evaluate_model(
-    model_path: str,
-    region_set: RegionSet,
-    splits: Sequence[str] = ("test",),
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> ModelEvaluation:
-    """Evaluate one model file on the labelled regions of ``splits`` at its own magnification.
-
-    Raises:
-        ValueError: The model's classes differ from the data's, or there are fewer than 2 images.
-    """
+def evaluate_model(model_path: str, region_set: RegionSet, splits: Sequence[str] = ("test",), n_resamples: int = 10_000,
+                   confidence: float = 0.95, seed: int = 0, device: torch.device | str = "cpu") -> ModelEvaluation:  # fmt: skip
+    """Evaluate one model file on the labelled regions of ``splits`` at its own magnification; a
+    ValueError where its classes differ from the data's or there are fewer than 2 images."""
     from histokd.resdist.model import load_model_file
 
     model, meta = load_model_file(model_path, device)
@@ -159,9 +143,7 @@ def evaluate_model(
     items = region_set.items(splits, [mag], labelled=True)
     targets, predictions, _ = predict(model, items, (meta["mean"], meta["std"]), device)
     intervals = metric_intervals(targets, predictions, region_set.num_classes, n_resamples, confidence, seed)  # fmt: skip
-    gflops = {}
-    for w, h in {r.size_at(mag) for r in records}:
-        gflops[w, h] = forward_gflops(model, h, w)
+    gflops = {(w, h): forward_gflops(model, h, w) for w, h in {r.size_at(mag) for r in records}}
     median = median_size(records, mag)
     return ModelEvaluation(
         str(meta.get("method", "model")), mag, str(meta.get("run_name", "")), str(model_path),
@@ -284,8 +266,6 @@ def write_chart(evaluations: Sequence[ModelEvaluation], path: str | Path, datase
 
 @dataclass
 class EvaluationResult:
-    """What the evaluation job produced."""
-
     evaluations: list[ModelEvaluation]
     files: dict[str, str]
     mlflow_run_id: str

@@ -31,8 +31,7 @@ _CACHE_LIMIT_BYTES = 2 * 2**30
 
 @dataclass
 class TrainResult:
-    """Where a job left its model: the file, the job's folder, the last phase's result (history,
-    kept epoch, sizes) and the MLflow run."""
+    """Where a job left its model, and the last phase's result (history, kept epoch, sizes)."""
 
     model_path: str
     run_dir: str
@@ -46,9 +45,7 @@ def prepare_region_set(config: ResdistConfig) -> RegionSet:
                             config.region_finder(), class_names=config.class_names or None)  # fmt: skip
 
 
-def training_stats(
-    region_set: RegionSet, splits: list[str], magnification: float
-) -> tuple[list[float], list[float]]:
+def training_stats(region_set: RegionSet, splits: list[str], magnification: float) -> tuple[list, list]:  # fmt: skip
     """Per-channel mean and std of the labelled ``splits`` at ``magnification`` (Sec. 3.2), cached."""
     from histokd.resdist.dataset import channel_stats
 
@@ -127,13 +124,8 @@ def _fit(config: ResdistConfig, loop: dict[str, Any], phase_dir: Path) -> dict[s
                            run_config=run_config).fit()  # fmt: skip
     if outcome.error:
         raise RuntimeError(f"{loop['run_name']} failed: {outcome.error}")
-    if config.num_workers == 0:
-        source = contextlib.nullcontext(loop["local_result_dir"])
-    elif outcome.checkpoint is None:
-        raise RuntimeError(f"{loop['run_name']} produced no checkpoint")
-    else:
-        source = outcome.checkpoint.as_directory()
-    with source as folder:
+    local = config.num_workers == 0
+    with contextlib.nullcontext(loop["local_result_dir"]) if local else outcome.checkpoint.as_directory() as folder:  # fmt: skip
         for name in (MODEL_FILE, RESULT_FILE):
             shutil.copy2(Path(folder) / name, phase_dir / name)
     return json.loads((phase_dir / RESULT_FILE).read_text())
@@ -166,12 +158,8 @@ def _run(config: ResdistConfig, job: str, phases: list[dict], parent_run_id: str
 
 
 def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None) -> TrainResult:
-    """Train the teacher, or a baseline, with cross-entropy (Sec. 3.2, 4.5.1-4.5.2).
-
-    Raises:
-        ValueError: Bad data or settings.
-        RuntimeError: Training failed after the allowed restarts.
-    """
+    """Train the teacher, or a baseline, with cross-entropy (Sec. 3.2, 4.5.1-4.5.2); a ValueError
+    for bad data or settings, a RuntimeError where training failed after the allowed restarts."""
     region_set = prepare_region_set(config)
     stats = training_stats(region_set, config.train_splits, config.magnification)
     meta = _meta(config, region_set, stats, config.train_splits, method=config.method)
@@ -181,21 +169,15 @@ def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None
 
 
 def run_distill(config: DistillConfig, *, parent_run_id: str | None = None) -> TrainResult:
-    """Distil a low-magnification student from the teacher, then fine-tune it if Sec. 3.4 says so.
-
-    Raises:
-        ValueError: Bad data or settings (a student magnification not below the teacher's).
-        RuntimeError: Training failed after the allowed restarts.
-    """
+    """Distil a low-magnification student from the teacher, then fine-tune it if Sec. 3.4 says
+    so; errors as :func:`run_supervised`'s (a student magnification not below the teacher's)."""
     from histokd.inference.model_file import load_checkpoint
 
     teacher = load_checkpoint(config.teacher)["config"]
     teacher_mag = float(teacher["magnification"])
     if not config.magnification < teacher_mag:
-        raise ValueError(
-            f"magnification={config.magnification:g}: the student's must be below the teacher's "
-            f"{teacher_mag:g}x ({config.teacher})"
-        )
+        raise ValueError(f"magnification={config.magnification:g}: the student's must be below the teacher's "
+                         f"{teacher_mag:g}x ({config.teacher})")  # fmt: skip
     config.check_magnification("the teacher's magnification", teacher_mag)
     region_set = prepare_region_set(config)
     if teacher["class_names"] != list(region_set.class_names):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histokd.resdist.model import create_resdist_model, load_model_file, save_model_file
-from histokd.resume import restore_checkpoint
+from histokd.resume import report_checkpoint, restore_checkpoint
 from histokd.run import all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
@@ -52,8 +52,7 @@ class GradientAccumulator:
         self.optimizer, self.steps, self.pending, self.num_steps = optimizer, steps, 0, 0
 
     @property
-    def closes_group(self) -> bool:
-        """Whether the next image completes a group (DDP must synchronise on its backward)."""
+    def closes_group(self) -> bool:  # the next image completes a group: DDP synchronises
         return self.pending + 1 >= self.steps
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -159,14 +158,6 @@ def _pass(net, dataset, order, kd: bool, workers=0, accumulator=None) -> dict[st
     return out
 
 
-def _shard(n: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
-    """This worker's shuffled images of the epoch, padded so every worker has as many."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    if world > 1 and n % world:
-        order = np.concatenate([order, order[: world - n % world]])
-    return order[rank::world].tolist()
-
-
 def _final_metrics(result: dict[str, Any]) -> dict[str, Any]:
     last = result["history"][-1] if result["history"] else {}
     metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
@@ -229,7 +220,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         epoch_start = time.monotonic()
         train_set.set_epoch(epoch)
         train_net.train()
-        order = _shard(len(train_set), epoch, seed, rank, world)
+        # this worker's shuffled images, padded so every worker has as many
+        order = np.random.default_rng([seed, epoch]).permutation(len(train_set))
+        if world > 1 and len(order) % world:
+            order = np.concatenate([order, order[: world - len(order) % world]])
+        order = order[rank::world].tolist()
         train = _pass(train_net, train_set, order, kd, config["loader_workers"], accumulator)
         accumulator.step()  # the epoch's last, shorter group
         scheduler.step()
@@ -250,8 +245,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             print(f"{name} epoch {epoch}/{epochs}  " + "  ".join(shown), flush=True)
             prefix = config.get("metric_prefix", "")
             log_epoch_metrics(mlflow_client, config, {prefix + k: v for k, v in row.items()}, epoch)
-        if epoch < epochs:
-            _report(rank == 0 and not config.get("local_result_dir"), row, {**parts, **progress})
+        if epoch < epochs:  # rank 0 attaches the state to continue from (local mode keeps none)
+            state = lambda: {k: v.state_dict() for k, v in parts.items()} | progress  # noqa: E731
+            report_checkpoint(
+                row, state, STATE_FILE, -1 if config.get("local_result_dir") else rank
+            )
 
     use_best = config["select"] == "best" and progress["best_state"] is not None
     if use_best:
@@ -277,17 +275,3 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             json.dump(result, f)
         checkpoint = ray.train.Checkpoint.from_directory(out)
         ray.train.report(_final_metrics(result), checkpoint=checkpoint)
-
-
-def _report(with_state: bool, row: dict[str, Any], state: dict[str, Any]) -> None:
-    """Report the epoch; rank 0 attaches the state a restarted run continues from."""
-    import ray.train
-
-    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if with_state:
-            saved = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
-            torch.save(saved, os.path.join(tmp, STATE_FILE))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)

@@ -102,14 +102,9 @@ class RegionSet:
             raise ValueError(f"splits {sorted(wanted - set(SPLITS))}: allowed: {', '.join(SPLITS)}")
         return [r for r in self.records if r.split in wanted and (not labelled or r.label >= 0)]
 
-    def items(
-        self, splits: Iterable[str], magnifications: Sequence[float], labelled: bool = False
-    ) -> list[dict[str, Any]]:
-        """Plain dicts for training workers: ``region_id``, ``label``, ``paths`` by magnification tag.
-
-        Raises:
-            ValueError: A magnification the set has no images for.
-        """
+    def items(self, splits: Iterable[str], magnifications: Sequence[float], labelled: bool = False) -> list[dict]:  # fmt: skip
+        """Plain dicts for training workers: ``region_id``, ``label``, ``paths`` by magnification
+        tag; a ValueError for a magnification the set has no images for."""
         missing = [m for m in magnifications if float(m) not in self.magnifications]
         if missing:
             have = ", ".join(magnification_tag(m) for m in self.magnifications)
@@ -131,31 +126,24 @@ class RegionSet:
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> RegionSet:
-        """Open a set written by :func:`build_region_set`."""
+        """Open a set written by :func:`build_region_set` (a FileNotFoundError where there is none)."""
         root = Path(root)
-        if not (root / _META_FILE).is_file():
-            raise FileNotFoundError(f"{root}: no {_META_FILE}; build the region set first")
         meta = json.loads((root / _META_FILE).read_text())
-        types = {f.name: f.type for f in fields(RegionRecord)}
-        parse = {"int": int, "float": float, "str": str}
+        parse = {
+            f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(RegionRecord)
+        }
         with open(root / _TABLE_FILE, newline="") as f:
             records = [
-                RegionRecord(**{k: parse[types[k]](v) for k, v in row.items()})
+                RegionRecord(**{k: parse[k](v) for k, v in row.items()})
                 for row in csv.DictReader(f)
             ]
         mags = tuple(float(m) for m in meta["magnifications"])
         return cls(root, tuple(meta["class_names"]), mags, records)
 
 
-def read_data_table(
-    path: str | os.PathLike, class_names: Sequence[str] | None = None
-) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """Rows of the data table, checked, with absolute slide paths, and the class names
-    (``class_names``, else the table's sorted labels).
-
-    Raises:
-        ValueError: A missing column, a bad split, box or label, naming the row.
-    """
+def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[dict], tuple[str, ...]]:  # fmt: skip
+    """Rows of the data table, checked (a ValueError naming the row), with absolute slide paths,
+    and the class names (``class_names``, else the table's sorted labels)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data={str(path)!r}: no such CSV file")
@@ -208,9 +196,8 @@ def _extract_slide(slide: str, entries: list[dict], root: str, mags: Sequence[fl
             else:
                 found = find_tissue_regions(reader, finder)
             for region in found:
-                fraction = region.tissue_fraction
-                record = RegionRecord(slide, len(rows), region.x, region.y, region.width,
-                                      region.height, base, fraction, entry["split"], entry["label"])  # fmt: skip
+                record = RegionRecord(slide, len(rows), region.x, region.y, region.width, region.height,
+                                      base, region.tissue_fraction, entry["split"], entry["label"])  # fmt: skip
                 for mag, image in read_region_magnifications(reader, record, mags).items():
                     out = Path(root) / "images" / magnification_tag(mag) / f"{record.region_id}.png"
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,20 +208,10 @@ def _extract_slide(slide: str, entries: list[dict], root: str, mags: Sequence[fl
     return rows
 
 
-def build_region_set(
-    data: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    magnifications: Sequence[float],
-    finder: RegionFinder | None = None,
-    class_names: Sequence[str] | None = None,
-) -> RegionSet:
-    """Write (or reuse) the region images of a data table at every magnification.
-
-    With Ray initialised and 16 or more slides, each slide is one Ray task.
-
-    Raises:
-        ValueError: A bad table, or no region found at all.
-    """
+def build_region_set(data: str | os.PathLike, out_dir: str | os.PathLike, magnifications: Sequence[float],
+                     finder: RegionFinder | None = None, class_names: Sequence[str] | None = None) -> RegionSet:  # fmt: skip
+    """Write (or reuse) the region images of a data table at every magnification; a ValueError for
+    a bad table or no region found at all. With Ray up and 16 or more slides, a Ray task per slide."""
     finder = finder or RegionFinder()
     mags = tuple(sorted({float(m) for m in magnifications}, reverse=True))
     if not mags or min(mags) <= 0:

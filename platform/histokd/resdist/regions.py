@@ -98,16 +98,11 @@ class RegionFinder:
         for name in ("thumbnail_magnification", "min_area_um2", "closing_um", "padding_um"):
             value, positive = getattr(self, name), name == "thumbnail_magnification"
             if not (value > 0 if positive else value >= 0):
-                raise ValueError(
-                    f"RegionFinder.{name}={value!r}: must be {'positive' if positive else '>= 0'}"
-                )
+                raise ValueError(f"RegionFinder.{name}={value!r}: must be {'positive' if positive else '>= 0'}")  # fmt: skip
 
 
-def find_tissue_regions(
-    slide: str | os.PathLike | SlideReader,
-    finder: RegionFinder | None = None,
-    base_magnification: float | None = None,
-) -> list[TissueRegion]:
+def find_tissue_regions(slide: str | os.PathLike | SlideReader, finder: RegionFinder | None = None,
+                        base_magnification: float | None = None) -> list[TissueRegion]:  # fmt: skip
     """The bounding boxes of a slide's tissue pieces (a file, with ``base_magnification`` for
     one that records none, or an open reader), in row-major order of their corners."""
     finder = finder or RegionFinder()
@@ -148,21 +143,12 @@ def find_tissue_regions(
             reader.close()
 
 
-def read_region_magnifications(
-    reader: SlideReader,
-    region: TissueRegion,
-    magnifications: Sequence[float],
-    max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS,
-) -> dict[float, np.ndarray]:
+def read_region_magnifications(reader: SlideReader, region: TissueRegion, magnifications: Sequence[float],
+                               max_source_pixels: int = DEFAULT_MAX_SOURCE_PIXELS) -> dict[float, np.ndarray]:  # fmt: skip
     """``{magnification: RGB uint8 image}`` of a region, each Lanczos-downsampled from level 0
     to :meth:`TissueRegion.size_at`; a region of more than ``max_source_pixels`` level-0 pixels
-    is read at the highest magnification asked for instead (with a warning).
-
-    Raises:
-        SlideError: A magnification above the scan's, or unreadable tiles.
-    """
-    if not magnifications:
-        raise ValueError("read_region_magnifications: no magnifications given")
+    is read at the highest magnification asked for instead (with a warning). A SlideError for a
+    magnification above the scan's or unreadable tiles."""
     for mag in magnifications:
         reader.downsample_for(mag)  # raises SlideError naming the file for one above the scan's
     box, base = (region.x, region.y), reader.info.base_magnification
