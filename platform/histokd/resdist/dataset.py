@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = [
-    "AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats",
-    "draw_augment", "load_rgb",
-]  # fmt: skip
+__all__ = ["AugmentParams", "ColorJitter", "RegionImages", "apply_augment", "channel_stats", "draw_augment",
+           "load_rgb"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -117,16 +115,8 @@ class RegionImages(torch.utils.data.Dataset):
     An item is ``{"images": [3 x H x W float tensor per view], "label": int, "index": int}``.
     """
 
-    def __init__(
-        self,
-        items: Sequence[Mapping[str, Any]],
-        views: Sequence[str],
-        stats: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-        augment: bool = False,
-        jitter: ColorJitter | None = ColorJitter(),
-        seed: int = 0,
-        cache: bool = True,
-    ) -> None:
+    def __init__(self, items: Sequence[Mapping[str, Any]], views: Sequence[str], stats: Mapping[str, tuple],
+                 augment: bool = False, jitter: ColorJitter | None = ColorJitter(), seed: int = 0, cache: bool = True):  # fmt: skip
         missing = [v for v in views if v not in stats]
         if missing:
             raise ValueError(f"RegionImages: no normalisation statistics for {missing}")
@@ -140,20 +130,11 @@ class RegionImages(torch.utils.data.Dataset):
         self.epoch = 0
         self._cache: dict[tuple[int, str], np.ndarray] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentations differ from epoch to epoch and are reproducible."""
+    def set_epoch(self, epoch: int) -> None:  # augmentations differ by epoch, reproducibly
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def _image(self, index: int, view: str) -> np.ndarray:
-        image = self._cache.get((index, view))
-        if image is None:
-            image = load_rgb(self.items[index]["paths"][view])
-            if self.cache:
-                self._cache[index, view] = image
-        return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         params = None
@@ -163,7 +144,12 @@ class RegionImages(torch.utils.data.Dataset):
             params = draw_augment(generator, self.jitter)
         images = []
         for view in self.views:
-            image = torch.from_numpy(self._image(index, view)).permute(2, 0, 1).float() / 255.0
+            array = self._cache.get((index, view))
+            if array is None:
+                array = load_rgb(self.items[index]["paths"][view])
+                if self.cache:
+                    self._cache[index, view] = array
+            image = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
             if params is not None:
                 image = apply_augment(image, params)
             mean, std = self.stats[view]

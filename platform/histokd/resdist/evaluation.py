@@ -154,10 +154,12 @@ def evaluate_model(model_path: str, region_set: RegionSet, splits: Sequence[str]
 
 
 def _cell(interval: BootstrapInterval | None, bold: bool = False) -> str:
-    if interval is None:
-        return "-"
-    text = f"{100 * interval.estimate:.2f} ({100 * interval.low:.2f}–{100 * interval.high:.2f})"
-    return f"**{text}**" if bold else text
+    iv, mark = interval, "**" if bold else ""
+    return (
+        "-"
+        if iv is None
+        else f"{mark}{100 * iv.estimate:.2f} ({100 * iv.low:.2f}–{100 * iv.high:.2f}){mark}"
+    )
 
 
 def _method_key(method: str) -> tuple[int, str]:
@@ -188,12 +190,7 @@ def markdown_table(evaluations: Sequence[ModelEvaluation], dataset: str) -> str:
     students = [ev for ev in evaluations if ev.method != "teacher"]
     methods = sorted({ev.method for ev in students}, key=_method_key)
     if students:
-        lines += [
-            "## Students (Tables 6-8)",
-            "",
-            row("", methods),
-            "|---" * (len(methods) + 1) + "|",
-        ]
+        lines += ["## Students (Tables 6-8)", "", row("", methods), "|---" * (len(methods) + 1) + "|"]  # fmt: skip
         for mag in sorted({ev.magnification for ev in students}):
             lines.append(f"| **mag = {mag:g}x ({10 / mag:g} µm/pixel)** |" + " |" * len(methods))
             evs = [lookup.get((method, mag)) for method in methods]

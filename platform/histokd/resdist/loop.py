@@ -127,9 +127,7 @@ def _items(dataset, order: list[int], workers: int):
     if workers == 0:
         return (dataset[i] for i in order)
     # batch_size None: single, variable-size items; new processes each epoch see its set_epoch
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=order, num_workers=workers, persistent_workers=False
-    )
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers, persistent_workers=False)  # fmt: skip
 
 
 def _pass(net, dataset, order, kd: bool, workers=0, accumulator=None) -> dict[str, float]:
@@ -177,8 +175,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     from histokd.resdist.dataset import ColorJitter, RegionImages
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
@@ -247,9 +244,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             log_epoch_metrics(mlflow_client, config, {prefix + k: v for k, v in row.items()}, epoch)
         if epoch < epochs:  # rank 0 attaches the state to continue from (local mode keeps none)
             state = lambda: {k: v.state_dict() for k, v in parts.items()} | progress  # noqa: E731
-            report_checkpoint(
-                row, state, STATE_FILE, -1 if config.get("local_result_dir") else rank
-            )
+            report_checkpoint(row, state, STATE_FILE, -1 if config.get("local_result_dir") else rank)  # fmt: skip
 
     use_best = config["select"] == "best" and progress["best_state"] is not None
     if use_best:
@@ -258,8 +253,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({"epoch": epoch, "done": True}, checkpoint=None)
         return
     kept, best_loss = (progress["best_epoch"] if use_best else epoch), progress["best_loss"]
-    network = {"num_groups": config["num_groups"], "hint_channels": hint}
-    meta = dict(config["meta"], phase=config["phase"], resdist=network)
+    meta = dict(config["meta"], phase=config["phase"], resdist={"num_groups": config["num_groups"], "hint_channels": hint})  # fmt: skip
     result = {
         "run_name": name, "phase": config["phase"], "kept_epoch": kept,
         "selected": "best" if use_best else "last", "history": progress["history"],
@@ -273,5 +267,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         save_model_file(os.path.join(out, MODEL_FILE), model, meta, kept)
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
-        checkpoint = ray.train.Checkpoint.from_directory(out)
-        ray.train.report(_final_metrics(result), checkpoint=checkpoint)
+        ray.train.report(
+            _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
+        )

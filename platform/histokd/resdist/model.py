@@ -27,10 +27,8 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-__all__ = [
-    "DistillationNet", "ResolutionResNet", "create_resdist_model", "load_model_file",
-    "replace_batchnorm", "save_model_file",
-]  # fmt: skip
+__all__ = ["DistillationNet", "ResolutionResNet", "create_resdist_model", "load_model_file",
+           "replace_batchnorm", "save_model_file"]  # fmt: skip
 
 RESDIST_ARCH = "resdist_resnet"
 
@@ -44,13 +42,8 @@ class ResolutionResNet(nn.Module):
     """The teacher and student network of DiPalma et al.: one BasicBlock per stage of ``widths``;
     ``num_groups`` GroupNorm groups (fewer where a layer's channels are not a multiple)."""
 
-    def __init__(
-        self,
-        num_classes: int = 3,
-        in_chans: int = 3,
-        widths: Sequence[int] = (32, 64, 128, 256),
-        num_groups: int = 32,
-    ) -> None:
+    def __init__(self, num_classes: int = 3, in_chans: int = 3, widths: Sequence[int] = (32, 64, 128, 256),
+                 num_groups: int = 32) -> None:  # fmt: skip
         super().__init__()
         norm = lambda c, **kw: _group_norm(c, num_groups, **kw)  # noqa: E731
         self.num_classes = num_classes
@@ -64,12 +57,8 @@ class ResolutionResNet(nn.Module):
             stride = 1 if i == 0 else 2
             downsample = None
             if stride != 1 or inplanes != width:
-                downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, width, 1, stride=stride, bias=False), norm(width)
-                )
-            stages.append(
-                nn.Sequential(BasicBlock(inplanes, width, stride, downsample, norm_layer=norm))
-            )
+                downsample = nn.Sequential(nn.Conv2d(inplanes, width, 1, stride=stride, bias=False), norm(width))  # fmt: skip
+            stages.append(nn.Sequential(BasicBlock(inplanes, width, stride, downsample, norm_layer=norm)))  # fmt: skip
             self.feature_info.append(dict(num_chs=width, reduction=4 * 2**i, module=f"stages.{i}"))
             inplanes = width
         self.stages = nn.Sequential(*stages)
@@ -149,26 +138,13 @@ class DistillationNet(nn.Module):
     def forward_distill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature map mapped to the hint channels, logits)."""
         features = self.model.forward_features(x)
-        if features.dim() != 4:
-            raise ValueError(
-                f"{type(self.model).__name__}: features {tuple(features.shape)}, not NCHW"
-            )
         return self.adapter(features), self.model.forward_head(features)
 
 
-def create_resdist_model(
-    backbone: str = RESDIST_ARCH,
-    num_classes: int = 3,
-    *,
-    hint_channels: int | None = None,
-    num_groups: int = 32,
-) -> nn.Module:
+def create_resdist_model(backbone: str = RESDIST_ARCH, num_classes: int = 3, *, hint_channels: int | None = None,
+                         num_groups: int = 32) -> nn.Module:  # fmt: skip
     """The paper's network, or a timm model with GroupNorms (beyond the paper), with a hint
-    adapter where ``hint_channels`` (the teacher's) differ from its own.
-
-    Raises:
-        ValueError: ``backbone`` is not a timm model.
-    """
+    adapter where ``hint_channels`` (the teacher's) differ from its own."""
     from histokd.models import timm_name  # histokd's short names: csat is histokd_csat
 
     if not timm.is_model(timm_name(backbone)):
@@ -183,9 +159,7 @@ def create_resdist_model(
     return DistillationNet(model, hint_channels)
 
 
-def save_model_file(
-    path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any], best_epoch: int = 0
-) -> Path:
+def save_model_file(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any], best_epoch: int = 0) -> Path:  # fmt: skip
     """Write a task-model file (:mod:`histokd.inference.model_file`): ``config`` has at least
     ``backbone``, ``num_classes``, ``magnification``, ``input_size``, ``mean`` and ``std``, and
     ``resdist`` (``num_groups``, ``hint_channels``) to rebuild the network."""
@@ -206,7 +180,7 @@ def save_model_file(
 
 def load_model_file(
     path: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, dict]:
     """The network of a model file (eval mode, on ``device``) and the file's config; a
     ``ModelFileError`` (a ``ValueError``) for a missing or unusable file."""
     from histokd.inference.model_file import build_model, describe_checkpoint, load_checkpoint

@@ -44,10 +44,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     base["run_name"] += f"-{ray.tune.get_context().get_trial_id()}"
     config = DistillConfig(**base)
     outcome = run_distill(config, parent_run_id=params["_parent_run_id"])
-    splits = params["_score_splits"]
-    evaluation = evaluate_model(
-        outcome.model_path, RegionSet.load(config.regions_root), splits, 1000
-    )
+    evaluation = evaluate_model(outcome.model_path, RegionSet.load(config.regions_root), params["_score_splits"], 1000)  # fmt: skip
     metrics: dict[str, Any] = {name: iv.estimate for name, iv in evaluation.metrics.items()}
     metrics.update(gflops=evaluation.gflops_median, num_images=evaluation.num_images,
                    model_path=outcome.model_path)  # fmt: skip
@@ -55,11 +52,8 @@ def tune_trial(params: dict[str, Any]) -> None:
 
 
 def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; one row per trial, best first, also in ``search.csv``.
-
-    Raises:
-        RuntimeError: No trial finished.
-    """
+    """Run (or resume) the grid; one row per trial, best first, also in ``search.csv`` (a
+    RuntimeError where no trial finished)."""
     import ray
     from ray import tune
 
