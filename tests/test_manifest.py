@@ -136,14 +136,8 @@ def test_every_slide_bad_fails_with_summary(slides_dir, tmp_path):
 def _bad_slides(path) -> dict[str, dict]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert rows == [] or list(rows[0]) == [
-        "slide_path",
-        "stage",
-        "reason",
-        "status",
-        "unreadable_patches",
-        "tried_patches",
-    ]
+    columns = ["slide_path", "stage", "reason", "status", "unreadable_patches", "tried_patches"]
+    assert rows == [] or list(rows[0]) == columns
     return {row["slide_path"].rsplit("/", 1)[1]: row for row in rows}
 
 

@@ -14,9 +14,8 @@ from histokd.slides import SlideError, SlideReader, flatten_rgba, magnification_
 
 def test_cmu_aperio_is_20x(slides_dir):
     with SlideReader(slides_dir / "cmu-1-small-region.svs") as r:
-        assert r.info.vendor == "aperio"
-        assert r.info.dimensions == (2220, 2967)
-        assert r.info.level_count == 1
+        info = r.info
+        assert (info.vendor, info.dimensions, info.level_count) == ("aperio", (2220, 2967), 1)
         assert r.info.base_magnification == 20
         assert r.info.mpp == pytest.approx(0.499)
         # Its MPP alone gives the same answer.
@@ -66,9 +65,7 @@ def test_boxes_tiff_four_levels(slides_dir):
 def test_dicom_pair(slides_dir):
     # One slide in two files of one series: either file opens the same slide.
     with SlideReader(slides_dir / "boxes_0.dcm") as r:
-        assert r.info.vendor == "dicom"
-        assert r.info.dimensions == (16, 16)
-        assert r.info.level_count == 1
+        assert (r.info.vendor, r.info.dimensions, r.info.level_count) == ("dicom", (16, 16), 1)
         assert r.info.base_magnification == 20
         first = r.read_region(0, 0, 16, 20)
         assert first.shape == (16, 16, 3)

@@ -57,13 +57,8 @@ def two_nodes():
         if recorded is not None:
             address_file.write_text(recorded)
         if session_ray:
-            ray.init(
-                address="local",
-                num_cpus=2,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                configure_logging=False)  # fmt: skip
 
 
 def _actors() -> list[dict]:

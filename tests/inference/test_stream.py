@@ -70,25 +70,17 @@ def test_actor_predicts_tile_rows_only(classification_model_file, segmentation_m
     batch = {k: np.zeros(3, np.int64) for k in META_COLUMNS}
     batch["status"] = np.array(["tile", "unreadable", "tile"], object)
     batch["image"] = images
-    cls = TilePredictor(
-        load_checkpoint(classification_model_file),
-        str(classification_model_file),
-        tile_side=8,
-        threads=1,
-    )
-    out = cls(batch)
+
+    def predictor(path):
+        return TilePredictor(load_checkpoint(path), str(path), tile_side=8, threads=1)
+
+    out = predictor(classification_model_file)(batch)
     assert (
         "image" not in out and out["probabilities"].shape == (3, 3) and "probability_map" not in out
     )
     np.testing.assert_allclose(out["probabilities"][[0, 2]].sum(1), 1, atol=1e-5)
     assert (out["probabilities"][1] == 0).all()
-    seg = TilePredictor(
-        load_checkpoint(segmentation_model_file),
-        str(segmentation_model_file),
-        tile_side=8,
-        threads=1,
-    )
-    out = seg(batch)
+    out = predictor(segmentation_model_file)(batch)
     assert (
         out["probability_map"].shape == (3, 4, 8, 8) and out["probability_map"].dtype == np.float16
     )
