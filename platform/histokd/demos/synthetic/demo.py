@@ -72,18 +72,9 @@ class DemoSlide:
     class_names: tuple[str, ...]
     n_nuclei: int
 
-    def read_truth(
-        self,
-        x: int,
-        y: int,
-        width: int,
-        height: int,
-        *,
-        kind: TruthKind = "nuclei",
-        size: tuple[int, int] | None = None,
-    ) -> np.ndarray:
-        """Crop of a ground-truth mask; see :func:`read_truth`."""
-        return read_truth(self, x, y, width, height, kind=kind, size=size)
+    def read_truth(self, x: int, y: int, width: int, height: int, **kwargs) -> np.ndarray:
+        """Crop of a ground-truth mask (``kind``, ``size``); see :func:`read_truth`."""
+        return read_truth(self, x, y, width, height, **kwargs)
 
     @property
     def path(self) -> Path:
