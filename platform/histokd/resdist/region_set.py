@@ -42,9 +42,8 @@ from histokd.resdist.regions import (
 )
 from histokd.slides import SlideReader
 
-__all__ = [
-    "RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table", "write_csv",
-]  # fmt: skip
+__all__ = ["RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table",
+           "write_csv"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +190,8 @@ def _extract_slide(slide: str, entries: list[dict], root: str, mags: Sequence[fl
     with SlideReader(slide, entries[0]["base_magnification"]) as reader:
         base = reader.info.base_magnification
         for entry in entries:
-            if "box" in entry:
-                found = [TissueRegion(slide, 0, *entry["box"], base)]
-            else:
-                found = find_tissue_regions(reader, finder)
-            for region in found:
+            found = [TissueRegion(slide, 0, *entry["box"], base)] if "box" in entry else None
+            for region in found or find_tissue_regions(reader, finder):
                 record = RegionRecord(slide, len(rows), region.x, region.y, region.width, region.height,
                                       base, region.tissue_fraction, entry["split"], entry["label"])  # fmt: skip
                 for mag, image in read_region_magnifications(reader, record, mags).items():
@@ -230,9 +226,7 @@ def build_region_set(data: str | os.PathLike, out_dir: str | os.PathLike, magnif
         by_slide.setdefault(row["slide"], []).append(row)
     for slide, entries in by_slide.items():
         if len({e["split"] for e in entries}) > 1:
-            raise ValueError(
-                f"{data}: slide {slide} is in several splits; its regions must share one"
-            )
+            raise ValueError(f"{data}: slide {slide} is in several splits; its regions must share one")  # fmt: skip
     args = [(s, e, str(root), mags, finder) for s, e in by_slide.items()]
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized() and len(args) >= 16:  # fewer: not worth the tasks

@@ -10,6 +10,7 @@ keeps pen marks out): mask, closing, hole filling, small-object removal, boundin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from skimage.morphology import disk
 
 from histokd.slides import SlideReader
 from histokd.tissue import TissueFilter, tissue_mask
@@ -106,17 +108,15 @@ def find_tissue_regions(slide: str | os.PathLike | SlideReader, finder: RegionFi
     """The bounding boxes of a slide's tissue pieces (a file, with ``base_magnification`` for
     one that records none, or an open reader), in row-major order of their corners."""
     finder = finder or RegionFinder()
-    reader = slide if isinstance(slide, SlideReader) else SlideReader(slide, base_magnification)
-    try:
+    opened = contextlib.nullcontext(slide) if isinstance(slide, SlideReader) else SlideReader(slide, base_magnification)  # fmt: skip
+    with opened as reader:
         base = reader.info.base_magnification
         thumb_mag = min(finder.thumbnail_magnification, base)
         um_per_px = 10.0 / thumb_mag  # 10x is 1 um/px (DiPalma Sec. 3.2)
         mask = tissue_mask(reader.thumbnail(thumb_mag), finder.tissue_filter)
         radius = int(round(finder.closing_um / um_per_px))
         if radius > 0:  # padded, so that closing does not erode tissue touching the border
-            yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-            disk = (yy**2 + xx**2) <= radius**2
-            closed = ndimage.binary_closing(np.pad(mask, radius), structure=disk)
+            closed = ndimage.binary_closing(np.pad(mask, radius), structure=disk(radius))
             mask = closed[radius:-radius, radius:-radius]
         mask = ndimage.binary_fill_holes(mask)
         labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
@@ -138,9 +138,6 @@ def find_tissue_regions(slide: str | os.PathLike | SlideReader, finder: RegionFi
             TissueRegion(reader.path, i, x, y, w, h, base, tissue_fraction=fraction)
             for i, (y, x, w, h, fraction) in enumerate(sorted(boxes))
         ]
-    finally:
-        if not isinstance(slide, SlideReader):
-            reader.close()
 
 
 def read_region_magnifications(reader: SlideReader, region: TissueRegion, magnifications: Sequence[float],
