@@ -10,9 +10,9 @@ and listed in bad_slides.csv there. Rerunning with the same inputs and settings 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from histokd.cli import run_job
+from histokd.cli import arg, run_job
 from histokd.run import RunFolderConfig, take_legacy_out
 
 
@@ -20,39 +20,19 @@ from histokd.run import RunFolderConfig, take_legacy_out
 class ManifestJobConfig(RunFolderConfig):
     """The manifest job: which slides, which patches, where the manifest goes."""
 
-    run_name: str = field(default="manifest", metadata={"help": "the manifest's folder name"})
-    slides: list[str] = field(
-        default_factory=list, metadata={"help": "slide files, folders or .txt lists of paths"}
-    )
-    magnification: float = field(default=20.0, metadata={"help": "patch magnification (RCKD: 20)"})
-    patch_size: int = field(
-        default=1024, metadata={"help": "patch side in pixels at --magnification (RCKD: 1024)"}
-    )
-    num_patches: int | None = field(
-        default=None,
-        metadata={"help": "S_n, patches over all slides (RCKD: 400000); default: every one"},
-    )
-    base_magnification: float | None = field(
-        default=None,
-        metadata={"help": "level-0 magnification of slides that record neither power nor MPP"},
-    )
-    min_tissue_fraction: float = field(
-        default=0.35, metadata={"help": "thumbnail tissue fraction a candidate patch needs"}
-    )
-    min_mean_intensity: float = field(
-        default=50.0, metadata={"help": "RCKD rule: lowest mean intensity kept"}
-    )
-    max_mean_intensity: float = field(
-        default=245.0, metadata={"help": "RCKD rule: highest mean intensity kept"}
-    )
-    ray_address: str | None = field(
-        default=None, metadata={"help": "Ray cluster to join; default: $RAY_ADDRESS, else local"}
-    )
-    local: bool = field(default=False, metadata={"help": "run in this process, not Ray tasks"})
-    overwrite: bool = field(
-        default=False, metadata={"help": "rebuild even if an up-to-date manifest exists"}
-    )
-    out: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+    run_name: str = arg("manifest", "the manifest's folder name")
+    slides: list[str] = arg(help="slide files, folders or .txt lists of paths", factory=list)
+    magnification: float = arg(20.0, "patch magnification (RCKD: 20)")
+    patch_size: int = arg(1024, "patch side in pixels at --magnification (RCKD: 1024)")
+    num_patches: int | None = arg(None, "S_n, patches over all slides (RCKD: 400000); default: all")
+    base_magnification: float | None = arg(None, "level-0 magnification if a slide lacks power/MPP")
+    min_tissue_fraction: float = arg(0.35, "thumbnail tissue fraction a candidate patch needs")
+    min_mean_intensity: float = arg(50.0, "RCKD rule: lowest mean intensity kept")
+    max_mean_intensity: float = arg(245.0, "RCKD rule: highest mean intensity kept")
+    ray_address: str | None = arg(None, "Ray cluster to join; default: $RAY_ADDRESS, else local")
+    local: bool = arg(False, "run in this process, not Ray tasks")
+    overwrite: bool = arg(False, "rebuild even if an up-to-date manifest exists")
+    out: str | None = arg(None, "deprecated", hidden=True)
 
     def __post_init__(self) -> None:
         take_legacy_out(self, self.out)

@@ -8,42 +8,25 @@ Slides already written with the same parameters are skipped, so the command is c
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from histokd.cli import run_job
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+from histokd.cli import arg, run_job
 
 
 @dataclass
 class DemoSlidesConfig:
     """The demo slides: how many, how large, at which scale."""
 
-    demo_dir: str = field(
-        default="demo_data",
-        metadata=_help("folder of the slides, masks and JSON sidecars", aliases=["out"]),
-    )
-    n_slides: int = field(default=4, metadata=_help("number of slides", aliases=["n"]))
-    seed: int = field(
-        default=0, metadata=_help("seed of the set; slide i: SeedSequence([seed, i])")
-    )
-    slide_size: int = field(
-        default=4096, metadata=_help("level-0 width and height in pixels", aliases=["size"])
-    )
-    mpp: float = field(default=0.5, metadata=_help("um per level-0 pixel: 0.5 is 20x, 0.25 is 40x"))
-    magnification: float | None = field(
-        default=None, metadata=_help("objective power written into the slide; default: 10 / mpp")
-    )
-    tissue_fraction: float = field(
-        default=0.6, metadata=_help("share of the slide inside the tissue outline")
-    )
-    tile_size: int = field(default=256, metadata=_help("SVS tile side in pixels, a multiple of 16"))
-    level_downsample: int = field(
-        default=4, metadata=_help("size ratio between pyramid levels (2 or 4)")
-    )
-    jpeg_quality: int = field(default=90, metadata=_help("JPEG quality of the tiles, 1-100"))
+    demo_dir: str = arg("demo_data", "folder of the slides, masks, JSON sidecars", aliases=["out"])
+    n_slides: int = arg(4, "number of slides", aliases=["n"])
+    seed: int = arg(0, "seed of the set; slide i: SeedSequence([seed, i])")
+    slide_size: int = arg(4096, "level-0 width and height in pixels", aliases=["size"])
+    mpp: float = arg(0.5, "um per level-0 pixel: 0.5 is 20x, 0.25 is 40x")
+    magnification: float | None = arg(None, "objective power the slide records; default: 10 / mpp")
+    tissue_fraction: float = arg(0.6, "share of the slide inside the tissue outline")
+    tile_size: int = arg(256, "SVS tile side in pixels, a multiple of 16")
+    level_downsample: int = arg(4, "size ratio between pyramid levels (2 or 4)")
+    jpeg_quality: int = arg(90, "JPEG quality of the tiles, 1-100")
 
 
 def _run(config: DemoSlidesConfig):

@@ -9,37 +9,23 @@ with the same settings reuse the files.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from histokd.cli import run_job
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
+from histokd.cli import arg, run_job
 
 
 @dataclass
 class DemoTasksConfig:
     """The demo tasks: how many slides they are cut from, and the patch sizes."""
 
-    demo_dir: str = field(
-        default="demo_data/tasks", metadata=_help("output folder", aliases=["out"])
-    )
-    n_slides: int = field(default=4, metadata=_help("synthetic slides to cut"))
-    seed: int | None = field(
-        default=None, metadata=_help("seed of the slides; default: the demo's own (1)")
-    )
-    slide_size: int = field(default=4096, metadata=_help("slide side in pixels at 0.5 um/px"))
-    patch_size: int = field(default=256, metadata=_help("classification patch side at 20x"))
-    segmentation_patch_size: int = field(
-        default=512, metadata=_help("segmentation patch side at 20x")
-    )
-    purity: float = field(
-        default=0.95, metadata=_help("least share of a classification patch in one class")
-    )
-    max_per_class: int | None = field(
-        default=None, metadata=_help("cap on classification patches per class")
-    )
+    demo_dir: str = arg("demo_data/tasks", "output folder", aliases=["out"])
+    n_slides: int = arg(4, "synthetic slides to cut")
+    seed: int | None = arg(None, "seed of the slides; default: the demo's own (1)")
+    slide_size: int = arg(4096, "slide side in pixels at 0.5 um/px")
+    patch_size: int = arg(256, "classification patch side at 20x")
+    segmentation_patch_size: int = arg(512, "segmentation patch side at 20x")
+    purity: float = arg(0.95, "least share of a classification patch in one class")
+    max_per_class: int | None = arg(None, "cap on classification patches per class")
 
 
 def _run(config: DemoTasksConfig):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from histokd.cli import run_job
+from histokd.cli import arg, run_job
 from histokd.run import RunFolderConfig, take_legacy_out
 
 
@@ -20,17 +20,11 @@ from histokd.run import RunFolderConfig, take_legacy_out
 class ProfileJobConfig(RunFolderConfig):
     """Which backbones at which input sizes."""
 
-    run_name: str = field(default="profile", metadata={"help": "the output folder's name"})
-    backbones: list[str] = field(
-        default_factory=list, metadata={"help": "histokd backbone names; default: all"}
-    )
-    input_sizes: list[int] = field(
-        default_factory=lambda: [224, 384, 512], metadata={"help": "square input sides"}
-    )
-    num_classes: int = field(
-        default=1000, metadata={"help": "classes of the head counted (RCKD Table 6: 1000)"}
-    )
-    output_dir: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+    run_name: str = arg("profile", "the output folder's name")
+    backbones: list[str] = arg(help="histokd backbone names; default: all", factory=list)
+    input_sizes: list[int] = arg(help="square input sides", factory=lambda: [224, 384, 512])
+    num_classes: int = arg(1000, "classes of the head counted (RCKD Table 6: 1000)")
+    output_dir: str | None = arg(None, "deprecated", hidden=True)
 
     def __post_init__(self) -> None:
         take_legacy_out(self, self.output_dir, "--output-dir")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from histokd.cli import arg
 
 if TYPE_CHECKING:
     import torch
@@ -76,10 +78,6 @@ def check_storage_path(path: str, field_name: str = "storage_path") -> None:
         ) from exc
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 def take_legacy_out(config: RunFolderConfig, out: str | None, flag: str = "--out") -> None:
     """An old ``--out DIR`` is ``--storage-path`` its parent and ``--run-name`` its name."""
     if not out:
@@ -111,21 +109,18 @@ def take_legacy_device(config: Any, device: str | None) -> None:
 
 @dataclass
 class RunFolderConfig:
-    """Where a job's output goes: ``STORAGE_PATH/RUN_NAME``; every job and tool has these."""
+    """Where a job's output goes: ``STORAGE_PATH/RUN_NAME``; every job and tool has these.
 
-    run_name: str = field(
-        default="run",
-        metadata=_help("run name; rerunning with the same name resumes or reuses the run"),
-    )
-    storage_path: str = field(
-        default="runs",
-        metadata=_help("folder or URI (s3://, gs://) that holds every run: STORAGE/RUN_NAME"),
-    )
-    seed: int = field(default=0, metadata=_help("seed of every random choice of the run"))
-    verbose: bool = field(
-        default=False,
-        metadata=_help("show Ray's, TensorFlow's and library warnings and progress bars too"),
-    )
+    ``storage_path`` is a folder or a URI (``s3://``, ``gs://``). With a URI only Ray Train's
+    checkpoints go there; the run's other files stay in ``./histokd_work/RUN_NAME``
+    (:attr:`work_dir`), and an MLflow tracking URI must be given (docs/operators_guide.md,
+    section 5).
+    """
+
+    run_name: str = arg("run", "run name; rerunning with the same name resumes or reuses the run")
+    storage_path: str = arg("runs", "folder or URI (s3://, gs://) of every run: STORAGE/RUN_NAME")
+    seed: int = arg(0, "seed of every random choice of the run")
+    verbose: bool = arg(False, "show Ray's, TensorFlow's and library warnings and progress bars")
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
@@ -157,20 +152,15 @@ class RunFolderConfig:
 class RunConfig(RunFolderConfig):
     """:class:`RunFolderConfig` plus the cluster and the tracking: the jobs that run on Ray and
     record an MLflow run. A job config subclasses it and may give ``run_name`` and
-    ``mlflow_experiment`` defaults of its own by declaring them again."""
+    ``mlflow_experiment`` defaults of its own by declaring them again.
 
-    ray_address: str | None = field(
-        default=None,
-        metadata=_help(
-            "Ray cluster to join ('auto': the running one); default: $RAY_ADDRESS "
-            "(set by `ray job submit`), else a new local Ray"
-        ),
-    )
-    mlflow_tracking_uri: str | None = field(
-        default=None,
-        metadata=_help("MLflow tracking URI; default: sqlite:///STORAGE/mlflow.db"),
-    )
-    mlflow_experiment: str = field(default="histokd", metadata=_help("MLflow experiment name"))
+    ``ray_address`` ``auto`` joins the cluster running on this machine; unset, the job joins
+    ``$RAY_ADDRESS`` (which ``ray job submit`` sets), else starts a new local Ray.
+    """
+
+    ray_address: str | None = arg(None, "Ray cluster; default: $RAY_ADDRESS, else a new local Ray")
+    mlflow_tracking_uri: str | None = arg(None, "MLflow URI; default: sqlite:///STORAGE/mlflow.db")
+    mlflow_experiment: str = arg("histokd", "MLflow experiment name")
 
     @property
     def tracking_uri(self) -> str:
@@ -199,20 +189,10 @@ class RunConfig(RunFolderConfig):
 class WorkerConfig(RunConfig):
     """:class:`RunConfig` plus the Ray Train workers of a training job."""
 
-    num_workers: int | None = field(
-        default=None,
-        metadata=_help("training workers; auto: one per GPU, else 1; 0: in the driver process"),
-    )
-    use_gpu: bool | None = field(
-        default=None, metadata=_help("train on GPUs; auto: if the cluster has any")
-    )
-    cpus_per_worker: float = field(
-        default=1.0, metadata=_help("CPUs reserved by each training worker")
-    )
-    max_failures: int = field(
-        default=3,
-        metadata=_help("worker-group restarts from the last checkpoint before the run fails"),
-    )
+    num_workers: int | None = arg(None, "training workers; auto: 1 per GPU or 1; 0: in the driver")
+    use_gpu: bool | None = arg(None, "train on GPUs; auto: if the cluster has any")
+    cpus_per_worker: float = arg(1.0, "CPUs reserved by each training worker")
+    max_failures: int = arg(3, "worker-group restarts from the last checkpoint before a run fails")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,18 +17,14 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from histokd.cli import save_config
+from histokd.cli import arg, save_config
 from histokd.finetune.config import FinetuneConfig
 from histokd.run import RunConfig, open_mlflow_run
 
 __all__ = ["CompareConfig", "ComparisonResult", "parse_init_entry", "run_comparison"]
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
 
 
 def parse_init_entry(entry: str, field_name: str, default_label: str) -> tuple[str, str, str]:
@@ -77,49 +73,27 @@ _PER_CELL = {
 class CompareConfig(RunConfig):
     """Backbones x initialisations x datasets, each cell a fine-tuning job (``finetune``: the
     shared settings; its ``data``, ``task``, ``backbone``, ``init`` and ``init_label`` are set
-    per cell, so giving them is an error)."""
+    per cell, so giving them is an error).
 
-    run_name: str = field(
-        default="compare",
-        metadata=_help("name of the comparison; rerunning it skips finished cells"),
-    )
-    mlflow_experiment: str = field(
-        default="histokd-compare", metadata=_help("MLflow experiment name")
-    )
-    finetune: FinetuneConfig = field(
-        default_factory=FinetuneConfig, metadata=_help("the fine-tuning of every cell")
-    )
-    backbones: list[str] = field(
-        default_factory=lambda: ["csat"],
-        metadata=_help("backbones fine-tuned from random weights (and listed in the tables)"),
-    )
-    random_init: bool = field(
-        default=True,
-        metadata=_help("include random initialisation of every backbone (RCKD: Random Weight)"),
-    )
-    inits: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "backbone files, [LABEL@]BACKBONE=PATH; label default RCKD "
-            "(e.g. csat=runs/rckd/backbone.pth)",
-            aliases=["backbone_files"],
-        ),
-    )
-    timm_weights: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "timm weights from local files, [LABEL@]BACKBONE=PATH; label default 'SPT on ImageNet'"
-        ),
-    )
-    datasets: list[str] = field(
-        default_factory=list,
-        metadata=_help(
-            "classification datasets, NAME=PATH; none and no segmentation datasets: the demo task"
-        ),
-    )
-    segmentation_datasets: list[str] = field(
-        default_factory=list, metadata=_help("segmentation datasets, NAME=PATH")
-    )
+    Attributes:
+        backbones: Fine-tuned from random weights, and listed in the tables.
+        inits: Backbone files, ``[LABEL@]BACKBONE=PATH``; the label defaults to ``RCKD`` (e.g.
+            ``csat=runs/rckd/backbone.pth``).
+        timm_weights: timm weights from local files, ``[LABEL@]BACKBONE=PATH``; the label
+            defaults to ``SPT on ImageNet``.
+        datasets: Classification datasets, ``NAME=PATH``; with none and no
+            ``segmentation_datasets``, the demo task.
+    """
+
+    run_name: str = arg("compare", "name of the comparison; rerunning it skips finished cells")
+    mlflow_experiment: str = arg("histokd-compare", "MLflow experiment name")
+    finetune: FinetuneConfig = arg(help="the fine-tuning of every cell", factory=FinetuneConfig)
+    backbones: list[str] = arg(help="fine-tuned from random weights", factory=lambda: ["csat"])
+    random_init: bool = arg(True, "random initialisation of every backbone (RCKD: Random Weight)")
+    inits: list[str] = arg(help="[LABEL@]BACKBONE=PATH", factory=list, aliases=["backbone_files"])
+    timm_weights: list[str] = arg(help="local timm weights, [LABEL@]BACKBONE=PATH", factory=list)
+    datasets: list[str] = arg(help="classification datasets, NAME=PATH; none: demo", factory=list)
+    segmentation_datasets: list[str] = arg(help="segmentation datasets, NAME=PATH", factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()

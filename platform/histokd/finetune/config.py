@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import check_ints
+from histokd.cli import arg, check_ints
 from histokd.run import WorkerConfig
 
 __all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
 
 
 def init_kind(init: str) -> str:
@@ -38,168 +34,68 @@ class FinetuneConfig(WorkerConfig):
 
     Defaults are the paper's. With no ``data`` the job uses the demo task (patches of synthetic
     slides, written on first use) and the demo preset's small sizes.
+
+    Attributes:
+        task: ``classification`` (a linear + softmax head) or ``segmentation`` (a U-Net
+            decoder).
+        init: ``random``, a backbone file (RCKD pretraining writes
+            ``STORAGE/RUN/backbone.pth``), or ``timm:FILE`` (timm weights from a local file).
+        magnification, patch_size: What the images were cut at: the magnification and the
+            image side in pixels at it, recorded in the model file for whole-slide inference.
+            Default: the dataset's ``dataset.json`` (docs/datasets.md); the patch size, else
+            the images' common side.
+        split_ratios: train:val:test without fixed lists (RCKD: 6:2:2); with a fixed test list,
+            train:val is split by the first two.
+        num_workers: Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the
+            driver process, one split at a time (debugging, tests).
     """
 
     # --- where ------------------------------------------------------------------------------
-    data: str = field(
-        default="",
-        metadata=_help("dataset folder or CSV (layouts: docs/datasets.md); empty: the demo task"),
-    )
-    task: Literal["classification", "segmentation"] = field(
-        default="classification",
-        metadata=_help("classification (linear + softmax head) or segmentation (U-Net decoder)"),
-    )
-    run_name: str = field(
-        default="finetune",
-        metadata=_help("run name; rerunning it skips finished splits and resumes the others"),
-    )
-    demo_dir: str = field(
-        default="demo_data/tasks",
-        metadata=_help("where the demo tasks are written when no data is given"),
-    )
+    data: str = arg("", "dataset folder or CSV (layouts: docs/datasets.md); empty: the demo task")
+    task: Literal["classification", "segmentation"] = arg("classification", "linear head or U-Net")
+    run_name: str = arg("finetune", "run name; a rerun skips finished splits, resumes the others")
+    demo_dir: str = arg("demo_data/tasks", "where the demo tasks are written when no data is given")
     # --- model (RCKD Sec. 2.2.2) ------------------------------------------------------------
-    backbone: str = field(
-        default="csat",
-        metadata=_help(
-            "backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"
-        ),
-    )
-    init: str = field(
-        default="random",
-        metadata=_help(
-            "initial weights: random, a backbone file (RCKD pretraining writes STORAGE/RUN/backbone.pth), or timm:FILE (timm weights from a local file)"
-        ),
-    )
-    init_label: str | None = field(
-        default=None,
-        metadata=_help(
-            "name of the initialisation in tables (default: Random Weight, RCKD for a backbone file, timm weights)"
-        ),
-    )
-    magnification: float | None = field(
-        default=None,
-        metadata=_help(
-            "magnification the images were cut at, recorded in the model file for whole-slide inference; default: the dataset's dataset.json (docs/datasets.md)"
-        ),
-    )
-    patch_size: int | None = field(
-        default=None,
-        metadata=_help(
-            "side in pixels of an image at --magnification, recorded in the model file; default: dataset.json's, else the images' common side"
-        ),
-    )
-    input_size: int = field(
-        default=384,
-        metadata=_help(
-            "images are resized to this square side (RCKD Sec. 3.1: 384, best of {224, 384})"
-        ),
-    )
-    positional_encoding: Literal["frozen", "trained"] = field(
-        default="frozen",
-        metadata=_help(
-            "CSAT's positional encodings frozen or trained (RCKD Sec. 3.1: frozen was best)"
-        ),
-    )
-    drop_rate: float = field(
-        default=0.0, metadata=_help("dropout before the linear classifier (not in RCKD)")
-    )
+    backbone: str = arg("csat", "csat[_nosat], resnet18[_sat], efficientnet_b0 or convnextv2_atto")
+    init: str = arg("random", "random, a backbone file (RCKD's backbone.pth) or timm:FILE")
+    init_label: str | None = arg(None, "table name; default: Random Weight, RCKD or timm weights")
+    magnification: float | None = arg(None, "magnification of the images; default: dataset.json's")
+    patch_size: int | None = arg(None, "side in pixels at --magnification; default: dataset.json's")
+    input_size: int = arg(384, "resized square side (RCKD Sec. 3.1: 384, best of {224, 384})")
+    positional_encoding: Literal["frozen", "trained"] = arg("frozen", "CSAT's (RCKD: frozen best)")
+    drop_rate: float = arg(0.0, "dropout before the linear classifier (not in RCKD)")
     # --- optimisation (RCKD Sec. 3.1, Eqs. 5 and 7) -----------------------------------------
-    lr: float = field(
-        default=1e-4,
-        metadata=_help("SGD learning rate (RCKD Sec. 3.1: 1e-4, best of {1e-3, 1e-4})"),
-    )
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum (not stated in RCKD)"))
-    weight_decay: float = field(
-        default=1e-4, metadata=_help("SGD weight decay (not stated in RCKD)")
-    )
-    batch_size: int = field(
-        default=64, metadata=_help("global batch size over a split's workers (RCKD: 64)")
-    )
-    epochs: int = field(
-        default=200, metadata=_help("most epochs (RCKD: 200)", aliases=["max_epochs"])
-    )
-    patience: int = field(
-        default=20,
-        metadata=_help("stop after this many epochs without a lower validation loss (RCKD: 20)"),
-    )
-    min_delta: float = field(
-        default=0.0, metadata=_help("how much lower a validation loss must be to count as lower")
-    )
-    focal_alpha: float = field(
-        default=0.25,
-        metadata=_help("focal loss alpha, the same for every class (RCKD Eq. 5: 0.25)"),
-    )
-    focal_gamma: float = field(default=2.0, metadata=_help("focal loss gamma (RCKD Eq. 5: 2)"))
-    augment: bool = field(
-        default=True,
-        metadata=_help("flips, 90-degree rotations and a mild colour jitter on training images"),
-    )
-    color_jitter: float = field(
-        default=0.1, metadata=_help("brightness/contrast/saturation factors drawn from [1-x, 1+x]")
-    )
-    hue_jitter: float = field(
-        default=0.02, metadata=_help("hue shift drawn from [-x, x] of the hue circle")
-    )
+    lr: float = arg(1e-4, "SGD learning rate (RCKD Sec. 3.1: 1e-4, best of {1e-3, 1e-4})")
+    momentum: float = arg(0.9, "SGD momentum (not stated in RCKD)")
+    weight_decay: float = arg(1e-4, "SGD weight decay (not stated in RCKD)")
+    batch_size: int = arg(64, "global batch size over a split's workers (RCKD: 64)")
+    epochs: int = arg(200, "most epochs (RCKD: 200)", aliases=["max_epochs"])
+    patience: int = arg(20, "epochs without a lower validation loss before stopping (RCKD: 20)")
+    min_delta: float = arg(0.0, "how much lower a validation loss must be to count as lower")
+    focal_alpha: float = arg(0.25, "focal loss alpha, the same for every class (RCKD Eq. 5: 0.25)")
+    focal_gamma: float = arg(2.0, "focal loss gamma (RCKD Eq. 5: 2)")
+    augment: bool = arg(True, "flips, 90-degree rotations, mild colour jitter of training images")
+    color_jitter: float = arg(0.1, "brightness/contrast/saturation factors drawn from [1-x, 1+x]")
+    hue_jitter: float = arg(0.02, "hue shift drawn from [-x, x] of the hue circle")
     # --- splits (RCKD Sec. 2.1.2, Algorithm 2) ----------------------------------------------
-    num_splits: int = field(
-        default=5, metadata=_help("data splits, each trained and tested once (RCKD: N_fold = 5)")
-    )
-    split_ratios: list[float] = field(
-        default_factory=lambda: [0.6, 0.2, 0.2],
-        metadata=_help(
-            "train:val:test ratios without fixed lists (RCKD: 6:2:2); with a fixed test list train:val is split by the first two"
-        ),
-    )
-    seed: int = field(default=0, metadata=_help("training seed; split i trains with seed + i"))
-    split_seed: int = field(
-        default=0, metadata=_help("seed of the splits (split i uses SeedSequence([seed, i]))")
-    )
-    ignore_index: int = field(
-        default=255, metadata=_help("mask value of unlabelled pixels (segmentation)")
-    )
-    cache_images: bool | None = field(
-        default=None, metadata=_help("keep resized images in memory; auto: when they fit in 2 GiB")
-    )
-    loader_workers: int = field(
-        default=0, metadata=_help("DataLoader processes per training worker")
-    )
+    num_splits: int = arg(5, "data splits, each trained and tested once (RCKD: N_fold = 5)")
+    split_ratios: list[float] = arg(help="train, val, test (RCKD)", factory=lambda: [0.6, 0.2, 0.2])
+    seed: int = arg(0, "training seed; split i trains with seed + i")
+    split_seed: int = arg(0, "seed of the splits (split i uses SeedSequence([seed, i]))")
+    ignore_index: int = arg(255, "mask value of unlabelled pixels (segmentation)")
+    cache_images: bool | None = arg(None, "keep resized images in RAM; auto: if they fit in 2 GiB")
+    loader_workers: int = arg(0, "DataLoader processes per training worker")
     # --- evaluation -------------------------------------------------------------------------
-    bootstrap_resamples: int = field(
-        default=10_000, metadata=_help("bootstrap resamples of the test set for the 95%% interval")
-    )
-    confidence: float = field(
-        default=0.95, metadata=_help("confidence level of the bootstrap interval")
-    )
+    bootstrap_resamples: int = arg(10_000, "test-set bootstrap resamples for the 95%% interval")
+    confidence: float = arg(0.95, "confidence level of the bootstrap interval")
     # --- cluster ----------------------------------------------------------------------------
-    num_workers: int = field(
-        default=1,
-        metadata=_help(
-            "Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the driver process, one split at a time (debugging, tests)",
-            aliases=["workers_per_split"],
-        ),
-    )
-    gpus_per_worker: float = field(
-        default=1.0, metadata=_help("GPU share of a worker; 0.2 puts five splits on one GPU")
-    )
-    max_parallel_splits: int | None = field(
-        default=None,
-        metadata=_help("splits trained at once; auto: as many as the cluster's resources hold"),
-    )
-    precision: Literal["auto", "fp32", "bf16"] = field(
-        default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
-    )
-    max_failures: int = field(
-        default=1, metadata=_help("worker-group restarts of a split from its last checkpoint")
-    )
-    fail_at_epoch: int | None = field(
-        default=None,
-        metadata=_help(
-            "test only: one worker raises once in this epoch of each split", cli="hidden"
-        ),
-    )
-    mlflow_experiment: str = field(
-        default="histokd-finetune", metadata=_help("MLflow experiment name")
-    )
+    num_workers: int = arg(1, "DDP workers per split; 0: local mode", aliases=["workers_per_split"])
+    gpus_per_worker: float = arg(1.0, "GPU share of a worker; 0.2 puts five splits on one GPU")
+    max_parallel_splits: int | None = arg(None, "splits at once; auto: all that the cluster holds")
+    precision: Literal["auto", "fp32", "bf16"] = arg("auto", "autocast; auto: GPU bf16, else fp32")
+    max_failures: int = arg(1, "worker-group restarts of a split from its last checkpoint")
+    fail_at_epoch: int | None = arg(None, "test: fail once in this epoch, each split", hidden=True)
+    mlflow_experiment: str = arg("histokd-finetune", "MLflow experiment name")
 
     def __post_init__(self) -> None:
         super().__post_init__()

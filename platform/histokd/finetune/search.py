@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from histokd.cli import check_ints, config_to_dict, load_yaml, save_config
+from histokd.cli import arg, check_ints, config_to_dict, load_yaml, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
@@ -48,80 +48,43 @@ _SAMPLERS = ("choice", "uniform", "loguniform", "randint")
 TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _searched(flag: str, *values: Any) -> Any:
+    """A list of values searched (RCKD Sec. 3.1's by default) that overrides ``--flag``."""
+    return arg(
+        help=f"values searched (RCKD Sec. 3.1); take precedence over --{flag}; "
+        f"with --space, --{flag} serves trials whose space lacks it",
+        factory=lambda: list(values),
+    )
 
 
 @dataclass
 class SearchConfig(RunConfig):
     """Ray Tune over fine-tuning settings (RCKD Sec. 3.1, Fig. 5): a search space and the
-    fine-tuning job every trial runs (``finetune``; its flags are the fine-tuning job's)."""
+    fine-tuning job every trial runs (``finetune``; its flags are the fine-tuning job's, and
+    the searched fields vary per trial).
 
-    run_name: str = field(
-        default="search", metadata=_help("name of the search; rerunning it resumes it")
-    )
-    mlflow_experiment: str = field(
-        default="histokd-search", metadata=_help("MLflow experiment name")
-    )
-    finetune: FinetuneConfig = field(
-        default_factory=FinetuneConfig,
-        metadata=_help("the fine-tuning of every trial; the searched fields vary per trial"),
-    )
-    input_sizes: list[int] = field(
-        default_factory=lambda: [224, 384],
-        metadata=_help(
-            "input resolutions searched (RCKD Sec. 3.1: 224 384); take precedence over "
-            "--input-size; with --space, --input-size serves trials whose space lacks it"
-        ),
-    )
-    lrs: list[float] = field(
-        default_factory=lambda: [1e-3, 1e-4],
-        metadata=_help(
-            "learning rates searched (RCKD Sec. 3.1: 1e-3 1e-4); take precedence over --lr; "
-            "with --space, --lr serves trials whose space lacks it"
-        ),
-    )
-    positional_encodings: list[str] = field(
-        default_factory=lambda: ["frozen", "trained"],
-        metadata=_help(
-            "positional encodings searched (RCKD Sec. 3.1: frozen trained); take precedence "
-            "over --positional-encoding; with --space, it serves trials whose space lacks it"
-        ),
-    )
-    space: str | None = field(
-        default=None,
-        metadata=_help(
-            "YAML search space replacing the three lists: field: [values] (grid) or "
-            "field: {choice|uniform|loguniform|randint: [...]}"
-        ),
-    )
-    num_samples: int = field(
-        default=1,
-        metadata=_help("Tune num_samples: repeats of the grid, or draws of a sampled space"),
-    )
-    metric: str = field(
-        default="auto",
-        metadata=_help(
-            "score of a trial: test_<metric>_mean or val_<metric>_mean; auto: test accuracy "
-            "(classification) or test mIoU (segmentation), the split mean as in RCKD"
-        ),
-    )
-    scheduler: Literal["none", "asha"] = field(
-        default="none",
-        metadata=_help("none, or asha (stops poor trials after grace_period splits)"),
-    )
-    grace_period: int = field(
-        default=1, metadata=_help("ASHA: splits every trial runs before it can be stopped")
-    )
-    reduction_factor: int = field(
-        default=2, metadata=_help("ASHA: fraction 1/x of trials promoted at each rung")
-    )
-    max_concurrent_trials: int | None = field(
-        default=None,
-        metadata=_help(
-            "trials at once; auto: as many as leave every trial all its splits in parallel"
-        ),
-    )
+    Attributes:
+        space: A YAML search space replacing the three lists: ``field: [values]`` (a grid) or
+            ``field: {choice|uniform|loguniform|randint: [...]}``.
+        metric: The score of a trial, ``test_<metric>_mean`` or ``val_<metric>_mean``; auto:
+            test accuracy (classification) or test mIoU (segmentation), the split mean as in
+            RCKD.
+        max_concurrent_trials: auto: as many as leave every trial all its splits in parallel.
+    """
+
+    run_name: str = arg("search", "name of the search; rerunning it resumes it")
+    mlflow_experiment: str = arg("histokd-search", "MLflow experiment name")
+    finetune: FinetuneConfig = arg(help="the fine-tuning of every trial", factory=FinetuneConfig)
+    input_sizes: list[int] = _searched("input-size", 224, 384)
+    lrs: list[float] = _searched("lr", 1e-3, 1e-4)
+    positional_encodings: list[str] = _searched("positional-encoding", "frozen", "trained")
+    space: str | None = arg(None, "YAML space, not the lists: field: [grid] or {sampler: [...]}")
+    num_samples: int = arg(1, "Tune num_samples: repeats of the grid, or draws of a sampled space")
+    metric: str = arg("auto", "trial score: test_<m>_mean, val_<m>_mean; auto: test accuracy/mIoU")
+    scheduler: Literal["none", "asha"] = arg("none", "asha stops poor trials after --grace-period")
+    grace_period: int = arg(1, "ASHA: splits every trial runs before it can be stopped")
+    reduction_factor: int = arg(2, "ASHA: fraction 1/x of trials promoted at each rung")
+    max_concurrent_trials: int | None = arg(None, "trials at once; auto: all splits in parallel")
 
     def __post_init__(self) -> None:
         super().__post_init__()

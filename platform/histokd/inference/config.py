@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import check_ints
+from histokd.cli import arg, check_ints
 from histokd.inference.stitching import BLEND_WINDOWS
 from histokd.run import RunConfig
 from histokd.tissue import TissueFilter
 
 __all__ = ["PredictConfig"]
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
 
 
 @dataclass
@@ -25,106 +21,47 @@ class PredictConfig(RunConfig):
     The model file gives the task, backbone, classes and input size. The magnification and
     size of the training images come from the file where it records them, else from
     ``magnification`` and ``patch_size`` here.
+
+    Attributes:
+        model: ``best_model.pt`` of the fine-tuning job, or its run folder (then the split with
+            the lowest validation loss).
+        patch_size: The side in pixels of a training image at ``magnification``, before it was
+            resized to the model's input size; default: the model file's, else the input size.
+        overlap: The fraction of a tile's side shared with its neighbour, in [0, 1).
+        blend: The weight window of overlapping tiles: ``cosine`` (Hann), ``linear`` (tent) or
+            ``none`` (a plain mean).
+        min_tissue_fraction: The least tissue fraction of a tile's footprint on the thumbnail
+            mask.
+        tissue_hue_range: Hues in degrees counted as tissue (H&E: 250 345; any stain: 0 360).
+        num_workers, gpus_per_worker: Model actors, and the GPU share of each where the cluster
+            has GPUs.
     """
 
     # --- what ------------------------------------------------------------------------------
-    model: str = field(
-        default="",
-        metadata=_help(
-            "best_model.pt of the fine-tuning job, or its run folder (the split with the lowest validation loss)"
-        ),
-    )
-    slides: list[str] = field(
-        default_factory=list,
-        metadata=_help("slide files, folders (searched recursively) or .txt lists"),
-    )
-    run_name: str = field(
-        default="predict",
-        metadata=_help(
-            "run name; outputs go to STORAGE/RUN_NAME, and a rerun skips slides finished before"
-        ),
-    )
+    model: str = arg("", "fine-tuning best_model.pt, or its run folder (lowest-val-loss split)")
+    slides: list[str] = arg(help="slide files, folders (recursive) or .txt lists", factory=list)
+    run_name: str = arg("predict", "outputs go to STORAGE/RUN_NAME; a rerun skips finished slides")
     # --- what the model was trained on ------------------------------------------------------
-    magnification: float | None = field(
-        default=None,
-        metadata=_help("magnification of the training images (e.g. 20); default: the model file's"),
-    )
-    patch_size: int | None = field(
-        default=None,
-        metadata=_help(
-            "side in pixels of a training image at --magnification before it was resized to the model's input size; default: the model file's, else the input size"
-        ),
-    )
-    class_names: list[str] = field(
-        default_factory=list,
-        metadata=_help("class names, one per model output; default: the model file's"),
-    )
-    base_magnification: float | None = field(
-        default=None,
-        metadata=_help(
-            "level-0 magnification of slides that record neither objective power nor MPP"
-        ),
-    )
+    magnification: float | None = arg(None, "training images' (e.g. 20); default: the model file's")
+    patch_size: int | None = arg(None, "training image side, unresized; default: the model file's")
+    class_names: list[str] = arg(help="one per output; default: the model file's", factory=list)
+    base_magnification: float | None = arg(None, "level-0 magnification if a slide lacks power/MPP")
     # --- tiling and stitching ---------------------------------------------------------------
-    overlap: float | None = field(
-        default=None,
-        metadata=_help(
-            "fraction of a tile's side shared with its neighbour, in [0, 1); auto: 0.25 for segmentation, 0 for classification"
-        ),
-    )
-    blend: Literal["cosine", "linear", "none"] = field(
-        default="cosine",
-        metadata=_help(
-            "weight window of overlapping tiles: cosine (Hann), linear (tent) or none (plain mean)"
-        ),
-    )
-    output_magnification: float = field(
-        default=2.5,
-        metadata=_help(
-            "magnification of the heatmap and label mask (at most --magnification); 2.5x is 4 um per pixel"
-        ),
-    )
-    min_tissue_fraction: float = field(
-        default=0.1,
-        metadata=_help(
-            "least tissue fraction of a tile's footprint on the thumbnail mask; 0 predicts every tile"
-        ),
-    )
-    tissue_hue_range: list[float] = field(
-        default_factory=lambda: [250.0, 345.0],
-        metadata=_help("hues in degrees counted as tissue (H&E: 250 345; any stain: 0 360)"),
-    )
+    overlap: float | None = arg(None, "share of a tile's side; auto: 0.25 for segmentation, else 0")
+    blend: Literal["cosine", "linear", "none"] = arg("cosine", "weight window: Hann, tent or mean")
+    output_magnification: float = arg(2.5, "heatmap and mask, <= --magnification (2.5x: 4 um/px)")
+    min_tissue_fraction: float = arg(0.1, "least tissue share of a tile on the thumbnail; 0: all")
+    tissue_hue_range: list[float] = arg(help="tissue hues, degrees", factory=lambda: [250.0, 345.0])
     # --- cluster ------------------------------------------------------------------------------
-    batch_size: int = field(default=32, metadata=_help("tiles per model call"))
-    num_workers: int | None = field(
-        default=None,
-        metadata=_help(
-            "model actors; auto: one per GPU, or 1 on a CPU cluster", aliases=["num_actors"]
-        ),
-    )
-    gpus_per_worker: float = field(
-        default=1.0,
-        metadata=_help(
-            "GPU share of each model actor where the cluster has GPUs (0.5 puts two on a GPU)",
-            aliases=["num_gpus"],
-        ),
-    )
-    precision: Literal["auto", "fp32", "bf16"] = field(
-        default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
-    )
+    batch_size: int = arg(32, "tiles per model call")
+    num_workers: int | None = arg(None, "actors; auto: one per GPU, or 1", aliases=["num_actors"])
+    gpus_per_worker: float = arg(1.0, "GPU share per actor; 0.5: two per GPU", aliases=["num_gpus"])
+    precision: Literal["auto", "fp32", "bf16"] = arg("auto", "autocast; auto: GPU bf16, else fp32")
     # --- outputs ------------------------------------------------------------------------------
-    overwrite: bool = field(
-        default=False, metadata=_help("predict slides again even when their outputs exist")
-    )
-    overlay_max_side: int = field(
-        default=2048, metadata=_help("longest side of the overlay PNGs in pixels")
-    )
-    mlflow_experiment: str = field(
-        default="histokd-predict", metadata=_help("MLflow experiment name")
-    )
-    mlflow_overlays: int = field(
-        default=4, metadata=_help("overlay PNGs of the first slides logged to MLflow")
-    )
+    overwrite: bool = arg(False, "predict slides again even when their outputs exist")
+    overlay_max_side: int = arg(2048, "longest side of the overlay PNGs in pixels")
+    mlflow_experiment: str = arg("histokd-predict", "MLflow experiment name")
+    mlflow_overlays: int = arg(4, "overlay PNGs of the first slides logged to MLflow")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import check_ints
+from histokd.cli import arg, check_ints
 from histokd.run import WorkerConfig
 
 __all__ = ["DEMO_PRESET", "PretrainConfig"]
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
 
 
 @dataclass
@@ -24,208 +20,98 @@ class PretrainConfig(WorkerConfig):
 
     Defaults are the paper's. With no ``slides`` the job uses the demo preset (synthetic demo
     slides, the shipped demo teacher, small sizes) so that it runs offline in minutes.
+
+    Attributes:
+        base_magnification: The level-0 magnification of slides that record neither objective
+            power nor microns per pixel.
+        teacher: A StarDist pretrained name (RCKD: ``2D_versatile_he``), ``stardist:<name>``, a
+            StarDist model folder, a registered teacher (``demo``, ``deconvolution``), or
+            ``package.module:name`` (a teacher that module registers).
+        alpha: RCKD Eq. 2's threshold on the teacher's probability (paper: 0.5); None (``auto``
+            on the command line): the teacher's own default. For StarDist 0.5 marks nucleus
+            cores, not whole nuclei; 0.1-0.2 recovers whole nuclei (README).
+        mask_mode: ``probability``: the pseudo label is Eq. 2 on the probability map (fast);
+            ``instances``: StarDist's ``predict_instances`` polygons (its NMS runs in
+            TensorFlow: the ``tf-cpu``/``tf-gpu`` extra).
+        teacher_backend: How a StarDist teacher runs: ``torch`` (its network in PyTorch, no
+            TensorFlow needed) or ``tensorflow`` (StarDist itself: the ``tf-cpu``/``tf-gpu``
+            extra).
+        teacher_precision: A torch teacher on CUDA runs in fp32 or under bf16 autocast; on CPU
+            always fp32.
+        teacher_placement: ``actors``: a Ray Data pool of teacher actors labels the stream and
+            caches the labels, so the teacher runs once per patch. ``trainer``: each training
+            worker labels its own batches on its device, every epoch; it needs a StarDist
+            teacher, ``teacher_backend='torch'`` and ``mask_mode='probability'``. What each
+            costs: docs/operators_guide.md, section 6.
+        teacher_mpp: The pixel size (um/px) the teacher was trained at: patches are resampled
+            to it, labelled, and the probability resampled back before Eq. 2. Default: the
+            teacher's own (its ``histokd_teacher.json``; ``2D_versatile_he``: 0.25, 40x), else
+            the patches' scale. Check it with ``jobs/check_teacher.py``.
+        teacher_normalization: The percentile normalisation the teacher was trained with:
+            ``joint`` over the channels or ``per_channel``. Default: the teacher's own (joint
+            for ``2D_versatile_he``).
+        teacher_settings: A ``histokd_teacher.json`` (``jobs/check_teacher.py`` writes one):
+            its alpha, normalization, percentiles and teacher_mpp replace ``alpha``,
+            ``teacher_normalization`` and ``teacher_mpp``.
+        empty_patch_share: A patch whose pseudo label has less than this share of nucleus
+            pixels counts as empty.
+        empty_slide_fraction: The job warns, naming the slide, when more than this share of a
+            slide's patches are empty; ``label_share.csv`` in the run folder has every slide.
+        teacher_actors, teacher_resources: Settings of the actor pool (``teacher_placement``
+            ``actors`` only). ``teacher_gpus`` is ignored with ``trainer``.
+        teacher_resources, trainer_resources: Custom Ray resources each teacher actor or
+            training worker asks for, e.g. ``{"teacher_node": 1}`` to place them on nodes
+            started with that resource (JSON on the command line; CPUs and GPUs have their
+            own fields).
+        lr: The paper gives none: SimCLR's LARS rule, 0.3 x batch/256.
     """
 
     # --- where ------------------------------------------------------------------------------
-    run_name: str = field(
-        default="rckd", metadata=_help("run name; rerunning it resumes from its last checkpoint")
-    )
-    mlflow_experiment: str = field(default="histokd-rckd", metadata=_help("MLflow experiment name"))
-    slides: list[str] = field(
-        default_factory=list,
-        metadata=_help("slide files, folders or .txt lists; empty: the demo slides"),
-    )
-    demo_dir: str = field(
-        default="demo_data",
-        metadata=_help("where the demo slides are written when no slides are given"),
-    )
+    run_name: str = arg("rckd", "run name; rerunning it resumes from its last checkpoint")
+    mlflow_experiment: str = arg("histokd-rckd", "MLflow experiment name")
+    slides: list[str] = arg(help="files, folders or .txt lists; empty: demo slides", factory=list)
+    demo_dir: str = arg("demo_data", "where the demo slides are written when no slides are given")
     # --- patches (RCKD Sec. 2.1.1, Algorithm 1) ----------------------------------------------
-    magnification: float = field(
-        default=20.0, metadata=_help("patch magnification (RCKD: Mag = 20)")
-    )
-    patch_size: int = field(
-        default=1024,
-        metadata=_help("patch side in pixels at --magnification (RCKD: P_size = 1024)"),
-    )
-    num_patches: int = field(
-        default=400_000, metadata=_help("S_n, patches sampled over all slides (RCKD: 400,000)")
-    )
-    base_magnification: float | None = field(
-        default=None,
-        metadata=_help(
-            "level-0 magnification for slides that record neither objective power nor MPP"
-        ),
-    )
-    holdout_fraction: float = field(
-        default=0.02,
-        metadata=_help(
-            "fixed share of the patches held out for per-epoch student-vs-teacher metrics"
-        ),
-    )
+    magnification: float = arg(20.0, "patch magnification (RCKD: Mag = 20)")
+    patch_size: int = arg(1024, "patch side in pixels at --magnification (RCKD: P_size = 1024)")
+    num_patches: int = arg(400_000, "S_n, patches sampled over all slides (RCKD: 400,000)")
+    base_magnification: float | None = arg(None, "level-0 magnification if a slide lacks power/MPP")
+    holdout_fraction: float = arg(0.02, "share of patches held out for teacher-vs-student metrics")
     # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
-    teacher: str = field(
-        default="2D_versatile_he",
-        metadata=_help(
-            "teacher: a StarDist name (RCKD: 2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"
-        ),
-    )
-    alpha: float | None = field(
-        default=0.5,
-        metadata=_help(
-            "RCKD Eq. 2 threshold on the teacher's probability (paper: 0.5); 'auto': the teacher's own default. For StarDist 0.5 marks nucleus cores, not whole nuclei; 0.1-0.2 recovers whole nuclei (see README)"
-        ),
-    )
-    mask_mode: Literal["probability", "instances"] = field(
-        default="probability",
-        metadata=_help(
-            "pseudo label from the probability map (Eq. 2, fast) or from predict_instances polygons (StarDist's NMS: runs in TensorFlow, the tf-cpu/tf-gpu extra)"
-        ),
-    )
-    teacher_backend: Literal["torch", "tensorflow"] = field(
-        default="torch",
-        metadata=_help(
-            "how a StarDist teacher runs: torch (its network in PyTorch, no TensorFlow needed) or tensorflow (StarDist itself: the tf-cpu/tf-gpu extra)"
-        ),
-    )
-    teacher_precision: Literal["fp32", "bf16"] = field(
-        default="fp32",
-        metadata=_help(
-            "torch teacher on CUDA: fp32, or bf16 autocast of its network (fp32 on CPU)"
-        ),
-    )
-    teacher_compile: bool = field(
-        default=False,
-        metadata=_help(
-            "torch teacher: torch.compile its network (worth it for long runs; compiling takes ~30 s)"
-        ),
-    )
-    teacher_placement: Literal["actors", "trainer"] = field(default="actors", metadata=_help(
-        "where the teacher runs. actors: a Ray Data pool of teacher actors (--teacher-actors, each with "
-        "--teacher-gpus of a GPU) labels the stream and caches the labels in the run folder, so the teacher "
-        "runs once per patch. trainer: each training worker runs the teacher on its own device (cuda with "
-        "GPUs, else cpu) on each batch, train and hold-out, before using it: no actor pool, each worker takes "
-        "a whole GPU, and no pseudo-label cache (the teacher labels every patch every epoch). The stream then "
-        "carries the full-size patch beside the resized image (1024 -> 512: 3.75 MiB a record, against 1 MiB "
-        "labelled; the actors' read tasks send the same 3 MiB patch to the actors); the worker labels the full "
-        "patch and resizes the label as the actors do, so both placements train on pixel-identical labels. "
-        "trainer needs a StarDist teacher, --teacher-backend torch and --mask-mode probability. On 2 CPUs "
-        "(demo teacher) trainer was faster at 256 px; at 512 px it lost each cached epoch "
-        "(benchmarks/RESULTS.md, Teacher placement)"
-    ))  # fmt: skip
-    teacher_mpp: float | None = field(
-        default=None,
-        metadata=_help(
-            "pixel size (um/px) the teacher was trained at: patches are resampled to it, labelled, and the probability resampled back before Eq. 2; default: the teacher's own (its histokd_teacher.json; 2D_versatile_he: 0.25, 40x), else the patches' scale. Check with jobs/check_teacher.py"
-        ),
-    )
-    teacher_normalization: Literal["joint", "per_channel"] | None = field(
-        default=None,
-        metadata=_help(
-            "percentile normalisation the teacher was trained with: joint over the channels or per channel; default: the teacher's own (joint for 2D_versatile_he)"
-        ),
-    )
-    teacher_settings: str | None = field(
-        default=None,
-        metadata=_help(
-            "a histokd_teacher.json (jobs/check_teacher.py writes one): its alpha, normalization, percentiles and teacher_mpp replace --alpha, --teacher-normalization and --teacher-mpp"
-        ),
-    )
-    empty_patch_share: float = field(
-        default=0.005,
-        metadata=_help(
-            "a patch whose pseudo label has less than this share of nucleus pixels counts as empty"
-        ),
-    )
-    empty_slide_fraction: float = field(
-        default=0.9,
-        metadata=_help(
-            "warn, naming the slide, when more than this share of a slide's patches are empty (label_share.csv in the run folder has every slide)"
-        ),
-    )
-    teacher_batch_size: int = field(
-        default=8,
-        metadata=_help(
-            "patches per teacher call (in a teacher actor, or in a training worker with --teacher-placement trainer)"
-        ),
-    )
-    teacher_actors: int | None = field(
-        default=None,
-        metadata=_help(
-            "teacher actors in the pool; auto: one per GPU, or 1 on CPU (--teacher-placement actors only)"
-        ),
-    )
-    teacher_gpus: float = field(
-        default=0.5,
-        metadata=_help(
-            "GPU share of each teacher actor when the cluster has GPUs (fractional: the student shares the GPU); ignored with --teacher-placement trainer"
-        ),
-    )
-    teacher_resources: dict[str, float] = field(
-        default_factory=dict,
-        metadata=_help(
-            'custom Ray resources each teacher actor asks for, e.g. {"teacher_node": 1} to place the actors on nodes started with that resource; JSON on the command line (--teacher-placement actors only)'
-        ),
-    )
+    teacher: str = arg("2D_versatile_he", "StarDist name (RCKD) or folder, demo, deconvolution")
+    alpha: float | None = arg(0.5, "Eq. 2 probability threshold (RCKD: 0.5); auto: the teacher's")
+    mask_mode: Literal["probability", "instances"] = arg("probability", "Eq. 2 (fast) or NMS (TF)")
+    teacher_backend: Literal["torch", "tensorflow"] = arg("torch", "StarDist in PyTorch or TF")
+    teacher_precision: Literal["fp32", "bf16"] = arg("fp32", "autocast of a torch teacher on CUDA")
+    teacher_compile: bool = arg(False, "torch.compile a torch teacher (~30 s; for long runs)")
+    teacher_placement: Literal["actors", "trainer"] = arg("actors", "actor pool, or each trainer")
+    teacher_mpp: float | None = arg(None, "um/px the teacher was trained at; default: its own")
+    teacher_normalization: Literal["joint", "per_channel"] | None = arg(None, "default: teacher's")
+    teacher_settings: str | None = arg(None, "a histokd_teacher.json from jobs/check_teacher.py")
+    empty_patch_share: float = arg(0.005, "nucleus-pixel share below which a patch is empty")
+    empty_slide_fraction: float = arg(0.9, "warn above this share of empty patches in a slide")
+    teacher_batch_size: int = arg(8, "patches per teacher call (an actor's or a training worker's)")
+    teacher_actors: int | None = arg(None, "actors in the pool; auto: one per GPU, or 1 on CPU")
+    teacher_gpus: float = arg(0.5, "GPU share of each teacher actor (the student shares the GPU)")
+    teacher_resources: dict[str, float] = arg(help="Ray resources per actor (JSON)", factory=dict)
     # --- student (RCKD Sec. 2.2.1, 2.3) -------------------------------------------------------
-    backbone: str = field(
-        default="csat",
-        metadata=_help(
-            "student backbone: csat, csat_nosat, resnet18, resnet18_sat, efficientnet_b0, convnextv2_atto"
-        ),
-    )
-    input_size: int = field(
-        default=512,
-        metadata=_help("patches are resized (bilinear) to this side for the student (RCKD: 512)"),
-    )
-    epochs: int = field(default=100, metadata=_help("training epochs (RCKD: 100)"))
-    warmup_epochs: int = field(
-        default=10, metadata=_help("linear warm-up from a learning rate of 0 (RCKD: 10 of 100)")
-    )
-    batch_size: int = field(
-        default=64, metadata=_help("global batch size over all workers (RCKD: 64)")
-    )
-    lr: float = field(
-        default=0.075,
-        metadata=_help(
-            "peak learning rate of LARS after warm-up; the paper gives none: 0.3 x batch/256, SimCLR's LARS rule"
-        ),
-    )
-    weight_decay: float = field(
-        default=1e-6, metadata=_help("LARS weight decay (SimCLR's setting; not stated in RCKD)")
-    )
-    momentum: float = field(default=0.9, metadata=_help("LARS momentum"))
-    init: str | None = field(
-        default=None,
-        metadata=_help(
-            "initial backbone weights: a backbone file (RCKD starts from ImageNet weights, USI); default: random"
-        ),
-    )
+    backbone: str = arg("csat", "csat[_nosat], resnet18[_sat], efficientnet_b0 or convnextv2_atto")
+    input_size: int = arg(512, "side patches are resized to (bilinear) for the student (RCKD: 512)")
+    epochs: int = arg(100, "training epochs (RCKD: 100)")
+    warmup_epochs: int = arg(10, "linear warm-up from a learning rate of 0 (RCKD: 10 of 100)")
+    batch_size: int = arg(64, "global batch size over all workers (RCKD: 64)")
+    lr: float = arg(0.075, "peak LARS rate after warm-up (not in RCKD; SimCLR: 0.3 x batch/256)")
+    weight_decay: float = arg(1e-6, "LARS weight decay (SimCLR's setting; not stated in RCKD)")
+    momentum: float = arg(0.9, "LARS momentum")
+    init: str | None = arg(None, "initial backbone file (RCKD: ImageNet, USI); default: random")
     # --- cluster -----------------------------------------------------------------------------
-    trainer_resources: dict[str, float] = field(
-        default_factory=dict,
-        metadata=_help(
-            'custom Ray resources each training worker asks for, e.g. {"trainer_node": 1}; JSON on the command line'
-        ),
-    )
-    precision: Literal["auto", "fp32", "bf16"] = field(
-        default="auto", metadata=_help("autocast precision; auto: bf16 on GPU, fp32 on CPU")
-    )
-    keep_checkpoints: int = field(
-        default=3, metadata=_help("last N checkpoints kept (the best by hold-out IoU is kept too)")
-    )
-    dataloader_prefetch: int = field(default=2, metadata=_help("batches prefetched per worker"))
-    overlays: int = field(
-        default=8,
-        metadata=_help("hold-out patches drawn in the teacher-vs-student overlay each epoch"),
-    )
-    stop_after_epoch: int | None = field(
-        default=None,
-        metadata=_help("stop cleanly after this epoch (resume later with the same run name)"),
-    )
-    fail_at_epoch: int | None = field(
-        default=None,
-        metadata=_help("test only: one worker raises once in this epoch", cli="hidden"),
-    )
+    trainer_resources: dict[str, float] = arg(help="Ray resources per worker (JSON)", factory=dict)
+    precision: Literal["auto", "fp32", "bf16"] = arg("auto", "autocast; auto: GPU bf16, else fp32")
+    keep_checkpoints: int = arg(3, "last N checkpoints kept (the best by hold-out IoU is kept too)")
+    dataloader_prefetch: int = arg(2, "batches prefetched per worker")
+    overlays: int = arg(8, "hold-out patches drawn in the teacher-vs-student overlay each epoch")
+    stop_after_epoch: int | None = arg(None, "stop cleanly after this epoch; rerunning it resumes")
+    fail_at_epoch: int | None = arg(None, "test: one worker raises once in this epoch", hidden=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from histokd.cli import check_ints, config_to_dict
+from histokd.cli import arg, check_ints, config_to_dict
 from histokd.run import RunConfig, WorkerConfig
 
 __all__ = ["DemoConfig", "DistillConfig", "DistillSearchConfig", "EvaluateConfig", "ResdistConfig",
@@ -22,12 +22,15 @@ SPLITS = ("train", "val", "test", "aux")
 SCORES = ("accuracy", "top1_accuracy", "f1", "precision", "recall")
 
 
-def _f(default: Any, text: str, **metadata: Any) -> Any:
-    """A field with its help text; a list default is copied for each config."""
-    metadata = {"help": text, **metadata}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+# Tables 6-8: the region images' magnifications, the teacher's (10x) first, then the students'
+_MAGNIFICATIONS = [10.0, 5.0, 2.5, 1.25, 0.625]
+_STUDENTS = _MAGNIFICATIONS[1:]
+_SEARCHED = _STUDENTS[::-1]  # a search's grid, low to high
+
+
+def _from_grid(what: str, grid: str) -> Any:
+    """A field every search trial takes from ``--grid``: giving it is an error."""
+    return arg(None, f"not used (giving it is an error): every trial's {what} comes from --{grid}")
 
 
 def _check(config: Any, *checks: tuple[str, bool, str]) -> None:
@@ -69,35 +72,38 @@ class _Regions:
 
 @dataclass
 class ResdistConfig(WorkerConfig, _Regions):
-    """What every resolution-distillation training job shares."""
+    """What every resolution-distillation training job shares.
 
-    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
-    data: str = _f("", "data table: CSV of slide, split, label[, x, y, width, height]")
-    region_dir: str | None = _f(None, "folder of the region images; default: STORAGE/regions")
-    magnifications: list[float] = _f(
-        [10.0, 5.0, 2.5, 1.25, 0.625], "magnifications of the region images (Tables 6-8)"
-    )
-    class_names: list[str] = _f([], "class order; default: the sorted labels of the table")
-    thumbnail_magnification: float = _f(1.25, "magnification tissue regions are found at")
-    min_region_area_um2: float = _f(10_000.0, "smallest tissue area of a region, um^2")
-    closing_um: float = _f(16.0, "radius of the closing that joins nearby tissue, um")
-    padding_um: float = _f(8.0, "margin around each region's box, um")
-    backbone: str = _f("resdist_resnet", "the paper's network, or a timm model", aliases=["arch"])
-    num_groups: int = _f(32, "GroupNorm groups (public code: 32)")
-    epochs: int = _f(100, "training epochs (Sec. 4.5.1: 100)")
-    accumulation_steps: int = _f(32, "images per optimizer step (Sec. 3.5; public code: 32)")
-    lr: float = _f(1e-3, "Adam learning rate (Sec. 4.5.1: 0.001)")
-    weight_decay: float = _f(1e-4, "Adam weight decay (public code: 1e-4)")
-    lr_gamma: float = _f(1.0, "learning-rate factor per epoch (public code: 1.0)")
-    augment: bool = _f(True, "colour jitter, flips and 90-degree rotations (Sec. 3.2)")
-    brightness: float = _f(0.5, "colour jitter brightness (public code: 0.5)")
-    contrast: float = _f(0.5, "colour jitter contrast (public code: 0.5)")
-    saturation: float = _f(0.5, "colour jitter saturation (public code: 0.5)")
-    hue: float = _f(0.2, "colour jitter hue (public code: 0.2)")
-    select: Literal["auto", "best", "last"] = _f(
-        "auto", "weights kept: best (lowest validation loss) or last; auto: best if held out"
-    )
-    loader_workers: int = _f(0, "DataLoader processes per training worker")
+    Attributes:
+        magnifications: The magnifications of the region images (Tables 6-8).
+        class_names: The class order; default: the sorted labels of the data table.
+        select: The weights kept: ``best`` (the lowest validation loss) or ``last``; auto: best
+            when splits are held out for validation.
+    """
+
+    mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
+    data: str = arg("", "data table: CSV of slide, split, label[, x, y, width, height]")
+    region_dir: str | None = arg(None, "folder of the region images; default: STORAGE/regions")
+    magnifications: list[float] = arg(help="of the region images", factory=_MAGNIFICATIONS.copy)
+    class_names: list[str] = arg(help="class order; default: the sorted labels", factory=list)
+    thumbnail_magnification: float = arg(1.25, "magnification tissue regions are found at")
+    min_region_area_um2: float = arg(10_000.0, "smallest tissue area of a region, um^2")
+    closing_um: float = arg(16.0, "radius of the closing that joins nearby tissue, um")
+    padding_um: float = arg(8.0, "margin around each region's box, um")
+    backbone: str = arg("resdist_resnet", "the paper's network, or a timm model", aliases=["arch"])
+    num_groups: int = arg(32, "GroupNorm groups (public code: 32)")
+    epochs: int = arg(100, "training epochs (Sec. 4.5.1: 100)")
+    accumulation_steps: int = arg(32, "images per optimizer step (Sec. 3.5; public code: 32)")
+    lr: float = arg(1e-3, "Adam learning rate (Sec. 4.5.1: 0.001)")
+    weight_decay: float = arg(1e-4, "Adam weight decay (public code: 1e-4)")
+    lr_gamma: float = arg(1.0, "learning-rate factor per epoch (public code: 1.0)")
+    augment: bool = arg(True, "colour jitter, flips and 90-degree rotations (Sec. 3.2)")
+    brightness: float = arg(0.5, "colour jitter brightness (public code: 0.5)")
+    contrast: float = arg(0.5, "colour jitter contrast (public code: 0.5)")
+    saturation: float = arg(0.5, "colour jitter saturation (public code: 0.5)")
+    hue: float = arg(0.2, "colour jitter hue (public code: 0.2)")
+    select: Literal["auto", "best", "last"] = arg("auto", "best: least val loss; auto: if held out")
+    loader_workers: int = arg(0, "DataLoader processes per training worker")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,11 +152,11 @@ class ResdistConfig(WorkerConfig, _Regions):
 class SupervisedConfig(ResdistConfig):
     """The teacher (Sec. 3.2, 4.5.1), or a baseline from scratch at a low magnification (4.5.2)."""
 
-    run_name: str = _f("teacher", "run name; rerunning it resumes")
-    magnification: float = _f(10.0, "input magnification (Sec. 4.5.1: 10x; RCC: 5x)")
-    method: str = _f("teacher", "name in the tables: teacher or baseline")
-    train_splits: list[str] = _f(["train"], "splits trained on")
-    val_splits: list[str] = _f(["val"], "splits validated on")
+    run_name: str = arg("teacher", "run name; rerunning it resumes")
+    magnification: float = arg(10.0, "input magnification (Sec. 4.5.1: 10x; RCC: 5x)")
+    method: str = arg("teacher", "name in the tables: teacher or baseline")
+    train_splits: list[str] = arg(help="splits trained on", factory=lambda: ["train"])
+    val_splits: list[str] = arg(help="splits validated on", factory=lambda: ["val"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,29 +167,32 @@ class SupervisedConfig(ResdistConfig):
 @dataclass
 class DistillConfig(ResdistConfig):
     """A student at a low magnification distilled from a frozen teacher (Sec. 3.3, 4.5.3-4.5.4),
-    then, when distilled on other data, its last layer fine-tuned (Sec. 3.4)."""
+    then, when distilled on other data, its last layer fine-tuned (Sec. 3.4).
 
-    run_name: str = _f("kd", "run name; rerunning it resumes")
-    teacher: str = _f("", "the teacher's model file or run folder")
-    magnification: float = _f(1.25, "the student's magnification (Tables 6-8)")
-    temperature: float = _f(1.0, "T of the soft loss, Eq. 2 (public code: 1.0)")
-    resize_modes: list[str] = _f(["maxpool", "bicubic"], "g_k of Eq. 3, averaged")
-    distance: Literal["mse", "l1"] = _f("mse", "pixel-loss distance (Eq. 3: mse)")
-    public_code_maxpool_only: bool = _f(
-        False, "the public code's pixel loss (max-pool term, halved)"
-    )
-    train_splits: list[str] = _f(
-        ["train", "val"], "splits distilled on, labels ignored (KD (AD): aux)"
-    )
-    val_splits: list[str] = _f([], "splits of the validation loss")
-    finetune: Literal["auto", "yes", "no"] = _f(
-        "auto", "fine-tune the last layer (Sec. 3.4); auto: if distilled on other than its data"
-    )
-    finetune_epochs: int = _f(100, "fine-tuning epochs ('until convergence', Sec. 3.4)")
-    finetune_lr: float = _f(1e-3, "fine-tuning learning rate (Sec. 3.4 gives none)")
-    finetune_splits: list[str] = _f(["train"], "labelled splits the last layer is fine-tuned on")
-    finetune_val_splits: list[str] = _f(["val"], "splits validating the fine-tuning")
-    method: str | None = _f(None, "name in the tables; default: KD, or KD (AD) on aux")
+    Attributes:
+        resize_modes: The g_k of Eq. 3, the pixel loss averaged over them.
+        train_splits: The splits distilled on, their labels ignored (KD (AD): ``aux``).
+        finetune: Fine-tune the last layer (Sec. 3.4); auto: when the labelled
+            ``finetune_splits`` are not all among the splits distilled on (:attr:`do_finetune`).
+        finetune_splits, finetune_val_splits: The labelled splits the last layer is fine-tuned
+            on, and those validating the fine-tuning.
+    """
+
+    run_name: str = arg("kd", "run name; rerunning it resumes")
+    teacher: str = arg("", "the teacher's model file or run folder")
+    magnification: float = arg(1.25, "the student's magnification (Tables 6-8)")
+    temperature: float = arg(1.0, "T of the soft loss, Eq. 2 (public code: 1.0)")
+    resize_modes: list[str] = arg(help="g_k of Eq. 3, mean", factory=lambda: ["maxpool", "bicubic"])
+    distance: Literal["mse", "l1"] = arg("mse", "pixel-loss distance (Eq. 3: mse)")
+    public_code_maxpool_only: bool = arg(False, "public code's pixel loss (max-pool term, halved)")
+    train_splits: list[str] = arg(help="distilled on (AD: aux)", factory=lambda: ["train", "val"])
+    val_splits: list[str] = arg(help="splits of the validation loss", factory=list)
+    finetune: Literal["auto", "yes", "no"] = arg("auto", "last layer (3.4); auto: other KD data")
+    finetune_epochs: int = arg(100, "fine-tuning epochs ('until convergence', Sec. 3.4)")
+    finetune_lr: float = arg(1e-3, "fine-tuning learning rate (Sec. 3.4 gives none)")
+    finetune_splits: list[str] = arg(help="labelled splits tuned on", factory=lambda: ["train"])
+    finetune_val_splits: list[str] = arg(help="fine-tuning's validation", factory=lambda: ["val"])
+    method: str | None = arg(None, "name in the tables; default: KD, or KD (AD) on aux")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,24 +232,25 @@ class DistillConfig(ResdistConfig):
         return self.method or ("KD (AD)" if "aux" in self.train_splits else "KD")
 
 
-_UNUSED = "not used (giving it is an error): every trial's {} comes from --{}"
-
-
 @dataclass
 class DistillSearchConfig(DistillConfig):
-    """A grid over student magnification x temperature; every other field is the distillation's."""
+    """A grid over student magnification x temperature; every other field is the distillation's.
 
-    run_name: str = _f("kd-search", "name of the search; rerunning it resumes")
+    Attributes:
+        searched_magnifications, temperatures: The grid: student magnifications (Tables 6-8)
+            and soft-loss temperatures (T of Eq. 2).
+        score_splits: The labelled splits a trial is scored on.
+    """
+
+    run_name: str = arg("kd-search", "name of the search; rerunning it resumes")
     # every trial takes these two from the grid: refused when given, so no flag is silently ignored
-    magnification: float | None = _f(
-        None, _UNUSED.format("student magnification", "searched-magnifications")
-    )
-    temperature: float | None = _f(None, _UNUSED.format("temperature", "temperatures"))
-    searched_magnifications: list[float] = _f([0.625, 1.25, 2.5, 5.0], "student magnifications")
-    temperatures: list[float] = _f([1.0, 2.0, 4.0], "soft-loss temperatures searched")
-    score_splits: list[str] = _f(["val"], "labelled splits a trial is scored on")
-    score: str = _f("top1_accuracy", f"metric trials are ranked by: {', '.join(SCORES)}")
-    max_concurrent_trials: int | None = _f(None, "trials at once; auto: as the CPUs allow")
+    magnification: float | None = _from_grid("student magnification", "searched-magnifications")
+    temperature: float | None = _from_grid("temperature", "temperatures")
+    searched_magnifications: list[float] = arg(help="students (Tables 6-8)", factory=_SEARCHED.copy)
+    temperatures: list[float] = arg(help="T of Eq. 2 searched", factory=lambda: [1.0, 2.0, 4.0])
+    score_splits: list[str] = arg(help="labelled splits scoring a trial", factory=lambda: ["val"])
+    score: str = arg("top1_accuracy", f"metric trials are ranked by: {', '.join(SCORES)}")
+    max_concurrent_trials: int | None = arg(None, "trials at once; auto: as the CPUs allow")
 
     def __post_init__(self) -> None:
         grids = {"magnification": "searched_magnifications", "temperature": "temperatures"}
@@ -279,17 +289,21 @@ class DistillSearchConfig(DistillConfig):
 
 @dataclass
 class EvaluateConfig(RunConfig, _Regions):
-    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs."""
+    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs.
 
-    run_name: str = _f("evaluation", "name of the evaluation (its folder and MLflow run)")
-    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
-    model: list[str] = _f([], "model files or run folders to evaluate", aliases=["models"])
-    data: str = _f("", "the data table the models were trained on")
-    region_dir: str | None = _f(None, "folder of the region images; default: STORAGE/regions")
-    dataset_name: str = _f("dataset", "title of the table and chart")
-    splits: list[str] = _f(["test"], "splits evaluated (Sec. 4.5: the labelled test set)")
-    bootstrap_resamples: int = _f(10_000, "bootstrap resamples (Sec. 4.5)", aliases=["n_resamples"])
-    confidence: float = _f(0.95, "interval level (Sec. 4.5: 0.95)")
+    Attributes:
+        splits: The splits evaluated (Sec. 4.5: the labelled test set).
+    """
+
+    run_name: str = arg("evaluation", "name of the evaluation (its folder and MLflow run)")
+    mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
+    model: list[str] = arg(help="model files or run folders", factory=list, aliases=["models"])
+    data: str = arg("", "the data table the models were trained on")
+    region_dir: str | None = arg(None, "folder of the region images; default: STORAGE/regions")
+    dataset_name: str = arg("dataset", "title of the table and chart")
+    splits: list[str] = arg(help="evaluated (Sec. 4.5: the test set)", factory=lambda: ["test"])
+    bootstrap_resamples: int = arg(10_000, "resamples (Sec. 4.5: 10,000)", aliases=["n_resamples"])
+    confidence: float = arg(0.95, "interval level (Sec. 4.5: 0.95)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -307,38 +321,37 @@ class EvaluateConfig(RunConfig, _Regions):
 
 @dataclass
 class DemoConfig(RunConfig):
-    """The offline demo (small on purpose; the paper's settings are the jobs' defaults)."""
+    """The offline demo (small on purpose; the paper's settings are the jobs' defaults).
 
-    run_name: str = _f("resdist-demo", "name of the demo's MLflow run")
-    storage_path: str = _f("runs/resdist_demo", "where the runs, tables and chart go")
-    mlflow_experiment: str = _f("histokd-resdist", "MLflow experiment name")
-    demo_dir: str = _f("demo_data/resdist", "where the synthetic slides go (reused)")
-    labelled_slides: int = _f(30, "synthetic slides with labelled regions")
-    aux_slides: int = _f(8, "synthetic slides of the unlabelled auxiliary set")
-    val_slides: int = _f(5, "labelled slides held out for validation")
-    test_slides: int = _f(10, "labelled slides held out for testing")
-    slide_size: int = _f(2048, "side of each synthetic slide in pixels at 20x")
-    teacher_magnification: float = _f(10.0, "teacher magnification (Sec. 4.5.1: 10x)")
-    student_magnifications: list[float] = _f([5.0, 2.5, 1.25, 0.625], "(Tables 6-8)")
-    teacher_epochs: int = _f(20, "teacher epochs (paper: 100)")
-    epochs: int = _f(12, "baseline and distillation epochs (paper: 100)")
-    finetune_epochs: int = _f(10, "last-layer fine-tuning epochs after KD (AD)")
-    accumulation_steps: int = _f(2, "images per optimizer step (public code: 32)")
-    label_level: Literal["region", "slide"] = _f(
-        "region",
-        "region: a region's label is its dominant class (impure ones left out); slide: each "
-        "labelled slide is drawn with one dominant class (70%% of it), its regions' label",
-    )
-    min_purity: float = _f(0.75, "labelled regions whose dominant class covers less are left out")
-    paper_jitter: bool = _f(
-        False, "the public code's colour jitter, not a mild one (0.1, hue 0.02)"
-    )
-    temperature: float = _f(1.0, "soft-loss temperature (public code: 1.0)")
-    bootstrap_resamples: int = _f(
-        10_000, "bootstrap resamples (paper: 10,000)", aliases=["n_resamples"]
-    )
-    num_workers: int = _f(0, "Ray Train workers per run; 0: Ray Train's local mode (fast start)")
-    cpus_per_worker: float = _f(1.0, "CPUs of each training worker")
+    Attributes:
+        label_level: ``region``: a region's label is its dominant class (impure ones left out);
+            ``slide``: each labelled slide is drawn with one dominant class (70% of it), its
+            regions' label.
+        paper_jitter: The public code's colour jitter, not a mild one (0.1, hue 0.02).
+    """
+
+    run_name: str = arg("resdist-demo", "name of the demo's MLflow run")
+    storage_path: str = arg("runs/resdist_demo", "where the runs, tables and chart go")
+    mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
+    demo_dir: str = arg("demo_data/resdist", "where the synthetic slides go (reused)")
+    labelled_slides: int = arg(30, "synthetic slides with labelled regions")
+    aux_slides: int = arg(8, "synthetic slides of the unlabelled auxiliary set")
+    val_slides: int = arg(5, "labelled slides held out for validation")
+    test_slides: int = arg(10, "labelled slides held out for testing")
+    slide_size: int = arg(2048, "side of each synthetic slide in pixels at 20x")
+    teacher_magnification: float = arg(10.0, "teacher magnification (Sec. 4.5.1: 10x)")
+    student_magnifications: list[float] = arg(help="students (Tables 6-8)", factory=_STUDENTS.copy)
+    teacher_epochs: int = arg(20, "teacher epochs (paper: 100)")
+    epochs: int = arg(12, "baseline and distillation epochs (paper: 100)")
+    finetune_epochs: int = arg(10, "last-layer fine-tuning epochs after KD (AD)")
+    accumulation_steps: int = arg(2, "images per optimizer step (public code: 32)")
+    label_level: Literal["region", "slide"] = arg("region", "region's dominant class or slide's")
+    min_purity: float = arg(0.75, "labelled regions whose dominant class covers less are left out")
+    paper_jitter: bool = arg(False, "public code's colour jitter, not a mild one (0.1, hue 0.02)")
+    temperature: float = arg(1.0, "soft-loss temperature (public code: 1.0)")
+    bootstrap_resamples: int = arg(10_000, "resamples (paper: 10,000)", aliases=["n_resamples"])
+    num_workers: int = arg(0, "Ray Train workers per run; 0: Ray Train's local mode (fast start)")
+    cpus_per_worker: float = arg(1.0, "CPUs of each training worker")
 
     def __post_init__(self) -> None:
         super().__post_init__()

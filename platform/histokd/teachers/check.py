@@ -20,12 +20,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from histokd.cli import arg
 from histokd.run import RunFolderConfig, take_legacy_device, take_legacy_out
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou
@@ -37,66 +38,38 @@ __all__ = ["CheckConfig", "CheckResult", "check_teacher"]
 log = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class CheckConfig(RunFolderConfig):
-    """What to check a teacher on, and where the report goes."""
+    """What to check a teacher on, and where the report goes.
 
-    teacher: str = field(
-        default="demo",
-        metadata=_help(
-            "teacher: a StarDist name (2D_versatile_he), stardist:<name>, a StarDist model folder, 'demo' or 'deconvolution'"
-        ),
-    )
-    images: str = field(
-        default="", metadata=_help("folder of RGB images (png, jpg, tif) of annotated tissue")
-    )
-    masks: str = field(
-        default="",
-        metadata=_help(
-            "folder of their nuclei masks, same file stems: instance labels (0 = background) or binary masks, png/tif/npy, or MoNuSeg XML"
-        ),
-    )
-    run_name: str = field(
-        default="teacher_check",
-        metadata=_help(
-            "report folder STORAGE/RUN_NAME: results.csv, results.json, overlay.png and the best "
-            "settings as histokd_teacher.json"
-        ),
-    )
-    mpp: float = field(
-        default=0.5, metadata=_help("pixel size of the images in um/px (40x: 0.25, 20x: 0.5)")
-    )
-    patch_mpp: float = field(
-        default=0.5,
-        metadata=_help(
-            "pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the scale labelled at when the teacher is not resampled"
-        ),
-    )
-    teacher_mpp: float | None = field(
-        default=None,
-        metadata=_help(
-            "the scale the teacher was trained at; default: its own setting (histokd_teacher.json, or 2D_versatile_he's 0.25)"
-        ),
-    )
-    alphas: tuple[float, ...] = field(
-        default=ALPHA_CANDIDATES, metadata=_help("Eq. 2 thresholds to try")
-    )
-    teacher_backend: Literal["torch", "tensorflow"] = field(
-        default="torch",
-        metadata=_help(
-            "StarDist backend: torch (default) or tensorflow (StarDist itself, the tf-cpu extra)"
-        ),
-    )
-    use_gpu: bool | None = field(
-        default=None, metadata=_help("run the teacher on a GPU (torch backend); auto: if any")
-    )
-    overlays: int = field(default=4, metadata=_help("images drawn in overlay.png"))
-    out: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
-    device: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+    Attributes:
+        teacher: A StarDist pretrained name (``2D_versatile_he``), ``stardist:<name>``, a
+            StarDist model folder, a registered teacher (``demo``, ``deconvolution``), or
+            ``package.module:name``.
+        masks: The images' nuclei masks, with the same file stems: instance labels
+            (0 = background) or binary masks, as png, tif or npy, or MoNuSeg XML.
+        run_name: The report folder ``STORAGE/RUN_NAME``: ``results.csv``, ``results.json``,
+            ``overlay.png`` and the best settings as ``histokd_teacher.json``.
+        patch_mpp: The pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the
+            scale labelled at when the teacher is not resampled.
+        teacher_mpp: The scale the teacher was trained at; default: its own setting
+            (``histokd_teacher.json``, or 2D_versatile_he's 0.25).
+        teacher_backend: ``torch`` or ``tensorflow`` (StarDist itself: the ``tf-cpu`` extra).
+    """
+
+    teacher: str = arg("demo", "StarDist name (2D_versatile_he) or folder, demo or deconvolution")
+    images: str = arg("", "folder of RGB images (png, jpg, tif) of annotated tissue")
+    masks: str = arg("", "folder of their nuclei masks (same stems; png/tif/npy or MoNuSeg XML)")
+    run_name: str = arg("teacher_check", "report folder: results, overlay, histokd_teacher.json")
+    mpp: float = arg(0.5, "pixel size of the images in um/px (40x: 0.25, 20x: 0.5)")
+    patch_mpp: float = arg(0.5, "um/px of the pretraining patches (RCKD: 20x = 0.5)")
+    teacher_mpp: float | None = arg(None, "um/px the teacher was trained at; default: its own")
+    alphas: tuple[float, ...] = arg(ALPHA_CANDIDATES, "Eq. 2 thresholds to try")
+    teacher_backend: Literal["torch", "tensorflow"] = arg("torch", "StarDist in PyTorch or TF")
+    use_gpu: bool | None = arg(None, "run the teacher on a GPU (torch backend); auto: if any")
+    overlays: int = arg(4, "images drawn in overlay.png")
+    out: str | None = arg(None, "deprecated", hidden=True)
+    device: str | None = arg(None, "deprecated", hidden=True)
 
     def __post_init__(self) -> None:
         take_legacy_out(self, self.out)

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from histokd.cli import arg
 from histokd.run import RunFolderConfig, take_legacy_device
 from histokd.teachers.base import TeacherError
 from histokd.teachers.quality import binary_iou, iou_by_alpha
@@ -283,10 +284,6 @@ def demo_slide_images(
 
 
 # -- configuration --------------------------------------------------------------------------
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class TeacherTrainingConfig(RunFolderConfig):
     """How to train a StarDist2D teacher.
@@ -298,15 +295,18 @@ class TeacherTrainingConfig(RunFolderConfig):
     Attributes:
         storage_path: Parent folder of the model folder.
         run_name: Model folder name.
-        data: MoNuSeg-like dataset folders (see :func:`load_instance_folder`).
+        data: MoNuSeg-like dataset folders (see :func:`load_instance_folder`): ``images/`` +
+            ``masks/`` (instance masks), or ``Tissue Images/`` + ``Annotations/`` (MoNuSeg XML).
         data_magnification: Magnification of the images in ``data`` (MoNuSeg: 40x).
         demo_slides: Number of synthetic demo slides to train on (0: none).
         demo_seed: Seed of the demo slides (the tests hold out other seeds).
         demo_slide_size: Width and height of each demo slide in pixels.
         demo_dir: Where the demo slides are written; ``<storage_path>/demo_slides`` when None.
-        magnification: Magnification of the training tiles, the stream's (RCKD: 20x); the
-            teacher's scale, stored as ``teacher_mpp``.
-        normalization: ``"joint"`` or ``"per_channel"`` percentile normalisation, stored too.
+        magnification: Magnification of the training tiles, the stream's (RCKD Sec. 2.1.1:
+            20x); the teacher's scale, stored as ``teacher_mpp = 10 / magnification``.
+        normalization: The percentile normalisation (1, 99.8) of each training image: ``joint``
+            over the three channels (StarDist's H&E example) or ``per_channel``; stored with the
+            teacher, which labels the same way.
         tile_size: Side of the tiles cut from demo slides.
         patch_size: StarDist's random training patch side (a multiple of 16).
         n_rays: StarDist rays (2D_versatile_he: 32).
@@ -327,93 +327,34 @@ class TeacherTrainingConfig(RunFolderConfig):
         overwrite: Replace an existing model folder.
     """
 
-    storage_path: str = field(
-        default="runs/teacher",
-        metadata={**_help("parent folder of the model folder"), "aliases": ["out_dir"]},
-    )
-    run_name: str = field(
-        default="demo_teacher",
-        metadata={**_help("model folder name: STORAGE/RUN_NAME"), "aliases": ["name"]},
-    )
-    data: tuple[str, ...] = field(
-        default=(),
-        metadata=_help(
-            "MoNuSeg-like dataset folders: images/ + masks/ (instance masks), or 'Tissue Images/' + Annotations/ (MoNuSeg XML)"
-        ),
-    )
-    data_magnification: float = field(
-        default=40.0,
-        metadata=_help("magnification of the images in --data (MoNuSeg 2018, TNBC: 40)"),
-    )
-    demo_slides: int = field(
-        default=4,
-        metadata=_help("synthetic demo slides to train on (0: none); one in four is held out"),
-    )
-    demo_seed: int = field(
-        default=0, metadata=_help("seed of the demo slides (tests hold out other seeds)")
-    )
-    demo_slide_size: int = field(
-        default=2048, metadata=_help("width and height of each demo slide in pixels")
-    )
-    demo_dir: str | None = field(
-        default=None, metadata=_help("where demo slides are written; default STORAGE/demo_slides")
-    )
-    magnification: float = field(
-        default=20.0,
-        metadata=_help(
-            "magnification of the training tiles: the stream's (RCKD Sec. 2.1.1: 20); stored as the teacher's scale (teacher_mpp = 10 / magnification)"
-        ),
-    )
-    normalization: Literal["joint", "per_channel"] = field(
-        default="joint",
-        metadata=_help(
-            "percentile normalisation of each training image (1, 99.8): joint over the three channels (StarDist's H&E example) or per channel; stored with the teacher, which labels the same way"
-        ),
-    )
-    tile_size: int = field(default=512, metadata=_help("side of the tiles cut from demo slides"))
-    patch_size: int = field(
-        default=128,
-        metadata=_help("StarDist's random training patch side (multiple of grid * 2**depth)"),
-    )
-    n_rays: int = field(default=32, metadata=_help("StarDist rays (2D_versatile_he: 32)"))
-    grid: int = field(
-        default=2, metadata=_help("output subsampling of the heads (2D_versatile_he: 2)")
-    )
-    unet_n_depth: int = field(default=3, metadata=_help("U-Net depth (2D_versatile_he: 3)"))
-    unet_n_filter_base: int = field(
-        default=16, metadata=_help("filters of the first U-Net level (2D_versatile_he: 32)")
-    )
-    net_conv_after_unet: int = field(
-        default=64, metadata=_help("filters of the conv after the U-Net (2D_versatile_he: 128)")
-    )
-    epochs: int = field(default=20, metadata=_help("training epochs"))
-    steps_per_epoch: int = field(default=50, metadata=_help("batches per epoch"))
-    batch_size: int = field(default=8, metadata=_help("patches per batch"))
-    lr: float = field(
-        default=3e-4,
-        metadata={**_help("Adam learning rate (StarDist's default)"), "aliases": ["learning_rate"]},
-    )
-    validation_fraction: float = field(
-        default=0.25,
-        metadata=_help("fraction of sources (slides or images) held out, at least one"),
-    )
-    optimize_nms: bool = field(
-        default=True,
-        metadata=_help(
-            "optimise StarDist's probability/NMS thresholds on the held-out data (for mask_mode=instances)"
-        ),
-    )
-    use_gpu: bool | None = field(
-        default=None,
-        metadata=_help("train on a GPU (one is then required); no: hide GPUs; auto: if any"),
-    )
-    keep_checkpoints: bool = field(
-        default=False,
-        metadata=_help("keep weights_last.h5 and weights_now.h5 besides weights_best.h5"),
-    )
-    overwrite: bool = field(default=False, metadata=_help("replace an existing model folder"))
+    storage_path: str = arg("runs/teacher", "parent of the model folder", aliases=["out_dir"])
+    run_name: str = arg("demo_teacher", "model folder name: STORAGE/RUN_NAME", aliases=["name"])
+    data: tuple[str, ...] = arg((), "folders: images/ + masks/, or 'Tissue Images/' + Annotations/")
+    data_magnification: float = arg(40.0, "magnification of --data images (MoNuSeg 2018, TNBC: 40)")
+    demo_slides: int = arg(4, "synthetic slides to train on (0: none); one in four is held out")
+    demo_seed: int = arg(0, "seed of the demo slides (tests hold out other seeds)")
+    demo_slide_size: int = arg(2048, "width and height of each demo slide in pixels")
+    demo_dir: str | None = arg(None, "where demo slides are written; default STORAGE/demo_slides")
+    magnification: float = arg(20.0, "of the tiles (RCKD: 20); stored as teacher_mpp = 10 / it")
+    normalization: Literal["joint", "per_channel"] = arg("joint", "percentiles 1, 99.8; stored too")
+    tile_size: int = arg(512, "side of the tiles cut from demo slides")
+    patch_size: int = arg(128, "StarDist's random training patch side (multiple of grid*2**depth)")
+    n_rays: int = arg(32, "StarDist rays (2D_versatile_he: 32)")
+    grid: int = arg(2, "output subsampling of the heads (2D_versatile_he: 2)")
+    unet_n_depth: int = arg(3, "U-Net depth (2D_versatile_he: 3)")
+    unet_n_filter_base: int = arg(16, "filters of the first U-Net level (2D_versatile_he: 32)")
+    net_conv_after_unet: int = arg(64, "filters of the conv after the U-Net (2D_versatile_he: 128)")
+    epochs: int = arg(20, "training epochs")
+    steps_per_epoch: int = arg(50, "batches per epoch")
+    batch_size: int = arg(8, "patches per batch")
+    lr: float = arg(3e-4, "Adam learning rate (StarDist's default)", aliases=["learning_rate"])
+    validation_fraction: float = arg(0.25, "share of slides or images held out, at least one")
+    optimize_nms: bool = arg(True, "tune StarDist's probability/NMS thresholds on held-out data")
+    use_gpu: bool | None = arg(None, "train on a GPU (then required); no: hide GPUs; auto: if any")
+    keep_checkpoints: bool = arg(False, "also keep weights_last.h5 and weights_now.h5")
+    overwrite: bool = arg(False, "replace an existing model folder")
     command: list[str] = field(default_factory=list, repr=False, metadata={"cli": False})
-    device: str | None = field(default=None, metadata={"help": "deprecated", "cli": "hidden"})
+    device: str | None = arg(None, "deprecated", hidden=True)
 
     def __post_init__(self) -> None:
         take_legacy_device(self, self.device)
