@@ -103,7 +103,7 @@ def test_not_a_model_folder(tmp_path):
 
 
 def test_unknown_registered_name():
-    with pytest.raises(TeacherError, match="'2D_nope' is not registered; allowed: 2D_versatile_he"):
+    with pytest.raises(TeacherError, match="no StarDist model '2D_nope'; allowed: 2D_versatile_he"):
         build_teacher("stardist:2D_nope")
 
 

@@ -202,6 +202,9 @@ def test_tiny_training_from_a_data_folder_without_demo_slides(tmp_path, capsys):
     assert "(3 train / 1 held-out images" in capsys.readouterr().out
     model_dir = out_dir / "tiny_monuseg"
     assert {p.name for p in out_dir.iterdir()} == {"tiny_monuseg"}  # no demo slides were written
+    assert (model_dir / "logs" / "driver.log").is_file()  # the job's full log, beside the model
+    assert _train_teacher_job().main(argv) == 2  # a model is there: only --overwrite replaces it
+    assert "model folder exists" in capsys.readouterr().err
     defaults = json.loads((model_dir / "histokd_teacher.json").read_text())
     assert defaults["num_train_images"] == 3 and defaults["num_validation_images"] == 1
     images = sorted(str(p) for p in (folder / "images").iterdir())

@@ -502,12 +502,15 @@ def train_teacher(config: TeacherTrainingConfig) -> TeacherTrainingResult:
 
     out_dir = Path(config.storage_path)
     model_dir = out_dir / config.run_name
-    if model_dir.exists():
+    # the job's own log (logs/driver.log) may already be there: only a model counts
+    existing = [p for p in model_dir.iterdir() if p.name != "logs"] if model_dir.is_dir() else []
+    if existing:
         if not config.overwrite:
             raise TeacherError(
                 f"{model_dir}: model folder exists; pass overwrite=True (--overwrite) to replace it"
             )
-        shutil.rmtree(model_dir)
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     items: list[InstanceImage] = []
     for folder in config.data:
