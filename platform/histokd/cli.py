@@ -422,20 +422,3 @@ def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, auto: boo
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name}={value!r}: must be {allowed}" + (" or auto" if auto else ""))
-
-
-class RunStorage:  # TODO(issue 16): gone once every config composes histokd.run.RunConfig
-    @property
-    def run_dir(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
-
-    @property
-    def tracking_uri(self) -> str:
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        if "://" in self.storage_path:
-            raise ValueError(
-                f"mlflow_tracking_uri is unset and storage_path={self.storage_path!r} is remote: "
-                "give a tracking server URI (http://...) or a sqlite:/// path"
-            )
-        return f"sqlite:///{self.storage_path}/mlflow.db"
