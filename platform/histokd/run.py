@@ -3,7 +3,7 @@
 A run lives in ``STORAGE_PATH/RUN_NAME`` and is tracked as one MLflow run of that name. Every
 job config composes :class:`RunConfig` (the common fields, checked once here); every job's
 driver opens its MLflow run with :func:`open_mlflow_run`; every Ray Train worker function uses
-:func:`all_reduce_sum` and :func:`is_rank_zero`, and continues through
+:func:`all_reduce_sum` and :func:`all_gather`, and continues through
 :func:`histokd.resume.restore_checkpoint`.
 
 Nothing here imports torch, Ray or MLflow at module level: configs import this module, and a
@@ -34,7 +34,6 @@ __all__ = [
     "all_reduce_sum",
     "check_run_name",
     "check_storage_path",
-    "is_rank_zero",
     "open_mlflow_run",
     "take_legacy_device",
     "take_legacy_out",
@@ -241,13 +240,6 @@ def open_mlflow_run(
         tags["mlflow.parentRunId"] = parent_run_id
     run.set_tags(tags)
     return run
-
-
-def is_rank_zero() -> bool:
-    """True outside distributed training, and on its rank 0."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def all_reduce_sum(values: torch.Tensor | list[float], device: Any = None) -> Any:

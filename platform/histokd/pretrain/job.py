@@ -105,10 +105,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from histokd.teachers.stream import patch_dataset, pseudo_label_dataset
 
     check_storage_path(config.storage_path)
-    if "://" in config.storage_path and not config.mlflow_tracking_uri:
-        raise ValueError(
-            "mlflow_tracking_uri: required when storage_path is remote (e.g. http://mlflow:5000)"
-        )
+    _ = config.tracking_uri  # a remote storage needs a tracking server: fail before any work
     work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
