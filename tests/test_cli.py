@@ -3,6 +3,8 @@ names, deprecated flag names, hidden test flags, nested job configs, and a fast 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class _Job(RunConfig):
     workers: int | None = 2
+    lr: float = 0.1
     epochs: int = field(default=3, metadata={"help": "epochs", "aliases": ["max_epochs"]})
     augment: bool = field(default=True, metadata={"help": "flip", "aliases": ["flip"]})
     fail_at_epoch: int | None = field(default=None, metadata={"help": "x", "cli": "hidden"})
@@ -74,14 +77,14 @@ def test_run_storage_local_and_remote(tmp_path):
         WorkerConfig(cpus_per_worker=0)
 
 
-@pytest.mark.parametrize("name", ["a/b", "", "-x", "a b", "x" * 129, "..", "run\n"])
+@pytest.mark.parametrize("name", ["a/b", "", "-x", "a b", "x" * 129, "..", "run\n", "a=b", "a+b"])
 def test_run_names_are_folder_and_mlflow_safe(name):
     with pytest.raises(
         ValueError,
-        match=r"run_name=.*: must be 1-128 characters of letters, digits and \. _ = \+ -",
+        match=r"run_name=.*: must be 1-128 characters of letters, digits and \. _ -, not starting",
     ):
         _Job(run_name=name)
-    assert check_run_name("tcga-csat_lr=0.1+pe.v2") == "tcga-csat_lr=0.1+pe.v2"
+    assert check_run_name("tcga-csat_lr0.1_pe.v2") == "tcga-csat_lr0.1_pe.v2"
 
 
 def test_old_flag_names_work_once_more_with_a_notice(tmp_path, capsys):
@@ -146,3 +149,160 @@ def test_every_job_answers_help_without_torch_ray_or_tensorflow():
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [("lr: fast", "lr='fast': must be a number"), ("epochs: 2.5", "epochs=2.5: must be an integer"),
+     ("workers: true", "workers=True: must be an integer or null"),
+     ("augment: 'yes'", "augment='yes': must be true or false"),
+     ("lrs: 0.1", "lrs=0.1: must be a list of numbers"), ("lrs: [0.1, x]", r"lrs\[1\]='x': must be a number"),
+     ("job: {lr: '1/2'}", "job: lr='1/2': must be a number"), ("run_name: 2024", "run_name=2024: must be a string")],
+)  # fmt: skip
+def test_a_yaml_value_of_the_wrong_type_names_the_field(tmp_path, yaml_text, message):
+    """Before: ``'>' not supported between instances of 'str' and 'int'``, or no error at all."""
+    (tmp_path / "c.yaml").write_text(yaml_text + "\n")
+    with pytest.raises(SystemExit, match=rf"^error: --config .*c\.yaml: {message}$"):
+        parse_config(
+            _Search if yaml_text.startswith(("lrs", "job")) else _Job,
+            ["--config", str(tmp_path / "c.yaml")],
+        )
+
+
+def test_yaml_numbers_become_the_fields_types(tmp_path):
+    """Ints are numbers; YAML 1.1 reads ``1e-4`` as text, which is a number here."""
+    (tmp_path / "c.yaml").write_text("lrs: [1, 1e-4]\njob: {lr: 1, workers: null, epochs: 4}\n")
+    config = parse_config(_Search, ["--config", str(tmp_path / "c.yaml")])
+    assert config.lrs == [1.0, 1e-4] and all(type(v) is float for v in config.lrs)
+    assert (config.job.lr, type(config.job.lr), config.job.workers, config.job.epochs) == (
+        1.0,
+        float,
+        None,
+        4,
+    )
+
+
+def test_a_job_config_names_the_field_of_a_string_where_a_float_belongs(tmp_path):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        from build_manifest import ManifestJobConfig
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    (tmp_path / "m.yaml").write_text("slides: [a.svs]\nmin_tissue_fraction: high\n")
+    with pytest.raises(SystemExit, match="min_tissue_fraction='high': must be a number$"):
+        parse_config(ManifestJobConfig, ["--config", str(tmp_path / "m.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+     (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
+     (["--augment=yes"], "argument --augment/--no-augment: ignored explicit argument 'yes'"),
+     (["--lrs", "0.1", "x"], "argument --lrs: invalid float value: 'x'")],
+)  # fmt: skip
+def test_a_flag_of_the_wrong_type_names_the_field(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(_Search, argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def _writes_read_only_folders() -> bool:
+    """True where chmod cannot stop this process (root, with CAP_DAC_OVERRIDE)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            open(os.path.join(folder, "probe"), "w").close()
+            return True
+        except PermissionError:
+            return False
+        finally:
+            os.chmod(folder, 0o755)
+
+
+def _manifest_job(tmp_path, slides_dir, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "build_manifest.py"), "--local", "--slides",
+         str(slides_dir / "cmu-1-small-region.svs"), "--storage-path", str(tmp_path / "runs"),
+         "--run-name", "m", "--magnification", "5", "--patch-size", "64", "--num-patches", "30"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, **popen,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    _writes_read_only_folders(), reason="this user (root) writes into read-only folders"
+)
+@pytest.mark.parametrize("read_only", ["storage", "run"])
+def test_build_manifest_on_a_read_only_folder_is_one_line_and_exit_1(
+    tmp_path, slides_dir, read_only
+):
+    """Before: a raw OSError traceback (jobs/build_manifest.py:55)."""
+    storage, run_dir = tmp_path / "runs", tmp_path / "runs" / "m"
+    if read_only == "storage":
+        storage.mkdir()
+        storage.chmod(0o555)
+    else:  # only the job's log can be written
+        (run_dir / "logs").mkdir(parents=True)
+        run_dir.chmod(0o555)
+    try:
+        out = _manifest_job(tmp_path, slides_dir)
+    finally:
+        for folder in (storage, run_dir):
+            if folder.exists():
+                folder.chmod(0o755)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+    named = run_dir if read_only == "storage" else run_dir / "manifest.parquet"
+    assert lines[0] == f"error: cannot write {named}: Permission denied"
+    left = sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
+    assert left == ([] if read_only == "storage" else ["m", "m/logs", "m/logs/driver.log"])
+
+
+def test_build_manifest_on_a_full_disk_leaves_no_partial_output(tmp_path, slides_dir):
+    """A file-size limit stands for a full disk (it holds for root too): the log fits, the
+    manifest does not. The error names the file; no temporary or half file is left."""
+    import resource
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+
+    out = _manifest_job(tmp_path, slides_dir, preexec_fn=limit_file_size)
+    run_dir = tmp_path / "runs" / "m"
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0] == f"error: cannot write {run_dir / 'manifest.parquet'}: File too large"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["logs"]
+    assert _manifest_job(tmp_path, slides_dir).returncode == 0  # the same job, with room
+    assert {"manifest.parquet", "manifest.json", "bad_slides.csv"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+
+
+def test_a_manifest_that_cannot_be_put_in_place_leaves_none_of_its_files(tmp_path, slides_dir):
+    """The last step fails (``manifest.json`` is a folder): the manifest and the bad-slide list
+    already moved into place are taken back, and no temporary file stays."""
+    run_dir = tmp_path / "runs" / "m"
+    (run_dir / "manifest.json").mkdir(parents=True)
+    out = _manifest_job(tmp_path, slides_dir)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0] == f"error: cannot write {run_dir / 'manifest.json'}: Is a directory"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["logs", "manifest.json"]
+
+
+def test_only_disk_errors_become_one_line():
+    import errno
+
+    from histokd.cli import disk_error_line
+
+    assert disk_error_line(PermissionError(errno.EACCES, "Permission denied", "/x/y")) == (
+        "cannot write /x/y: Permission denied"
+    )
+    assert disk_error_line(OSError(errno.ENOSPC, "No space left on device")) == (
+        "a disk write failed: [Errno 28] No space left on device"
+    )
+    assert disk_error_line(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) is None
+    assert disk_error_line(TimeoutError("slow")) is None
+    assert disk_error_line(TimeoutError(errno.ETIMEDOUT, "timed out sending the file")) is None

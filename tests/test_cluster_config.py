@@ -343,3 +343,29 @@ def test_split_placement_resources_match_the_guide(cluster):
         {"teacher_node": 1},
         {"trainer_node": 1},
     )
+
+
+def _mlflow_server_command(cluster: dict) -> str:
+    commands = [c for c in cluster["head_start_ray_commands"] if "mlflow server" in c]
+    assert len(commands) == 1, commands
+    return commands[0]
+
+
+def test_mlflow_listens_on_the_heads_private_address_only(cluster):
+    """MLflow has no authentication: never on every interface, but on the address the guide's
+    HEAD_IP names (the nodes log there) and its laptop tunnel forwards to."""
+    command = _mlflow_server_command(cluster)
+    hosts = re.findall(r"(?:--host|-h)[ =](\"[^\"]*\"|'[^']*'|\S+)", command)
+    assert len(hosts) == 1, f"give mlflow server one --host: {command}"
+    host = hosts[0].strip("\"'")
+    for everywhere in ("0.0.0.0", "::", "[::]", "*"):
+        assert host != everywhere, f"mlflow server --host {host}: every interface"
+    assert host == "$(hostname -I | awk '{print $1}')", host  # the first address, as HEAD_IP
+    guide = (REPO / "docs" / "operators_guide.md").read_text()
+    head_ip = "HEAD_IP=$(ray exec cluster.yaml \"hostname -I\" 2>/dev/null | grep -Eo '^[0-9]+(\\.[0-9]+){3}' | tail -1)"
+    assert head_ip in guide
+    # the laptop's tunnel goes to that address: `ray dashboard --remote-port 5000` would forward
+    # to the head's localhost, where nothing listens any more
+    assert "-L 5000:$HEAD_IP:5000" in guide and "--remote-port 5000" not in guide
+    assert "--mlflow-tracking-uri http://$HEAD_IP:5000" in guide
+    assert "--remote-port 5000" not in CLUSTER_YAML.read_text()

@@ -21,10 +21,23 @@ from histokd.manifest import (
 from histokd.slides import SlideError
 
 PURPLE = (150, 80, 140)
+FAINT_STAIN = (240, 212, 242)  # grey 231: tissue on the thumbnail (max_gray 235), hue 296
+DARK_STAIN = (60, 20, 60)  # grey 47: tissue on the thumbnail, under the rule's 50
+# Level-0 corners of the 10x grid cells (256 px) of each square of _tissue_slide.
+FAINT_CELLS = {(0, 0), (256, 0), (0, 256), (256, 256)}
+DARK_CELLS = {(1536, 1536), (1792, 1536), (1536, 1792), (1792, 1792)}
 
 
 def _tissue_slide(tiled_tiff, name: str, seed: int, size: int = 2048):
-    """White glass with a purple tissue disc and one nearly-white-but-stained square."""
+    """White glass with a purple tissue disc, one nearly-white-but-stained square and one
+    dark-stained square, both outside the disc.
+
+    The nearly-white square is bright glass (255) with faint-stain stripes over 96 of each
+    cell's 256 px: 37.5 % of its thumbnail pixels are tissue (over min_tissue_fraction 0.35),
+    so its cells are candidates, yet their mean intensity is about 246, over RCKD's 245. The
+    dark square (mean about 47, under 50) is all tissue on the thumbnail too. Only the mean
+    rule keeps their 2x2 cells each (FAINT_CELLS, DARK_CELLS at 10x, 128 px) out of a manifest.
+    """
     rng = np.random.default_rng(seed)
     image = np.full((size, size, 3), 242, np.uint8)
     yy, xx = np.mgrid[:size, :size]
@@ -33,6 +46,10 @@ def _tissue_slide(tiled_tiff, name: str, seed: int, size: int = 2048):
     image[disc] = np.clip(
         image[disc].astype(int) + rng.integers(-20, 20, (int(disc.sum()), 3)), 0, 255
     )
+    image[:512, :512] = 255
+    for x0 in (0, 256):
+        image[:512, x0 : x0 + 96] = FAINT_STAIN
+    image[1536:, 1536:] = DARK_STAIN
     return tiled_tiff(name, image, mpp=0.5, levels=3)
 
 
@@ -116,9 +133,35 @@ def test_all_patches_when_num_patches_is_none(slide_set, tmp_path):
     config = ManifestConfig(magnification=10, patch_size=128, num_patches=None)
     result = build_manifest([slide_set / "a.tiff"], tmp_path / "m", config, use_ray=False)
     scan = scan_slide(str(slide_set / "a.tiff"), config)
-    # a.tiff is 1024x1024 at 10x: 64 grid cells, the disc covers about 38 % of them.
+    # a.tiff is 1024x1024 at 10x: 64 grid cells, the disc covers about 38 % of them, and the
+    # two stained squares 4 cells each.
     assert scan.grid_cells == 64
-    assert 16 <= result.num_patches <= len(scan.xs) <= 40
+    candidates = set(zip(scan.xs.tolist(), scan.ys.tolist(), strict=True))
+    assert FAINT_CELLS | DARK_CELLS <= candidates  # the thumbnail mask calls them tissue
+    # RCKD's mean rule drops exactly the squares' cells; every disc cell passes it.
+    table = read_manifest(result.manifest_path).to_pandas()
+    kept = set(zip(table.x, table.y, strict=True))
+    assert kept == candidates - FAINT_CELLS - DARK_CELLS
+    assert 16 <= result.num_patches == len(candidates) - 8 <= 32
+    assert table.mean_intensity.between(50, 245).all()
+
+
+def test_mean_rule_bounds_in_the_manifest(tiled_tiff, tmp_path):
+    """RCKD Sec. 2.1.1's [50, 245], bounds included, decides alone: with no tissue-fraction
+    threshold every cell of a slide of flat grey cells is a candidate."""
+    greys = [0, 49, 50, 51, 128, 244, 245, 246, 255]
+    image = np.zeros((256, 256 * len(greys), 3), np.uint8)
+    for i, grey in enumerate(greys):
+        image[:, 256 * i : 256 * (i + 1)] = grey
+    # Lossless and read at level 0 (20x, full resolution): each cell's mean is its grey exactly.
+    slide = tiled_tiff("greys.tiff", image, mpp=0.5, compression="deflate")
+    config = ManifestConfig(magnification=20, patch_size=256, num_patches=None, rule_size=None,
+                            tissue={"min_tissue_fraction": 0.0})  # fmt: skip
+    result = build_manifest([slide], tmp_path / "m", config, use_ray=False)
+    assert result.summary["num_candidates"] == len(greys)
+    table = read_manifest(result.manifest_path).to_pandas().sort_values("x")
+    assert table.x.tolist() == [256 * greys.index(g) for g in (50, 51, 128, 244, 245)]
+    assert table.mean_intensity.tolist() == [50.0, 51.0, 128.0, 244.0, 245.0]
 
 
 def test_every_slide_bad_fails_with_summary(slides_dir, tmp_path):

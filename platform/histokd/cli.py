@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import types
@@ -36,6 +37,7 @@ __all__ = [
     "arg",
     "check_ints",
     "config_to_dict",
+    "disk_error_line",
     "load_yaml",
     "make_parser",
     "parse_config",
@@ -99,6 +101,7 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         return None if text.lower() in {"none", "null", "auto"} else parse(text)
 
+    convert.__name__ = parse.__name__  # argparse's error says "invalid int value: 'x'"
     return convert
 
 
@@ -250,6 +253,74 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _type_words(tp: Any) -> str:
+    """What a value of type ``tp`` is, in an error message."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        words = [_type_words(a) for a in args if a is not type(None)]
+        return " or ".join(words + (["null"] if type(None) in args else []))
+    if origin in (list, tuple, Sequence):
+        inner = _type_words(args[0]) if args else "value"
+        return f"a list of {inner.removeprefix('a ').removeprefix('an ')}s"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _typed(name: str, value: Any, tp: Any) -> Any:
+    """A YAML value as its field's declared type, or one error naming the field, the value and
+    the type. Integers are numbers too; bools are not integers; text that reads as a number is
+    one (YAML 1.1 reads ``1e-4`` as a string).
+
+    Raises:
+        ValueError: The value does not fit the type.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = ValueError(f"{name}={value!r}: must be {_type_words(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(name, value, option)
+            except ValueError:
+                pass
+        raise wrong
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        inner = args[0] if args else Any
+        items = [_typed(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, (Mapping, str)):  # a string: JSON, as on the command line
+            raise wrong
+        return value
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise wrong
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            raise wrong
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    return value
+
+
 def _renames(cls: type) -> dict[str, str]:
     """Old field names (aliases) to the current ones."""
     return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("aliases", ())}
@@ -259,7 +330,7 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> dict[str, A
     """Field values from a YAML mapping: old names renamed (with a notice), unknown keys
     refused, nested configs' mappings checked the same way."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    renames, nested = _renames(cls), _nested(cls)
+    renames, nested, hints = _renames(cls), _nested(cls), typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key in renames:
@@ -275,6 +346,11 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> dict[str, A
             if not isinstance(value, Mapping):
                 raise SystemExit(f"error: {where}: {key!r} must be a mapping of field: value")
             value = _from_mapping(nested[key], value, f"{where}: {key}")
+        else:
+            try:
+                value = _typed(key, value, hints[key])
+            except ValueError as exc:
+                raise SystemExit(f"error: {where}: {exc}") from None
         values[key] = value
     return values
 
@@ -375,18 +451,130 @@ def run_job(
         report: Prints the result's lines.
     """
     config = parse_config(cls, argv, description, presets, default_preset)
+    import contextlib
+
     from histokd.console import DRIVER_LOG, setup_console
+    from histokd.run import RunConfig, RunLockedError, lock_run
 
     work_dir = getattr(config, "work_dir", None)  # the run's local folder
-    with setup_console(getattr(config, "verbose", False), work_dir and work_dir / DRIVER_LOG):
-        try:
-            result = run(config)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if report is not None:
-            report(result)
+    try:
+        with contextlib.ExitStack() as stack:
+            if isinstance(config, RunConfig):  # a job's run: one writer, before its log opens
+                stack.enter_context(lock_run(config))
+            stack.enter_context(
+                setup_console(getattr(config, "verbose", False), work_dir and work_dir / DRIVER_LOG)
+            )
+            try:
+                result = _stop_on_signals(run, config)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if report is not None:
+                report(result)
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        line = disk_error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     return 0
+
+
+# errors of a file system write: read-only, full, over quota, no permission, I/O error
+_DISK_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO,
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+}  # fmt: skip
+
+
+def disk_error_line(exc: OSError) -> str | None:
+    """One line for a failed file system write, naming the path where the error knows it; None
+    for other OSErrors (a lost connection, a timeout), which stay tracebacks."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return None
+    if exc.filename is not None:
+        target = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"cannot write {target}: {exc.strerror or exc}"
+    # pyarrow's name the path in the text: "Failed to open local file '/path'. Detail: ..."
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if exc.errno in _DISK_ERRNOS or ("[errno " in text.lower() and "file" in text.lower()):
+        return f"a disk write failed: {text}"
+    return None
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_signals(run: Callable[[C], Any], config: C) -> Any:
+    """``run(config)``; Ctrl-C (SIGINT) or SIGTERM ends the job with one line, its unfinished
+    MLflow runs ended as KILLED, and exit code 130 or 143 (``SystemExit``).
+
+    SIGTERM raises KeyboardInterrupt as Ctrl-C does. Ray puts in its own handlers while it runs
+    (``ray.init``: SIGTERM exits; a TorchTrainer's ``fit``: SIGINT aborts the training run), so
+    which signal came is read from the signal module's wakeup file descriptor, which records
+    each one whichever handler takes it. Checkpoints stay as they are: a rerun with the same
+    run name resumes from the newest good one (:mod:`histokd.resume`).
+    """
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach only main
+        return run(config)
+    from histokd.tracking import end_unfinished_runs, opened_runs
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    mark, error, result = opened_runs(), None, None
+    try:
+        result = run(config)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below unless a signal caused it
+        error = exc
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGTERM, old_term)
+        try:
+            received = set(os.read(read_fd, 1024))
+        except BlockingIOError:
+            received = set()
+        os.close(read_fd)
+        os.close(write_fd)
+    if signal.SIGTERM in received:
+        signum = signal.SIGTERM
+    elif signal.SIGINT in received or isinstance(error, KeyboardInterrupt):
+        signum = signal.SIGINT
+    elif error is not None:
+        raise error
+    else:
+        return result
+    killed = end_unfinished_runs(mark, "KILLED")
+    name = signal.Signals(signum).name
+    print(
+        f"stopped by {name}{' (Ctrl-C)' if signum == signal.SIGINT else ''}: MLflow run(s) "
+        f"{', '.join(killed) or 'none open'} ended as KILLED; the checkpoints in "
+        f"{getattr(config, 'run_dir', 'the run folder')} are kept: rerun with the same "
+        "--run-name to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and signum == signal.SIGTERM:
+        # Ray's C++ signal hooks saw the SIGTERM and abort (SIGABRT) the interpreter's normal
+        # exit: run the exit handlers (Ray's shutdown, the session folder's removal) and leave
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    raise SystemExit(128 + signum) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -30,8 +30,9 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -546,7 +547,7 @@ def build_manifest(
             )
     used = {good[owner[c]].path for _, c, _, _ in kept}
     if not kept:
-        _write_bad_slides(bad_path, bad, partial)
+        _write_atomically([(bad_path, lambda p: _write_bad_slides(p, bad, partial))])
         reasons = (
             "\n".join(f"  {p}: {b.reason}" for p, b in sorted(bad.items())) or "  (no candidates)"
         )
@@ -577,10 +578,6 @@ def build_manifest(
             }
         )
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    tmp = manifest_path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, manifest_path)  # atomic: a reader never sees half a manifest
-    _write_bad_slides(bad_path, bad, partial)
     summary = {
         "fingerprint": fingerprint,
         "config": asdict(config),
@@ -595,7 +592,12 @@ def build_manifest(
         "num_unreadable_patches": int(sum(len(e) for e in read_errors.values())),
         "seconds": round(time.monotonic() - started, 2),
     }
-    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    # a reader never sees half a manifest; the summary, which marks it finished, goes last
+    _write_atomically([
+        (manifest_path, lambda p: pq.write_table(table, p)),
+        (bad_path, lambda p: _write_bad_slides(p, bad, partial)),
+        (summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=str))),
+    ])  # fmt: skip
     if config.num_patches is not None and len(rows) < config.num_patches:
         log.warning(
             "only %d tissue patches found of the %d asked for", len(rows), config.num_patches
@@ -607,6 +609,30 @@ def build_manifest(
     return ManifestResult(
         manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary, len(partial)
     )
+
+
+def _write_atomically(writes: list[tuple[Path, Callable[[Path], object]]]) -> None:
+    """Write each file under a temporary name, then move them into place in order: all of them,
+    or (on a read-only or full disk) none, with the error naming the file.
+
+    Raises:
+        OSError: With ``filename`` the file that could not be written.
+    """
+    temps: list[Path] = []
+    placed: list[Path] = []
+    path = writes[0][0]
+    try:
+        for path, write in writes:
+            temps.append(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
+            write(temps[-1])
+        for (path, _), tmp in zip(writes, temps, strict=True):
+            os.replace(tmp, path)
+            placed.append(path)
+    except OSError as exc:
+        for leftover in temps + placed:
+            leftover.unlink(missing_ok=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, reason, str(path)) from exc  # errno picks the subclass
 
 
 def _write_bad_slides(path: Path, bad: dict[str, _BadSlide], partial: dict[str, _BadSlide]) -> None:

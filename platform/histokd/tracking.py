@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MLflowRun", "package_versions", "git_commit"]
+__all__ = ["MLflowRun", "end_unfinished_runs", "git_commit", "opened_runs", "package_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class MLflowRun:
             run = self.client.create_run(experiment_id, run_name=run_name)
             self.run_id = run.info.run_id
             self.resumed = False
+        _OPENED.append(self)
 
     @property
     def url(self) -> str:
@@ -159,6 +160,34 @@ class MLflowRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+_OPENED: list[MLflowRun] = []  # the runs this process opened, in order
+
+
+def opened_runs() -> int:
+    """How many MLflow runs this process has opened (a mark for :func:`end_unfinished_runs`)."""
+    return len(_OPENED)
+
+
+def end_unfinished_runs(since: int = 0, status: str = "KILLED") -> list[str]:
+    """End the runs this process opened (from the ``since``-th on) that did not finish.
+
+    An interrupted job (Ctrl-C, SIGTERM) ends its runs as KILLED, whether they were still
+    running or a driver marked them FAILED on the way out; finished ones stay finished.
+
+    Returns:
+        The ids of the runs ended here.
+    """
+    ended = []
+    for run in _OPENED[since:]:
+        try:
+            if run.client.get_run(run.run_id).info.status != "FINISHED":
+                run.finish(status)
+                ended.append(run.run_id)
+        except Exception as exc:  # noqa: BLE001 - a tracking server that is gone
+            log.warning("MLflow run %s could not be ended as %s: %s", run.run_id, status, exc)
+    return ended
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

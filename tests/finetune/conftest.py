@@ -17,6 +17,18 @@ def demo_tasks_small(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_tasks_medium(tmp_path_factory):
+    """117 classification patches (up to 40 per tissue class, 64 px at 20x): a test split of 23,
+    enough to tell a model that learned from one that did not."""
+    from histokd.demos.tasks import make_demo_tasks
+
+    return make_demo_tasks(
+        tmp_path_factory.mktemp("demo_tasks_medium"), n_slides=2, slide_size=1024, patch_size=64,
+        segmentation_patch_size=128, max_per_class=40,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def backbone_file(tmp_path_factory):
     """A randomly initialised CSAT backbone written as a backbone file (what RCKD pretraining writes)."""
     import torch

@@ -14,6 +14,7 @@ import pytest
 import tifffile
 
 from histokd.inference import PredictConfig, PredictError, run_prediction
+from histokd.inference.outputs import file_record
 from histokd.slides import SlideReader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,6 +181,59 @@ def test_a_rerun_after_a_stop_skips_finished_slides(
     assert (again.num_skipped, again.num_predicted, again.num_tiles) == (3, 0, 0)
     changed = run_prediction(PredictConfig(**{**config.__dict__, "overlap": 0.5}), tracking=False)
     assert changed.num_predicted == 3  # other settings: the outputs are made again
+
+
+def test_a_rerun_predicts_again_only_the_slides_whose_outputs_are_damaged(
+    ray_cluster, tmp_path, small_demo_slides, classification_model_file, capsys
+):
+    """summary.json alone does not make a slide done: its outputs must be there, whole."""
+    paths = [str(s.slide_path) for s in small_demo_slides]
+    config = PredictConfig(
+        model=str(classification_model_file), slides=paths, storage_path=str(tmp_path), run_name="damage",
+        magnification=20, patch_size=128, output_magnification=5,
+    )  # fmt: skip
+    first = run_prediction(config, tracking=False)
+    assert first.num_predicted == 3
+    deleted, truncated, kept = (Path(s["dir"]) for s in first.slides)
+    recorded = json.loads((truncated / "summary.json").read_text())["outputs"]
+    assert set(recorded) == {p.name for p in truncated.iterdir()} - {"summary.json"}
+    assert (
+        recorded["predictions.parquet"]["bytes"]
+        == (truncated / "predictions.parquet").stat().st_size
+    )
+    (deleted / "predictions.parquet").unlink()
+    with open(truncated / "predictions.parquet", "r+b") as f:
+        f.truncate(100)
+    stamp = (kept / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = run_prediction(config, tracking=False)
+    assert (again.num_predicted, again.num_skipped, again.num_bad) == (2, 1, 0)
+    assert (kept / "summary.json").stat().st_mtime_ns == stamp  # not written again
+    printed = capsys.readouterr().out
+    assert f"slide {deleted.name}: predicting again, predictions.parquet is missing" in printed
+    assert (
+        f"slide {truncated.name}: predicting again, predictions.parquet has 100 bytes, "
+        f"summary.json records {recorded['predictions.parquet']['bytes']}"
+    ) in printed
+    assert printed.count("predicting again") == 2  # one line each, none for the whole slide
+    for folder in (deleted, truncated):
+        summary = json.loads((folder / "summary.json").read_text())
+        assert pq.read_table(folder / "predictions.parquet").num_rows == summary["num_tiles"] > 0
+        assert not [p for p in folder.parent.iterdir() if p.name.startswith(".partial-")]
+
+    summary = json.loads((kept / "summary.json").read_text())  # a checksum that does not match
+    summary["outputs"]["heatmap.ome.tif"]["sha256"] = "0" * 64
+    (kept / "summary.json").write_text(json.dumps(summary))
+    third = run_prediction(config, tracking=False)
+    assert (third.num_predicted, third.num_skipped) == (1, 2)
+    assert [s["slide_id"] for s in third.slides if s["dir"] == str(kept)] == [kept.name]
+    assert (
+        f"slide {kept.name}: predicting again, heatmap.ome.tif's SHA-256 differs"
+        in capsys.readouterr().out
+    )
+    rewritten = json.loads((kept / "summary.json").read_text())["outputs"]["heatmap.ome.tif"]
+    assert rewritten == file_record(kept / "heatmap.ome.tif")
 
 
 def test_only_bad_slides_fail_the_run_with_a_report(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import tifffile
@@ -9,6 +11,8 @@ import tifffile
 from histokd.inference import NO_LABEL
 from histokd.inference.outputs import (
     class_palette,
+    damaged_output,
+    file_record,
     label_overlay,
     pyramid_levels,
     tile_table,
@@ -111,3 +115,35 @@ def test_tile_table_rows_and_columns():
         ).num_rows
         == 0
     )
+
+
+def test_file_record_and_every_kind_of_damage(tmp_path):
+    """Each reason a rerun gives for predicting a slide again, and None for whole files."""
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one 1 MiB chunk
+    (tmp_path / "predictions.parquet").write_bytes(data)
+    (tmp_path / "overlay.png").write_bytes(b"png")
+    record = file_record(tmp_path / "predictions.parquet")
+    assert record == {"bytes": 1_280_000, "sha256": hashlib.sha256(data).hexdigest()}
+    records = {n: file_record(tmp_path / n) for n in ("predictions.parquet", "overlay.png")}
+    assert damaged_output(tmp_path, records, ["overlay.png"]) is None
+
+    assert damaged_output(tmp_path, None) == "summary.json records no output sizes and checksums"
+    assert damaged_output(tmp_path, records, ["overlay.png", "heatmap.png"]) == (
+        "summary.json records no size and checksum for heatmap.png"
+    )
+    wrong = {**records, "overlay.png": {**records["overlay.png"], "sha256": "0" * 64}}
+    assert damaged_output(tmp_path, wrong) == (
+        "overlay.png's SHA-256 differs from the one summary.json records"
+    )
+    escape = {"../predictions.parquet": records["predictions.parquet"]}
+    assert "is not a size and checksum" in damaged_output(tmp_path, escape)
+    (tmp_path / "predictions.parquet").write_bytes(data[:1000])  # truncated
+    assert damaged_output(tmp_path, records) == (
+        "predictions.parquet has 1000 bytes, summary.json records 1280000"
+    )
+    (tmp_path / "predictions.parquet").write_bytes(data[:-1] + b"x")  # same size, other bytes
+    assert damaged_output(tmp_path, records) == (
+        "predictions.parquet's SHA-256 differs from the one summary.json records"
+    )
+    (tmp_path / "predictions.parquet").unlink()
+    assert damaged_output(tmp_path, records) == "predictions.parquet is missing"

@@ -129,3 +129,64 @@ def test_resume_after_stop(ray_cluster, tiny_pretrain_config):
     assert second.mlflow_run_id == first.mlflow_run_id
     history = json.loads((Path(second.run_dir) / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(
+    ray_cluster, tiny_pretrain_config
+):
+    """Issue 17: a cut-short latest checkpoint made the run impossible to resume."""
+    from histokd.pretrain.job import run_pretraining
+    from histokd.resume import SET_ASIDE_NOTE
+
+    config = dict(run_name="cut", teacher="deconvolution", epochs=2)
+    first = run_pretraining(tiny_pretrain_config(**config))
+    latest = Path(first.checkpoint_path)
+    state = latest / "checkpoint.pt"
+    state.write_bytes(state.read_bytes()[:2048])  # a copy cut short (disk full, a killed upload)
+    second = run_pretraining(tiny_pretrain_config(**config))
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]  # resumed from epoch 1's checkpoint
+    assert second.history[1]["seconds"] != first.history[1]["seconds"]  # epoch 2 ran again
+    bad = latest.with_name(latest.name + ".bad")
+    assert (bad / "checkpoint.pt").stat().st_size == 2048  # set aside, kept to look at
+    assert "checkpoint.pt fails its checksum" in (latest / SET_ASIDE_NOTE).read_text()
+
+
+def test_sigterm_ends_a_running_job_with_its_mlflow_run_killed(tmp_path, tiny_pretrain_config):
+    """SIGTERM to a running ``jobs/rckd_pretrain.py``: exit 143, one line, the run KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from histokd.cli import save_config
+
+    config = tiny_pretrain_config(teacher="deconvolution", epochs=100, run_name="term")
+    storage = Path(config.storage_path)
+    save_config(config, tmp_path / "term.yaml")
+    argv = ["--config", str(tmp_path / "term.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parents[2] / "jobs" / "rckd_pretrain.py"), *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(storage.glob("term/checkpoint_*")):  # an epoch is done: it is training
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM: MLflow run(s) ")
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("histokd").experiment_id])
+    assert run.info.status == "KILLED" and run.info.run_name == "term"
+    assert list(storage.glob("term/checkpoint_*/checksums.json"))  # the checkpoints stay

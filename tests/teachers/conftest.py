@@ -85,3 +85,33 @@ def assert_nuclei_score_order(teacher, chains: dict) -> dict[str, list[float]]:
 def nuclei_score_order():
     """The check of :func:`assert_nuclei_score_order`, as a fixture (tests cannot import conftest)."""
     return assert_nuclei_score_order
+
+
+def assert_ties_at_alpha_are_nucleus(teacher, images: np.ndarray) -> int:
+    """RCKD Eq. 2 is ``probability >= alpha``: with alpha set to a value the teacher's map takes
+    exactly (its most frequent one in (0, 1)), those pixels are labelled 1 and the label equals
+    the thresholded map everywhere. Returns how many pixels tie."""
+    from dataclasses import replace
+
+    prob = teacher.probability(images)
+    values, counts = np.unique(prob[(prob > 0) & (prob < 1)], return_counts=True)
+    alpha = float(values[counts.argmax()])  # float32 to float: the same number
+    settings = teacher.settings
+    teacher.settings = replace(settings, alpha=alpha)
+    try:
+        labels = teacher.pseudo_label(images)
+    finally:
+        teacher.settings = settings
+    ties = prob == alpha
+    assert ties.sum() == counts.max() >= 1
+    assert labels[ties].all(), (
+        f"{teacher.name}: {int((labels[ties] == 0).sum())} ties at alpha unlabelled"
+    )
+    np.testing.assert_array_equal(labels, (prob >= alpha).astype(np.uint8))
+    return int(ties.sum())
+
+
+@pytest.fixture(scope="session")
+def ties_at_alpha():
+    """The check of :func:`assert_ties_at_alpha_are_nucleus`, as a fixture."""
+    return assert_ties_at_alpha_are_nucleus

@@ -111,6 +111,26 @@ def test_deconvolution_teacher_is_checked_by_alpha(annotated, tmp_path):
     assert "normalization" not in result.best and 0.2 < result.best["check_iou"] < 0.95
 
 
+def test_check_counts_ties_at_alpha_as_nucleus(annotated, tmp_path):
+    """The check's Eq. 2 is ``probability >= alpha``: at an alpha that the map takes exactly (the
+    deconvolution teacher's value on flat glass, about a tenth of the pixels), ties are nucleus."""
+    from histokd.teachers.check import CheckConfig, check_teacher
+    from histokd.teachers.training import load_image_mask_pairs
+
+    teacher = build_teacher("deconvolution")
+    items = load_image_mask_pairs(str(annotated / "images"), annotated / "masks")
+    prob = np.concatenate([teacher.probability(item.image[None])[0].ravel() for item in items])
+    values, counts = np.unique(prob[(prob > 0) & (prob < 1)], return_counts=True)
+    alpha = float(values[counts.argmax()])
+    assert counts.max() / prob.size > 0.01  # enough ties to show in a 4-decimal fraction
+    result = check_teacher(CheckConfig(teacher="deconvolution", images=str(annotated / "images"),
+                                       masks=str(annotated / "masks"), storage_path=str(tmp_path),
+                                       alphas=(alpha,)))  # fmt: skip
+    (row,) = result.rows
+    assert row["nucleus_fraction"] == round(float((prob >= alpha).mean()), 4)
+    assert row["nucleus_fraction"] > round(float((prob > alpha).mean()), 4) + 0.01
+
+
 def test_bad_input_is_one_clear_error(annotated, tmp_path, capsys):
     job = _job()
     (tmp_path / "masks").mkdir()

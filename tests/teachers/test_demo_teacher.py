@@ -84,3 +84,9 @@ def test_none_means_the_teachers_own_default():
     defaults = json.loads((DEMO_TEACHER_DIR / "histokd_teacher.json").read_text())
     assert build_teacher("demo", alpha=None, mask_mode=None).alpha == defaults["alpha"]
     assert build_teacher("deconvolution", alpha=None).alpha == 0.5
+
+
+def test_eq2_ties_at_alpha_are_nucleus(demo, held_out, ties_at_alpha):
+    """The PyTorch backend's Eq. 2 is ``>=``: pixels exactly at alpha are labelled."""
+    images, _ = held_out
+    assert ties_at_alpha(demo, np.ascontiguousarray(images[:1, :128, :128])) >= 1

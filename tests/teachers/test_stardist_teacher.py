@@ -208,3 +208,13 @@ def test_device_fast_path_equals_numpy_reference(random_versatile_he, shape):
     decided = np.abs(reference - alpha) > 1e-5
     np.testing.assert_array_equal(labels[decided], (reference >= alpha)[decided].astype(np.uint8))
     teacher.settings = type(teacher.settings)(alpha=0.5)
+
+
+def test_eq2_ties_at_alpha_are_nucleus(random_versatile_he, ties_at_alpha, tiles_dir):
+    """The TensorFlow backend's Eq. 2 is ``>=``: pixels exactly at alpha are labelled."""
+    from PIL import Image
+
+    tile = np.asarray(Image.open(tiles_dir / "medium-nuclei-score-level0.png").convert("RGB"))
+    images = np.stack([tile[:64, :64], tile[64:128, 64:128]])
+    images[1, :32] = 242  # flat glass: many pixels share one probability
+    assert ties_at_alpha(random_versatile_he, images) >= 1

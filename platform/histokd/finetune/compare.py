@@ -22,7 +22,7 @@ from typing import Any
 
 from histokd.cli import arg, save_config
 from histokd.finetune.config import FinetuneConfig
-from histokd.run import RunConfig, open_mlflow_run
+from histokd.run import RunConfig, holds_run_lock, open_mlflow_run
 
 __all__ = ["CompareConfig", "ComparisonResult", "parse_init_entry", "run_comparison"]
 
@@ -163,6 +163,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
+@holds_run_lock
 def run_comparison(config: CompareConfig) -> ComparisonResult:
     """Fine-tune every cell, then write the Table 3/4-style tables and the Fig. 10-style chart."""
     from histokd.finetune.job import prepare_dataset, run_finetune

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from histokd.cli import arg, check_ints
-from histokd.run import WorkerConfig
+from histokd.run import WorkerConfig, resolve_output_path
 
 __all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
 
@@ -55,6 +55,7 @@ class FinetuneConfig(WorkerConfig):
     task: Literal["classification", "segmentation"] = arg("classification", "linear head or U-Net")
     run_name: str = arg("finetune", "run name; a rerun skips finished splits, resumes the others")
     demo_dir: str = arg("demo_data/tasks", "where the demo tasks are written when no data is given")
+    max_bad_fraction: float = arg(0.01, "largest share of samples with unreadable images to skip")
     # --- model (RCKD Sec. 2.2.2) ------------------------------------------------------------
     backbone: str = arg("csat", "csat[_nosat], resnet18[_sat], efficientnet_b0 or convnextv2_atto")
     init: str = arg("random", "random, a backbone file (RCKD's backbone.pth) or timm:FILE")
@@ -172,6 +173,9 @@ class FinetuneConfig(WorkerConfig):
             )
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence!r}: must be in (0, 1)")
+        bad = self.max_bad_fraction
+        if type(bad) not in (int, float) or not 0 <= bad <= 1:
+            raise ValueError(f"max_bad_fraction={bad!r}: must be in [0, 1] (default 0.01: 1 %)")
         if not 0 < self.gpus_per_worker <= 1:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be in (0, 1]")
         from histokd.models import BACKBONES
@@ -193,7 +197,7 @@ class FinetuneConfig(WorkerConfig):
             if not os.path.exists(self.data):
                 raise ValueError(f"data={self.data!r}: no such folder or CSV file")
             self.data = os.path.abspath(self.data)
-        self.demo_dir = os.path.abspath(self.demo_dir)
+        self.demo_dir = resolve_output_path(self.demo_dir, "demo_dir")
 
     @property
     def init_name(self) -> str:

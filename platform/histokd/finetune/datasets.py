@@ -36,8 +36,10 @@ import numpy as np
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_MODES",
     "SPLIT_NAMES",
     "TaskDataset",
+    "check_task_dataset",
     "load_classification_csv",
     "load_classification_folder",
     "load_segmentation_csv",
@@ -49,6 +51,7 @@ __all__ = [
 SCALE_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_NAMES = ("train", "val", "test")
+MASK_MODES = ("L", "P", "I", "I;16", "1")  # single-channel class indices
 Task = Literal["classification", "segmentation"]
 
 
@@ -122,6 +125,18 @@ class TaskDataset:
                 return None
         ((width, height),) = sides
         return width if width == height else None
+
+    def take(self, indices: Sequence[int]) -> TaskDataset:
+        """The dataset of the samples at ``indices`` (same classes, source and scale)."""
+        indices = [int(i) for i in indices]
+
+        def pick(values: list | None) -> list | None:
+            return None if values is None else [values[i] for i in indices]
+
+        return TaskDataset(
+            self.task, pick(self.images), self.class_names, labels=pick(self.labels), masks=pick(self.masks),
+            fixed=pick(self.fixed), source=self.source, magnification=self.magnification, patch_size=self.patch_size,
+        )  # fmt: skip
 
     def subset(self, indices: Sequence[int]) -> dict[str, list]:
         """The samples at ``indices`` as plain lists (for a Ray Train worker's config)."""
@@ -337,6 +352,41 @@ def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
     scale = read_scale(path.parent if path.suffix.lower() == ".csv" else path)
     dataset.magnification, dataset.patch_size = scale.get("magnification"), scale.get("patch_size")
     return dataset
+
+
+def check_task_dataset(
+    dataset: TaskDataset, max_bad_fraction: float, report_dir: str | os.PathLike
+) -> TaskDataset:
+    """The dataset without its unreadable images (and masks), checked on the driver before training.
+
+    The rules are :mod:`histokd.image_check`'s: bad files listed in ``report_dir/bad_images.csv``
+    and counted on one line; an error when more than ``max_bad_fraction`` of the samples are bad,
+    fewer than two classes remain, or one of the dataset's own ``train``/``val``/``test`` lists
+    is left empty.
+
+    Raises:
+        ValueError: The dataset is unusable, naming it and why.
+    """
+    from collections import Counter
+
+    from histokd.image_check import require_splits, require_two_classes, screen_samples
+
+    if dataset.masks is not None:
+        samples = list(zip(dataset.images, dataset.masks, strict=True))
+        modes = [None, MASK_MODES]
+    else:
+        samples, modes = [(image,) for image in dataset.images], None
+    kept = screen_samples(samples, source=dataset.source, max_bad_fraction=max_bad_fraction,
+                          report_dir=report_dir, modes=modes)  # fmt: skip
+    checked = dataset if len(kept) == len(dataset) else dataset.take(kept)
+    if dataset.fixed is not None:
+        listed = [Counter(s for s in d.fixed if s) for d in (dataset, checked)]
+        require_splits(dataset.source, *listed)
+    if checked.labels is not None:
+        require_two_classes(dataset.source, checked.class_counts())
+    else:  # segmentation: the classes the masks may hold
+        require_two_classes(dataset.source, dict.fromkeys(checked.class_names, len(checked)))
+    return checked
 
 
 def read_scale(root: str | os.PathLike) -> dict[str, float | int]:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from typing import Any
 from histokd.cli import config_to_dict, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
-from histokd.finetune.datasets import TaskDataset, load_task_dataset
+from histokd.finetune.datasets import TaskDataset, check_task_dataset, load_task_dataset
 from histokd.finetune.splits import Split, make_splits
-from histokd.run import check_storage_path, open_mlflow_run
+from histokd.resume import DamagedFile, check_folder, load_verified, write_atomic, write_sidecar
+from histokd.run import check_storage_path, holds_run_lock, open_mlflow_run
 
 __all__ = ["FinetuneResult", "prepare_dataset", "run_finetune", "split_slots"]
 
@@ -114,6 +114,7 @@ def _cache_images(config: FinetuneConfig, n: int) -> bool:
     return n * config.input_size**2 * 3 <= _CACHE_LIMIT_BYTES
 
 
+@holds_run_lock
 def run_finetune(
     config: FinetuneConfig,
     *,
@@ -149,6 +150,7 @@ def run_finetune(
         raise ValueError(
             f"task={config.task!r} but the dataset {dataset.source} is a {dataset.task} dataset"
         )
+    dataset = check_task_dataset(dataset, config.max_bad_fraction, config.work_dir)
     splits = make_splits(
         len(dataset), labels=dataset.labels if config.task == "classification" else None, num_splits=config.num_splits,
         ratios=config.split_ratios, seed=config.split_seed, fixed=dataset.fixed,
@@ -215,10 +217,14 @@ def run_finetune(
                 )
                 if on_split_done is not None:
                     on_split_done(result, done)
-        except BaseException:
+        except BaseException as exc:
             for future in futures:
                 future.cancel()
-            if run is not None:
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: cli.run_job ends MLflow's runs
+                import ray
+
+                ray.shutdown()  # ends the running splits' trainers, whose threads the pool awaits
+            elif run is not None:
                 run.finish("FAILED")
             raise
     results.sort(key=lambda r: r["split"])
@@ -267,9 +273,10 @@ def _fit_split(
 
     split_dir = work_dir / f"split_{split.index}"
     result_path = split_dir / RESULT_FILE
-    if result_path.is_file():
+    reused = load_verified(result_path, _load_split_result, f"result of split {split.index}")
+    if reused is not None:
         print(f"split {split.index}: finished before, reusing {result_path}", flush=True)
-        return json.loads(result_path.read_text())
+        return reused
     split_dir.mkdir(parents=True, exist_ok=True)
     name = f"{config.run_name}-split{split.index}"
     child = None
@@ -337,9 +344,8 @@ def _fit_split(
     result["test_records"]["dataset_index"] = [
         int(split.test[i]) for i in result["test_records"]["index"]
     ]
-    tmp = result_path.with_name(f".{RESULT_FILE}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, result_path)
+    write_atomic(result_path, lambda tmp: Path(tmp).write_text(json.dumps(result)))
+    write_sidecar(result_path)
     if child is not None:
         child.log_metrics(
             {
@@ -349,6 +355,19 @@ def _fit_split(
             }
         )
         child.finish("FINISHED")
+    return result
+
+
+def _load_split_result(path: Path) -> dict[str, Any]:
+    """A split's ``result.json``, reused only while its model's checkpoint is whole too."""
+    result = json.loads(path.read_text())
+    checkpoint = Path(result.get("checkpoint") or "")
+    if result.get("checkpoint") and "://" not in result["checkpoint"]:  # local: check the model
+        from histokd.finetune.loop import BEST_MODEL_FILE
+
+        if not (checkpoint / BEST_MODEL_FILE).is_file():
+            raise DamagedFile(f"its model {checkpoint / BEST_MODEL_FILE} is missing")
+        check_folder(checkpoint)
     return result
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
-from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint
+from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint, seal_folder
 from histokd.run import all_gather, all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
@@ -416,6 +416,7 @@ def train_fn_per_worker(config: dict) -> None:
         )
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
+        seal_folder(out)  # checksums last: a resume trusts only a whole checkpoint
         ray.train.report(
             _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
         )

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from histokd.finetune.augment import augment
+from histokd.finetune.datasets import MASK_MODES
 
 __all__ = ["ImageSamples", "load_image", "load_mask"]
 
@@ -45,7 +46,7 @@ def load_mask(path: str, size: int) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16", "1"):
+            if img.mode not in MASK_MODES:
                 raise ValueError(f"mode {img.mode}: a mask must be single-channel class indices")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.NEAREST)

@@ -28,7 +28,7 @@ from histokd.cli import arg, check_ints, config_to_dict, load_yaml, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset
-from histokd.run import RunConfig, check_storage_path, open_mlflow_run
+from histokd.run import RunConfig, check_storage_path, holds_run_lock, open_mlflow_run
 
 __all__ = [
     "SearchConfig",
@@ -280,6 +280,7 @@ class SearchResult:
     mlflow_run_id: str | None
 
 
+@holds_run_lock
 def run_search(config: SearchConfig, dataset: TaskDataset | None = None) -> SearchResult:
     """Run (or resume) the search and write its table and chart.
 

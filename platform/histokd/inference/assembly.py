@@ -4,7 +4,7 @@ The driver makes a `SlideAssembly` when the first row of a slide arrives, feeds 
 that slide, and calls `SlideAssembly.write` once all of the slide's tiles are in. Outputs are
 written into a hidden folder beside the final one and renamed into place, so a slide folder that
 exists is complete; ``summary.json``, written last inside it, records the settings' fingerprint
-that a rerun compares to skip the slide.
+and every output's size and SHA-256, which a rerun compares to skip the slide.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 
 from histokd.inference.model_file import TaskModelInfo
 from histokd.inference.outputs import (
+    file_record,
     heatmap_panels,
     label_overlay,
     tile_table,
@@ -294,6 +295,8 @@ class SlideAssembly:
                 info.magnification, info.patch_size,
             )  # fmt: skip
             write_table(tmp / OUTPUT_FILES["predictions"], table)
+            # what a rerun checks before it trusts this folder (histokd.inference.job)
+            summary["outputs"] = {n: file_record(tmp / n) for n in OUTPUT_FILES.values()}
             summary["seconds"] = round(time.monotonic() - self.started, 3)
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             if final.exists():  # outputs of other settings (or --overwrite): replace them whole

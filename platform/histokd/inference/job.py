@@ -1,10 +1,12 @@
 """The whole-slide inference driver: model + slides -> per-slide outputs, reports and MLflow.
 
 ``run_prediction`` resolves the model and its input geometry, skips slides whose outputs from
-the same model and settings exist, streams the rest through `prediction_dataset`, and writes
-each slide as soon as its last tile arrives (`SlideAssembly`). The driver holds only the slides
-in flight, so its memory does not grow with the number of slides. A slide that cannot be used
-is listed in ``bad_slides.csv`` and skipped; the run fails only when no slide could be used.
+the same model and settings exist whole (each file's size and SHA-256 as ``summary.json``
+records them; a damaged slide is predicted again, with a line saying why), streams the rest
+through `prediction_dataset`, and writes each slide as soon as its last tile arrives
+(`SlideAssembly`). The driver holds only the slides in flight, so its memory does not grow with
+the number of slides. A slide that cannot be used is listed in ``bad_slides.csv`` and
+skipped; the run fails only when no slide could be used.
 
 Run folder ``STORAGE/RUN_NAME``::
 
@@ -31,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from histokd.cli import config_to_dict, save_config
-from histokd.inference.assembly import PARTIAL_PREFIX, OutputSettings, SlideAssembly, read_summary
+from histokd.inference.assembly import (
+    OUTPUT_FILES,
+    PARTIAL_PREFIX,
+    OutputSettings,
+    SlideAssembly,
+    read_summary,
+)
 from histokd.inference.config import PredictConfig
 from histokd.inference.model_file import (
     TaskModelInfo,
@@ -39,8 +47,10 @@ from histokd.inference.model_file import (
     find_best_model,
     load_checkpoint,
 )
+from histokd.inference.outputs import damaged_output
 from histokd.inference.stream import BAD, EMPTY, TileStreamSettings, prediction_dataset
 from histokd.manifest import BAD_SLIDES_FILE, discover_slides, slide_id_for
+from histokd.run import holds_run_lock
 
 __all__ = ["PredictError", "PredictResult", "resolve_model", "run_prediction"]
 
@@ -172,6 +182,7 @@ def _write_summary_table(
     os.replace(tmp, path)
 
 
+@holds_run_lock
 def run_prediction(
     config: PredictConfig,
     *,
@@ -222,6 +233,12 @@ def run_prediction(
     for p in paths:
         previous = None if config.overwrite else read_summary(slides_dir / ids[p])
         if previous is not None and previous.get("fingerprint") == fingerprint:
+            damage = damaged_output(
+                slides_dir / ids[p], previous.get("outputs"), list(OUTPUT_FILES.values())
+            )
+            if damage is not None:  # deleted, truncated or changed since: predict it again
+                print(f"slide {ids[p]}: predicting again, {damage}", flush=True)
+                continue
             previous["dir"] = str(slides_dir / ids[p])
             finished[p] = previous
     pending = [p for p in paths if p not in finished]
@@ -294,7 +311,7 @@ def run_prediction(
                     "stream",
                     f"only {assembly.received} of {assembly.tile_count} tiles arrived",
                 )
-    except BaseException:
+    except Exception:  # Ctrl-C and SIGTERM: cli.run_job ends the run as KILLED
         if run is not None:
             run.finish("FAILED")
         raise

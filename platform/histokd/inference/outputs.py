@@ -7,10 +7,14 @@
 * ``overlay.png``: the slide thumbnail with the label colours blended on it and a legend;
   ``heatmap.png``: one panel per class, its probability as a colour map over the thumbnail.
 * ``predictions.parquet``: one row per tile with its level-0 coordinates and probabilities.
+
+``summary.json`` records each of these files' size and SHA-256 (`file_record`); a rerun trusts a
+slide's outputs only when every recorded file is still whole (`damaged_output`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +29,8 @@ from histokd.inference.stitching import NO_LABEL
 
 __all__ = [
     "class_palette",
+    "damaged_output",
+    "file_record",
     "heatmap_panels",
     "label_overlay",
     "pyramid_levels",
@@ -294,3 +300,44 @@ def write_table(path: str | os.PathLike, table: pa.Table) -> Path:
     """Write a Parquet table."""
     pq.write_table(table, path)
     return Path(path)
+
+
+# -- records of what was written ------------------------------------------------------------------
+def file_record(path: str | os.PathLike) -> dict[str, int | str]:
+    """A file's size and SHA-256, read in 1 MiB chunks: ``{"bytes": ..., "sha256": ...}``."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def damaged_output(
+    folder: str | os.PathLike, records: object, required: Sequence[str] = ()
+) -> str | None:
+    """Why a slide folder's outputs cannot be trusted, or None when every recorded file is whole.
+
+    Args:
+        folder: The slide's output folder.
+        records: ``summary.json``'s ``outputs``: file name -> `file_record`.
+        required: Names that must be among the records.
+    """
+    if not isinstance(records, dict) or not records:
+        return "summary.json records no output sizes and checksums"
+    unrecorded = sorted(set(required) - set(records))
+    if unrecorded:
+        return f"summary.json records no size and checksum for {', '.join(unrecorded)}"
+    for name, recorded in sorted(records.items()):
+        path = Path(folder) / name
+        if not isinstance(recorded, dict) or Path(name).name != name:
+            return f"summary.json's record of {name!r} is not a size and checksum"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != recorded.get("bytes"):
+            return f"{name} has {size} bytes, summary.json records {recorded.get('bytes')}"
+        if file_record(path)["sha256"] != recorded.get("sha256"):
+            return f"{name}'s SHA-256 differs from the one summary.json records"
+    return None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from histokd.cli import arg, check_ints
-from histokd.run import WorkerConfig
+from histokd.run import WorkerConfig, resolve_output_path
 
 __all__ = ["DEMO_PRESET", "PretrainConfig"]
 
@@ -186,7 +186,7 @@ class PretrainConfig(WorkerConfig):
         _check_teacher_placement(self)
         if self.init is not None and not os.path.isfile(self.init):
             raise ValueError(f"init={self.init!r}: no such backbone file")
-        self.demo_dir = os.path.abspath(self.demo_dir)
+        self.demo_dir = resolve_output_path(self.demo_dir, "demo_dir")
 
     def teacher_kwargs(self) -> dict:
         """The teacher's settings for :func:`histokd.teachers.build_teacher`.

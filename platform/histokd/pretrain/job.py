@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from histokd.cli import config_to_dict, save_config
 from histokd.cluster import init_ray
 from histokd.pretrain.config import PretrainConfig
-from histokd.run import check_storage_path, open_mlflow_run
+from histokd.run import check_storage_path, holds_run_lock, open_mlflow_run
 
 __all__ = ["PretrainResult", "run_pretraining", "split_holdout"]
 
@@ -87,6 +87,7 @@ def _demo_slides(config: PretrainConfig) -> list[str]:
     return [str(s.path) for s in slides]
 
 
+@holds_run_lock
 def run_pretraining(config: PretrainConfig) -> PretrainResult:
     """Run (or resume) RCKD pretraining end to end.
 
@@ -102,10 +103,12 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from histokd.manifest import ManifestConfig, build_manifest, read_manifest
     from histokd.pretrain.label_share import read_label_share, summary_line
     from histokd.pretrain.loop import CHECKPOINT_FILE, LABEL_SHARE_FILE, train_fn_per_worker
+    from histokd.teachers.registry import check_teacher_loads
     from histokd.teachers.stream import patch_dataset, pseudo_label_dataset
 
     check_storage_path(config.storage_path)
     _ = config.tracking_uri  # a remote storage needs a tracking server: fail before any work
+    check_teacher_loads(config.teacher, **config.teacher_kwargs())  # in seconds, not in an actor
     work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from histokd.cli import arg, check_ints, config_to_dict
-from histokd.run import RunConfig, WorkerConfig
+from histokd.run import RunConfig, WorkerConfig, resolve_output_path
 
 __all__ = ["DemoConfig", "DistillConfig", "DistillSearchConfig", "EvaluateConfig", "ResdistConfig",
            "SupervisedConfig"]  # fmt: skip
@@ -84,6 +84,7 @@ class ResdistConfig(WorkerConfig, _Regions):
     mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
     data: str = arg("", "data table: CSV of slide, split, label[, x, y, width, height]")
     region_dir: str | None = arg(None, "folder of the region images; default: STORAGE/regions")
+    max_bad_fraction: float = arg(0.01, "largest share of regions with unreadable images to skip")
     magnifications: list[float] = arg(help="of the region images", factory=_MAGNIFICATIONS.copy)
     class_names: list[str] = arg(help="class order; default: the sorted labels", factory=list)
     thumbnail_magnification: float = arg(1.25, "magnification tissue regions are found at")
@@ -112,12 +113,14 @@ class ResdistConfig(WorkerConfig, _Regions):
         check_ints(self, ["epochs", "accumulation_steps", "num_groups"])
         check_ints(self, ["loader_workers"], minimum=0)
         jitter = ("brightness", "contrast", "saturation")
+        bad = self.max_bad_fraction
         _check(
             self,
             ("magnifications", min(self.magnifications, default=0) > 0, "need positive values"),
             ("lr", self.lr > 0, "must be positive"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("lr_gamma", 0 < self.lr_gamma <= 1, "must be in (0, 1]"),
+            ("max_bad_fraction", type(bad) in (int, float) and 0 <= bad <= 1, "must be in [0, 1]"),
             *((name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]") for name in jitter),
             ("hue", 0 <= self.hue <= 0.5, "must be in [0, 0.5]"),
             ("select", self.select in ("auto", "best", "last"), "allowed: auto, best, last"),
@@ -373,4 +376,4 @@ class DemoConfig(RunConfig):
             ("student_magnifications", mags and all(0 < m < teacher for m in mags),
              f"each must be in (0, teacher_magnification={teacher:g})"),
         )  # fmt: skip
-        self.demo_dir = os.path.abspath(self.demo_dir)
+        self.demo_dir = resolve_output_path(self.demo_dir, "demo_dir")

@@ -34,6 +34,7 @@ from histokd.metrics import (
     macro_precision_recall_f1,
 )
 from histokd.resdist.region_set import RegionSet, median_size, write_csv
+from histokd.run import holds_run_lock
 
 __all__ = ["METRICS", "ModelEvaluation", "evaluate_model", "forward_gflops", "markdown_table",
            "metric_intervals", "ovr_accuracy", "predict", "run_evaluation", "write_chart", "write_tables"]  # fmt: skip
@@ -268,6 +269,7 @@ class EvaluationResult:
     mlflow_run_id: str
 
 
+@holds_run_lock
 def run_evaluation(config, *, parent_run_id: str | None = None) -> EvaluationResult:
     """Evaluate every model (an :class:`~histokd.resdist.config.EvaluateConfig`) on the test set;
     write the tables, the chart and the evaluations, also to MLflow."""

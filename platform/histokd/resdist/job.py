@@ -20,8 +20,9 @@ from typing import Any
 from histokd.cli import config_to_dict, save_config
 from histokd.resdist.config import DistillConfig, ResdistConfig, SupervisedConfig
 from histokd.resdist.loop import MODEL_FILE, RESULT_FILE
-from histokd.resdist.region_set import RegionSet, build_region_set, median_size
+from histokd.resdist.region_set import RegionSet, build_region_set, check_region_set, median_size
 from histokd.resdist.regions import magnification_tag
+from histokd.run import holds_run_lock
 
 __all__ = ["TrainResult", "prepare_region_set", "run_distill", "run_supervised", "training_stats"]
 
@@ -40,9 +41,11 @@ class TrainResult:
 
 
 def prepare_region_set(config: ResdistConfig) -> RegionSet:
-    """The region images of the data table at every configured magnification (built once)."""
-    return build_region_set(config.data, config.regions_root, config.magnifications,
-                            config.region_finder(), class_names=config.class_names or None)  # fmt: skip
+    """The region images of the data table at every configured magnification (built once),
+    without the regions whose images cannot be read (``RUN/bad_images.csv``)."""
+    region_set = build_region_set(config.data, config.regions_root, config.magnifications,
+                                  config.region_finder(), class_names=config.class_names or None)  # fmt: skip
+    return check_region_set(region_set, config.max_bad_fraction, config.run_dir)
 
 
 def training_stats(region_set: RegionSet, splits: list[str], magnification: float) -> tuple[list, list]:  # fmt: skip
@@ -157,6 +160,7 @@ def _run(config: ResdistConfig, job: str, phases: list[dict], parent_run_id: str
     return TrainResult(str(work_dir / MODEL_FILE), str(work_dir), result, run.run_id)
 
 
+@holds_run_lock
 def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None) -> TrainResult:
     """Train the teacher, or a baseline, with cross-entropy (Sec. 3.2, 4.5.1-4.5.2); a ValueError
     for bad data or settings, a RuntimeError where training failed after the allowed restarts."""
@@ -168,6 +172,7 @@ def run_supervised(config: SupervisedConfig, *, parent_run_id: str | None = None
     return _run(config, "resdist_supervised", [phase], parent_run_id)
 
 
+@holds_run_lock
 def run_distill(config: DistillConfig, *, parent_run_id: str | None = None) -> TrainResult:
     """Distil a low-magnification student from the teacher, then fine-tune it if Sec. 3.4 says
     so; errors as :func:`run_supervised`'s (a student magnification not below the teacher's)."""

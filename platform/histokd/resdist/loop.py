@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histokd.resdist.model import create_resdist_model, load_model_file, save_model_file
-from histokd.resume import report_checkpoint, restore_checkpoint
+from histokd.resume import report_checkpoint, restore_checkpoint, seal_folder
 from histokd.run import all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
@@ -267,6 +267,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         save_model_file(os.path.join(out, MODEL_FILE), model, meta, kept)
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f)
+        seal_folder(out)  # checksums last: a resume trusts only a whole checkpoint
         ray.train.report(
             _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
         )

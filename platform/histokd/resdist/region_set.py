@@ -42,8 +42,8 @@ from histokd.resdist.regions import (
 )
 from histokd.slides import SlideReader
 
-__all__ = ["RegionRecord", "RegionSet", "build_region_set", "median_size", "read_data_table",
-           "write_csv"]  # fmt: skip
+__all__ = ["RegionRecord", "RegionSet", "build_region_set", "check_region_set", "median_size",
+           "read_data_table", "write_csv"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +248,34 @@ def build_region_set(data: str | os.PathLike, out_dir: str | os.PathLike, magnif
     region_set = RegionSet.load(root)
     log.info("region set %s: %s", root, region_set.counts())
     return region_set
+
+
+def check_region_set(region_set: RegionSet, max_bad_fraction: float, report_dir: str | os.PathLike) -> RegionSet:  # fmt: skip
+    """The set without the regions that have an unreadable image, checked on the driver before training.
+
+    A region is left out when any of its images (at every magnification of the set) cannot be
+    read; the rules are :mod:`histokd.image_check`'s: the files listed in
+    ``report_dir/bad_images.csv`` and counted on one line, and an error when more than
+    ``max_bad_fraction`` of the regions are bad, fewer than two classes have labelled regions,
+    or a split is left empty.
+
+    Raises:
+        ValueError: The set is unusable, naming it and why.
+    """
+    from collections import Counter
+
+    from histokd.image_check import require_splits, require_two_classes, screen_samples
+
+    source = f"region set {region_set.root}"
+    samples = [[str(region_set.image_path(r.region_id, m)) for m in region_set.magnifications]
+               for r in region_set.records]  # fmt: skip
+    kept = screen_samples(samples, source=source, max_bad_fraction=max_bad_fraction, report_dir=report_dir)  # fmt: skip
+    records = [region_set.records[i] for i in kept]
+    require_splits(source, Counter(r.split for r in region_set.records), Counter(r.split for r in records))  # fmt: skip
+    labelled = Counter(r.label for r in records if r.label >= 0 and r.split != "aux")
+    require_two_classes(
+        source, {name: labelled[k] for k, name in enumerate(region_set.class_names)}
+    )
+    if len(records) == len(region_set.records):
+        return region_set
+    return RegionSet(region_set.root, region_set.class_names, region_set.magnifications, records)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from histokd.resdist.config import SCORES, DistillConfig, DistillSearchConfig
+from histokd.run import holds_run_lock
 
 __all__ = ["build_param_space", "run_search", "trial_dirname", "tune_trial"]
 
@@ -51,6 +52,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     ray.tune.report(metrics)
 
 
+@holds_run_lock
 def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     """Run (or resume) the grid; one row per trial, best first, also in ``search.csv`` (a
     RuntimeError where no trial finished)."""

@@ -13,7 +13,10 @@ The fingerprint covers the teacher spec, its settings (alpha, mask mode) and its
 files, so changing any of them starts a new cache instead of reusing stale labels. A shard is
 named by the keys it holds, so a retried batch (an actor died and the batch ran again)
 overwrites its own shard instead of adding a second copy; shards are written to a temporary
-file and renamed, so a reader never sees half a shard.
+file, synced and renamed, so a reader never sees half a shard, and a ``.sha256`` beside each is
+written after it. A shard that fails its checksum or does not load (a disk fault, a copy cut
+short) is set aside as ``.bad`` with one line when the index is read, and its patches are
+labelled again: a damaged cache never stops a run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from histokd.resume import SIDECAR_SUFFIX, load_verified, write_sidecar
 
 __all__ = ["CACHE_SCHEMA", "PseudoLabelCache", "patch_key", "teacher_fingerprint"]
 
@@ -82,6 +87,11 @@ def teacher_fingerprint(spec: str, teacher_kwargs: Mapping | None = None) -> str
     return f"{safe}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def _shard_keys(shard: Path) -> list[str]:
+    """The keys of a shard; the whole table is read, so a damaged shard fails here."""
+    return pq.read_table(shard).column("key").to_pylist()
+
+
 class PseudoLabelCache:
     """The pseudo labels of one teacher, stored as Parquet shards.
 
@@ -103,9 +113,8 @@ class PseudoLabelCache:
         """Key -> (shard path, row) of every cached label; the first shard wins on duplicates."""
         found: dict[str, tuple[str, int]] = {}
         for shard in self.shards():
-            try:
-                keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
-            except (pa.ArrowInvalid, OSError):  # a damaged shard: its patches are labelled again
+            keys = load_verified(shard, _shard_keys, "pseudo-label cache shard")
+            if keys is None:  # gone, or damaged and set aside: its patches are labelled again
                 continue
             for row, key in enumerate(keys):
                 found.setdefault(key, (str(shard), row))
@@ -142,7 +151,13 @@ class PseudoLabelCache:
         path = self.folder / f"shard-{name}.parquet"
         tmp = self.folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        # a retried batch replaces its shard: the old checksum goes first, so no reader ever
+        # pairs the new shard with it (without one, a reader loads the shard to check it)
+        Path(f"{path}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
         os.replace(tmp, path)
+        write_sidecar(path)
         return path
 
     @staticmethod

@@ -9,7 +9,8 @@ Specs:
 - ``"package.module:name"``: a teacher that module registers with :func:`register_teacher`
   (imported wherever the spec is resolved: the driver, and each Ray actor).
 
-This module alone resolves and validates specs (:func:`resolve_teacher_spec`).
+This module alone resolves and validates specs (:func:`resolve_teacher_spec`); jobs load the
+teacher once on the driver (:func:`check_teacher_loads`) before any Ray work.
 
 StarDist teachers run in PyTorch by default (``backend="torch"``,
 :mod:`histokd.teachers.stardist_torch`); ``backend="tensorflow"`` runs StarDist itself (the
@@ -30,6 +31,7 @@ __all__ = [
     "STARDIST_SPECS",
     "available_teachers",
     "build_teacher",
+    "check_teacher_loads",
     "is_stardist_spec",
     "portable_spec",
     "register_teacher",
@@ -238,3 +240,40 @@ def build_teacher(spec: str, backend: str = "torch", **kwargs) -> Teacher:
         kwargs.pop(key, None)
     kwargs.pop("patch_mpp", None)  # the patches' scale: only a teacher with a scale of its own
     return _REGISTRY[value](**kwargs)
+
+
+def check_teacher_loads(spec: str, backend: str = "torch", **kwargs) -> None:
+    """Load the teacher once, in this process, so that a broken model fails in seconds with one line.
+
+    Jobs call this on the driver before any Ray work: a teacher that fails to load in a Ray Data
+    actor or a training worker is retried there, and its error comes late, if at all. PyTorch
+    teachers are built on the CPU and dropped. A StarDist model that runs in TensorFlow
+    (``backend="tensorflow"`` or ``mask_mode="instances"``) is checked without importing
+    TensorFlow: its folder, ``config.json``, ``histokd_teacher.json`` and weights.
+
+    Args:
+        spec: A teacher spec (see :func:`build_teacher`).
+        backend: See :func:`build_teacher`.
+        **kwargs: The teacher's settings, as the job passes them to :func:`build_teacher`.
+
+    Raises:
+        TeacherError: One line naming the spec and why it cannot be loaded.
+    """
+    try:
+        kind, value = resolve_teacher_spec(spec)
+        stardist = kind != "registered" or value in STARDIST_SPECS
+        if stardist and (backend == "tensorflow" or kwargs.get("mask_mode") == "instances"):
+            from histokd.teachers.stardist_models import check_model_folder, folder_defaults
+
+            folder = {"folder": value, "registered": DEMO_TEACHER_DIR}.get(kind)
+            if folder is not None:  # a StarDist name is fetched by StarDist itself, in the actor
+                folder_defaults(check_model_folder(folder), {})
+            return
+        if stardist and backend == "torch":
+            kwargs = {**kwargs, "device": "cpu", "compile": False}
+        build_teacher(spec, backend=backend, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the teacher's, in one line
+        reason = str(exc) if isinstance(exc, TeacherError) else f"{type(exc).__name__}: {exc}"
+        raise TeacherError(
+            f"teacher={spec!r} cannot be loaded: {' '.join(reason.split())}"
+        ) from exc
