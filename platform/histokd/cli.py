@@ -474,6 +474,10 @@ def run_job(
     except RunLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:
+        if exc.code == 143:  # 128 + SIGTERM, from _stop_on_signals
+            _exit_after_sigterm(exc.code)
+        raise
     except OSError as exc:
         line = disk_error_line(exc)
         if line is None:
@@ -564,17 +568,26 @@ def _stop_on_signals(run: Callable[[C], Any], config: C) -> Any:
         file=sys.stderr,
         flush=True,
     )
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized() and signum == signal.SIGTERM:
-        # Ray's C++ signal hooks saw the SIGTERM and abort (SIGABRT) the interpreter's normal
-        # exit: run the exit handlers (Ray's shutdown, the session folder's removal) and leave
-        import atexit
-
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signum)
     raise SystemExit(128 + signum) from None
+
+
+def _exit_after_sigterm(code: int) -> None:
+    """Leave with ``code`` after a SIGTERM once the run's lock and console are released.
+
+    Ray's C++ signal hooks saw the SIGTERM and abort (SIGABRT) the interpreter's normal exit of
+    a process that ran Ray Train, so the exit handlers (Ray's shutdown, the session folder's
+    removal) run here, and the process leaves without the interpreter's teardown.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -187,6 +187,9 @@ def test_sigterm_ends_a_running_job_with_its_mlflow_run_killed(tmp_path, tiny_pr
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM: MLflow run(s) ")
     client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("histokd").experiment_id])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(config.mlflow_experiment).experiment_id]
+    )
     assert run.info.status == "KILLED" and run.info.run_name == "term"
     assert list(storage.glob("term/checkpoint_*/checksums.json"))  # the checkpoints stay
+    assert not (storage / "term" / ".histokd.lock").exists()  # released, not left to go stale

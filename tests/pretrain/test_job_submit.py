@@ -117,6 +117,10 @@ def test_readme_ray_job_submit_lines(tmp_path):
     finally:
         session = _session(6379)
         _stop(_session_processes(session))
+        # `ray stop` also removes the address file that makes a later `ray.init()` join it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(":6379"):
+            current.unlink()
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert session is not None
