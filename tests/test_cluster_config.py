@@ -369,3 +369,20 @@ def test_mlflow_listens_on_the_heads_private_address_only(cluster):
     assert "-L 5000:$HEAD_IP:5000" in guide and "--remote-port 5000" not in guide
     assert "--mlflow-tracking-uri http://$HEAD_IP:5000" in guide
     assert "--remote-port 5000" not in CLUSTER_YAML.read_text()
+
+
+def test_every_node_starts_ray_with_the_clusters_token(cluster):
+    """Ray 2.60's token authentication: the head writes one token to the shared file system once,
+    every `ray start` reads it, and the guide tells a laptop how to fetch it."""
+    token = "/mnt/histokd/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[key] if "ray start" in c]
+        assert "RAY_AUTH_MODE=token" in start and f"RAY_AUTH_TOKEN_PATH={token}" in start, start
+    writes = [c for c in cluster["head_start_ray_commands"] if f"> {token}" in c]
+    assert len(writes) == 1 and f"test -s {token}" in writes[0]  # once: a restart keeps it
+    assert f"chmod 600 {token}" in writes[0]
+    head = cluster["head_start_ray_commands"]
+    assert head.index(writes[0]) < head.index(next(c for c in head if "ray start" in c))
+    guide = (REPO / "docs" / "operators_guide.md").read_text()
+    assert f"ray rsync-down cluster.yaml {token} ~/.ray/auth_token" in guide
+    assert "export RAY_AUTH_MODE=token" in guide

@@ -199,3 +199,31 @@ def test_a_run_folder_that_resolves_outside_the_storage_folder_is_refused(tmp_pa
     assert (
         RunConfig(storage_path=str(tmp_path / "runs"), run_name="ok_1.v-2").run_name == "ok_1.v-2"
     )
+
+
+def test_a_relative_output_path_in_a_ray_job_resolves_under_histokd_home(
+    tmp_path, monkeypatch, capsys
+):
+    """`ray job submit --working-dir .` runs the job in a folder Ray deletes: a relative storage
+    path goes under $HISTOKD_HOME there, said once; elsewhere it is relative to the cwd."""
+    from histokd import run
+    from histokd.pretrain.config import PretrainConfig
+
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("HISTOKD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(run, "_ANNOUNCED", set())
+    assert run.ray_job_working_dir() == str(job_dir)
+    config = PretrainConfig()  # the defaults: storage `runs`, demo data `demo_data`
+    assert config.storage_path == str(tmp_path / "home" / "runs")
+    assert config.demo_dir == str(tmp_path / "home" / "demo_data")
+    assert config.work_dir == tmp_path / "home" / "runs" / config.run_name
+    PretrainConfig()
+    notices = [line for line in capsys.readouterr().err.splitlines() if "Ray job" in line]
+    assert len(notices) == 2 and "storage_path='runs'" in notices[0]  # once per path
+    assert run.resolve_output_path("/abs/runs", "storage_path") == "/abs/runs"
+    assert run.resolve_output_path("s3://b/runs", "storage_path") == "s3://b/runs"
+    monkeypatch.chdir(tmp_path)
+    assert run.ray_job_working_dir() is None
+    assert run.resolve_output_path("runs", "storage_path") == str(tmp_path / "runs")
