@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from histokd.cli import arg, run_job
+from histokd.cli import arg, print_fields, run_job
 from histokd.run import RunFolderConfig, take_legacy_out
 
 
@@ -70,10 +70,10 @@ def _run(config: ManifestJobConfig):
 
 
 def _report(result) -> None:
-    print(
-        f"manifest: {result.manifest_path} ({result.num_patches} patches, "
-        f"{result.num_bad_slides} bad slides: {result.bad_slides_path})"
-    )
+    print_fields({
+        "manifest": f"{result.manifest_path} ({result.num_patches} patches, "
+        f"{result.num_bad_slides} bad slides: {result.bad_slides_path})",
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import run_job
+from histokd.cli import print_fields, run_job
 from histokd.teachers.check import CheckConfig
 
 
@@ -44,8 +44,10 @@ def _report(outcome) -> None:
         f"best: alpha {best['alpha']:g}{', ' + how if how else ''}: IoU {best['check_iou']:.3f}, "
         f"Dice {best['check_dice']:.3f} (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)"
     )
-    print(f"report:   {result.out_dir}  (results.csv, results.json, overlay.png)")
-    print(f"settings: {result.out_dir / 'histokd_teacher.json'}")
+    print_fields({
+        "report": f"{result.out_dir}  (results.csv, results.json, overlay.png)",
+        "settings": result.out_dir / "histokd_teacher.json",
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

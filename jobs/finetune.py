@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import run_job
+from histokd.cli import print_fields, run_job
 from histokd.finetune.config import DEMO_PRESET, FinetuneConfig
 
 
@@ -34,8 +34,10 @@ def _report(outcome) -> None:
         f"{result.summary['num_splits']} splits: {entry['mean']:.4f} ± {entry['std']:.4f}  "
         f"(95% CI of the mean [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}])"
     )
-    print(f"results: {result.files['summary_md']}")
-    print(f"MLflow:  {result.tracking_uri}  run {result.mlflow_run_id}")
+    print_fields({
+        "results": result.files["summary_md"],
+        "MLflow": f"{result.tracking_uri}  run {result.mlflow_run_id}",
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

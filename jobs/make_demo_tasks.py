@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from histokd.cli import arg, run_job
+from histokd.cli import arg, print_fields, run_job
 
 
 @dataclass
@@ -40,8 +40,10 @@ def _run(config: DemoTasksConfig):
 
 
 def _report(tasks) -> None:
-    print(f"classification: {tasks.classification_dir}  {tasks.classification_counts}")
-    print(f"segmentation:   {tasks.segmentation_dir}  {tasks.segmentation_count} image/mask pairs")
+    print_fields({
+        "classification": f"{tasks.classification_dir}  {tasks.classification_counts}",
+        "segmentation": f"{tasks.segmentation_dir}  {tasks.segmentation_count} image/mask pairs",
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

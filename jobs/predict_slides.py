@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import run_job
+from histokd.cli import print_fields, run_job
 from histokd.inference.config import PredictConfig
 
 
@@ -36,12 +36,13 @@ def _run(config: PredictConfig):
 
 def _report(outcome) -> None:
     config, result = outcome
-    print(
-        f"\noutputs:    {result.run_dir}/slides  ({len(result.slides)} slides, "
-        f"summary: {result.files['summary_table']})"
-    )
-    print(f"bad slides: {result.num_bad}  ({result.files['bad_slides']})")
-    print(f"MLflow:     {config.tracking_uri}  run {result.mlflow_run_id}")
+    print()
+    print_fields({
+        "outputs": f"{result.run_dir}/slides  ({len(result.slides)} slides, "
+        f"summary: {result.files['summary_table']})",
+        "bad slides": f"{result.num_bad}  ({result.files['bad_slides']})",
+        "MLflow": f"{config.tracking_uri}  run {result.mlflow_run_id}",
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from histokd.cli import run_job
+from histokd.cli import print_fields, run_job
 from histokd.pretrain.config import DEMO_PRESET, PretrainConfig
 
 
@@ -29,9 +29,11 @@ def _run(config: PretrainConfig):
 def _report(result) -> None:
     last = result.history[-1] if result.history else {}
     print()
-    print(f"backbone:    {result.backbone_path}")
-    print(f"checkpoints: {result.run_dir}  (last: {result.checkpoint_path})")
-    print(f"MLflow:      {result.tracking_uri}  run {result.mlflow_run_id}")
+    print_fields({
+        "backbone": result.backbone_path,
+        "checkpoints": f"{result.run_dir}  (last: {result.checkpoint_path})",
+        "MLflow": f"{result.tracking_uri}  run {result.mlflow_run_id}",
+    })  # fmt: skip
     if last:
         print(
             f"hold-out foreground IoU vs teacher: {result.history[0]['holdout_foreground_iou']:.3f} (epoch 1) "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from histokd.cli import check_ints, parse_config
+from histokd.cli import check_ints, check_positive, parse_config, parse_json_object, print_fields
 from histokd.run import RunConfig, WorkerConfig, check_run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,48 @@ def test_check_ints_names_the_field_value_and_what_is_allowed(value, minimum, au
 def test_check_ints_accepts_what_it_allows():
     check_ints(_Job(workers=None), ["workers"], auto=True)
     check_ints(_Job(workers=0), ["workers"], minimum=0)
+    check_ints(_Job(workers=None), ["workers"], auto="None (the model file's)")
+
+
+@pytest.mark.parametrize(
+    ("value", "example", "auto", "message"),
+    [(0, "", False, "lr=0: must be positive$"), (-1.5, "20", False, r"lr=-1.5: must be positive \(e.g. 20\)$"),
+     (True, "", False, "lr=True: must be positive"), ("2", "", False, "lr='2': must be positive"),
+     (None, "", False, "lr=None: must be positive$"),
+     (0.0, "20", "None (the dataset's)", r"lr=0.0: must be positive \(e.g. 20\) or None \(the dataset's\)$")],
+)  # fmt: skip
+def test_check_positive_names_the_field_value_and_what_is_allowed(value, example, auto, message):
+    with pytest.raises(ValueError, match=message):
+        check_positive(_Job(lr=value), ["epochs", "lr"], example=example, auto=auto)
+
+
+def test_check_positive_accepts_what_it_allows_and_check_ints_says_what_none_means():
+    check_positive(_Job(lr=1e-9), ["lr"])
+    check_positive(_Job(lr=None), ["lr"], auto="None")
+    with pytest.raises(
+        ValueError, match=r"^workers=0: must be a positive integer or None \(the dataset's\)$"
+    ):
+        check_ints(_Job(workers=0), ["workers"], auto="None (the dataset's)")
+
+
+def test_print_fields_aligns_the_values(capsys):
+    print_fields({"outputs": "runs/a", "bad slides": 2, "MLflow": "sqlite:///m.db  run 7"})
+    assert capsys.readouterr().out.splitlines() == [
+        "outputs:    runs/a",
+        "bad slides: 2",
+        "MLflow:     sqlite:///m.db  run 7",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{", r"^x.json: not JSON \(Expecting property name enclosed in double quotes\); expected an object such as \{\}$"),
+     ("[20]", r"^x.json: holds a list; expected an object such as \{\}$")],
+)  # fmt: skip
+def test_parse_json_object_names_where_and_shows_an_example(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_json_object(text, "x.json", "{}")
+    assert parse_json_object('{"a": 1}', "x.json", "{}") == {"a": 1}
 
 
 def test_run_storage_local_and_remote(tmp_path):

@@ -54,7 +54,7 @@ TARGETS = (DEFAULT_TARGET, TRAINING_TARGET)
 TARGET_EXTRAS = {DEFAULT_TARGET: set(), TRAINING_TARGET: {"tf-gpu"}}
 TENSORFLOW_PACKAGES = {"tensorflow", "tensorflow-cpu", "stardist", "csbdeep"}
 WEIGHTS_STAGE = "stardist-weights"
-SYSTEM_STAGES = ("system-cu130", "system-cu126")
+SYSTEM_STAGE = "system"
 
 # What the base image's Ubuntu release provides: its Python and its glibc (for wheel tags).
 UBUNTU = {"ubuntu24.04": ("3.12", (2, 39)), "ubuntu22.04": ("3.10", (2, 35))}
@@ -105,10 +105,19 @@ class Stage:
     body: list[tuple[str, str]]
 
 
-class Dockerfile:
-    """A multi-stage Dockerfile: global ARGs and stages, in file order."""
+def _substitute(text: str, values: dict[str, str]) -> str:
+    """``${NAME}`` replaced by its value, where ``values`` has one."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)
 
-    def __init__(self, text: str):
+
+class Dockerfile:
+    """A multi-stage Dockerfile: global ARGs and stages, in file order.
+
+    ``build_args`` holds, per target, the ``--build-arg`` values its `docker build` passes.
+    """
+
+    def __init__(self, text: str, build_args: dict[str, dict[str, str]] | None = None):
+        self.build_args = build_args or {}
         self.global_args: dict[str, str] = {}
         self.stages: dict[str, Stage] = {}
         current: Stage | None = None
@@ -133,40 +142,52 @@ class Dockerfile:
         """The stage `docker build` builds without --target: the last one."""
         return list(self.stages)[-1]
 
+    def _values(self, target: str) -> dict[str, str]:
+        """The global ARGs as building ``target`` sets them."""
+        return {**self.global_args, **self.build_args.get(target, {})}
+
     def chain(self, target: str) -> list[Stage]:
         """The stages ``target`` is built on, the one FROM an image first."""
         out = [self.stages[target]]
-        while out[0].parent in self.stages:
-            out.insert(0, self.stages[out[0].parent])
+        while _substitute(out[0].parent, self._values(target)) in self.stages:
+            out.insert(0, self.stages[_substitute(out[0].parent, self._values(target))])
         return out
 
     def base_image(self, target: str) -> str:
-        return self.chain(target)[0].parent
+        return _substitute(self.chain(target)[0].parent, self._values(target))
 
     def all(self, target: str, keyword: str) -> list[str]:
         """Arguments of every ``keyword`` instruction the target's image is built with."""
         return [rest for stage in self.chain(target) for kw, rest in stage.body if kw == keyword]
 
-    def args(self, target: str) -> dict[str, str]:
-        """The stage's own ARGs (ARGs do not pass to child stages); bare ones take the global."""
+    def _stage_args(self, stage: Stage, target: str) -> dict[str, str]:
+        """A stage's own ARGs (ARGs do not pass to child stages) as building ``target`` sets
+        them: its build arg, else the ARG's default, else the global ARG's."""
         out = {}
-        for keyword, rest in self.stages[target].body:
+        given = self.build_args.get(target, {})
+        for keyword, rest in stage.body:
             if keyword == "ARG":
                 name, eq, value = rest.partition("=")
-                out[name] = value if eq else self.global_args[name]
+                out[name] = given.get(name, value if eq else self.global_args[name])
         return out
 
+    def args(self, target: str) -> dict[str, str]:
+        """The ARGs of the stages the target is built on, as building it sets them."""
+        return {
+            k: v for stage in self.chain(target) for k, v in self._stage_args(stage, target).items()
+        }
+
     def runs(self, target: str) -> list[str]:
-        """The stage's own RUN commands, build args substituted."""
-        args = self.args(target)
+        """Every RUN the target's image is built with, each stage's ARGs substituted."""
         return [
-            re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest)
-            for keyword, rest in self.stages[target].body
+            _substitute(rest, self._stage_args(stage, target))
+            for stage in self.chain(target)
+            for keyword, rest in stage.body
             if keyword == "RUN"
         ]
 
     def pip_installs(self, target: str) -> list[tuple[list[str], list[str]]]:
-        """Each `pip install` of the stage: (its options, its requirements), args substituted."""
+        """Each `pip install` the target's image is built with: (its options, its requirements)."""
         with_value = {"--index-url", "-i", "--extra-index-url", "--constraint", "-c"}
         with_value |= {"--requirement", "-r", "--find-links", "-f", "--target", "-t"}
         out = []
@@ -187,9 +208,29 @@ class Dockerfile:
         return out
 
 
+def documented_builds() -> list[str]:
+    """The `docker build` commands in the Dockerfile's header."""
+    header = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    return [line for line in header if line.startswith("docker build ")]
+
+
+def documented_build_args() -> dict[str, dict[str, str]]:
+    """Per target, the ``--build-arg`` values its documented `docker build` passes."""
+    out = {}
+    for command in documented_builds():
+        words = shlex.split(command)
+        given = [words[i + 1] for i, w in enumerate(words) if w == "--build-arg"]
+        out[words[words.index("--target") + 1]] = dict(a.split("=", 1) for a in given)
+    return out
+
+
 @pytest.fixture(scope="module")
 def dockerfile() -> Dockerfile:
-    return Dockerfile(DOCKERFILE.read_text())
+    return Dockerfile(DOCKERFILE.read_text(), documented_build_args())
 
 
 def pyproject() -> dict:
@@ -337,12 +378,7 @@ def test_targets_and_the_documented_build_commands(dockerfile):
     assert dockerfile.default_target == DEFAULT_TARGET, (
         f"the last stage ({dockerfile.default_target}) is what `docker build` without --target makes"
     )
-    header = []
-    for line in DOCKERFILE.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line.lstrip("# "))
-    commands = [line for line in header if line.startswith("docker build ")]
+    commands = documented_builds()
     version = pyproject()["project"]["version"]
     documented = {}
     for command in commands:
@@ -358,11 +394,25 @@ def test_targets_and_the_documented_build_commands(dockerfile):
     assert len(set(documented.values())) == len(TARGETS), "two targets, one tag"
 
 
-def test_system_stages_agree(dockerfile):
-    """The two system stages differ only in their base image (one copy to review, not two)."""
-    cu130, cu126 = (dockerfile.stages[name] for name in SYSTEM_STAGES)
-    assert cu130.body == cu126.body
-    assert cu130.parent != cu126.parent
+def test_one_system_stage_on_each_targets_cuda_base(dockerfile):
+    """Both targets build on the one system stage; their TORCH_CUDA picks its base image."""
+    assert [name for name in dockerfile.stages if name.startswith("system")] == [SYSTEM_STAGE]
+    for target in TARGETS:
+        assert SYSTEM_STAGE in [stage.name for stage in dockerfile.chain(target)], target
+    assert dockerfile.base_image(DEFAULT_TARGET) != dockerfile.base_image(TRAINING_TARGET)
+
+
+@pytest.mark.parametrize(
+    ("build_args", "code"), [(None, 1), ({"TORCH_CUDA": "cu130"}, 1), ({"TORCH_CUDA": "cu126"}, 0)]
+)
+def test_training_target_stops_without_cuda_12(build_args, code):
+    """Built without --build-arg TORCH_CUDA=cu126, teacher-training stops before its install."""
+    parsed = Dockerfile(DOCKERFILE.read_text(), {TRAINING_TARGET: build_args or {}})
+    (guard,) = [run for run in parsed.runs(TRAINING_TARGET) if "esac" in run]
+    run = subprocess.run(["bash", "-o", "pipefail", "-c", guard], capture_output=True, text=True)
+    assert run.returncode == code, run.stderr
+    if code:
+        assert "--build-arg TORCH_CUDA=cu126" in run.stderr
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -552,10 +602,13 @@ def test_weights_are_the_ones_stardist_registers(dockerfile):
         assert "KERAS_HOME=/home/ray/.keras" in " ".join(dockerfile.all(target, "ENV"))
 
 
-def _python_code(run: str) -> str:
+def _run_python_step(run: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A Dockerfile RUN that is one ``python -c``, run here with this interpreter."""
     words = shlex.split(run)
     assert words[:2] in (["python3", "-c"], ["python", "-c"]) and len(words) == 3, run[:80]
-    return words[2]
+    return subprocess.run(
+        [sys.executable, "-c", words[2]], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_weights_step_leaves_stardists_cache_layout(dockerfile, tmp_path):
@@ -584,11 +637,7 @@ def test_weights_step_leaves_stardists_cache_layout(dockerfile, tmp_path):
         "STARDIST_HE_URL": origin.as_uri(),
         "STARDIST_HE_SHA256": digest,
     }
-    (step,) = dockerfile.runs(WEIGHTS_STAGE)
-    run = subprocess.run(
-        [sys.executable, "-c", _python_code(step)], env=env, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
+    run = _run_python_step(dockerfile.runs(WEIGHTS_STAGE)[-1], env)
     assert run.returncode == 0, run.stderr[-2000:]
     origin.unlink()  # a download attempt from here on fails
     folder = keras_home / "models" / "StarDist2D" / "2D_versatile_he" / "2D_versatile_he"
@@ -613,17 +662,11 @@ def test_weights_step_leaves_stardists_cache_layout(dockerfile, tmp_path):
 
     # The default image's last check (histokd, openslide, ray import; the weights are there).
     check = dockerfile.runs(DEFAULT_TARGET)[-1]
-    run = subprocess.run(
-        [sys.executable, "-c", _python_code(check)], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    run = _run_python_step(check, env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("histokd ")
     (folder / "weights_best.h5").unlink()
-    run = subprocess.run(
-        [sys.executable, "-c", _python_code(check)], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    run = _run_python_step(check, env)
     assert run.returncode != 0, "the default image's check passes without the weights"
 
 
@@ -669,8 +712,8 @@ def test_copy_sources_exist_and_reach_the_context(dockerfile, ignore_patterns):
         assert not dockerignore_excludes(path, ignore_patterns), (
             f"{path}: .dockerignore leaves it out"
         )
-    for target in TARGETS:  # each target copies what it installs
-        own = {rest for keyword, rest in dockerfile.stages[target].body if keyword == "COPY"}
+    for target in TARGETS:  # each target's image holds what it installs
+        own = set(dockerfile.all(target, "COPY"))
         assert {"pyproject.toml README.md ./", "platform/ platform/", "jobs/ jobs/"} <= own, target
 
 

@@ -36,11 +36,14 @@ from typing import Any, TypeVar
 __all__ = [
     "arg",
     "check_ints",
+    "check_positive",
     "config_to_dict",
     "disk_error_line",
     "load_yaml",
     "make_parser",
     "parse_config",
+    "parse_json_object",
+    "print_fields",
     "run_job",
     "save_config",
 ]
@@ -249,6 +252,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SystemExit(
             f"error: --config {path}: must be a mapping of field: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def parse_json_object(text: str, where: str, example: str) -> dict[str, Any]:
+    """A JSON object from ``text``, or one error line naming ``where`` and showing ``example``.
+
+    Raises:
+        ValueError: ``text`` is not JSON, or not a JSON object.
+    """
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{where}: not JSON ({exc.msg}); expected an object such as {example}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where}: holds a {type(data).__name__}; expected an object such as {example}"
         )
     return data
 
@@ -487,6 +511,17 @@ def run_job(
     return 0
 
 
+def print_fields(fields: Mapping[str, Any]) -> None:
+    """Print a job's result lines, ``label: value``, the values aligned (a `run_job` report).
+
+    Args:
+        fields: Labels and their values, in the order to print.
+    """
+    width = max(len(label) for label in fields) + 2
+    for label, value in fields.items():
+        print(f"{label + ':':<{width}}{value}")
+
+
 # errors of a file system write: read-only, full, over quota, no permission, I/O error
 _DISK_ERRNOS = {
     errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO,
@@ -605,21 +640,51 @@ def save_config(config: Any, path: str | Path) -> Path:
     return path
 
 
-def check_ints(config: Any, names: Sequence[str], *, minimum: int = 1, auto: bool = False) -> None:
+def check_ints(
+    config: Any, names: Sequence[str], *, minimum: int = 1, auto: bool | str = False
+) -> None:
     """Raise one error naming the field when a field of ``names`` is not an integer >= ``minimum``.
 
     Args:
         config: The dataclass instance.
         names: Field names.
         minimum: Smallest allowed value (1: positive, 0: non-negative).
-        auto: None is allowed too (the job picks the value).
+        auto: None is allowed too (the job picks the value); a string says what None means
+            in the error, e.g. ``"None (the dataset's)"``.
     """
     allowed = {1: "a positive integer", 0: "a non-negative integer"}.get(
         minimum, f"an integer >= {minimum}"
     )
     for name in names:
         value = getattr(config, name)
-        if auto and value is None:
+        if auto is not False and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}={value!r}: must be {allowed}" + (" or auto" if auto else ""))
+            raise ValueError(f"{name}={value!r}: must be {allowed}" + _or_none(auto))
+
+
+def check_positive(
+    config: Any, names: Sequence[str], *, example: str = "", auto: bool | str = False
+) -> None:
+    """Raise one error naming the field when a field of ``names`` is not a number > 0.
+
+    Args:
+        config: The dataclass instance.
+        names: Field names.
+        example: A typical value, shown in the error.
+        auto: None is allowed too, as in `check_ints`.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if auto is not False and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            allowed = "positive" + (f" (e.g. {example})" if example else "")
+            raise ValueError(f"{name}={value!r}: must be {allowed}" + _or_none(auto))
+
+
+def _or_none(auto: bool | str) -> str:
+    """What an error adds when None is allowed: `` or auto``, or the caller's words."""
+    if auto is False:
+        return ""
+    return " or " + ("auto" if auto is True else auto)

@@ -154,7 +154,7 @@ def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{", "not valid JSON"), ("[20]", "holds a list"), ('{"magnification": 0}', "magnification=0"),
+    [("{", "not JSON"), ("[20]", "holds a list"), ('{"magnification": 0}', "magnification=0"),
      ('{"patch_size": 25.6}', "patch_size=25.6")],
 )  # fmt: skip
 def test_bad_dataset_json_names_the_file_and_value(tmp_path, text, message):

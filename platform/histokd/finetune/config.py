@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import arg, check_ints
+from histokd.cli import arg, check_ints, check_positive
 from histokd.run import WorkerConfig, resolve_output_path
 
 __all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
@@ -117,20 +117,8 @@ class FinetuneConfig(WorkerConfig):
             minimum=0,
         )
         check_ints(self, ["max_parallel_splits"], auto=True)
-        if self.magnification is not None and (
-            isinstance(self.magnification, bool) or not self.magnification > 0
-        ):
-            raise ValueError(
-                f"magnification={self.magnification!r}: must be positive (e.g. 20) or None (the dataset's)"
-            )
-        if self.patch_size is not None and (
-            isinstance(self.patch_size, bool)
-            or not isinstance(self.patch_size, int)
-            or self.patch_size <= 0
-        ):
-            raise ValueError(
-                f"patch_size={self.patch_size!r}: must be a positive integer or None (the dataset's)"
-            )
+        check_positive(self, ["magnification"], example="20", auto="None (the dataset's)")
+        check_ints(self, ["patch_size"], auto="None (the dataset's)")
         if self.input_size < 32:
             raise ValueError(
                 f"input_size={self.input_size}: must be at least 32 (the backbones downsample by 32)"
@@ -143,8 +131,7 @@ class FinetuneConfig(WorkerConfig):
             )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}: must be positive")
+        check_positive(self, ["lr"])
         if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
             raise ValueError(
                 f"momentum={self.momentum!r}, weight_decay={self.weight_decay!r}: need 0 <= momentum < 1 and weight_decay >= 0"

@@ -395,21 +395,14 @@ def read_scale(root: str | os.PathLike) -> dict[str, float | int]:
     Raises:
         ValueError: The file is not JSON, or a value is not positive, naming the file.
     """
-    import json
+    from histokd.cli import parse_json_object
 
     path = Path(root) / SCALE_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f'{path}: not valid JSON ({exc}); expected e.g. {{"magnification": 20, "patch_size": 256}}'
-        ) from exc
-    if not isinstance(meta, dict):
-        raise ValueError(
-            f'{path}: holds a {type(meta).__name__}; expected an object like {{"magnification": 20}}'
-        )
+    meta = parse_json_object(
+        path.read_text(), str(path), '{"magnification": 20, "patch_size": 256}'
+    )
     out: dict[str, float | int] = {}
     magnification = meta.get("magnification")
     if magnification is not None:

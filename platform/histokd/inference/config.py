@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import arg, check_ints
+from histokd.cli import arg, check_ints, check_positive
 from histokd.inference.stitching import BLEND_WINDOWS
 from histokd.run import RunConfig
 from histokd.tissue import TissueFilter
@@ -67,30 +67,14 @@ class PredictConfig(RunConfig):
         super().__post_init__()
         if isinstance(self.slides, str):
             self.slides = [self.slides]
-        if self.magnification is not None and not self.magnification > 0:
-            raise ValueError(
-                f"magnification={self.magnification!r}: must be positive (e.g. 20) or None (the model file's)"
-            )
-        if self.patch_size is not None and (
-            isinstance(self.patch_size, bool)
-            or not isinstance(self.patch_size, int)
-            or self.patch_size <= 0
-        ):
-            raise ValueError(
-                f"patch_size={self.patch_size!r}: must be a positive integer or None (the model file's)"
-            )
-        if self.base_magnification is not None and not self.base_magnification > 0:
-            raise ValueError(
-                f"base_magnification={self.base_magnification!r}: must be positive or None"
-            )
+        check_positive(self, ["magnification"], example="20", auto="None (the model file's)")
+        check_ints(self, ["patch_size"], auto="None (the model file's)")
+        check_positive(self, ["base_magnification"], auto="None")
         if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ValueError(f"overlap={self.overlap!r}: must be in [0, 1) or None (auto)")
         if self.blend not in BLEND_WINDOWS:
             raise ValueError(f"blend={self.blend!r}: allowed: {', '.join(BLEND_WINDOWS)}")
-        if not self.output_magnification > 0:
-            raise ValueError(
-                f"output_magnification={self.output_magnification!r}: must be positive (e.g. 2.5)"
-            )
+        check_positive(self, ["output_magnification"], example="2.5")
         if not 0 <= self.min_tissue_fraction <= 1:
             raise ValueError(f"min_tissue_fraction={self.min_tissue_fraction!r}: must be in [0, 1]")
         self.tissue_hue_range = [float(h) for h in self.tissue_hue_range]

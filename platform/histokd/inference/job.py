@@ -131,12 +131,10 @@ def resolve_model(config: PredictConfig) -> tuple[dict[str, Any], TaskModelInfo]
 
 def _fingerprint(info: TaskModelInfo, config: PredictConfig, overlap: float) -> str:
     """Identity of the outputs: the model file's bytes and every setting that changes them."""
-    digest = hashlib.sha256()
-    with open(info.path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    from histokd.resume import file_sha256
+
     settings = {
-        "model_sha256": digest.hexdigest(),
+        "model_sha256": file_sha256(info.path),
         "class_names": list(info.class_names), "magnification": info.magnification, "patch_size": info.patch_size,
         "overlap": overlap, "blend": config.blend, "output_magnification": config.output_magnification,
         "min_tissue_fraction": config.min_tissue_fraction, "tissue_hue_range": config.tissue_hue_range,

@@ -14,7 +14,6 @@ slide's outputs only when every recorded file is still whole (`damaged_output`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -304,14 +303,10 @@ def write_table(path: str | os.PathLike, table: pa.Table) -> Path:
 
 # -- records of what was written ------------------------------------------------------------------
 def file_record(path: str | os.PathLike) -> dict[str, int | str]:
-    """A file's size and SHA-256, read in 1 MiB chunks: ``{"bytes": ..., "sha256": ...}``."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    """A file's size and SHA-256: ``{"bytes": ..., "sha256": ...}``."""
+    from histokd.resume import file_sha256
+
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def damaged_output(

@@ -71,7 +71,21 @@ class NormalizedModel(nn.Module):
 class _BackboneTaskModel(nn.Module):
     """What every task model shares: the backbone, its file and its input normalisation."""
 
-    backbone: nn.Module
+    def __init__(
+        self,
+        backbone_name: str,
+        num_classes: int,
+        backbone_file: str | os.PathLike | None,
+        **backbone_kwargs,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: num_classes is {num_classes}; must be >= 1")
+        self.backbone_name = backbone_name
+        self.num_classes = num_classes
+        self.backbone = create_backbone(
+            backbone_name, backbone_file=backbone_file, **backbone_kwargs
+        )
 
     def _set_normalization(self) -> None:
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
@@ -111,14 +125,7 @@ class SegmentationModel(_BackboneTaskModel):
         backbone_file: str | os.PathLike | None = None,
         **backbone_kwargs,
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"SegmentationModel: num_classes is {num_classes}; must be >= 1")
-        self.backbone_name = backbone_name
-        self.num_classes = num_classes
-        self.backbone = create_backbone(
-            backbone_name, backbone_file=backbone_file, **backbone_kwargs
-        )
+        super().__init__(backbone_name, num_classes, backbone_file, **backbone_kwargs)
         info = self.backbone.feature_info
         self.decoder = UNetDecoder(info.channels(), info.reduction(), decoder_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=1)
@@ -155,14 +162,7 @@ class ClassificationModel(_BackboneTaskModel):
         backbone_file: str | os.PathLike | None = None,
         **backbone_kwargs,
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"ClassificationModel: num_classes is {num_classes}; must be >= 1")
-        self.backbone_name = backbone_name
-        self.num_classes = num_classes
-        self.backbone = create_backbone(
-            backbone_name, backbone_file=backbone_file, **backbone_kwargs
-        )
+        super().__init__(backbone_name, num_classes, backbone_file, **backbone_kwargs)
         self.num_features = self.backbone.feature_info.channels()[-1]
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate

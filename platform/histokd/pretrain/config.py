@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from histokd.cli import arg, check_ints
+from histokd.cli import arg, check_ints, parse_json_object
 from histokd.run import WorkerConfig, resolve_output_path
 
 __all__ = ["DEMO_PRESET", "PretrainConfig"]
@@ -210,12 +210,8 @@ def _check_resources(name: str, value: dict | str) -> dict[str, float]:
     """Custom Ray resources: a mapping (or its JSON text, from the command line) of resource
     names to non-negative amounts. CPUs and GPUs have their own fields."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{name}={value!r}: not JSON ({exc.msg}); give an object such as '{{\"trainer_node\": 1}}'"
-            ) from exc
+        where, example = f"{name}={value!r}", "'{\"trainer_node\": 1}'"
+        value = parse_json_object(value, where, example) if value.strip() else {}
     if not isinstance(value, dict):
         raise ValueError(
             f"{name}={value!r}: must be a mapping of Ray resource names to amounts, e.g. {{'trainer_node': 1}}"

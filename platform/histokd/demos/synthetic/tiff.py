@@ -23,6 +23,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -123,16 +124,13 @@ def write_svs(
         for i, level in enumerate(levels):
             lh, lw = level.shape[:2]
             description = header + fields if i == 0 else f"{header} -> {lw}x{lh}{fields}"
-            tif.write(
-                _edge_padded_tiles(level, tile_size),
-                shape=level.shape,
-                dtype=level.dtype,
-                tile=(tile_size, tile_size),
-                photometric="rgb",
+            _write_tiles(
+                tif,
+                level,
+                tile_size,
                 compression="jpeg",
                 compressionargs={"level": jpeg_quality},
                 description=description,
-                metadata=None,
                 software=False,
             )
     return [(lv.shape[1], lv.shape[0]) for lv in levels]
@@ -203,15 +201,12 @@ def write_tiled_tiff(
                 kwargs["extrasamples"] = ["unassalpha"]
             if compression == "jpeg":
                 kwargs["compressionargs"] = {"level": jpeg_quality}
-            tif.write(
-                _edge_padded_tiles(page, tile_size),
-                shape=page.shape,
-                dtype=page.dtype,
-                tile=(tile_size, tile_size),
-                photometric="rgb",
+            _write_tiles(
+                tif,
+                page,
+                tile_size,
                 compression=_COMPRESSIONS[compression],
                 subfiletype=1 if i else 0,
-                metadata=None,
                 **kwargs,
             )
     return [(p.shape[1], p.shape[0]) for p in pages]
@@ -306,6 +301,19 @@ def read_tiff_region(
                         ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
                     ]
     return out[..., 0] if samples == 1 else out
+
+
+def _write_tiles(tif: tifffile.TiffWriter, page: np.ndarray, tile_size: int, **kwargs: Any) -> None:
+    """Write ``page`` (RGB or RGBA) as one tiled page, edge-padded, without tifffile's metadata."""
+    tif.write(
+        _edge_padded_tiles(page, tile_size),
+        shape=page.shape,
+        dtype=page.dtype,
+        tile=(tile_size, tile_size),
+        photometric="rgb",
+        metadata=None,
+        **kwargs,
+    )
 
 
 def _edge_padded_tiles(image: np.ndarray, tile_size: int) -> Iterator[np.ndarray]:
