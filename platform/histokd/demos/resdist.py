@@ -45,8 +45,9 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
     Returns:
         The table's path and the regions per split and class (by their dominant class).
     """
+    import pandas as pd
+
     from histokd.demos.synthetic import DEFAULT_CLASSES, make_demo_slides
-    from histokd.resdist.region_set import write_csv
     from histokd.resdist.regions import RegionFinder, find_tissue_regions
 
     root = Path(config.demo_dir)
@@ -84,7 +85,7 @@ def make_demo_data(config: DemoConfig) -> tuple[Path, dict[str, Any]]:
             rows.append({"slide": str(Path(slide.path).relative_to(root)), "split": split, "label": label,
                          "x": region.x, "y": region.y, "width": region.width, "height": region.height,
                          "reference_label": name, "purity": round(float(purity), 3)})  # fmt: skip
-    write_csv(root / "data.csv", rows)
+    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
     summary: dict[str, dict[str, int]] = {}
     for row in rows:
         counts = summary.setdefault(row["split"], {})

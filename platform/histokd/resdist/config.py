@@ -1,9 +1,5 @@
-"""Settings of the resolution-distillation jobs, with the paper's defaults and their sources.
-
-DiPalma et al. 2021 give the method and some settings (Sec. 3, 4.5); the network size and the
-other training settings come from the authors' public code (``../shared/RESOLUTION_KD.md``,
-"public code" below). Nothing here imports torch, timm or Ray: the jobs' ``--help`` reads it.
-"""
+"""Settings of the resolution-distillation jobs: DiPalma et al. 2021's defaults (Sec. 3, 4.5), the
+rest from the authors' public code (``../shared/RESOLUTION_KD.md``). No torch, timm or Ray here."""
 
 from __future__ import annotations
 
@@ -43,9 +39,8 @@ def _check(config: Any, *checks: tuple[str, bool, str]) -> None:
 def _check_splits(*groups: list[str]) -> None:
     if not groups[0]:
         raise ValueError("train splits: give at least one")
-    for name in (s for group in groups for s in group):
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r}: allowed: {', '.join(SPLITS)}")
+    for name in sorted({s for group in groups for s in group} - set(SPLITS)):
+        raise ValueError(f"split {name!r}: allowed: {', '.join(SPLITS)}")
 
 
 def _model_path(path: str) -> str:
@@ -72,14 +67,8 @@ class _Regions:
 
 @dataclass
 class ResdistConfig(WorkerConfig, _Regions):
-    """What every resolution-distillation training job shares.
-
-    Attributes:
-        magnifications: The magnifications of the region images (Tables 6-8).
-        class_names: The class order; default: the sorted labels of the data table.
-        select: The weights kept: ``best`` (the lowest validation loss) or ``last``; auto: best
-            when splits are held out for validation.
-    """
+    """What every resolution-distillation training job shares (``select``: the weights kept,
+    ``best`` of the lowest validation loss or ``last``; auto: best when validation is held out)."""
 
     mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
     data: str = arg("", "data table: CSV of slide, split, label[, x, y, width, height]")
@@ -169,17 +158,9 @@ class SupervisedConfig(ResdistConfig):
 
 @dataclass
 class DistillConfig(ResdistConfig):
-    """A student at a low magnification distilled from a frozen teacher (Sec. 3.3, 4.5.3-4.5.4),
-    then, when distilled on other data, its last layer fine-tuned (Sec. 3.4).
-
-    Attributes:
-        resize_modes: The g_k of Eq. 3, the pixel loss averaged over them.
-        train_splits: The splits distilled on, their labels ignored (KD (AD): ``aux``).
-        finetune: Fine-tune the last layer (Sec. 3.4); auto: when the labelled
-            ``finetune_splits`` are not all among the splits distilled on (:attr:`do_finetune`).
-        finetune_splits, finetune_val_splits: The labelled splits the last layer is fine-tuned
-            on, and those validating the fine-tuning.
-    """
+    """A student at a low magnification distilled from a frozen teacher (Sec. 3.3, 4.5.3-4.5.4) on
+    ``train_splits`` (labels ignored), then its last layer fine-tuned (Sec. 3.4,
+    :attr:`do_finetune`) on the labelled ``finetune_splits``."""
 
     run_name: str = arg("kd", "run name; rerunning it resumes")
     teacher: str = arg("", "the teacher's model file or run folder")
@@ -237,13 +218,8 @@ class DistillConfig(ResdistConfig):
 
 @dataclass
 class DistillSearchConfig(DistillConfig):
-    """A grid over student magnification x temperature; every other field is the distillation's.
-
-    Attributes:
-        searched_magnifications, temperatures: The grid: student magnifications (Tables 6-8)
-            and soft-loss temperatures (T of Eq. 2).
-        score_splits: The labelled splits a trial is scored on.
-    """
+    """A grid over student magnification x temperature (T of Eq. 2); every other field is the
+    distillation's; a trial is scored on the labelled ``score_splits``."""
 
     run_name: str = arg("kd-search", "name of the search; rerunning it resumes")
     # every trial takes these two from the grid: refused when given, so no flag is silently ignored
@@ -292,11 +268,7 @@ class DistillSearchConfig(DistillConfig):
 
 @dataclass
 class EvaluateConfig(RunConfig, _Regions):
-    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs.
-
-    Attributes:
-        splits: The splits evaluated (Sec. 4.5: the labelled test set).
-    """
+    """Evaluation of trained models on the test set: the Tables 5-8 and Fig. 3 outputs."""
 
     run_name: str = arg("evaluation", "name of the evaluation (its folder and MLflow run)")
     mlflow_experiment: str = arg("histokd-resdist", "MLflow experiment name")
@@ -313,9 +285,8 @@ class EvaluateConfig(RunConfig, _Regions):
         if not self.model:
             raise ValueError("model: give at least one model file or run folder")
         self.model = [_model_path(m) for m in self.model]
-        for path in self.model:
-            if not os.path.isfile(path):
-                raise ValueError(f"model: {path!r} is neither a model file nor a run folder")
+        for path in (p for p in self.model if not os.path.isfile(p)):
+            raise ValueError(f"model: {path!r} is neither a model file nor a run folder")
         self._check_data()
         check_ints(self, ["bootstrap_resamples"])
         _check(self, ("confidence", 0 < self.confidence < 1, "must be in (0, 1)"))
@@ -325,13 +296,8 @@ class EvaluateConfig(RunConfig, _Regions):
 @dataclass
 class DemoConfig(RunConfig):
     """The offline demo (small on purpose; the paper's settings are the jobs' defaults).
-
-    Attributes:
-        label_level: ``region``: a region's label is its dominant class (impure ones left out);
-            ``slide``: each labelled slide is drawn with one dominant class (70% of it), its
-            regions' label.
-        paper_jitter: The public code's colour jitter, not a mild one (0.1, hue 0.02).
-    """
+    ``label_level`` ``slide``: each labelled slide is drawn with one dominant class (70% of it),
+    its regions' label; ``region``: a region's label is its dominant class."""
 
     run_name: str = arg("resdist-demo", "name of the demo's MLflow run")
     storage_path: str = arg("runs/resdist_demo", "where the runs, tables and chart go")

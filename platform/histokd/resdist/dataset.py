@@ -1,11 +1,8 @@
 """Region images for training and evaluation: one variable-size image at a time.
 
-DiPalma et al. 2021 feed whole regions of their native size, one at a time (Sec. 3.5): an item
-is one region at one or more magnifications (the teacher's and the student's), with the same
-augmentation applied to each, so the views stay aligned for the pixel loss. Augmentation
-(Sec. 3.2; strengths from the public code): colour jitter in a random order as torchvision's
-``ColorJitter`` applies it, flips, rotations by multiples of 90 degrees (exact for any size).
-Each image is then standardised with its magnification's training-set statistics (Sec. 3.2).
+DiPalma Sec. 3.5: whole regions of native size, one at a time; an item is one region at the
+teacher's and the student's magnification with the same augmentation (Sec. 3.2: colour jitter
+in torchvision's random order, flips, 90-degree rotations), standardised per magnification.
 """
 
 from __future__ import annotations
@@ -102,17 +99,9 @@ def channel_stats(paths: Sequence[str]) -> tuple[list[float], list[float]]:
 
 
 class RegionImages(torch.utils.data.Dataset):
-    """Regions at one or more magnifications, standardised, optionally augmented.
-
-    Args:
-        items: ``{"region_id", "label", "paths": {mag tag: file}}`` (:meth:`RegionSet.items`).
-        views: Magnification tags to return, in order (e.g. ``["10x", "2.5x"]``).
-        stats: ``{mag tag: (mean, std)}`` of the training set, for each view.
-        augment: Draw an augmentation per item: item i of epoch e from ``(seed, e, i)``, with
-            colour ``jitter`` (None: geometry only).
-        cache: Keep the decoded images in memory.
-
-    An item is ``{"images": [3 x H x W float tensor per view], "label": int, "index": int}``.
+    """:meth:`RegionSet.items` at the magnification tags ``views``, standardised by ``stats``
+    (``{tag: (mean, std)}``); with ``augment``, item i of epoch e drawn from ``(seed, e, i)``
+    (``jitter`` None: geometry only). An item: ``{"images": [3 x H x W per view], "label", "index"}``.
     """
 
     def __init__(self, items: Sequence[Mapping[str, Any]], views: Sequence[str], stats: Mapping[str, tuple],

@@ -1,16 +1,12 @@
 """Drivers of the resolution-distillation phases: region set -> TorchTrainer -> model file.
 
-:func:`run_supervised` trains the teacher (Sec. 3.2) or a baseline (Sec. 4.5.2);
-:func:`run_distill` distils a student from a frozen teacher (Sec. 3.3) and, when the
-distillation set is not the labelled training set, fine-tunes its last layer (Sec. 3.4). Each
-phase is one Ray Train run (checkpoints under ``RUN/ray``): rerunning the same run name resumes
-an unfinished phase and reuses a finished one. A job leaves ``STORAGE/RUN/model.pt`` (a task-model
-file, :mod:`histokd.inference.model_file`), ``result.json`` and an MLflow run of its name.
+Each phase (supervised, distill, finetune) is one Ray Train run under ``RUN/ray``: rerunning a
+run name resumes an unfinished phase and reuses a finished one. A job leaves ``RUN/model.pt`` (a
+task-model file), ``result.json`` and an MLflow run of its name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -107,8 +103,8 @@ def _fit(config: ResdistConfig, loop: dict[str, Any], phase_dir: Path) -> dict[s
         print(f"{loop['run_name']}: finished before, reusing {phase_dir / MODEL_FILE}", flush=True)
         return json.loads((phase_dir / RESULT_FILE).read_text())
     phase_dir.mkdir(parents=True, exist_ok=True)
-    if config.num_workers == 0:  # Ray Train's local mode runs here and keeps no checkpoints
-        loop["local_result_dir"] = str(phase_dir / "local_run")
+    if config.num_workers == 0:  # Ray Train's local mode keeps no checkpoints: it writes here
+        loop["local_result_dir"] = str(phase_dir)
         scaling = ScalingConfig(num_workers=0)
     else:
         init_ray(config.ray_address)
@@ -127,10 +123,10 @@ def _fit(config: ResdistConfig, loop: dict[str, Any], phase_dir: Path) -> dict[s
                            run_config=run_config).fit()  # fmt: skip
     if outcome.error:
         raise RuntimeError(f"{loop['run_name']} failed: {outcome.error}")
-    local = config.num_workers == 0
-    with contextlib.nullcontext(loop["local_result_dir"]) if local else outcome.checkpoint.as_directory() as folder:  # fmt: skip
-        for name in (MODEL_FILE, RESULT_FILE):
-            shutil.copy2(Path(folder) / name, phase_dir / name)
+    if config.num_workers != 0:
+        with outcome.checkpoint.as_directory() as folder:
+            for name in (MODEL_FILE, RESULT_FILE):
+                shutil.copy2(Path(folder) / name, phase_dir / name)
     return json.loads((phase_dir / RESULT_FILE).read_text())
 
 

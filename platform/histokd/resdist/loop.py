@@ -1,12 +1,9 @@
 """The Ray Train worker loop of every resolution-distillation phase (DiPalma Sec. 3.1).
 
-``supervised``: cross-entropy on labelled regions (the teacher, Sec. 3.2, or a baseline, Sec.
-4.5.2); ``distill``: soft plus pixel loss against the frozen teacher on the same regions at its
-magnification, labels ignored (Sec. 3.3, Eqs. 1-3); ``finetune``: cross-entropy on the last
-layer alone (Sec. 3.4). One image per forward pass, gradients accumulated over
-``accumulation_steps`` images (Sec. 3.5) shared among the workers; DDP synchronises only on the
-backward pass that closes a group. Rank 0 reports each epoch with the state to continue from;
-the last report carries ``model.pt`` and ``result.json``.
+``supervised``: cross-entropy (teacher, Sec. 3.2; baseline, 4.5.2); ``distill``: soft plus pixel
+loss against the frozen teacher, labels ignored (Sec. 3.3, Eqs. 1-3); ``finetune``: the last layer
+alone (Sec. 3.4). One image per forward pass, gradients accumulated (Sec. 3.5); checkpoints by
+:func:`histokd.resume.report_checkpoint`, the last one with ``model.pt`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -15,9 +12,9 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histokd.resdist.model import create_resdist_model, load_model_file, save_model_file
-from histokd.resume import report_checkpoint, restore_checkpoint, seal_folder
+from histokd.resume import report_checkpoint, restore_checkpoint, write_atomic
 from histokd.run import all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
@@ -249,9 +246,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     use_best = config["select"] == "best" and progress["best_state"] is not None
     if use_best:
         model.load_state_dict(progress["best_state"])
-    if rank != 0:
-        ray.train.report({"epoch": epoch, "done": True}, checkpoint=None)
-        return
     kept, best_loss = (progress["best_epoch"] if use_best else epoch), progress["best_loss"]
     meta = dict(config["meta"], phase=config["phase"], resdist={"num_groups": config["num_groups"], "hint_channels": hint})  # fmt: skip
     result = {
@@ -261,13 +255,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         "train_seconds": time.monotonic() - started, "sizes": {k: len(v) for k, v in data.items()},
         "trainable_params": sum(p.numel() for p in trainable),
     }  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        out = config.get("local_result_dir") or tmp  # local mode keeps no checkpoint copies
-        os.makedirs(out, exist_ok=True)
-        save_model_file(os.path.join(out, MODEL_FILE), model, meta, kept)
-        with open(os.path.join(out, RESULT_FILE), "w") as f:
-            json.dump(result, f)
-        seal_folder(out)  # checksums last: a resume trusts only a whole checkpoint
-        ray.train.report(
-            _final_metrics(result), checkpoint=ray.train.Checkpoint.from_directory(out)
-        )
+
+    def write_files(folder: str) -> None:  # the result last: a folder with it is finished
+        save_model_file(os.path.join(folder, MODEL_FILE), model, meta, kept)
+        write_atomic(os.path.join(folder, RESULT_FILE), lambda f: Path(f).write_text(json.dumps(result)))  # fmt: skip
+
+    local = config.get("local_result_dir")  # local mode keeps no checkpoints: the driver reads it
+    if local:
+        write_files(local)
+    # a finished run's checkpoint: the model and its result (a restart reports them again)
+    report_checkpoint(_final_metrics(result), dict, STATE_FILE, -1 if local else rank, write_files)

@@ -1,13 +1,9 @@
 """The GroupNorm ResNet of resolution-based distillation, timm models in its place, model files.
 
-DiPalma et al., Artificial Intelligence in Medicine 2021, Sec. 3.2, 3.5, 4.5. Teacher and student
-share one network (Sec. 3.3); its size is the authors' public code's (``RESOLUTION_KD.md``): one
-BasicBlock per stage, widths 32-256, GroupNorm with 32 groups (Sec. 3.5: single variable-size
-images, where BatchNorm cannot work), Kaiming-normal initialisation. ``forward`` returns the
-logits, as every timm model; ``forward_distill`` the hint for the pixel loss (the last feature
+DiPalma et al. 2021, Sec. 3.2-3.5; its size is the authors' public code's (``RESOLUTION_KD.md``).
+``forward`` returns the logits, as every timm model; ``forward_distill`` the hint (the last feature
 map, Eq. 3) and the logits (Eq. 2). Beyond the paper, any timm model can be the student
-(:class:`DistillationNet`: GroupNorms, and FitNets' 1x1 regressor to the teacher's channels).
-Trained networks are task-model files (:mod:`histokd.inference.model_file`).
+(:class:`DistillationNet`). Trained networks are task-model files (:mod:`histokd.inference.model_file`).
 """
 
 from __future__ import annotations
@@ -169,18 +165,15 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, config: Mapping[s
     config = {"task": "classification", "patch_size": config["input_size"], **config}
     config.setdefault("resdist", {"num_groups": 32, "hint_channels": None})
     config.setdefault("class_names", [f"class_{k}" for k in range(config["num_classes"])])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from histokd.resume import write_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": state, "best_epoch": int(best_epoch), "config": config}, tmp)
-    os.replace(tmp, path)
-    return path
+    payload = {"model": state, "best_epoch": int(best_epoch), "config": config}
+    return write_atomic(path, lambda f: torch.save(payload, f))
 
 
-def load_model_file(
-    path: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict]:
+def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:  # fmt: skip
     """The network of a model file (eval mode, on ``device``) and the file's config; a
     ``ModelFileError`` (a ``ValueError``) for a missing or unusable file."""
     from histokd.inference.model_file import build_model, describe_checkpoint, load_checkpoint

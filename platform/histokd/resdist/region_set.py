@@ -1,18 +1,11 @@
 """A dataset of tissue regions: the data table in, region images at every magnification out.
 
-The data table (CSV) has one row per slide or per region:
-
-* ``slide`` (required): slide file, absolute or relative to the table's folder;
-* ``split`` (required): ``train``, ``val``, ``test`` or ``aux`` (the unlabelled auxiliary set
-  of DiPalma Sec. 4.2, whose labels, if any, are ignored);
-* ``label``: class name, empty for unlabelled rows. A slide's label goes to every region found
-  on it (slide-level labels, Sec. 4.2, 4.4);
-* ``x``, ``y``, ``width``, ``height`` (optional, level-0 pixels): a given region (annotated
-  regions, Sec. 4.3); rows without one get the regions :func:`find_tissue_regions` finds;
-* ``base_magnification`` (optional): for slides that record no magnification.
-
-:func:`build_region_set` writes ``images/{mag}x/{region_id}.png`` at every magnification,
-``regions.csv`` and ``region_set.json``; a second call with the same inputs reuses them.
+The data table (CSV), one row per slide or region: ``slide`` (relative to the table's folder),
+``split`` (train, val, test, or aux: DiPalma Sec. 4.2's unlabelled set), ``label`` (empty:
+unlabelled; a slide's goes to all its regions, Sec. 4.4), optionally a level-0 box ``x, y,
+width, height`` (else :func:`find_tissue_regions` finds the regions) and ``base_magnification``.
+:func:`build_region_set` writes ``images/{mag}x/{region_id}.png``, ``regions.csv`` and
+``region_set.json``; a second call with the same inputs reuses them.
 """
 
 from __future__ import annotations
@@ -30,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from histokd.resdist.config import SPLITS
@@ -40,10 +34,11 @@ from histokd.resdist.regions import (
     magnification_tag,
     read_region_magnifications,
 )
+from histokd.resume import write_atomic
 from histokd.slides import SlideReader
 
 __all__ = ["RegionRecord", "RegionSet", "build_region_set", "check_region_set", "median_size",
-           "read_data_table", "write_csv"]  # fmt: skip
+           "read_data_table"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +53,6 @@ class RegionRecord(TissueRegion):
 
     split: str = "train"
     label: int = -1
-
-
-def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
-    """Rows of the same keys as a CSV file, written whole or not at all."""
-    path, fields = Path(path), list(rows[0]) if rows else []
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
 
 
 def median_size(records: Sequence[TissueRegion], magnification: float) -> tuple[int, int]:
@@ -128,16 +111,10 @@ class RegionSet:
         """Open a set written by :func:`build_region_set` (a FileNotFoundError where there is none)."""
         root = Path(root)
         meta = json.loads((root / _META_FILE).read_text())
-        parse = {
-            f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(RegionRecord)
-        }
+        parse = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in fields(RegionRecord)}  # fmt: skip
         with open(root / _TABLE_FILE, newline="") as f:
-            records = [
-                RegionRecord(**{k: parse[k](v) for k, v in row.items()})
-                for row in csv.DictReader(f)
-            ]
-        mags = tuple(float(m) for m in meta["magnifications"])
-        return cls(root, tuple(meta["class_names"]), mags, records)
+            records = [RegionRecord(**{k: parse[k](v) for k, v in row.items()}) for row in csv.DictReader(f)]  # fmt: skip
+        return cls(root, tuple(meta["class_names"]), tuple(map(float, meta["magnifications"])), records)  # fmt: skip
 
 
 def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[dict], tuple[str, ...]]:  # fmt: skip
@@ -241,7 +218,7 @@ def build_region_set(data: str | os.PathLike, out_dir: str | os.PathLike, magnif
     if len(set(ids)) != len(ids):
         raise ValueError(f"{data}: two slides share a file name stem; region ids must be unique")
     root.mkdir(parents=True, exist_ok=True)
-    write_csv(root / _TABLE_FILE, table)
+    write_atomic(root / _TABLE_FILE, lambda f: pd.DataFrame(table).to_csv(f, index=False))
     meta = {"fingerprint": fingerprint, "data": str(Path(data).resolve()), "class_names": list(names),
             "magnifications": list(mags), "finder": repr(finder), "num_regions": len(table)}  # fmt: skip
     meta_path.write_text(json.dumps(meta, indent=2))
@@ -251,17 +228,9 @@ def build_region_set(data: str | os.PathLike, out_dir: str | os.PathLike, magnif
 
 
 def check_region_set(region_set: RegionSet, max_bad_fraction: float, report_dir: str | os.PathLike) -> RegionSet:  # fmt: skip
-    """The set without the regions that have an unreadable image, checked on the driver before training.
-
-    A region is left out when any of its images (at every magnification of the set) cannot be
-    read; the rules are :mod:`histokd.image_check`'s: the files listed in
-    ``report_dir/bad_images.csv`` and counted on one line, and an error when more than
-    ``max_bad_fraction`` of the regions are bad, fewer than two classes have labelled regions,
-    or a split is left empty.
-
-    Raises:
-        ValueError: The set is unusable, naming it and why.
-    """
+    """The set without the regions that have an unreadable image at any magnification, by
+    :mod:`histokd.image_check`'s rules (``report_dir/bad_images.csv``; a ValueError when more than
+    ``max_bad_fraction`` are bad, fewer than two classes are labelled or a split is left empty)."""
     from collections import Counter
 
     from histokd.image_check import require_splits, require_two_classes, screen_samples

@@ -1,11 +1,8 @@
 """Tissue regions of a slide, and their images at several magnifications made from the original.
 
-DiPalma et al. 2021 work on whole tissue regions of variable size (Sec. 4.1): tissueloc (Chen
-and Yang 2019) finds bounding boxes around the tissue on a low-resolution view (Sec. 4.2, 4.4),
-and each magnification's image is Lanczos-downsampled *directly from the original scan* "to avoid
-any potential artifacts caused by a composition of downsamplings" (Sec. 4.1).
-:func:`find_tissue_regions` does tissueloc's steps with histokd's colour tissue mask (which also
-keeps pen marks out): mask, closing, hole filling, small-object removal, bounding boxes.
+DiPalma Sec. 4.1-4.4: tissueloc's bounding boxes on a low-resolution view (here with histokd's
+colour tissue mask: mask, closing, hole filling, small-object removal, boxes), each magnification
+Lanczos-downsampled *directly from the original scan* (no composition of downsamplings).
 """
 
 from __future__ import annotations
@@ -80,15 +77,8 @@ class TissueRegion:
 
 @dataclass(frozen=True)
 class RegionFinder:
-    """Settings of the tissue-region search (tissueloc's steps, in physical units).
-
-    Attributes:
-        thumbnail_magnification: Magnification of the view the mask is computed on.
-        min_area_um2: Smallest tissue area of a region (tissueloc: ``min_tissue_size``).
-        closing_um: Radius of the closing that joins nearby tissue bits into one region.
-        padding_um: Margin added around each box (clipped to the slide).
-        tissue_filter: Colour thresholds of the tissue mask (``histokd.tissue``).
-    """
+    """Settings of the tissue-region search in physical units: the mask's magnification, the
+    smallest tissue area, the radius of the closing joining nearby bits, each box's margin."""
 
     thumbnail_magnification: float = 1.25
     min_area_um2: float = 10_000.0

@@ -56,13 +56,13 @@ def tune_trial(params: dict[str, Any]) -> None:
 def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
     """Run (or resume) the grid; one row per trial, best first, also in ``search.csv`` (a
     RuntimeError where no trial finished)."""
+    import pandas as pd
     import ray
     from ray import tune
 
     from histokd.cli import save_config
     from histokd.cluster import init_ray
     from histokd.resdist.job import prepare_region_set
-    from histokd.resdist.region_set import write_csv
     from histokd.run import open_mlflow_run
 
     init_ray(config.ray_address)
@@ -101,7 +101,7 @@ def run_search(config: DistillSearchConfig) -> list[dict[str, Any]]:
         run.finish("FAILED")
         raise RuntimeError(f"no trial of the search {config.run_name} finished")
     rows.sort(key=lambda r: -r[config.score])
-    write_csv(work_dir / "search.csv", rows)
+    pd.DataFrame(rows).to_csv(work_dir / "search.csv", index=False, na_rep="nan")
     best = rows[0]
     run.log_params({f"best.{k}": best[k] for k in ("magnification", "temperature")})
     run.log_metrics({f"best_{config.score}": best[config.score], "trials_finished": len(rows)})
