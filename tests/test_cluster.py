@@ -121,7 +121,12 @@ def test_check_ray_address_forms(tmp_path, monkeypatch):
         check_ray_address(f"ray://127.0.0.1:{dead}")
     with pytest.raises(ValueError, match=r"^\$RAY_ADDRESS='headnode': not host:port; allowed: "):
         check_ray_address("headnode", name="$RAY_ADDRESS")
-    # auto: the cluster Ray recorded in its temporary folder, here a head that is gone
+    # auto: the cluster Ray recorded in its temporary folder, here a head that is gone. Ray's
+    # "auto" also joins any GCS process it finds running (this session's own Ray, in a full
+    # run), so that scan is made to find none: a machine with only the dead head's record.
+    import ray._private.services as services
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
     (tmp_path / "ray_current_cluster").write_text(f"127.0.0.1:{dead}\n")
     with pytest.raises(
         ValueError,

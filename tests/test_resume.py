@@ -168,6 +168,7 @@ def test_ctrl_c_ends_the_jobs_mlflow_runs_as_killed(tmp_path, capsys):
         raise AssertionError("the signal did not stop the job")
 
     argv = ["--run-name", "sig", "--storage-path", str(tmp_path / "runs")]
+    handler = signal.getsignal(signal.SIGTERM)  # Ray's own, where this session started Ray
     with pytest.raises(SystemExit) as stopped:
         run_job(RunConfig, run, argv)
     assert stopped.value.code == 130
@@ -180,4 +181,4 @@ def test_ctrl_c_ends_the_jobs_mlflow_runs_as_killed(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("stopped by SIGINT (Ctrl-C): MLflow run(s) ")
     assert err[0].endswith(f"ended as KILLED; the checkpoints in {config.run_dir} are kept: "
                            "rerun with the same --run-name to resume")  # fmt: skip
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is handler  # the handler is put back

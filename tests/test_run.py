@@ -116,12 +116,20 @@ def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_stops(tmp_pat
 
 
 def test_a_second_pretraining_run_of_the_same_name_stops_at_once_naming_the_first(
-    tmp_path, holder, capsys
+    tmp_path, holder, capsys, monkeypatch
 ):
     """The lock is taken before anything else (Ray, the log, the config file): the second run
-    writes nothing into the first's folder."""
+    writes nothing into the first's folder and never joins or starts Ray (``ray.init`` is made
+    to fail loudly: this session may already run a Ray of its own)."""
+    import ray
+
     from histokd.pretrain.config import PretrainConfig
     from histokd.pretrain.job import run_pretraining
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init called by a run that should have stopped at its lock")
+
+    monkeypatch.setattr(ray, "init", no_ray)
 
     storage = tmp_path / "runs"
     (tmp_path / "no_slides").mkdir()  # without the lock, the driver would fail here, not train
@@ -146,9 +154,6 @@ def test_a_second_pretraining_run_of_the_same_name_stops_at_once_naming_the_firs
     )
     assert f"PID {first.pid}" in lines[0]
     assert sorted(os.listdir(config.work_dir)) == before == [LOCK_FILE]  # no log, no config.yaml
-    import ray
-
-    assert not ray.is_initialized()
 
 
 def _load_job(name: str):

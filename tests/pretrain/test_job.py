@@ -116,37 +116,25 @@ def test_two_ddp_workers_share_each_epoch(ray_cluster, tiny_pretrain_config):
         assert (h["patches"] == count) == (h["patch_checksum"] == checksum)
 
 
-def test_resume_after_stop(ray_cluster, tiny_pretrain_config):
-    from histokd.pretrain.job import run_pretraining
-
-    first = run_pretraining(
-        tiny_pretrain_config(run_name="resumable", stop_after_epoch=1, teacher="deconvolution")
-    )
-    assert [h["epoch"] for h in first.history] == [1]
-    second = run_pretraining(tiny_pretrain_config(run_name="resumable", teacher="deconvolution"))
-    assert [h["epoch"] for h in second.history] == [1, 2, 3]
-    assert second.history[0] == first.history[0]  # epoch 1 was not redone
-    assert second.mlflow_run_id == first.mlflow_run_id
-    history = json.loads((Path(second.run_dir) / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-
-
-def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(
-    ray_cluster, tiny_pretrain_config
-):
-    """Issue 17: a cut-short latest checkpoint made the run impossible to resume."""
+def test_resume_after_stop_from_the_newest_whole_checkpoint(ray_cluster, tiny_pretrain_config):
+    """A stopped run resumes under its name, in its MLflow run; a cut-short latest checkpoint
+    (issue 17: it made the run impossible to resume) is set aside and the one before it used."""
     from histokd.pretrain.job import run_pretraining
     from histokd.resume import SET_ASIDE_NOTE
 
-    config = dict(run_name="cut", teacher="deconvolution", epochs=2)
-    first = run_pretraining(tiny_pretrain_config(**config))
+    config = dict(run_name="resumable", teacher="deconvolution")
+    first = run_pretraining(tiny_pretrain_config(stop_after_epoch=2, **config))
+    assert [h["epoch"] for h in first.history] == [1, 2]
     latest = Path(first.checkpoint_path)
     state = latest / "checkpoint.pt"
     state.write_bytes(state.read_bytes()[:2048])  # a copy cut short (disk full, a killed upload)
     second = run_pretraining(tiny_pretrain_config(**config))
-    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert [h["epoch"] for h in second.history] == [1, 2, 3]
     assert second.history[0] == first.history[0]  # resumed from epoch 1's checkpoint
     assert second.history[1]["seconds"] != first.history[1]["seconds"]  # epoch 2 ran again
+    assert second.mlflow_run_id == first.mlflow_run_id
+    history = json.loads((Path(second.run_dir) / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     bad = latest.with_name(latest.name + ".bad")
     assert (bad / "checkpoint.pt").stat().st_size == 2048  # set aside, kept to look at
     assert "checkpoint.pt fails its checksum" in (latest / SET_ASIDE_NOTE).read_text()
