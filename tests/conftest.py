@@ -138,5 +138,6 @@ def blocked_imports_env(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that run `ray stop` go last: it ends every Ray process, the session's too."""
+    """The test that starts a cluster with the ray CLI goes last: it ends the session's in-process Ray
+    (with `-n 2`, that of its own test process)."""
     items.sort(key=lambda item: item.get_closest_marker("ray_cli") is not None)

@@ -100,10 +100,10 @@ def test_readme_ray_job_submit_lines(tmp_path):
     assert _strip_comment(lines[-1]) == "ray stop"
     # Right after `ray start` on a busy machine the job agent may still be starting; Ray then
     # answers "No available agent to submit job, please try again later", as the README says,
-    # and the submit line is tried again as it stands.
+    # and the submit line is tried again as it stands (for up to 2 minutes on a loaded machine).
     i = next(i for i, line in enumerate(lines) if line.startswith("ray job submit"))
     retry = (
-        f"for attempt in 1 2 3 4; do out=$({lines[i]} 2>&1) && break; "
+        f"for attempt in $(seq 12); do out=$({lines[i]} 2>&1) && break; "
         'grep -q \'No available agent\' <<<"$out" || { echo "$out"; exit 1; }; sleep 10; done; '
         'echo "$out"'
     )
