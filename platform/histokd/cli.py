@@ -609,17 +609,17 @@ def _stop_on_signals(run: Callable[[C], Any], config: C) -> Any:
 def _exit_after_sigterm(code: int) -> None:
     """Leave with ``code`` after a SIGTERM once the run's lock and console are released.
 
-    Ray's C++ signal hooks saw the SIGTERM and abort (SIGABRT) the interpreter's normal exit of
-    a process that ran Ray Train, so the exit handlers (Ray's shutdown, the session folder's
-    removal) run here, and the process leaves without the interpreter's teardown.
+    Ray's C++ signal hooks saw the SIGTERM, and the interpreter's normal exit of a process that
+    ran Ray Train (``ray.shutdown`` among the exit handlers) can then abort (SIGABRT), while
+    stopping the local cluster first makes Ray's core worker end the process (exit 1) when its
+    raylet goes. So the process leaves at once: the processes of a local cluster it started die
+    with it (Ray starts them to share its fate); their session folder stays in /tmp/ray.
     """
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    import atexit
     import os
 
-    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
