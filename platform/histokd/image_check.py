@@ -24,6 +24,8 @@ from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from histokd.resume import write_atomic
+
 __all__ = [
     "BAD_IMAGES_FILE",
     "find_bad_images",
@@ -80,13 +82,14 @@ def write_bad_images(path: str | os.PathLike, bad: Mapping[str, str]) -> Path:
     """``path,reason`` rows as a CSV file (a header only when nothing is bad), written whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(bad.items())
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "reason"])
+            writer.writerows(bad.items())
+
+    return write_atomic(path, write)
 
 
 def screen_samples(

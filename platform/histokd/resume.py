@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "seal_folder",
     "set_aside",
     "write_atomic",
+    "write_text_atomic",
     "write_sidecar",
 ]
 
@@ -66,10 +68,11 @@ def inject_fault(config: dict[str, Any], epoch: int, rank: int, world: int, fold
 
 # -- whole files --------------------------------------------------------------------------------
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` writes the file under a temporary name; it is synced, then renamed to
-    ``path``, so a reader sees the old file or the whole new one, never a part."""
+    """``write(tmp)`` writes the file under a temporary name of its own (writers of one file in
+    several processes or threads never share one); it is synced, then renamed to ``path``, so a
+    reader sees the old file or the whole new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(str(tmp))
         with open(tmp, "rb") as f:
@@ -89,7 +92,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _write_text(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` of a text file."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
@@ -99,7 +104,7 @@ def _write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_sidecar(path: str | os.PathLike) -> Path:
     """Write ``<path>.sha256`` beside a finished file (after it, so it vouches for it)."""
-    return _write_text(f"{path}{SIDECAR_SUFFIX}", file_sha256(path) + "\n")
+    return write_text_atomic(f"{path}{SIDECAR_SUFFIX}", file_sha256(path) + "\n")
 
 
 def _check_sidecar(path: Path) -> None:
@@ -161,7 +166,7 @@ def seal_folder(folder: str | os.PathLike) -> Path:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != CHECKSUM_FILE
     }
-    return _write_text(
+    return write_text_atomic(
         folder / CHECKSUM_FILE, json.dumps({"algorithm": "sha256", "files": files}, indent=1)
     )
 

@@ -29,7 +29,13 @@ from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset, check_task_dataset, load_task_dataset
 from histokd.finetune.splits import Split, make_splits
-from histokd.resume import DamagedFile, check_folder, load_verified, write_atomic, write_sidecar
+from histokd.resume import (
+    DamagedFile,
+    check_folder,
+    load_verified,
+    write_sidecar,
+    write_text_atomic,
+)
 from histokd.run import check_storage_path, holds_run_lock, open_mlflow_run
 
 __all__ = ["FinetuneResult", "prepare_dataset", "run_finetune", "split_slots"]
@@ -344,7 +350,7 @@ def _fit_split(
     result["test_records"]["dataset_index"] = [
         int(split.test[i]) for i in result["test_records"]["index"]
     ]
-    write_atomic(result_path, lambda tmp: Path(tmp).write_text(json.dumps(result)))
+    write_text_atomic(result_path, json.dumps(result))
     write_sidecar(result_path)
     if child is not None:
         child.log_metrics(

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from histokd.inference.model_file import (
 from histokd.inference.outputs import damaged_output
 from histokd.inference.stream import BAD, EMPTY, TileStreamSettings, prediction_dataset
 from histokd.manifest import BAD_SLIDES_FILE, discover_slides, slide_id_for
+from histokd.resume import file_sha256, write_atomic, write_text_atomic
 from histokd.run import holds_run_lock
 
 __all__ = ["PredictError", "PredictResult", "resolve_model", "run_prediction"]
@@ -131,8 +131,6 @@ def resolve_model(config: PredictConfig) -> tuple[dict[str, Any], TaskModelInfo]
 
 def _fingerprint(info: TaskModelInfo, config: PredictConfig, overlap: float) -> str:
     """Identity of the outputs: the model file's bytes and every setting that changes them."""
-    from histokd.resume import file_sha256
-
     settings = {
         "model_sha256": file_sha256(info.path),
         "class_names": list(info.class_names), "magnification": info.magnification, "patch_size": info.patch_size,
@@ -151,33 +149,35 @@ def _clean_partials(slides_dir: Path) -> None:
 
 def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
     # the first four columns of histokd.manifest's bad_slides.csv; every slide here was skipped
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["slide_path", "stage", "reason", "status"])
-        for slide, (stage, reason) in sorted(bad.items()):
-            writer.writerow([slide, stage, reason, "skipped"])
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["slide_path", "stage", "reason", "status"])
+            for slide, (stage, reason) in sorted(bad.items()):
+                writer.writerow([slide, stage, reason, "skipped"])
+
+    write_atomic(path, write)
 
 
 def _write_summary_table(
     path: Path, summaries: list[dict[str, Any]], class_names: list[str]
 ) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            ["slide_id", "slide_path", "num_tiles", "num_unreadable_tiles"]
-            + [f"fraction_{n}" for n in class_names]
-            + [f"mean_prob_{n}" for n in class_names]
-        )
-        for s in summaries:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
             writer.writerow(
-                [s["slide_id"], s["slide_path"], s["num_tiles"], s["num_unreadable_tiles"]]
-                + [f"{s['class_fractions'][n]:.6f}" for n in class_names]
-                + [f"{s['mean_probabilities'][n]:.6f}" for n in class_names]
+                ["slide_id", "slide_path", "num_tiles", "num_unreadable_tiles"]
+                + [f"fraction_{n}" for n in class_names]
+                + [f"mean_prob_{n}" for n in class_names]
             )
-    os.replace(tmp, path)
+            for s in summaries:
+                writer.writerow(
+                    [s["slide_id"], s["slide_path"], s["num_tiles"], s["num_unreadable_tiles"]]
+                    + [f"{s['class_fractions'][n]:.6f}" for n in class_names]
+                    + [f"{s['mean_probabilities'][n]:.6f}" for n in class_names]
+                )
+
+    write_atomic(path, write)
 
 
 @holds_run_lock
@@ -333,19 +333,12 @@ def run_prediction(
         "num_bad": result.num_bad, "num_tiles": result.num_tiles, "seconds": round(seconds, 3),
         "tiles_per_second": round(result.tiles_per_second, 3), "max_slides_in_flight": max_in_flight,
     }  # fmt: skip
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(
-        json.dumps(
-            {
-                **counts,
-                "fingerprint": fingerprint,
-                "bad_slides": {p: list(v) for p, v in bad.items()},
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    os.replace(tmp, run_dir / RUN_FILE)
+    record = {
+        **counts,
+        "fingerprint": fingerprint,
+        "bad_slides": {p: list(v) for p, v in bad.items()},
+    }
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
     if run is not None:
         run.log_metrics({k: float(v) for k, v in counts.items() if math.isfinite(float(v))})
         for name in ("bad_slides", "run", "summary_table"):

@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histokd.resdist.model import create_resdist_model, load_model_file, save_model_file
-from histokd.resume import report_checkpoint, restore_checkpoint, write_atomic
+from histokd.resume import report_checkpoint, restore_checkpoint, write_text_atomic
 from histokd.run import all_reduce_sum
 from histokd.tracking import log_epoch_metrics, worker_mlflow_client
 
@@ -258,7 +257,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def write_files(folder: str) -> None:  # the result last: a folder with it is finished
         save_model_file(os.path.join(folder, MODEL_FILE), model, meta, kept)
-        write_atomic(os.path.join(folder, RESULT_FILE), lambda f: Path(f).write_text(json.dumps(result)))  # fmt: skip
+        write_text_atomic(os.path.join(folder, RESULT_FILE), json.dumps(result))
 
     local = config.get("local_result_dir")  # local mode keeps no checkpoints: the driver reads it
     if local:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histokd.resume import SIDECAR_SUFFIX, load_verified, write_sidecar
+from histokd.resume import SIDECAR_SUFFIX, load_verified, write_atomic, write_sidecar
 
 __all__ = ["CACHE_SCHEMA", "PseudoLabelCache", "patch_key", "teacher_fingerprint"]
 
@@ -88,8 +87,10 @@ def teacher_fingerprint(spec: str, teacher_kwargs: Mapping | None = None) -> str
 
 
 def _shard_keys(shard: Path) -> list[str]:
-    """The keys of a shard; the whole table is read, so a damaged shard fails here."""
-    return pq.read_table(shard).column("key").to_pylist()
+    """The keys of a shard. Its ``.sha256`` (checked before) vouches for the rest of it; a
+    shard without one is read whole, so a damaged one fails here."""
+    sealed = Path(f"{shard}{SIDECAR_SUFFIX}").is_file()
+    return pq.read_table(shard, columns=["key"] if sealed else None).column("key").to_pylist()
 
 
 class PseudoLabelCache:
@@ -149,14 +150,10 @@ class PseudoLabelCache:
         )
         name = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24]
         path = self.folder / f"shard-{name}.parquet"
-        tmp = self.folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         # a retried batch replaces its shard: the old checksum goes first, so no reader ever
         # pairs the new shard with it (without one, a reader loads the shard to check it)
         Path(f"{path}{SIDECAR_SUFFIX}").unlink(missing_ok=True)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         write_sidecar(path)
         return path
 
