@@ -137,6 +137,63 @@ def blocked_imports_env(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """Factory: an offline Hugging Face cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``) holding a
+    timm model's ImageNet checkpoint as the Hub lays it out (``models--timm--NAME.TAG``: blob,
+    ``refs/main``, ``snapshots/REV/model.safetensors`` and ``config.json`` linked to it), with
+    weights of ``timm.create_model(arch)`` under ``seed``, each float tensor shifted by a seeded
+    uniform draw; returns them and the snapshot file.
+
+    huggingface_hub reads both variables when it is imported, so its constants are set too:
+    this is the real Hub client and timm's real loader, pointed at the test's cache.
+    """
+    import hashlib
+    import json
+
+    import huggingface_hub.constants
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hf_hub_cache"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def make(arch: str = "resnet18", seed: int = 11, head: bool = True):
+        hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id  # timm/ARCH.TAG
+        torch.manual_seed(seed)
+        state = timm.create_model(arch, num_classes=1000 if head else 0).state_dict()
+        # every float tensor moved off its initialisation (norm weights are 1, biases 0), so that
+        # each one tells the checkpoint's weights from a fresh model's
+        state = {
+            k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in state.items()
+        }
+        repo = cache / f"models--{hub_id.replace('/', '--')}"
+        revision = hashlib.sha1(hub_id.encode()).hexdigest()
+        snapshot = repo / "snapshots" / revision
+        (repo / "blobs").mkdir(parents=True)
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        config = {"architecture": arch, "num_classes": 1000, "pretrained_cfg": {"tag": hub_id}}
+        for name, write in (
+            ("model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in state.items()}, str(p))),
+            ("config.json", lambda p: p.write_text(json.dumps(config))),
+        ):  # fmt: skip
+            staged = repo / "blobs" / "staged"
+            write(staged)
+            blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
+            staged.rename(blob)
+            (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        return state, snapshot / "model.safetensors"
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     """The test that starts a cluster with the ray CLI goes last: it ends the session's in-process Ray
     (with `-n 2`, that of its own test process)."""

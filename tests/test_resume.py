@@ -118,15 +118,16 @@ def test_a_reused_file_is_checked_and_a_damaged_one_set_aside(tmp_path, capsys):
 def test_a_damaged_cache_shard_is_set_aside_and_its_patches_labelled_again(tmp_path, capsys):
     import numpy as np
 
-    from histokd.teachers.cache import PseudoLabelCache
+    from histokd.teachers.cache import RecordCache
 
-    cache = PseudoLabelCache(tmp_path, "teacher-abc")
+    cache = RecordCache(tmp_path, "teacher-abc", 8)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
     labels = np.zeros((2, 8, 8), np.uint8)
     labels[0, :4] = 1
-    good = cache.write(["a", "b"], ["s", "s"], [0, 8], [0, 0], labels)
-    flipped = cache.write(["c"], ["s"], [16], [0], labels[:1])
-    truncated = cache.write(["d"], ["s"], [24], [0], labels[:1])
-    unsealed = cache.write(["e"], ["s"], [32], [0], labels[:1])
+    good = cache.write(["a", "b"], ["s", "s"], [0, 8], [0, 0], images, labels)
+    flipped = cache.write(["c"], ["s"], [16], [0], images[:1], labels[:1])
+    truncated = cache.write(["d"], ["s"], [24], [0], images[:1], labels[:1])
+    unsealed = cache.write(["e"], ["s"], [32], [0], images[:1], labels[:1])
     assert Path(f"{good}.sha256").read_text().strip() != ""
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -136,14 +137,14 @@ def test_a_damaged_cache_shard_is_set_aside_and_its_patches_labelled_again(tmp_p
     _truncate(unsealed)
     index = cache.index()
     assert sorted(index) == ["a", "b"]  # the damaged shards' patches go back to the teacher
-    assert PseudoLabelCache.read_labels(index["a"][0], [0, 1]).tolist() == labels.tolist()
+    assert RecordCache.read(index["a"][0], [0, 1])[1].tolist() == labels.tolist()
     assert cache.shards() == [good]
     for shard in (flipped, truncated, unsealed):
         assert Path(f"{shard}.bad").is_file() and not Path(f"{shard}.sha256").exists()
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and all("damaged pseudo-label cache shard" in x for x in lines)
+    assert len(lines) == 3 and all("damaged record cache shard" in x for x in lines)
     # labelled again, the patch's new shard is used
-    cache.write(["c"], ["s"], [16], [0], labels[:1])
+    cache.write(["c"], ["s"], [16], [0], images[:1], labels[:1])
     assert sorted(cache.index()) == ["a", "b", "c"]
 
 

@@ -94,12 +94,12 @@ def test_openslide_reports_size_levels_and_resolution(slides: list[DemoSlide]) -
 def test_slide_reader_reads_demo_slides_at_their_magnification(
     slides: list[DemoSlide], slide_40x: DemoSlide
 ) -> None:
-    # Through histokd's own reader, as every stage reads them: magnification from the
-    # objective power, and the right pyramid level for the usual targets.
+    # Through histokd's own reader, as every stage reads them: pixel size from the MPP (the
+    # objective power is only a fallback), and the right pyramid level for the usual targets.
     with SlideReader(slides[0].slide_path) as r:
         assert r.info.vendor == "aperio"
         assert r.info.dimensions == (1536, 1024)
-        assert (r.info.base_magnification, r.info.magnification_source) == (20.0, "objective-power")
+        assert (r.info.base_magnification, r.info.mpp_source) == (20.0, "openslide-mpp")
         assert r.info.mpp == pytest.approx(0.5)
         assert r.info.level_count == 3
         assert r.best_level(20) == 0 and r.best_level(5) == 1  # levels 1x, 4x, 16x down
@@ -107,7 +107,7 @@ def test_slide_reader_reads_demo_slides_at_their_magnification(
         assert r.thumbnail(1.25).shape == (64, 96, 3)
     with SlideReader(slide_40x.slide_path) as r:
         assert r.info.dimensions == (2048, 2048)
-        assert (r.info.base_magnification, r.info.magnification_source) == (40.0, "objective-power")
+        assert (r.info.base_magnification, r.info.mpp_source) == (40.0, "openslide-mpp")
         assert r.info.level_count == 4
         assert r.best_level(20) == 1 and r.best_level(5) == 3  # levels 1x, 2x, 4x, 8x down
 

@@ -1,16 +1,20 @@
 """The patch manifest: which tissue patches of which slides every later stage reads.
 
-RCKD Sec. 2.1.1 samples S_n tissue patches of 1024x1024 pixels at 20x from unlabeled slides.
+RCKD Sec. 2.1.1 samples S_n tissue patches of 1024x1024 pixels at 20x (0.5 um/px) from unlabeled
+slides. Patches are asked for in physical units (``mpp``; a magnification is its alias), so every
+patch covers the same tissue whatever the scanner; each row records its effective um/px.
 Building the list once, seeded, and writing it to Parquet means the teacher stream, every epoch
 and every rerun read exactly the same patches.
 
 Steps, each slide independently (Ray tasks):
 1. scan: a thumbnail tissue mask gives each grid cell a tissue fraction; cells under the
    threshold are skipped without reading them at full resolution;
-2. sample: the candidates of all slides in one seeded random order;
+2. sample: the candidates of all slides in one seeded random order, under a per-slide quota
+   (``sampling``: see :func:`slide_quotas`);
 3. verify: candidates are read, in that order, and kept if their mean intensity is in
-   [50, 245] (RCKD Sec. 2.1.1) until S_n are kept. The mean is read from the coarsest pyramid
-   level that still gives ``rule_size`` pixels a side: area averaging keeps the mean.
+   [50, 245] (RCKD Sec. 2.1.1) and their slide is under its quota, until S_n are kept. The
+   mean is read from the coarsest pyramid level that still gives ``rule_size`` pixels a side:
+   area averaging keeps the mean.
 
 A slide that cannot be used is skipped and listed with its reason in ``bad_slides.csv`` beside
 the manifest; only when every slide is bad does the build fail. A slide some of whose patches
@@ -40,7 +44,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histokd.slides import SlideError, SlideReader
+from histokd import object_store
+from histokd.slides import (
+    IMAGE_EXTENSIONS,
+    SlideError,
+    SlideReader,
+    resolve_assume_mpp,
+    resolve_target_mpp,
+)
 from histokd.tissue import TissueFilter, mean_intensity, tissue_fraction, tissue_mask
 
 __all__ = [
@@ -48,19 +59,24 @@ __all__ = [
     "ManifestError",
     "ManifestResult",
     "PatchReader",
+    "SAMPLING_RULES",
     "SLIDE_EXTENSIONS",
+    "balance_line",
     "build_manifest",
     "discover_slides",
     "grid_cells",
     "read_manifest",
     "scan_slide",
+    "slide_quotas",
 ]
 
 log = logging.getLogger(__name__)
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
+    *(ext for ext in IMAGE_EXTENSIONS if ext not in (".tif", ".tiff")),
 )  # fmt: skip
+SAMPLING_RULES = ("uniform", "capped", "proportional")
 
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "manifest.json"
@@ -74,13 +90,18 @@ MANIFEST_SCHEMA = pa.schema(
         ("slide_path", pa.string()),
         ("x", pa.int64()),  # level-0 left edge
         ("y", pa.int64()),  # level-0 top edge
-        ("extent", pa.int64()),  # level-0 pixels the patch covers (width = height)
+        ("extent", pa.int64()),  # level-0 width the patch covers (its height: extent_y)
         ("level", pa.int32()),  # pyramid level the reader reads from
-        ("magnification", pa.float32()),  # magnification of the patch
-        ("base_magnification", pa.float32()),  # of level 0, as the reader resolved it
-        ("patch_size", pa.int32()),  # pixels at `magnification`
+        ("magnification", pa.float32()),  # asked pixel size as a magnification: 10 / mpp asked
+        ("base_magnification", pa.float32()),  # of level 0: 10 / base_mpp_x
+        ("patch_size", pa.int32()),  # output pixels a side
         ("tissue_fraction", pa.float32()),  # measured at rule_size
         ("mean_intensity", pa.float32()),  # RCKD Sec. 2.1.1 rule input, at rule_size
+        ("extent_y", pa.int64()),  # level-0 height the patch covers (anisotropic pixels)
+        ("mpp", pa.float64()),  # effective um per patch pixel (mean of x and y)
+        ("base_mpp_x", pa.float64()),  # the slide's um per level-0 pixel along x
+        ("base_mpp_y", pa.float64()),
+        ("mpp_source", pa.string()),  # openslide-mpp | tiff-resolution | objective-power | user
     ]
 )
 
@@ -94,13 +115,13 @@ class ManifestConfig:
     """What patches to take from the slides.
 
     Attributes:
-        magnification: Magnification of the patches (RCKD Sec. 2.1.1: 20x).
-        patch_size: Patch width and height in pixels at ``magnification`` (RCKD: 1024).
+        magnification: The older way to give ``mpp``: ``10 / magnification`` (20x: 0.5).
+        patch_size: Patch width and height in pixels (RCKD: 1024); None: 1024, or
+            ``patch_size_um / mpp``.
         num_patches: S_n, patches sampled over all slides; None takes every tissue patch.
             RCKD Sec. 2.1.1 uses 400,000; the demo default is small.
         seed: Seed of the sampling order.
-        base_magnification: Level-0 magnification for slides that record neither objective
-            power nor MPP. Slides that record one ignore it.
+        base_magnification: The older way to give ``assume_mpp``: ``10 / base_magnification``.
         thumbnail_pixels_per_patch: Thumbnail resolution of the tissue mask, in thumbnail
             pixels along a patch side.
         rule_size: Side in pixels at which each candidate is read for the mean-intensity rule
@@ -109,31 +130,49 @@ class ManifestConfig:
             about one grey level, measured in the tests) at a fraction of the decoding cost.
             None reads every candidate at full resolution.
         tissue: Thresholds of the tissue mask and the mean-intensity rule.
+        mpp: Pixel size of the patches in um/px; None: ``magnification``'s, else 0.5 (RCKD
+            Sec. 2.1.1: 20x). After construction ``mpp`` and ``magnification`` are both set.
+        assume_mpp: um per level-0 pixel of slides that record no MPP, TIFF resolution or
+            objective power; slides that record one ignore it. Without it they are bad slides.
+        patch_size_um: Patch side in um (1024 px at 0.5 um/px is 512 um); sets ``patch_size``.
+        sampling: The rule of :func:`slide_quotas`: ``uniform``, ``capped`` or
+            ``proportional``; None: ``capped`` when ``max_patches_per_slide`` is set, else
+            ``uniform``.
+        max_patches_per_slide: The cap of ``capped`` and ``proportional``.
     """
 
-    magnification: float = 20.0  # RCKD Sec. 2.1.1
-    patch_size: int = 1024  # RCKD Sec. 2.1.1
+    magnification: float | None = None
+    patch_size: int | None = None
     num_patches: int | None = None
     seed: int = 0
     base_magnification: float | None = None
     thumbnail_pixels_per_patch: int = 16
     rule_size: int | None = 128
     tissue: TissueFilter = field(default_factory=TissueFilter)
+    mpp: float | None = None  # RCKD Sec. 2.1.1: 20x, 0.5 um/px
+    assume_mpp: float | None = None
+    patch_size_um: float | None = None
+    sampling: str | None = None
+    max_patches_per_slide: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.patch_size, int) and self.patch_size > 0):
-            raise ValueError(f"patch_size={self.patch_size!r}: must be a positive integer")
-        if not self.magnification > 0:
-            raise ValueError(f"magnification={self.magnification!r}: must be positive (e.g. 20)")
+        mpp = resolve_target_mpp(self.mpp, self.magnification)
+        object.__setattr__(self, "mpp", mpp)
+        object.__setattr__(self, "magnification", 10.0 / mpp)
+        object.__setattr__(
+            self, "assume_mpp", resolve_assume_mpp(self.assume_mpp, self.base_magnification)
+        )
+        object.__setattr__(
+            self, "patch_size", patch_size_px(self.patch_size, self.patch_size_um, mpp)
+        )
+        object.__setattr__(
+            self, "sampling", resolve_sampling(self.sampling, self.max_patches_per_slide)
+        )
         if self.num_patches is not None and not (
             isinstance(self.num_patches, int) and self.num_patches > 0
         ):
             raise ValueError(
                 f"num_patches={self.num_patches!r}: must be a positive integer or None (all)"
-            )
-        if self.base_magnification is not None and not self.base_magnification > 0:
-            raise ValueError(
-                f"base_magnification={self.base_magnification!r}: must be positive or None"
             )
         if not self.thumbnail_pixels_per_patch >= 1:
             raise ValueError(
@@ -149,6 +188,55 @@ class ManifestConfig:
             object.__setattr__(self, "tissue", TissueFilter(**self.tissue))
 
 
+def resolve_sampling(sampling: str | None, max_patches_per_slide: int | None) -> str:
+    """The sampling rule (:func:`slide_quotas`); None: ``capped`` when a cap is set, else
+    ``uniform``.
+
+    Raises:
+        ValueError: An unknown rule, a cap that is not a positive integer, ``capped`` without
+            a cap, or ``uniform`` with one.
+    """
+    cap = max_patches_per_slide
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"max_patches_per_slide={cap!r}: must be a positive integer or None")
+    if sampling is None:
+        return "uniform" if cap is None else "capped"
+    if sampling not in SAMPLING_RULES:
+        raise ValueError(f"sampling={sampling!r}: allowed: {', '.join(SAMPLING_RULES)}")
+    if sampling == "capped" and cap is None:
+        raise ValueError("sampling='capped' needs max_patches_per_slide (e.g. 1000)")
+    if sampling == "uniform" and cap is not None:
+        raise ValueError(
+            f"max_patches_per_slide={cap}: not used by sampling='uniform'; use capped or proportional"
+        )
+    return sampling
+
+
+def patch_size_px(patch_size: int | None, patch_size_um: float | None, mpp: float) -> int:
+    """Patch side in pixels from pixels or um (RCKD Sec. 2.1.1: 1024 px, 512 um at 0.5 um/px).
+
+    Raises:
+        ValueError: Not positive, under 1 px, or both given and disagreeing.
+    """
+    if patch_size is not None and not (
+        isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size > 0
+    ):
+        raise ValueError(f"patch_size={patch_size!r}: must be a positive integer")
+    if patch_size_um is None:
+        return 1024 if patch_size is None else patch_size  # RCKD Sec. 2.1.1
+    if isinstance(patch_size_um, bool) or not patch_size_um > 0:
+        raise ValueError(f"patch_size_um={patch_size_um!r}: must be positive (e.g. 512)")
+    pixels = round(patch_size_um / mpp)
+    if pixels < 1:
+        raise ValueError(f"patch_size_um={patch_size_um!r}: under one pixel at {mpp:g} um/px")
+    if patch_size is not None and patch_size != pixels:
+        raise ValueError(
+            f"patch_size={patch_size} and patch_size_um={patch_size_um!r} disagree: "
+            f"{patch_size_um:g} um at {mpp:g} um/px is {pixels} px; give one of them"
+        )
+    return pixels
+
+
 @dataclass
 class SlideScan:
     """Candidate patches of one slide, from its thumbnail tissue mask."""
@@ -162,6 +250,12 @@ class SlideScan:
     xs: np.ndarray
     ys: np.ndarray
     thumbnail_tissue_fraction: np.ndarray
+    extent_y: int = 0
+    mpp: float = 0.0  # effective um per patch pixel
+    base_mpp_x: float = 0.0
+    base_mpp_y: float = 0.0
+    mpp_source: str = ""
+    tissue_area_mm2: float = 0.0  # thumbnail tissue fraction x area, over all grid cells
 
 
 @dataclass
@@ -205,7 +299,7 @@ BAD_SLIDES_COLUMNS = (
 
 def slide_id_for(path: str) -> str:
     """A short stable id: the file stem plus a hash of the absolute path (stems repeat)."""
-    path = os.path.abspath(path)
+    path = path if object_store.is_object_url(path) else os.path.abspath(path)
     digest = hashlib.sha1(path.encode()).hexdigest()[:8]
     return f"{Path(path).stem}-{digest}"
 
@@ -216,24 +310,52 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     A ``.txt`` input lists one slide path per line. Order is sorted and duplicates dropped,
     so the same inputs always give the same list. In folders, the ground-truth masks that
     demo slides keep beside them (``<stem>.nuclei.tif``, ``<stem>.regions.tif`` next to
-    ``<stem>.json``) are not slides and are left out.
+    ``<stem>.json``) are not slides and are left out. Plain PNG and JPEG images are slides
+    too (as one-level images), except inside another job's dataset: below a folder that holds
+    one of :data:`_DATASET_MARKERS` (the demo tasks, fine-tuning and region-set folders).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     found: set[str] = set()
     for item in inputs:
+        if object_store.is_object_url(item):  # a prefix lists like a folder
+            found.update(object_store.list_slides(item, SLIDE_EXTENSIONS))
+            continue
         path = Path(item)
         if path.is_dir():
             for ext in SLIDE_EXTENSIONS:
                 found.update(
-                    os.path.abspath(p) for p in path.rglob(f"*{ext}") if not _is_demo_truth(p)
+                    os.path.abspath(p)
+                    for p in path.rglob(f"*{ext}")
+                    if not _is_demo_truth(p) and not _in_dataset(p, path)
                 )
         elif path.suffix == ".txt" and path.is_file():
             lines = [ln.strip() for ln in path.read_text().splitlines()]
-            found.update(os.path.abspath(ln) for ln in lines if ln and not ln.startswith("#"))
+            found.update(
+                ln if object_store.is_object_url(ln) else os.path.abspath(ln)
+                for ln in lines
+                if ln and not ln.startswith("#")
+            )
         else:
             found.add(os.path.abspath(path))  # missing files are reported per slide later
     return sorted(found)
+
+
+# Files that mark a folder as a dataset of image patches, not slides: the demo tasks'
+# tasks.json, a fine-tuning dataset's dataset.json and classes.txt, a region set's regions.csv.
+_DATASET_MARKERS = ("tasks.json", "dataset.json", "classes.txt", "regions.csv")
+
+
+def _in_dataset(path: Path, root: Path) -> bool:
+    """A plain image below a dataset folder (up to the searched ``root``), not a slide."""
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        return False
+    for folder in path.parents:
+        if any((folder / marker).is_file() for marker in _DATASET_MARKERS):
+            return True
+        if folder == root:
+            return False
+    return False
 
 
 def _is_demo_truth(path: Path) -> bool:
@@ -244,10 +366,14 @@ def _is_demo_truth(path: Path) -> bool:
     return False
 
 
-def grid_cells(width: int, height: int, extent: int) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 top-left corners of the non-overlapping full patches of a slide."""
-    cols, rows = width // extent, height // extent
-    ys, xs = np.meshgrid(np.arange(rows) * extent, np.arange(cols) * extent, indexing="ij")
+def grid_cells(
+    width: int, height: int, extent: int, extent_y: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 top-left corners of the non-overlapping full patches of a slide (cells of
+    ``extent`` x ``extent_y`` level-0 px; square unless the pixels are anisotropic)."""
+    extent_y = extent if extent_y is None else extent_y
+    cols, rows = width // extent, height // extent_y
+    ys, xs = np.meshgrid(np.arange(rows) * extent_y, np.arange(cols) * extent, indexing="ij")
     return xs.ravel().astype(np.int64), ys.ravel().astype(np.int64)
 
 
@@ -255,31 +381,33 @@ def scan_slide(path: str, config: ManifestConfig) -> SlideScan:
     """Tissue candidates of one slide from a thumbnail.
 
     Raises:
-        SlideError: The slide cannot be opened or read, the magnification is above the scan's,
-            the patch is larger than the slide, or no grid cell has enough tissue.
+        SlideError: The slide cannot be opened or read, its pixel size is unknown, the target
+            is finer than the scan's, the patch is larger than the slide, or no grid cell has
+            enough tissue.
     """
-    with SlideReader(path, config.base_magnification) as reader:
-        downsample = reader.downsample_for(config.magnification)
-        extent = round(config.patch_size * downsample)
-        width, height = reader.info.dimensions
-        if extent > width or extent > height:
+    with SlideReader(path, assume_mpp=config.assume_mpp) as reader:
+        info = reader.info
+        where = reader.footprint(config.patch_size, mpp=config.mpp)
+        extent, extent_y = where.extent
+        width, height = info.dimensions
+        if extent > width or extent_y > height:
             raise SlideError(
                 path,
-                f"patch of {config.patch_size} px at {config.magnification:g}x covers {extent} "
-                f"level-0 px, larger than the slide ({width}x{height} px at "
-                f"{reader.info.base_magnification:g}x); allowed: a patch that fits",
+                f"patch of {config.patch_size} px at {config.mpp:g} um/px ({config.magnification:.3g}x) "
+                f"covers {extent}x{extent_y} level-0 px, larger than the slide ({width}x{height} px "
+                f"at {info.mpp_x:g} um/px); allowed: a patch that fits",
             )
-        xs, ys = grid_cells(width, height, extent)
-        # Thumbnail at the magnification where one patch spans `thumbnail_pixels_per_patch`
-        # pixels, never above the scan's.
-        thumb_mag = min(
-            reader.info.base_magnification,
-            config.magnification * config.thumbnail_pixels_per_patch / config.patch_size,
+        xs, ys = grid_cells(width, height, extent, extent_y)
+        # Thumbnail at the pixel size where one patch spans `thumbnail_pixels_per_patch`
+        # pixels, never finer than the scan's.
+        thumb_mpp = max(
+            min(info.mpp_x, info.mpp_y),
+            config.mpp * config.patch_size / config.thumbnail_pixels_per_patch,
         )
-        thumb = reader.thumbnail(thumb_mag)
+        thumb = reader.thumbnail(mpp=thumb_mpp)
         mask = tissue_mask(thumb, config.tissue).astype(np.float64)
-        scale = thumb.shape[1] / width  # thumbnail px per level-0 px
-        fractions = _block_means(mask, xs, ys, extent, scale)
+        scale = (thumb.shape[1] / width, thumb.shape[0] / height)  # thumbnail px per level-0 px
+        fractions = _block_means(mask, xs, ys, (extent, extent_y), scale)
         keep = fractions >= config.tissue.min_tissue_fraction
         if not keep.any():
             raise SlideError(
@@ -287,29 +415,41 @@ def scan_slide(path: str, config: ManifestConfig) -> SlideScan:
                 f"no tissue: none of {len(xs)} grid cells has a tissue fraction of at least "
                 f"{config.tissue.min_tissue_fraction:g} on the thumbnail",
             )
+        cell_mm2 = extent * info.mpp_x * extent_y * info.mpp_y * 1e-6
         return SlideScan(
             path=reader.path,
             slide_id=slide_id_for(reader.path),
-            base_magnification=reader.info.base_magnification,
-            level=reader.best_level(config.magnification),
+            base_magnification=info.base_magnification,
+            level=where.level,
             extent=extent,
             grid_cells=len(xs),
             xs=xs[keep],
             ys=ys[keep],
             thumbnail_tissue_fraction=fractions[keep].astype(np.float32),
+            extent_y=extent_y,
+            mpp=float(np.mean(where.mpp)),
+            base_mpp_x=info.mpp_x,
+            base_mpp_y=info.mpp_y,
+            mpp_source=info.mpp_source,
+            tissue_area_mm2=float(fractions.sum() * cell_mm2),
         )
 
 
 def _block_means(
-    mask: np.ndarray, xs: np.ndarray, ys: np.ndarray, extent: int, scale: float
+    mask: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    extent: tuple[int, int],
+    scale: tuple[float, float],
 ) -> np.ndarray:
     """Mean of ``mask`` over each cell's footprint on the thumbnail, by an integral image."""
     integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     h, w = mask.shape
-    x0 = np.clip(np.floor(xs * scale).astype(int), 0, w - 1)
-    y0 = np.clip(np.floor(ys * scale).astype(int), 0, h - 1)
-    x1 = np.clip(np.ceil((xs + extent) * scale).astype(int), x0 + 1, w)
-    y1 = np.clip(np.ceil((ys + extent) * scale).astype(int), y0 + 1, h)
+    (ex, ey), (sx, sy) = extent, scale
+    x0 = np.clip(np.floor(xs * sx).astype(int), 0, w - 1)
+    y0 = np.clip(np.floor(ys * sy).astype(int), 0, h - 1)
+    x1 = np.clip(np.ceil((xs + ex) * sx).astype(int), x0 + 1, w)
+    y1 = np.clip(np.ceil((ys + ey) * sy).astype(int), y0 + 1, h)
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return total / ((x1 - x0) * (y1 - y0))
 
@@ -329,7 +469,7 @@ def verify_patches(
     readable = np.zeros(n, bool)
     errors: list[str] = []
     try:
-        reader = SlideReader(path, config.base_magnification)
+        reader = SlideReader(path, assume_mpp=config.assume_mpp)
     except SlideError as exc:
         return {
             "mean_intensity": means,
@@ -340,11 +480,11 @@ def verify_patches(
     size = (
         config.patch_size if config.rule_size is None else min(config.rule_size, config.patch_size)
     )
-    magnification = config.magnification * size / config.patch_size  # same level-0 extent
+    mpp = config.mpp * config.patch_size / size  # same level-0 extent
     with reader:
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             try:
-                patch = reader.read_region(int(x), int(y), size, magnification)
+                patch = reader.read_region(int(x), int(y), size, mpp=mpp)
             except SlideError as exc:
                 errors.append(str(exc))
                 continue
@@ -367,13 +507,18 @@ def _scan_or_error(path: str, config: ManifestConfig) -> SlideScan | str:
 
 
 def _fingerprint(slides: Sequence[str], config: ManifestConfig) -> str:
-    """Identity of a build: settings and each slide's path, size and mtime."""
+    """Identity of a build: settings and each slide's path, size and mtime (a URL's: size and
+    ETag or generation, from its listing)."""
     stats = []
     for p in slides:
         try:
+            if object_store.is_object_url(p):
+                info = object_store.stat(p)
+                stats.append((p, info.size, info.version))
+                continue
             st = os.stat(p)
             stats.append((p, st.st_size, int(st.st_mtime)))
-        except OSError:
+        except (OSError, object_store.ObjectStoreError):
             stats.append((p, -1, -1))
     blob = json.dumps({"config": asdict(config), "slides": stats}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -480,7 +625,7 @@ def build_manifest(
         else:
             good.append(scan)
 
-    # One seeded order over all candidates of all slides.
+    # One seeded order over all candidates of all slides, each slide under its quota.
     owner = (
         np.concatenate([np.full(len(s.xs), i) for i, s in enumerate(good)])
         if good
@@ -489,48 +634,58 @@ def build_manifest(
     local = np.concatenate([np.arange(len(s.xs)) for s in good]) if good else np.zeros(0, int)
     order = np.random.default_rng(config.seed).permutation(len(owner))
     target = len(order) if config.num_patches is None else config.num_patches
+    quota = slide_quotas(
+        np.array([len(s.xs) for s in good], np.int64),
+        np.array([s.tissue_area_mm2 for s in good], np.float64),
+        target, config.sampling, config.max_patches_per_slide,
+    )  # fmt: skip
 
-    kept: list[tuple[int, int, float, float]] = []  # (order position, candidate, mean, fraction)
+    slide_at = owner[order]  # slide of each order position
+    verified = np.zeros(len(order), bool)
+    passed = np.zeros(len(order), bool)
+    means = np.zeros(len(order), np.float32)
+    fractions = np.zeros(len(order), np.float32)
     read_errors: dict[int, list[str]] = {}
     attempts: dict[int, int] = {}
-    position = 0
-    while position < len(order) and len(kept) < target:
-        # Oversample a little: some candidates fail the mean rule.
-        want = target - len(kept)
-        take = order[position : position + max(want + want // 4 + 1, 1)]
-        batch_positions = np.arange(position, position + len(take))
-        position += len(take)
+    while True:
+        selected = _first_per_slide(np.flatnonzero(passed), slide_at, quota)
+        passing = np.bincount(slide_at[passed], minlength=len(good))
+        # Each slide is verified in its own order: once it has its quota, the rest is moot.
+        pending = ~verified & (passing < quota)[slide_at]
+        frontier = int(np.argmax(pending)) if pending.any() else len(order)
+        settled = int(np.count_nonzero(selected < frontier))
+        if frontier == len(order) or settled >= target:
+            break
+        # Oversample a little (some candidates fail the mean rule), overall and per slide.
+        want = target - settled
+        need = quota - passing
+        pick = pending & (_rank_within(slide_at, pending) < (need + need // 4 + 1)[slide_at])
+        take = np.flatnonzero(pick)[: want + want // 4 + 1]
+        verified[take] = True
         jobs, index = [], []
-        for slide in np.unique(owner[take]):
-            sel = owner[take] == slide
-            cand = take[sel]
-            for start in range(0, len(cand), verify_chunk):
-                chunk = cand[start : start + verify_chunk]
-                scan = good[slide]
-                jobs.append((scan.path, scan.xs[local[chunk]], scan.ys[local[chunk]], config))
-                index.append((slide, chunk, batch_positions[sel][start : start + verify_chunk]))
+        for slide in np.unique(slide_at[take]):
+            positions = take[slide_at[take] == slide]
+            for start in range(0, len(positions), verify_chunk):
+                chunk = positions[start : start + verify_chunk]
+                scan, cand = good[slide], local[order[chunk]]
+                jobs.append((scan.path, scan.xs[cand], scan.ys[cand], config))
+                index.append((slide, chunk))
         results = executor.map(verify_patches, jobs, "verify patches")
-        for (slide, chunk, positions), res in zip(index, results, strict=True):
+        rule = config.tissue
+        for (slide, chunk), res in zip(index, results, strict=True):
             attempts[slide] = attempts.get(slide, 0) + len(chunk)
             if res["errors"]:
                 read_errors.setdefault(slide, []).extend(res["errors"])
-            rule = config.tissue
-            ok = (
+            passed[chunk] = (
                 res["readable"]
                 & (res["mean_intensity"] >= rule.min_mean_intensity)
                 & (res["mean_intensity"] <= rule.max_mean_intensity)
             )
-            for j in np.flatnonzero(ok):
-                kept.append(
-                    (
-                        int(positions[j]),
-                        int(chunk[j]),
-                        float(res["mean_intensity"][j]),
-                        float(res["tissue_fraction"][j]),
-                    )
-                )
-        kept.sort()
-        kept = kept[:target]
+            means[chunk], fractions[chunk] = res["mean_intensity"], res["tissue_fraction"]
+    kept = [
+        (int(pos), int(order[pos]), float(means[pos]), float(fractions[pos]))
+        for pos in selected[:target]
+    ]  # (order position, candidate, mean, fraction)
 
     for slide, errors in read_errors.items():
         path = good[slide].path
@@ -575,9 +730,18 @@ def build_manifest(
                 "patch_size": config.patch_size,
                 "tissue_fraction": frac,
                 "mean_intensity": mean,
+                "extent_y": scan.extent_y,
+                "mpp": scan.mpp,
+                "base_mpp_x": scan.base_mpp_x,
+                "base_mpp_y": scan.base_mpp_y,
+                "mpp_source": scan.mpp_source,
             }
         )
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    per_slide: dict[str, int] = {}
+    for row in rows:
+        per_slide[row["slide_path"]] = per_slide.get(row["slide_path"], 0) + 1
+    sources = [scan.mpp_source for scan in good]
     summary = {
         "fingerprint": fingerprint,
         "config": asdict(config),
@@ -590,6 +754,11 @@ def build_manifest(
         "num_candidates": int(len(order)),
         "num_verified": int(sum(attempts.values())),
         "num_unreadable_patches": int(sum(len(e) for e in read_errors.values())),
+        "num_slides_mpp_from_objective": sources.count("objective-power"),
+        "num_slides_mpp_assumed": sources.count("user"),
+        "sampling": config.sampling,
+        "max_patches_per_slide": config.max_patches_per_slide,
+        "patches_per_slide": dict(sorted(per_slide.items())),
         "seconds": round(time.monotonic() - started, 2),
     }
     # a reader never sees half a manifest; the summary, which marks it finished, goes last
@@ -609,6 +778,103 @@ def build_manifest(
     return ManifestResult(
         manifest_path, bad_path, len(rows), len(paths), len(bad), False, summary, len(partial)
     )
+
+
+def slide_quotas(
+    candidates: np.ndarray,
+    tissue_area: np.ndarray,
+    target: int,
+    sampling: str,
+    max_per_slide: int | None = None,
+) -> np.ndarray:
+    """The most patches each slide may give, by the sampling rule.
+
+    The rules (all walk one seeded order over every candidate of every slide and keep a
+    candidate that passes the mean rule while its slide is under its quota, until ``target``):
+
+    - ``uniform``: no quota beyond the slide's candidates. Big slides give most patches.
+    - ``capped``: at most ``max_per_slide`` per slide.
+    - ``proportional``: ``target`` shared in proportion to each slide's tissue area, each
+      share at most ``max_per_slide`` (if set) and the slide's candidates; what a slide cannot
+      take goes to the others, again by area. Shares are rounded down and the last few
+      patches go to the largest remainders.
+
+    A slide whose candidates fail the mean rule more often than the others may end under its
+    quota; the shortfall is not moved to other slides (the manifest then has fewer patches).
+
+    Args:
+        candidates: Tissue candidates of each slide.
+        tissue_area: Tissue area of each slide (any unit).
+        target: Patches wanted over all slides.
+        sampling: ``uniform``, ``capped`` or ``proportional``.
+        max_per_slide: The cap.
+    """
+    limit = candidates.astype(np.int64)
+    if sampling != "uniform" and max_per_slide is not None:
+        limit = np.minimum(limit, max_per_slide)
+    if sampling != "proportional":
+        return limit
+    quota = np.zeros_like(limit)
+    remaining = int(min(target, limit.sum()))
+    while remaining > 0:
+        room = limit - quota
+        weights = np.where(room > 0, np.maximum(tissue_area, 0.0), 0.0)
+        if weights.sum() <= 0:
+            weights = (room > 0).astype(np.float64)
+        ideal = remaining * weights / weights.sum()
+        base = np.floor(ideal).astype(np.int64)
+        if (base > room).any():  # these slides fill up; the rest is shared again
+            add = np.minimum(base, room)
+            quota += add
+            remaining -= int(add.sum())
+            continue
+        quota += base
+        remaining -= int(base.sum())
+        remainder = np.where(room > base, ideal - base, -1.0)
+        top = np.argsort(-remainder, kind="stable")[:remaining]
+        top = top[remainder[top] >= 0]
+        quota[top] += 1
+        remaining -= len(top)
+    return quota
+
+
+def _rank_within(groups: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """For each masked position, how many masked positions before it share its group."""
+    rank = np.zeros(len(groups), np.int64)
+    idx = np.flatnonzero(mask)
+    by_group = idx[np.argsort(groups[idx], kind="stable")]
+    g = groups[by_group]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, int)
+    first = np.repeat(starts, np.diff(np.r_[starts, len(g)]))
+    rank[by_group] = np.arange(len(g)) - first
+    return rank
+
+
+def _first_per_slide(positions: np.ndarray, slide_at: np.ndarray, quota: np.ndarray) -> np.ndarray:
+    """Of sorted order ``positions``, those among the first ``quota`` of their slide."""
+    mask = np.zeros(len(slide_at), bool)
+    mask[positions] = True
+    rank = _rank_within(slide_at, mask)
+    return positions[rank[positions] < quota[slide_at[positions]]]
+
+
+def balance_line(patches_per_slide: dict[str, int]) -> tuple[str, bool]:
+    """One line on how the patches spread over slides, and whether one slide of several gives
+    over half.
+
+    Args:
+        patches_per_slide: The manifest summary's ``patches_per_slide``.
+    """
+    if not patches_per_slide:
+        return "patches per slide: none", False
+    counts = np.array(list(patches_per_slide.values()))
+    top_path = max(patches_per_slide, key=patches_per_slide.get)
+    share = counts.max() / counts.sum()
+    line = (
+        f"patches per slide: min {counts.min()}, median {np.median(counts):g}, max {counts.max()} "
+        f"over {len(counts)} slides; the top slide ({Path(top_path).name}) gives {share:.0%}"
+    )
+    return line, bool(share > 0.5 and len(counts) > 1)
 
 
 def _write_atomically(writes: list[tuple[Path, Callable[[Path], object]]]) -> None:

@@ -80,3 +80,40 @@ def test_job_flag_errors_name_the_field(tmp_path, capsys):
         exit_info.value.code == 2
         and "--scheduler: invalid choice: 'pbt'" in capsys.readouterr().err
     )
+
+
+def test_augmentation_and_stain_flags(tmp_path):
+    from histokd.cli import parse_config
+    from histokd.finetune.config import AUGMENT_DEFAULT
+
+    c = FinetuneConfig(storage_path=str(tmp_path))
+    assert c.augment == list(AUGMENT_DEFAULT) and "hed" in c.augment  # today's, plus HED jitter
+    assert (c.augment_device, c.hed_sigma, c.stain_norm, c.stain_reference) == (
+        "auto",
+        0.05,
+        "none",
+        None,
+    )
+    assert FinetuneConfig(storage_path=str(tmp_path), augment=False).augment == []  # the old switch
+    tile = REPO.parent / "shared" / "testdata" / "tiles" / "high-nuclei-score-level0.png"
+    c = parse_config(FinetuneConfig, ["--storage-path", str(tmp_path), "--augment", "flip", "hed",
+                                      "--hed-sigma", "0.1", "--augment-device", "device",
+                                      "--stain-norm", "macenko", "--stain-reference", str(tile)])  # fmt: skip
+    assert (c.augment, c.hed_sigma, c.augment_device) == (["flip", "hed"], 0.1, "device")
+    assert (c.stain_norm, c.stain_reference) == ("macenko", str(tile))
+    assert (
+        parse_config(FinetuneConfig, ["--storage-path", str(tmp_path), "--augment", "none"]).augment
+        == []
+    )
+    bad = [
+        ({"augment": ["flip", "blur"]}, r"augment=\['flip', 'blur'\]: unknown augmentation 'blur'; allowed: flip"),
+        ({"hed_sigma": 1.5}, r"hed_sigma=1.5: must be >= 0 and < 1"),
+        ({"hue_jitter": 0.6}, r"hue_jitter=0.6: must be >= 0 and <= 0.5"),
+        ({"augment_device": "gpu"}, r"augment_device='gpu': allowed: auto, cpu, device"),
+        ({"stain_norm": "reinhard"}, r"stain_norm='reinhard': allowed: none, macenko"),
+        ({"stain_reference": str(tile)}, r"stain_reference=.* is for stain_norm='macenko', not 'none'"),
+        ({"stain_norm": "macenko", "stain_reference": "/no/tile.png"}, r"stain_reference='/no/tile.png': no such image file"),
+    ]  # fmt: skip
+    for overrides, message in bad:
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(storage_path=str(tmp_path), **overrides)

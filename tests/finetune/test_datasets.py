@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from histokd.finetune.augment import augment
 from histokd.finetune.datasets import load_task_dataset
 from histokd.finetune.samples import ImageSamples
+
+TILES = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tiles"
 
 
 def _png(path: Path, size=(40, 30), value=0, mode="RGB") -> Path:
@@ -117,27 +118,6 @@ def test_unreadable_image_is_named(tmp_path):
         ImageSamples([str(bad)], 32, labels=[0])[0]
 
 
-def test_augment_moves_image_and_mask_together():
-    torch.manual_seed(0)
-    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
-    image[:, :4, :8] = 255  # a bright block in one corner
-    mask = (image[0] > 0).long()
-    seen = set()
-    for _ in range(40):
-        out_image, out_mask = augment(image, mask, color_jitter=0.0, hue_jitter=0.0)
-        assert torch.equal((out_image[0] > 0).long(), out_mask)
-        seen.add(tuple(out_mask.flatten().tolist()))
-    assert len(seen) == 8  # the eight flips and rotations
-
-
-def test_colour_jitter_is_mild():
-    torch.manual_seed(0)
-    image = torch.full((3, 8, 8), 128, dtype=torch.uint8)
-    image[0] = 180
-    out, _ = augment(image, None, color_jitter=0.1, hue_jitter=0.02)
-    assert out.dtype == torch.uint8 and (out.float() - image.float()).abs().max() <= 40
-
-
 def test_scale_from_dataset_json_and_the_images_common_side(tmp_path):
     for name in ("a", "b"):
         _png(tmp_path / name / "1.png", size=(40, 40))
@@ -163,3 +143,59 @@ def test_bad_dataset_json_names_the_file_and_value(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as info:
         load_task_dataset(tmp_path, "classification")
     assert "dataset.json" in str(info.value)
+
+
+def _real_tiles(tmp_path: Path, n: int = 4) -> tuple[list[str], list[str]]:
+    """Crops of a real H&E tile and masks marking one corner, as image and mask files."""
+    tile = np.array(Image.open(TILES / "high-nuclei-score-level0.png").convert("RGB"))
+    images, masks = [], []
+    for i in range(n):
+        images.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(tile[50 * i : 50 * i + 48, 40 * i : 40 * i + 48]).save(images[-1])
+        mask = np.zeros((48, 48), np.uint8)
+        mask[:6, : 10 + i] = 1
+        masks.append(str(tmp_path / f"{i}_mask.png"))
+        Image.fromarray(mask).save(masks[-1])
+    return images, masks
+
+
+def test_loader_and_device_augmentation_give_the_same_images_each_epoch(tmp_path):
+    """augment_device cpu (in loader processes, EpochSampler) and device (the batch, by its
+    indices) draw each sample's augmentation from (seed, epoch, index): the same images."""
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from histokd.augment import AUGMENTATIONS, Augmentation
+    from histokd.finetune.samples import EpochSampler
+
+    images, masks = _real_tiles(tmp_path)
+    augmentation = Augmentation(tuple(AUGMENTATIONS))
+    in_loader = ImageSamples(images, 48, masks=masks, augmentation=augmentation, seed=3)
+    plain = ImageSamples(images, 48, masks=masks)
+    sampler = EpochSampler(SequentialSampler(in_loader))
+    loader = DataLoader(
+        in_loader, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True
+    )
+    seen = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        ((cpu_images, cpu_masks, index),) = list(loader)
+        x, y, _ = next(iter(DataLoader(plain, batch_size=4)))
+        draws = augmentation.draw_per_sample(3, epoch, index.tolist())
+        dev_images, dev_masks = augmentation(x, y, draws=draws)
+        assert torch.equal(cpu_images, dev_images) and torch.equal(cpu_masks, dev_masks)
+        assert not torch.equal(cpu_images, x)
+        seen.append(cpu_images)
+    assert not torch.equal(seen[0], seen[1])  # the loader process saw the new epoch
+
+
+def test_stain_normalisation_is_applied_when_an_image_is_read(tmp_path):
+    from histokd.stain import macenko_normalize, stain_normalization
+
+    images, _ = _real_tiles(tmp_path, 2)
+    record = stain_normalization("macenko")
+    normalised = ImageSamples(images, 48, labels=[0, 1], stain=record, cache=True)
+    plain = ImageSamples(images, 48, labels=[0, 1])
+    for i in range(2):
+        x = plain[i][0]
+        assert torch.equal(normalised[i][0], macenko_normalize(x[None])[0])
+        assert not torch.equal(normalised[i][0], x)

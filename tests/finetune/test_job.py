@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from histokd.finetune import FinetuneConfig, run_finetune
 
@@ -19,7 +20,7 @@ def test_two_splits_as_parallel_ray_train_runs(
     config = FinetuneConfig(
         data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"), run_name="job",
         init=str(backbone_file), input_size=32, batch_size=16, epochs=2, patience=5, lr=0.05,
-        num_splits=2, bootstrap_resamples=500,
+        num_splits=2, bootstrap_resamples=500, stain_norm="macenko", augment_device="device",
     )  # fmt: skip
     seen = []
     result = run_finetune(config, on_split_done=lambda r, done: seen.append(len(done)))
@@ -36,6 +37,10 @@ def test_two_splits_as_parallel_ray_train_runs(
         # the model file records the images' scale (the demo's dataset.json: 64 px at 20x) for inference
         saved = torch.load(result.split_results[i]["best_model"], weights_only=True)["config"]
         assert (saved["magnification"], saved["patch_size"]) == (20.0, 64)
+        # and the stain normalisation the images had, which inference applies (test_stream.py)
+        from histokd.stain import DEFAULT_REFERENCE
+
+        assert saved["stain_normalization"] == DEFAULT_REFERENCE.as_dict()
     summary = result.summary
     acc = summary["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(sum(acc["values"]) / 2)
@@ -58,7 +63,9 @@ def test_two_splits_as_parallel_ray_train_runs(
         "val_loss" in client.get_metric_history(c.info.run_id, "val_loss")[0].key for c in children
     )
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "splits.csv", "summary.json"} <= artifacts
+    assert {"summary.md", "splits.csv", "summary.json", "augmentation_examples.png"} <= artifacts
+    examples = Image.open(Path(result.run_dir) / "augmentation_examples.png")
+    assert examples.height > 4 * 32 and examples.width >= 2 * 32  # 4 images, before | after
 
     started = time.monotonic()
     again = run_finetune(config)  # same run name: both splits reused, no training

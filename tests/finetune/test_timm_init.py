@@ -1,4 +1,5 @@
-"""Fine-tuning from timm weights (``init=timm:FILE``): timm's own loader on a local file, offline."""
+"""Fine-tuning from timm weights: ``init=timm:FILE`` (a local file) and ``init=imagenet`` (the Hub
+checkpoint, here from an offline Hugging Face cache), every backbone key checked."""
 
 from __future__ import annotations
 
@@ -51,10 +52,48 @@ def test_timm_file_that_leaves_weights_random_is_an_error(timm_file, tmp_path):
     torch.save(truncated, tmp_path / "truncated.pth")
     # timm itself loads a feature extractor non-strictly: the missing weight would stay random
     with pytest.raises(
-        ValueError, match=r"1 of 120 weights of the resnet18 backbone .* 'layer1.0.conv1.weight'"
+        ValueError,
+        match=r"truncated\.pth: 1 of 120 backbone keys are missing \('layer1.0.conv1.weight'\)",
     ):
         build_task_model("classification", "resnet18", 3, f"timm:{tmp_path / 'truncated.pth'}")
     with pytest.raises(
-        ValueError, match=r"weights of the csat backbone are not in the file"
+        ValueError,
+        match=r"resnet18\.pth: 390 of 390 backbone keys are missing .* that the csat backbone lacks",
     ):  # another model's weights
         build_task_model("segmentation", "csat", 3, f"timm:{path}")
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_task_model_backbone_holds_the_imagenet_weights(hub_cache, task):
+    hub, _ = hub_cache("resnet18", seed=4)
+    torch.manual_seed(0)
+    model = build_task_model(task, "resnet18", 3, "imagenet")
+    loaded = backbone_state_dict(model.backbone)
+    assert len(loaded) == 120 and all(torch.equal(v, hub[k]) for k, v in loaded.items())
+
+
+def test_finetune_job_from_imagenet_records_the_init(
+    ray_cluster, hub_cache, tmp_path, demo_tasks_small
+):
+    import mlflow
+
+    from histokd.finetune import FinetuneConfig, run_finetune
+    from histokd.finetune.compare import CompareConfig
+
+    hub_cache("resnet18")
+    config = FinetuneConfig(
+        data=str(demo_tasks_small.classification_dir), storage_path=str(tmp_path / "runs"),
+        run_name="imagenet", backbone="resnet18", init="imagenet", input_size=32, batch_size=16,
+        epochs=1, num_splits=1, num_workers=0, bootstrap_resamples=100,
+    )  # fmt: skip
+    assert (config.init, config.init_name) == ("imagenet", "SPT on ImageNet")
+    result = run_finetune(config)
+    run = mlflow.MlflowClient(tracking_uri=config.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.params["init"] == "imagenet" and run.data.params["backbone"] == "resnet18"
+    assert run.data.tags["histokd.init"] == "SPT on ImageNet"
+    # a comparison takes ImageNet weights as timm weights of a backbone
+    compare = CompareConfig(storage_path=str(tmp_path / "runs"), timm_weights=["resnet18=imagenet"])
+    assert compare.initialisations() == [
+        ("Random Weight", "csat", "random"),
+        ("SPT on ImageNet", "resnet18", "imagenet"),
+    ]

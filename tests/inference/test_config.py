@@ -48,8 +48,26 @@ def test_flags_parse(tmp_path, classification_model_file):
         ("run_name", "a/b", r"run_name='a/b': must be 1-128 characters of letters, digits"),
         ("model", "/nope/best_model.pt", r"model='/nope/best_model.pt': no such file or folder"),
         ("output_magnification", -1, r"output_magnification=-1: must be positive"),
+        ("stain_norm", "reinhard", r"stain_norm='reinhard': allowed: model, none, macenko"),
+        (
+            "stain_reference",
+            "/x.png",
+            r"stain_reference='/x.png' is for stain_norm='macenko', not 'model'",
+        ),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         PredictConfig(**{field: value})
+
+
+def test_mpp_and_assume_mpp_convert_to_magnifications():
+    config = parse_config(PredictConfig, ["--mpp", "0.25", "--assume-mpp", "0.5"])
+    assert (config.mpp, config.magnification) == (0.25, 40.0)
+    assert (config.assume_mpp, config.base_magnification) == (0.5, 20.0)
+    config = parse_config(PredictConfig, ["--base-magnification", "40"])
+    assert (config.magnification, config.assume_mpp, config.base_magnification) == (None, 0.25, 40)
+    with pytest.raises(
+        ValueError, match="mpp=0.25 and magnification=20.0 disagree: 20x is 0.5 um/px"
+    ):
+        PredictConfig(mpp=0.25, magnification=20.0)

@@ -92,6 +92,47 @@ def test_actor_predicts_tile_rows_only(classification_model_file, segmentation_m
     )
 
 
+def test_actor_applies_the_model_files_stain_normalisation(tmp_path, save_task_model):
+    """A model fine-tuned with --stain-norm macenko records its target; the actor normalises
+    tiles to it before the model, as fine-tuning normalised the training images."""
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from histokd.inference.model_file import ModelFileError
+    from histokd.stain import StainReference, macenko_normalize, stain_normalization
+
+    tiles = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "tiles"
+    tile = np.array(Image.open(tiles / "high-nuclei-score-level0.png").convert("RGB"))
+    images = np.stack([tile[i * 64 : i * 64 + 64, 100 : 100 + 64] for i in range(3)])
+    record = stain_normalization("macenko", str(tiles / "tissue-level0-4302-10273-4814-10785.png"))
+    with_stain = save_task_model(tmp_path / "stain" / "best_model.pt", stain_normalization=record)
+    plain = save_task_model(tmp_path / "plain" / "best_model.pt")
+    actor = TilePredictor(load_checkpoint(with_stain), str(with_stain), tile_side=8, threads=1)
+    assert actor.info.stain_normalization == record
+    reference = TilePredictor(load_checkpoint(plain), str(plain), tile_side=8, threads=1)
+    normalised = (
+        macenko_normalize(
+            torch.from_numpy(images).permute(0, 3, 1, 2), StainReference.from_dict(record)
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
+    assert np.abs(normalised.astype(int) - images).mean() > 3  # the normalisation does something
+    np.testing.assert_allclose(
+        actor.predict(images)[0], reference.predict(normalised)[0], atol=1e-6
+    )
+    assert not np.allclose(actor.predict(images)[0], reference.predict(images)[0], atol=1e-4)
+    broken = save_task_model(
+        tmp_path / "broken" / "best_model.pt", stain_normalization={"method": "x"}
+    )
+    with pytest.raises(
+        ModelFileError, match=r"broken.*config\['stain_normalization'\]=.*allowed: a macenko record"
+    ):
+        TilePredictor(load_checkpoint(broken), str(broken), tile_side=8, threads=1)
+
+
 @pytest.mark.gpu
 def test_actor_runs_on_the_gpu_in_bf16(classification_model_file):
     import torch

@@ -34,6 +34,16 @@ from histokd.run import check_storage_path
         ),
         ({"teacher_resources": "{teacher_node: 1}"}, "teacher_resources=.*not JSON"),
         ({"trainer_resources": [1]}, r"trainer_resources=\[1\]: must be a mapping"),
+        ({"record_format": "webp"}, "record_format='webp': allowed: jpeg, png"),
+        ({"jpeg_quality": 101}, r"jpeg_quality=101: must be an integer in \[1, 100\]"),
+        (
+            {"record_cache": "s3://bucket/records"},
+            "record_cache='s3://bucket/records': must be a folder",
+        ),
+        (
+            {"teacher_placement": "trainer", "record_format": "png"},
+            "record_format='png': a setting of the record cache, which teacher_placement='trainer' does not keep",
+        ),
     ],
 )
 def test_bad_values_name_the_field(kwargs, message):
@@ -89,6 +99,25 @@ def test_cli_precedence(tmp_path, capsys):
     yaml_file.write_text("epochz: 3\n")
     with pytest.raises(SystemExit, match=r"unknown field 'epochz'"):
         parse_config(PretrainConfig, ["--config", str(yaml_file)])
+
+
+def test_record_cache_flags(tmp_path, monkeypatch):
+    """The record cache's flags; a relative folder is made absolute, and the default is
+    ``records/`` in the run folder."""
+    from histokd.pretrain.job import _record_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    c = parse_config(PretrainConfig, ["--slides", "a.svs", "--storage-path", "runs", "--record-cache",
+                                      "shared/records", "--record-format", "png", "--jpeg-quality", "90"])  # fmt: skip
+    assert (c.record_cache, c.record_format, c.jpeg_quality) == (
+        str(tmp_path / "shared" / "records"),
+        "png",
+        90,
+    )
+    assert _record_cache_dir(c) == str(tmp_path / "shared" / "records")
+    default = PretrainConfig(slides=["a.svs"], storage_path=str(tmp_path / "runs"))
+    assert (default.record_cache, default.record_format, default.jpeg_quality) == (None, "jpeg", 95)
+    assert _record_cache_dir(default) == str(tmp_path / "runs" / "rckd" / "records")
 
 
 def test_custom_resources_from_yaml_and_flags(tmp_path):
@@ -184,3 +213,19 @@ def test_teacher_settings_reach_the_teacher(tmp_path):
         PretrainConfig(teacher_mpp=0)
     with pytest.raises(ValueError, match="empty_slide_fraction=0"):
         PretrainConfig(empty_slide_fraction=0)
+
+
+def test_augmentation_flags():
+    from histokd.pretrain.config import AUGMENT_DEFAULT
+
+    c = PretrainConfig()
+    assert c.augment == list(AUGMENT_DEFAULT) == ["flip", "rot90", "hed"]  # today's, plus HED
+    assert (c.augment_device, c.hed_sigma) == ("auto", 0.05)
+    c = parse_config(PretrainConfig, ["--augment", "none"])
+    assert c.augment == []
+    c = parse_config(PretrainConfig, ["--augment", "hed", "brightness", "--color-jitter", "0.2"])
+    assert (c.augment, c.color_jitter) == (["hed", "brightness"], 0.2)
+    with pytest.raises(ValueError, match=r"augment=\['warp'\]: unknown augmentation 'warp'"):
+        PretrainConfig(augment=["warp"])
+    with pytest.raises(ValueError, match=r"color_jitter=1.0: must be >= 0 and < 1"):
+        PretrainConfig(color_jitter=1.0)

@@ -44,7 +44,9 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tiny_pretrain_config
     assert len(client.get_metric_history(result.mlflow_run_id, "holdout_foreground_iou")) == 3
     assert "histokd.git_commit" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {"backbone", "overlays", "curves.png", "config.yaml", "label_share.csv"} <= artifacts
+    assert {"backbone", "overlays", "curves.png", "config.yaml", "label_share.csv",
+            "augmentation_examples.png"} <= artifacts  # fmt: skip
+    assert (Path(result.run_dir) / "augmentation_examples.png").is_file()
     # each slide's pseudo-label nucleus share (issue 15): both demo slides, every patch counted once
     assert {Path(r["slide"]).name for r in result.label_share} == {
         "demo-s0-000.svs",
@@ -116,20 +118,40 @@ def test_two_ddp_workers_share_each_epoch(ray_cluster, tiny_pretrain_config):
         assert (h["patches"] == count) == (h["patch_checksum"] == checksum)
 
 
-def test_resume_after_stop_from_the_newest_whole_checkpoint(ray_cluster, tiny_pretrain_config):
+def test_resume_after_stop_from_the_newest_whole_checkpoint(
+    ray_cluster, tiny_pretrain_config, capsys
+):
     """A stopped run resumes under its name, in its MLflow run; a cut-short latest checkpoint
-    (issue 17: it made the run impossible to resume) is set aside and the one before it used."""
+    (issue 17: it made the run impossible to resume) is set aside and the one before it used.
+    The records made by the first run (``records/`` in the run folder) serve the rerun: it
+    labels nothing and rewrites no shard."""
     from histokd.pretrain.job import run_pretraining
     from histokd.resume import SET_ASIDE_NOTE
 
     config = dict(run_name="resumable", teacher="deconvolution")
     first = run_pretraining(tiny_pretrain_config(stop_after_epoch=2, **config))
     assert [h["epoch"] for h in first.history] == [1, 2]
+    printed = capsys.readouterr().out
+    n = first.num_train_patches + first.num_holdout_patches
+    assert "record cache: " in printed and "patches labelled and stored" in printed
+    assert (
+        f"records-64px-jpeg95: {n} records, " in printed
+        and "400,000 records (RCKD's S_n) would take" in printed
+    )
+    shards = {
+        p: p.stat().st_mtime_ns for p in (Path(first.run_dir) / "records").rglob("shard-*.parquet")
+    }
+    assert len(shards) >= 2
     latest = Path(first.checkpoint_path)
     state = latest / "checkpoint.pt"
     state.write_bytes(state.read_bytes()[:2048])  # a copy cut short (disk full, a killed upload)
     second = run_pretraining(tiny_pretrain_config(**config))
     assert [h["epoch"] for h in second.history] == [1, 2, 3]
+    printed = capsys.readouterr().out
+    assert "labelled and stored" not in printed and f": {n} records, " in printed
+    assert {
+        p: p.stat().st_mtime_ns for p in (Path(first.run_dir) / "records").rglob("shard-*.parquet")
+    } == shards
     assert second.history[0] == first.history[0]  # resumed from epoch 1's checkpoint
     assert second.history[1]["seconds"] != first.history[1]["seconds"]  # epoch 2 ran again
     assert second.mlflow_run_id == first.mlflow_run_id

@@ -176,7 +176,7 @@ def test_trainer_placement_trains_on_the_actors_labels(ray_cluster, tiny_pretrai
     for h in result.history:
         assert (h["patches"], h["patch_checksum"]) == (len(ids), patch_checksum(ids))
         assert math.isfinite(h["loss"]) and math.isfinite(h["holdout_loss"])
-    assert not (run_dir / "pseudo_labels").exists()  # no actors, no cache
+    assert not (run_dir / "records").exists()  # no actors, no record cache
     assert json.loads((run_dir / "history.json").read_text())[-1]["epoch"] == 2
 
     # The actors' labels of the hold-out patches, computed here by a TeacherActor.

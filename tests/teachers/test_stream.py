@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from histokd.manifest import PatchReader
 from histokd.streams import plan_resources
 from histokd.teachers import TeacherError, build_teacher
-from histokd.teachers.cache import PseudoLabelCache, teacher_fingerprint
+from histokd.teachers.cache import RecordCache, patch_key
 from histokd.teachers.stream import (
-    TeacherActor,
     load_manifest_table,
     pseudo_label_dataset,
-    read_patch_batch,
+    read_cached_batch,
     resize_image,
     resize_label,
 )
@@ -109,12 +109,11 @@ def test_manifest_checks(manifest):
 # -- the stream ---------------------------------------------------------------------------------
 def test_every_patch_once_with_its_label(ray_cluster, manifest, tmp_path):
     table = pq.read_table(manifest)
-    ds = pseudo_label_dataset(
-        manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
-    )
+    ds = pseudo_label_dataset(  # lossless records: the image is exactly the resized patch
+        manifest, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4,
+        record_format="png",
+    )  # fmt: skip
     out = _collect(ds)
-    # reads run as their own tasks, not fused into the teacher actor
-    assert "read_patch_batch)->MapBatches(TeacherActor)" not in ds.stats()
     assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())
     assert (
         out["image"].shape == (table.num_rows, INPUT, INPUT, 3) and out["image"].dtype == np.uint8
@@ -144,7 +143,7 @@ def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
             half, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
         )
     )
-    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
+    cache = RecordCache.for_teacher(tmp_path, "deconvolution", None, INPUT)
     before = {p: p.stat().st_mtime_ns for p in cache.shards()}
     assert len(cache.index()) == half.num_rows
 
@@ -172,28 +171,96 @@ def test_rerun_labels_only_what_is_missing(ray_cluster, manifest, tmp_path):
     assert len(cache.shards()) == len(after)
 
 
-def test_one_dataset_over_many_epochs_labels_once(ray_cluster, manifest, tmp_path):
-    """Training iterates one lazy dataset every epoch: epoch 2 must reuse epoch 1's labels."""
-    table = pq.read_table(manifest)
-    ds = pseudo_label_dataset(
+def test_epochs_and_reruns_read_no_slide_and_run_no_teacher(
+    ray_cluster, manifest, tmp_path, capsys
+):
+    """The first phase labels and stores every record; then the slides are moved away. Two
+    epochs over the dataset and a rerun still give every record, identical, from the shards:
+    no slide is read (a fresh patch reader would fail), no teacher runs (it writes shards)."""
+    import shutil
+
+    from histokd import streams
+
+    table = pq.read_table(manifest).slice(0, 8)
+    slides = sorted(set(table.column("slide_path").to_pylist()))
+    (tmp_path / "slides").mkdir()
+    copies = {s: str(tmp_path / "slides" / f"{i}{Path(s).suffix}") for i, s in enumerate(slides)}
+    for source, copy in copies.items():
+        shutil.copy(source, copy)
+    paths = pa.array([copies[s] for s in table.column("slide_path").to_pylist()], pa.string())
+    table = table.set_column(table.column_names.index("slide_path"), "slide_path", paths)
+    make = lambda: pseudo_label_dataset(  # noqa: E731
+        table, "deconvolution", input_size=INPUT, cache_dir=tmp_path / "cache", batch_size=4,
+        record_format="png",
+    )  # fmt: skip
+    ds = make()
+    assert "record cache: 8/8 patches labelled and stored" in capsys.readouterr().out
+    cache = RecordCache.for_teacher(tmp_path / "cache", "deconvolution", None, INPUT, "png")
+    shards = {p: p.stat().st_mtime_ns for p in cache.shards()}
+    assert len(shards) == 2 and len(cache.index()) == 8
+    (tmp_path / "slides").rename(tmp_path / "moved")
+
+    first, second = _collect(ds), _collect(ds)  # two training epochs
+    again = _collect(make())  # a rerun
+    assert "labelled" not in capsys.readouterr().out
+    for out in (first, second, again):
+        assert sorted(out["patch_id"]) == sorted(table.column("patch_id").to_pylist())
+        order = np.argsort(out["patch_id"])
+        for key in ("image", "pseudo_label"):
+            np.testing.assert_array_equal(
+                out[key][order], first[key][np.argsort(first["patch_id"])]
+            )
+    assert {p: p.stat().st_mtime_ns for p in cache.shards()} == shards  # no teacher wrote any
+    stats = ds.stats()
+    assert (
+        "read_cached_batch" in stats
+        and "TeacherActor" not in stats
+        and "read_patch_batch" not in stats
+    )
+    # the records are exactly the patches' (lossless PNG), and reading them opens no slide
+    reader = PatchReader()
+    (tmp_path / "moved").rename(tmp_path / "slides")
+    expected = np.stack([resize_image(reader.read(row), INPUT) for row in table.to_pylist()])
+    reader.close()
+    (tmp_path / "slides").rename(tmp_path / "moved")
+    np.testing.assert_array_equal(first["image"][np.argsort(first["patch_id"])],
+                                  expected[np.argsort(table.column("patch_id").to_pylist())])  # fmt: skip
+    streams._PATCH_READER = None  # this process's reader: fresh, no slide open
+    index = cache.index()
+    batch = {k: np.asarray(v) for k, v in table.to_pydict().items()}
+    keys = [patch_key(s, x, y, m, p, INPUT) for s, x, y, m, p in
+            zip(*(batch[c] for c in ("slide_path", "x", "y", "magnification", "patch_size")), strict=True)]  # fmt: skip
+    batch["cache_shard"] = np.array([index[k][0] for k in keys])
+    batch["cache_row"] = np.array([index[k][1] for k in keys])
+    records = read_cached_batch(batch, INPUT)
+    np.testing.assert_array_equal(records["image"], expected)
+
+
+def test_a_damaged_shard_is_set_aside_and_its_records_made_again(
+    ray_cluster, manifest, tmp_path, capsys
+):
+    table = pq.read_table(manifest).slice(0, 8)
+    make = lambda: pseudo_label_dataset(  # noqa: E731
         table, "deconvolution", input_size=INPUT, cache_dir=tmp_path, batch_size=4
+    )  # fmt: skip
+    first = _collect(make())
+    cache = RecordCache.for_teacher(tmp_path, "deconvolution", None, INPUT)
+    damaged, kept = cache.shards()
+    kept_time = kept.stat().st_mtime_ns
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the images
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = _collect(make())
+    printed = capsys.readouterr().out
+    assert (
+        "damaged record cache shard" in printed
+        and "record cache: 4/4 patches labelled and stored" in printed
     )
-    first = _collect(ds)  # epoch 1: every patch is missing, the teacher labels all
-    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("deconvolution"))
-    before = {p: p.stat().st_mtime_ns for p in cache.shards()}
-    assert len(cache.index()) == table.num_rows
-    second = _collect(ds)  # epoch 2, the same plan: the actors find every label cached
-    assert {p: p.stat().st_mtime_ns for p in cache.shards()} == before  # nothing rewritten
-    assert sorted(second["patch_id"]) == sorted(first["patch_id"])
-    _assert_same_labels(second, first)
-    # a fresh actor (every epoch starts some) whose batches are all cached never loads its teacher
-    actor = TeacherActor(
-        "deconvolution", None, INPUT, str(tmp_path), teacher_fingerprint("deconvolution")
-    )
-    batch = read_patch_batch({k: np.asarray(v) for k, v in table.slice(0, 3).to_pydict().items()})
-    out = actor(batch)
-    assert actor._teacher is None and (actor.reused, actor.labelled) == (3, 0)
-    _assert_same_labels(out, first)
+    assert Path(f"{damaged}.bad").is_file() and damaged.is_file()  # made again, under its name
+    assert kept.stat().st_mtime_ns == kept_time and len(cache.index()) == 8
+    assert sorted(again["patch_id"]) == sorted(first["patch_id"])
+    _assert_same_labels(again, first)
 
 
 def _teacher_actors() -> list[dict]:
@@ -209,8 +276,7 @@ def test_dead_teacher_actor_is_replaced(ray_cluster, manifest, tmp_path):
     every manifest patch still comes out exactly once."""
     table = pq.read_table(manifest)
     batches = -(-table.num_rows // 2)
-    ds = pseudo_label_dataset(manifest, "demo", input_size=INPUT, cache_dir=tmp_path, batch_size=2)
-    cache = PseudoLabelCache(tmp_path, teacher_fingerprint("demo"))
+    cache = RecordCache.for_teacher(tmp_path, "demo", None, INPUT)
     killed: dict = {}
 
     def kill_after_first_batch():
@@ -224,8 +290,10 @@ def test_dead_teacher_actor_is_replaced(ray_cluster, manifest, tmp_path):
             os.kill(alive[0]["Pid"], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_after_first_batch)
-    killer.start()
-    out = _collect(ds)
+    killer.start()  # the labelling phase runs inside pseudo_label_dataset
+    out = _collect(
+        pseudo_label_dataset(manifest, "demo", input_size=INPUT, cache_dir=tmp_path, batch_size=2)
+    )
     killer.join()
     print("killed", killed, "of", batches, "batches")
     assert killed, "the teacher actor was never seen alive"
@@ -246,6 +314,8 @@ def test_published_architecture_through_the_stream(ray_cluster, manifest, versat
         batch_size=3,
     )
     out = _collect(ds)
+    # no cache: reads run as their own tasks, not fused into the teacher actor
+    assert "read_patch_batch)->MapBatches(TeacherActor)" not in ds.stats()
     assert len(out["patch_id"]) == 6 and len(set(out["patch_id"])) == 6
     assert out["pseudo_label"].shape == (6, INPUT, INPUT) and set(
         np.unique(out["pseudo_label"])

@@ -7,8 +7,9 @@ cell is one fine-tuning job (`run_finetune`, five splits by default), named
 ``RUN_NAME-DATASET-BACKBONE-INIT``, so rerunning a comparison skips what it finished.
 
 Initialisations: random weights (``random_init``), backbone files (``inits``: RCKD
-pretraining's output, label "RCKD") and timm weights (``timm_weights``: e.g. ImageNet-supervised
-weights from a local file, label "SPT on ImageNet"). Each entry is ``[LABEL@]BACKBONE=PATH``.
+pretraining's output, label "RCKD") and timm weights (``timm_weights``: ImageNet-supervised
+weights, label "SPT on ImageNet": ``BACKBONE=imagenet`` from the Hugging Face Hub, a local file, or
+``hf-hub:ORG/NAME``). Each entry is ``[LABEL@]BACKBONE=PATH``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,14 @@ def parse_init_entry(entry: str, field_name: str, default_label: str) -> tuple[s
         raise ValueError(
             f"{field_name}: {entry!r}: backbone {backbone!r} unknown; allowed: {', '.join(BACKBONES)}"
         )
+    label = (match["label"] or default_label).strip()
+    if field_name == "timm_weights" and (path == "imagenet" or path.startswith("hf-hub:")):
+        from histokd.models.timm_weights import check_init
+
+        return label, backbone, check_init(path, backbone, f"{field_name}: {entry!r}: init")
     if not os.path.isfile(path):
         raise ValueError(f"{field_name}: {entry!r}: no such file {path!r}")
-    return (match["label"] or default_label).strip(), backbone, os.path.abspath(path)
+    return label, backbone, os.path.abspath(path)
 
 
 def _parse_dataset(entry: str, field_name: str) -> tuple[str, str]:
@@ -79,8 +85,8 @@ class CompareConfig(RunConfig):
         backbones: Fine-tuned from random weights, and listed in the tables.
         inits: Backbone files, ``[LABEL@]BACKBONE=PATH``; the label defaults to ``RCKD`` (e.g.
             ``csat=runs/rckd/backbone.pth``).
-        timm_weights: timm weights from local files, ``[LABEL@]BACKBONE=PATH``; the label
-            defaults to ``SPT on ImageNet``.
+        timm_weights: timm weights, ``[LABEL@]BACKBONE=PATH``, PATH a local file, ``imagenet``
+            or ``hf-hub:ORG/NAME``; the label defaults to ``SPT on ImageNet``.
         datasets: Classification datasets, ``NAME=PATH``; with none and no
             ``segmentation_datasets``, the demo task.
     """
@@ -91,7 +97,9 @@ class CompareConfig(RunConfig):
     backbones: list[str] = arg(help="fine-tuned from random weights", factory=lambda: ["csat"])
     random_init: bool = arg(True, "random initialisation of every backbone (RCKD: Random Weight)")
     inits: list[str] = arg(help="[LABEL@]BACKBONE=PATH", factory=list, aliases=["backbone_files"])
-    timm_weights: list[str] = arg(help="local timm weights, [LABEL@]BACKBONE=PATH", factory=list)
+    timm_weights: list[str] = arg(
+        help="[LABEL@]BACKBONE=PATH, imagenet or hf-hub:ORG/NAME", factory=list
+    )
     datasets: list[str] = arg(help="classification datasets, NAME=PATH; none: demo", factory=list)
     segmentation_datasets: list[str] = arg(help="segmentation datasets, NAME=PATH", factory=list)
 
@@ -125,7 +133,7 @@ class CompareConfig(RunConfig):
         if self.random_init:
             cells += [("Random Weight", b, "random") for b in self.backbones]
         cells += [
-            (label, b, f"timm:{p}")
+            (label, b, p if p == "imagenet" or p.startswith("hf-hub:") else f"timm:{p}")
             for label, b, p in (
                 parse_init_entry(e, "timm_weights", "SPT on ImageNet") for e in self.timm_weights
             )

@@ -9,23 +9,24 @@ from typing import Literal
 from histokd.cli import arg, check_ints, check_positive
 from histokd.run import WorkerConfig, resolve_output_path
 
-__all__ = ["DEMO_PRESET", "FinetuneConfig", "init_kind", "resolve_init_label"]
+__all__ = ["AUGMENT_DEFAULT", "DEMO_PRESET", "FinetuneConfig", "resolve_init_label"]
+
+# Today's flips, rotations and colour jitter, plus HED jitter (Tellez et al. 2019).
+AUGMENT_DEFAULT = ("flip", "rot90", "hed", "brightness", "contrast", "saturation", "hue")
 
 
-def init_kind(init: str) -> str:
-    """``random``, ``backbone_file`` or ``timm`` for an ``init`` value."""
-    if init == "random":
-        return "random"
-    return "timm" if init.startswith("timm:") else "backbone_file"
+#: An initialisation's name in tables, by its kind (RCKD Table 3's words where it has them).
+INIT_LABELS = {"random": "Random Weight", "backbone_file": "RCKD", "imagenet": "SPT on ImageNet",
+               "timm": "timm weights", "hf-hub": "timm weights"}  # fmt: skip
 
 
 def resolve_init_label(init: str, label: str | None) -> str:
     """The initialisation's name in tables, in the paper's words (Table 3)."""
     if label:
         return label
-    return {"random": "Random Weight", "backbone_file": "RCKD", "timm": "timm weights"}[
-        init_kind(init)
-    ]
+    from histokd.models.timm_weights import init_kind
+
+    return INIT_LABELS[init_kind(init)]
 
 
 @dataclass
@@ -38,8 +39,10 @@ class FinetuneConfig(WorkerConfig):
     Attributes:
         task: ``classification`` (a linear + softmax head) or ``segmentation`` (a U-Net
             decoder).
-        init: ``random``, a backbone file (RCKD pretraining writes
-            ``STORAGE/RUN/backbone.pth``), or ``timm:FILE`` (timm weights from a local file).
+        init: ``random``, ``imagenet`` (timm's ImageNet weights from the Hugging Face Hub; not
+            for CSAT), a weights file (RCKD pretraining writes ``STORAGE/RUN/backbone.pth``; a
+            timm or Hub checkpoint; ``timm:FILE`` too) or ``hf-hub:ORG/NAME``
+            (`histokd.models.timm_weights.parse_init`).
         magnification, patch_size: What the images were cut at: the magnification and the
             image side in pixels at it, recorded in the model file for whole-slide inference.
             Default: the dataset's ``dataset.json`` (docs/datasets.md); the patch size, else
@@ -48,6 +51,16 @@ class FinetuneConfig(WorkerConfig):
             train:val is split by the first two.
         num_workers: Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the
             driver process, one split at a time (debugging, tests).
+        augment: Training augmentations (`histokd.augment`), ``none`` for none; the default is
+            the flips, rotations and colour jitter of earlier releases plus HED jitter.
+        augment_device: ``cpu``: in the data loader, per image; ``device``: on the batch on the
+            worker's device; ``auto``: the device on a GPU worker, else the CPU. Both give the
+            same images for the same seed (each image's draws come from seed, epoch and index).
+        stain_norm: ``macenko``: every image (training, validation, test, and whole-slide
+            inference, which reads it from the model file) is stain-normalised to
+            ``stain_reference`` before augmentation (`histokd.stain`).
+        stain_reference: A reference tile; default: the reference implementation's H&E stain
+            vectors and concentrations (`histokd.stain.DEFAULT_REFERENCE`).
     """
 
     # --- where ------------------------------------------------------------------------------
@@ -58,8 +71,8 @@ class FinetuneConfig(WorkerConfig):
     max_bad_fraction: float = arg(0.01, "largest share of samples with unreadable images to skip")
     # --- model (RCKD Sec. 2.2.2) ------------------------------------------------------------
     backbone: str = arg("csat", "csat[_nosat], resnet18[_sat], efficientnet_b0 or convnextv2_atto")
-    init: str = arg("random", "random, a backbone file (RCKD's backbone.pth) or timm:FILE")
-    init_label: str | None = arg(None, "table name; default: Random Weight, RCKD or timm weights")
+    init: str = arg("random", "random, imagenet, FILE (RCKD's backbone.pth) or hf-hub:ORG/NAME")
+    init_label: str | None = arg(None, "table name; default: Random Weight, RCKD, SPT on ImageNet")
     magnification: float | None = arg(None, "magnification of the images; default: dataset.json's")
     patch_size: int | None = arg(None, "side in pixels at --magnification; default: dataset.json's")
     input_size: int = arg(384, "resized square side (RCKD Sec. 3.1: 384, best of {224, 384})")
@@ -75,9 +88,20 @@ class FinetuneConfig(WorkerConfig):
     min_delta: float = arg(0.0, "how much lower a validation loss must be to count as lower")
     focal_alpha: float = arg(0.25, "focal loss alpha, the same for every class (RCKD Eq. 5: 0.25)")
     focal_gamma: float = arg(2.0, "focal loss gamma (RCKD Eq. 5: 2)")
-    augment: bool = arg(True, "flips, 90-degree rotations, mild colour jitter of training images")
+    augment: list[str] = arg(help="of training images: flip rot90 hed brightness contrast saturation hue, or none",
+                             factory=lambda: list(AUGMENT_DEFAULT))  # fmt: skip
+    augment_device: Literal["auto", "cpu", "device"] = arg(
+        "auto", "augment in the loader (cpu) or the batch on the device; auto: device on GPU"
+    )
+    hed_sigma: float = arg(0.05, "HED jitter strength (Tellez et al. 2019: 0.05, 'HED-light')")
     color_jitter: float = arg(0.1, "brightness/contrast/saturation factors drawn from [1-x, 1+x]")
     hue_jitter: float = arg(0.02, "hue shift drawn from [-x, x] of the hue circle")
+    stain_norm: Literal["none", "macenko"] = arg(
+        "none", "stain normalisation of every image (Macenko 2009)"
+    )
+    stain_reference: str | None = arg(
+        None, "reference tile of macenko; default: the usual reference stains"
+    )
     # --- splits (RCKD Sec. 2.1.2, Algorithm 2) ----------------------------------------------
     num_splits: int = arg(5, "data splits, each trained and tested once (RCKD: N_fold = 5)")
     split_ratios: list[float] = arg(help="train, val, test (RCKD)", factory=lambda: [0.6, 0.2, 0.2])
@@ -144,10 +168,11 @@ class FinetuneConfig(WorkerConfig):
             raise ValueError(
                 f"drop_rate={self.drop_rate!r}, min_delta={self.min_delta!r}: need 0 <= drop_rate < 1 and min_delta >= 0"
             )
-        if not 0 <= self.color_jitter < 1 or not 0 <= self.hue_jitter <= 0.5:
-            raise ValueError(
-                f"color_jitter={self.color_jitter!r}, hue_jitter={self.hue_jitter!r}: need 0 <= color_jitter < 1 and 0 <= hue_jitter <= 0.5"
-            )
+        from histokd.augment import check_augment, check_strengths
+
+        self.augment = check_augment(self.augment, AUGMENT_DEFAULT)
+        check_strengths(self)
+        _check_stain_norm(self.stain_norm, self.stain_reference)
         self.split_ratios = [float(r) for r in self.split_ratios]
         if (
             len(self.split_ratios) != 3
@@ -171,15 +196,9 @@ class FinetuneConfig(WorkerConfig):
             raise ValueError(
                 f"backbone={self.backbone!r}: unknown; allowed: {', '.join(BACKBONES)}"
             )
-        kind = init_kind(self.init)
-        if kind != "random":
-            path = self.init[len("timm:") :] if kind == "timm" else self.init
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"init={self.init!r}: no such file {path!r}; allowed: random, a backbone file, or timm:FILE"
-                )
-            absolute = os.path.abspath(path)
-            self.init = f"timm:{absolute}" if kind == "timm" else absolute
+        from histokd.models.timm_weights import check_init
+
+        self.init = check_init(self.init, self.backbone)  # Hub weights: cached or fetched now
         if self.data:
             if not os.path.exists(self.data):
                 raise ValueError(f"data={self.data!r}: no such folder or CSV file")
@@ -190,6 +209,18 @@ class FinetuneConfig(WorkerConfig):
     def init_name(self) -> str:
         """The initialisation's name in tables."""
         return resolve_init_label(self.init, self.init_label)
+
+
+def _check_stain_norm(method: str, reference: str | None) -> None:
+    """A known method, and a reference tile only for Macenko, which must exist."""
+    if method not in ("none", "macenko"):
+        raise ValueError(f"stain_norm={method!r}: allowed: none, macenko")
+    if reference is not None and method != "macenko":
+        raise ValueError(
+            f"stain_reference={reference!r} is for stain_norm='macenko', not {method!r}; give --stain-norm macenko or drop it"
+        )
+    if reference is not None and not os.path.isfile(os.path.expanduser(reference)):
+        raise ValueError(f"stain_reference={reference!r}: no such image file")
 
 
 # Small enough to run end to end offline on a 2-core CPU in minutes: 256 px patches at 20x from

@@ -174,6 +174,9 @@ def run_finetune(
             "%s: the magnification of the images is unknown (no --magnification, no dataset.json): the model "
             "files will not record it, and whole-slide inference will need --magnification", dataset.source,
         )  # fmt: skip
+    from histokd.stain import stain_normalization
+
+    stain = stain_normalization(config.stain_norm, config.stain_reference)  # a bad tile fails here
     work_dir = config.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, work_dir / "config.yaml")
@@ -195,6 +198,7 @@ def run_finetune(
         run = open_mlflow_run(config, "finetune", parent_run_id=parent_run_id, params=params)
         run.set_tags({"histokd.init": config.init_name})
     cache = _cache_images(config, len(dataset))
+    _write_augment_examples(config, dataset, splits[0], work_dir, stain, run)
     started = time.monotonic()
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -206,7 +210,7 @@ def run_finetune(
     )
     with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:
         futures = [
-            pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run)
+            pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run, stain)
             for split in splits
         ]
         try:
@@ -269,6 +273,7 @@ def _fit_split(
     use_gpu: bool,
     cache: bool,
     parent,
+    stain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train, early-stop and test one split as its own Ray Train run (or reuse its result)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -301,6 +306,7 @@ def _fit_split(
         split_dir=str(split_dir),
         seed=config.seed + split.index,
         cache_images=cache,
+        stain_normalization=stain,  # kept in the model file: inference normalises the same way
         data={part: dataset.subset(getattr(split, part)) for part in ("train", "val", "test")},
         mlflow_run_id=child.run_id if child else None,
         tracking_uri=config.tracking_uri if child else None,
@@ -362,6 +368,35 @@ def _fit_split(
         )
         child.finish("FINISHED")
     return result
+
+
+def _write_augment_examples(
+    config: FinetuneConfig, dataset: TaskDataset, split: Split, work_dir: Path, stain, run
+) -> Path | None:
+    """The first training images of ``split`` before | after their epoch-1 augmentation (as
+    its training draws them), as a PNG in the run folder and the MLflow run."""
+    if not config.augment:
+        return None
+    from histokd.augment import EXAMPLES_FILE, Augmentation, save_augment_examples
+    from histokd.finetune.samples import ImageSamples
+
+    part = dataset.subset(split.train[:4])
+    kwargs = {"labels": part.get("labels"), "masks": part.get("masks"), "stain": stain}
+    plain = ImageSamples(part["images"], config.input_size, **kwargs)
+    augmented = ImageSamples(part["images"], config.input_size, seed=config.seed + split.index,
+                             augmentation=Augmentation.from_config(config_to_dict(config)), **kwargs)  # fmt: skip
+    import torch
+
+    n = len(part["images"])
+    before = torch.stack([plain[i][0] for i in range(n)])
+    after = torch.stack([augmented[(1, i)][0] for i in range(n)])
+    path = Path(save_augment_examples(
+        before, after, str(work_dir / EXAMPLES_FILE),
+        title=f"split {split.index}, epoch 1: before | after ({' '.join(config.augment)})",
+    ))  # fmt: skip
+    if run is not None:
+        run.log_artifact(path)
+    return path
 
 
 def _load_split_result(path: Path) -> dict[str, Any]:

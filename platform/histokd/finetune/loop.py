@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from histokd.finetune.config import init_kind
 from histokd.finetune.early_stopping import EarlyStopping
 from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint, seal_folder
 from histokd.run import all_gather, all_reduce_sum
@@ -56,56 +55,19 @@ def build_task_model(
         task: ``classification`` (linear + softmax head) or ``segmentation`` (U-Net decoder).
         backbone: One of ``histokd.models.BACKBONES``.
         num_classes: Classes of the task.
-        init: ``random``, a backbone file (loaded strictly), or ``timm:FILE`` (timm's own
-            pretrained loader on a local weights file, which applies timm's key conversions;
-            checked to have set every backbone weight).
+        init: ``random``, ``imagenet``, a weights file (a backbone file, a timm or Hub
+            checkpoint; ``timm:FILE`` too) or ``hf-hub:ORG/NAME``, loaded with every backbone
+            key checked (`histokd.models.load_init`).
         drop_rate: Dropout before the classifier.
 
     Raises:
-        ValueError: A ``timm:FILE`` that leaves backbone weights at their random initialisation.
+        ValueError: Weights that do not fit the backbone, naming the keys and the file.
     """
     from histokd.models import ClassificationModel, SegmentationModel
 
-    kind = init_kind(init)
-    kwargs: dict[str, Any] = {}
-    backbone_file = None
-    if kind == "timm":
-        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": init[len("timm:") :]}}
-    elif kind == "backbone_file":
-        backbone_file = init
     if task == "classification":
-        model = ClassificationModel(
-            backbone, num_classes, drop_rate=drop_rate, backbone_file=backbone_file, **kwargs
-        )
-    else:
-        model = SegmentationModel(backbone, num_classes, backbone_file=backbone_file, **kwargs)
-    if kind == "timm":
-        _check_timm_weights(model, backbone, init, kwargs)
-    return model
-
-
-def _check_timm_weights(model: nn.Module, backbone: str, init: str, kwargs: dict[str, Any]) -> None:
-    """Fail when timm left backbone weights random.
-
-    timm loads pretrained weights into a feature extractor non-strictly: a weight the file lacks
-    (a checkpoint of another model, a truncated file) keeps its random initialisation, with at most
-    a log line. The backbone is built from the file a second time under another seed: a weight
-    that differs between the two builds did not come from the file.
-    """
-    from histokd.models import backbone_state_dict, create_backbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch.initial_seed() + 1)
-        again = backbone_state_dict(create_backbone(backbone, **kwargs))
-    loaded = backbone_state_dict(model.backbone)
-    random = [
-        k for k, v in loaded.items() if v.is_floating_point() and not torch.equal(v, again[k])
-    ]
-    if random:
-        raise ValueError(
-            f"init={init!r}: {len(random)} of {len(loaded)} weights of the {backbone} backbone are not in the file "
-            f"(timm left them random), e.g. {random[0]!r}; give timm weights of {backbone}"
-        )
+        return ClassificationModel(backbone, num_classes, drop_rate=drop_rate, init=init)
+    return SegmentationModel(backbone, num_classes, init=init)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, config: dict) -> torch.Tensor:
@@ -186,43 +148,44 @@ def _reduce_eval(result: dict[str, Any], device: torch.device) -> tuple[float, n
     return float(flat[0] / max(flat[1], 1)), flat[2:].reshape(c, c).round().astype(np.int64)
 
 
-def _loaders(config: dict, rank: int, world: int) -> tuple:
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
+def _loaders(config: dict, rank: int, world: int, augmentation=None) -> tuple:
+    """The train loader (its images augmented by ``augmentation`` in the loader, where given),
+    its `EpochSampler`, and the validation and test loaders of this rank."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-    from histokd.finetune.samples import ImageSamples
+    from histokd.finetune.samples import EpochSampler, ImageSamples
 
-    def samples(part: str, train: bool) -> ImageSamples:
+    def samples(part: str, augmentation=None) -> ImageSamples:
         data = config["data"][part]
         return ImageSamples(
-            data["images"], config["input_size"], labels=data.get("labels"), masks=data.get("masks"), train=train,
-            color_jitter=config["color_jitter"] if config["augment"] else 0.0,
-            hue_jitter=config["hue_jitter"] if config["augment"] else 0.0, cache=config["cache_images"],
+            data["images"], config["input_size"], labels=data.get("labels"), masks=data.get("masks"),
+            augmentation=augmentation, seed=config["seed"], stain=config.get("stain_normalization"),
+            cache=config["cache_images"],
         )  # fmt: skip
 
-    train_set = samples("train", train=config["augment"])
+    train_set = samples("train", augmentation)
     per_worker = max(1, config["batch_size"] // world)
     per_rank_count = math.ceil(len(train_set) / world)
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
     drop_last = per_rank_count % per_worker == 1 and per_rank_count > 1
     generator = torch.Generator().manual_seed(config["seed"])
-    sampler = (
+    sampler = EpochSampler(
         DistributedSampler(
             train_set, num_replicas=world, rank=rank, shuffle=True, seed=config["seed"]
         )
         if world > 1
-        else None
+        else RandomSampler(train_set, generator=generator)  # what shuffle=True builds
     )
     common = {
         "num_workers": config["loader_workers"],
         "persistent_workers": config["loader_workers"] > 0,
     }
     train_loader = DataLoader(
-        train_set, batch_size=per_worker, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
-        generator=generator if sampler is None else None, **common,
-    )  # fmt: skip
+        train_set, batch_size=per_worker, sampler=sampler, drop_last=drop_last, **common
+    )
 
     def eval_loader(part: str) -> DataLoader:
-        data = samples(part, train=False)
+        data = samples(part)
         shard = Subset(data, list(range(rank, len(data), world)))  # no padding: every sample once
         return DataLoader(shard, batch_size=per_worker, shuffle=False, **common)
 
@@ -245,6 +208,7 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from histokd.augment import Augmentation, augment_on_device
     from histokd.metrics import classification_metrics
     from histokd.models import set_positional_encoding_trainable
 
@@ -293,19 +257,27 @@ def train_fn_per_worker(config: dict) -> None:
             )
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    train_loader, sampler, val_loader, test_loader = _loaders(config, rank, world)
+    augmentation = Augmentation.from_config(config)
+    on_device = augmentation.enabled and augment_on_device(config["augment_device"], device)
+    segmentation = config["task"] == "segmentation"
+    train_loader, sampler, val_loader, test_loader = _loaders(
+        config, rank, world, None if on_device else augmentation
+    )
     mlflow_client = worker_mlflow_client(config) if rank == 0 else None
     started = time.monotonic() - elapsed_before
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config["epochs"] + 1):
         epoch_start = time.monotonic()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         ddp_model.train()
         loss_sum, seen = 0.0, 0
         inject_fault(config, epoch, rank, world, config["split_dir"])
-        for image, target, _ in train_loader:
+        for image, target, index in train_loader:
             image, target = image.to(device), target.to(device)
+            if on_device:  # each sample's draws as the loader would draw them (EpochSampler)
+                draws = augmentation.draw_per_sample(config["seed"], epoch, index.tolist())
+                image, mask = augmentation(image, target if segmentation else None, draws=draws)
+                target = mask if segmentation else target
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["_bf16"]):
                 logits = ddp_model(image)
             loss = _loss(logits.float(), target, config).mean()  # RCKD Eqs. 5 and 7

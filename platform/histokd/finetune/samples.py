@@ -9,17 +9,18 @@ files every epoch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from histokd.finetune.augment import augment
+from histokd.augment import Augmentation
 from histokd.finetune.datasets import MASK_MODES
 
-__all__ = ["ImageSamples", "load_image", "load_mask"]
+__all__ = ["EpochSampler", "ImageSamples", "load_image", "load_mask"]
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -59,18 +60,24 @@ class ImageSamples(Dataset):
     """Images with class labels or masks, at the input resolution.
 
     Items are ``(image, target, index)``: ``3 x S x S`` uint8, a class index (classification)
-    or an ``S x S`` int64 mask (segmentation), and the sample's position in ``images``.
-    The task model normalises the batch itself (`histokd.models`), after augmentation.
+    or an ``S x S`` int64 mask (segmentation), and the sample's position in ``images``. An item
+    is asked for by its index, or by ``(epoch, index)`` (`EpochSampler`): with
+    ``augmentation``, sample i of epoch e is augmented with the draws of
+    ``sample_generator(seed, e, i)``, as `Augmentation.draw_per_sample` gives them for the
+    same sample augmented on the device. The task model normalises the batch itself
+    (`histokd.models`), after augmentation; stain normalisation comes first, when the image is
+    read.
 
     Args:
         images: Image paths.
         input_size: Side S of the square input.
         labels: Class index per image (classification).
         masks: Mask path per image (segmentation).
-        train: Apply the training augmentations.
-        color_jitter: See `augment`.
-        hue_jitter: See `augment`.
-        cache: Keep decoded, resized images (and masks) in memory after the first read.
+        augmentation: The training augmentations, applied here (None: none here).
+        seed: Seed of the augmentation draws.
+        stain: A stain normalisation record (`histokd.stain.stain_normalization`), or None.
+        cache: Keep decoded, resized (and stain-normalised) images and masks in memory after
+            the first read.
     """
 
     def __init__(
@@ -79,9 +86,9 @@ class ImageSamples(Dataset):
         input_size: int,
         labels: Sequence[int] | None = None,
         masks: Sequence[str] | None = None,
-        train: bool = False,
-        color_jitter: float = 0.1,
-        hue_jitter: float = 0.02,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+        stain: Mapping[str, Any] | None = None,
         cache: bool = False,
     ) -> None:
         if (labels is None) == (masks is None):
@@ -92,9 +99,12 @@ class ImageSamples(Dataset):
         self.labels = list(labels) if labels is not None else None
         self.masks = list(masks) if masks is not None else None
         self.input_size = int(input_size)
-        self.train = train
-        self.color_jitter = color_jitter
-        self.hue_jitter = hue_jitter
+        self.augmentation = (
+            augmentation if augmentation is not None and augmentation.enabled else None
+        )
+        self.seed = int(seed)
+        self.stain = dict(stain) if stain else None
+        self._normalize = None  # built on first use: a loader process builds its own
         self.cache = cache
         self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
@@ -105,16 +115,52 @@ class ImageSamples(Dataset):
         if i in self._cache:
             return self._cache[i]
         image = load_image(self.images[i], self.input_size)
+        if self.stain is not None:
+            if self._normalize is None:
+                from histokd.stain import stain_normalizer
+
+                self._normalize = stain_normalizer(self.stain)
+            image = self._normalize(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+            image = image.permute(1, 2, 0).numpy()
         mask = load_mask(self.masks[i], self.input_size) if self.masks is not None else None
         if self.cache:
             self._cache[i] = (image, mask)
         return image, mask
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         image_np, mask_np = self._read(i)
         image = torch.from_numpy(image_np).permute(2, 0, 1)
         mask = torch.from_numpy(mask_np.astype(np.int64)) if mask_np is not None else None
-        if self.train:
-            image, mask = augment(image, mask, self.color_jitter, self.hue_jitter)
+        if self.augmentation is not None:
+            draws = self.augmentation.draw_per_sample(self.seed, epoch, [i])
+            images, masks = self.augmentation(
+                image[None], mask[None] if mask is not None else None, draws=draws
+            )
+            image, mask = images[0], (masks[0] if masks is not None else None)
         target = mask if mask is not None else torch.tensor(self.labels[i], dtype=torch.int64)
         return image, target, i
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Another sampler's indices as ``(epoch, index)`` keys, so that an `ImageSamples` in a
+    loader process knows the epoch (a sampler runs in the main process, the dataset maybe not).
+
+    Args:
+        sampler: The sampler of the indices (its ``set_epoch`` is called too, where it has one).
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the keys to come."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

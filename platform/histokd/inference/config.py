@@ -27,6 +27,10 @@ class PredictConfig(RunConfig):
             the lowest validation loss).
         patch_size: The side in pixels of a training image at ``magnification``, before it was
             resized to the model's input size; default: the model file's, else the input size.
+        mpp: The training images' um/px, the same as ``magnification`` (``10 / mpp``); give
+            either.
+        assume_mpp: um per level-0 pixel of slides that record no MPP, TIFF resolution or
+            objective power; ``base_magnification`` is the older way to say it.
         overlap: The fraction of a tile's side shared with its neighbour, in [0, 1).
         blend: The weight window of overlapping tiles: ``cosine`` (Hann), ``linear`` (tent) or
             ``none`` (a plain mean).
@@ -35,6 +39,9 @@ class PredictConfig(RunConfig):
         tissue_hue_range: Hues in degrees counted as tissue (H&E: 250 345; any stain: 0 360).
         num_workers, gpus_per_worker: Model actors, and the GPU share of each where the cluster
             has GPUs.
+        stain_norm: ``model``: the stain normalisation the model file records (fine-tuning's
+            ``--stain-norm``), so tiles look as the training images did; ``none`` or
+            ``macenko`` (to ``stain_reference``, default the usual reference stains) replace it.
     """
 
     # --- what ------------------------------------------------------------------------------
@@ -43,9 +50,15 @@ class PredictConfig(RunConfig):
     run_name: str = arg("predict", "outputs go to STORAGE/RUN_NAME; a rerun skips finished slides")
     # --- what the model was trained on ------------------------------------------------------
     magnification: float | None = arg(None, "training images' (e.g. 20); default: the model file's")
+    mpp: float | None = arg(None, "training images' um/px instead (0.5 = 20x)")
     patch_size: int | None = arg(None, "training image side, unresized; default: the model file's")
     class_names: list[str] = arg(help="one per output; default: the model file's", factory=list)
-    base_magnification: float | None = arg(None, "level-0 magnification if a slide lacks power/MPP")
+    assume_mpp: float | None = arg(None, "um/px of slides recording no MPP, resolution or power")
+    base_magnification: float | None = arg(None, "older way to give --assume-mpp: 10 / this")
+    stain_norm: Literal["model", "none", "macenko"] = arg(
+        "model", "stain normalisation; model: the model file's"
+    )
+    stain_reference: str | None = arg(None, "reference tile of --stain-norm macenko")
     # --- tiling and stitching ---------------------------------------------------------------
     overlap: float | None = arg(None, "share of a tile's side; auto: 0.25 for segmentation, else 0")
     blend: Literal["cosine", "linear", "none"] = arg("cosine", "weight window: Hann, tent or mean")
@@ -67,6 +80,15 @@ class PredictConfig(RunConfig):
         super().__post_init__()
         if isinstance(self.slides, str):
             self.slides = [self.slides]
+        from histokd.slides import resolve_assume_mpp, resolve_target_mpp
+
+        # the rest of the job speaks magnifications: mpp and assume_mpp convert to them
+        mpp = resolve_target_mpp(self.mpp, self.magnification, default=None)
+        if mpp is not None:
+            self.mpp, self.magnification = mpp, 10.0 / mpp
+        assume_mpp = resolve_assume_mpp(self.assume_mpp, self.base_magnification)
+        if assume_mpp is not None:
+            self.assume_mpp, self.base_magnification = assume_mpp, 10.0 / assume_mpp
         check_positive(self, ["magnification"], example="20", auto="None (the model file's)")
         check_ints(self, ["patch_size"], auto="None (the model file's)")
         check_positive(self, ["base_magnification"], auto="None")
@@ -88,6 +110,14 @@ class PredictConfig(RunConfig):
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}: allowed: auto, fp32, bf16")
         check_ints(self, ["mlflow_overlays"], minimum=0)
+        if self.stain_norm not in ("model", "none", "macenko"):
+            raise ValueError(f"stain_norm={self.stain_norm!r}: allowed: model, none, macenko")
+        if self.stain_reference is not None and self.stain_norm != "macenko":
+            raise ValueError(
+                f"stain_reference={self.stain_reference!r} is for stain_norm='macenko', not {self.stain_norm!r}"
+            )
+        if self.stain_reference is not None and not os.path.isfile(self.stain_reference):
+            raise ValueError(f"stain_reference={self.stain_reference!r}: no such image file")
         if self.model:
             if not os.path.exists(self.model):
                 raise ValueError(

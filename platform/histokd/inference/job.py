@@ -118,6 +118,11 @@ def resolve_model(config: PredictConfig) -> tuple[dict[str, Any], TaskModelInfo]
         )
     path = find_best_model(config.model) if Path(config.model).is_dir() else Path(config.model)
     checkpoint = load_checkpoint(path)
+    if config.stain_norm != "model":  # replaces the file's, for the actors too
+        from histokd.stain import stain_normalization
+
+        record = stain_normalization(config.stain_norm, config.stain_reference)
+        checkpoint["config"] = {**checkpoint["config"], "stain_normalization": record}
     info = describe_checkpoint(str(path), checkpoint).resolve(
         config.magnification, config.patch_size, config.class_names or None
     )
@@ -136,7 +141,7 @@ def _fingerprint(info: TaskModelInfo, config: PredictConfig, overlap: float) -> 
         "class_names": list(info.class_names), "magnification": info.magnification, "patch_size": info.patch_size,
         "overlap": overlap, "blend": config.blend, "output_magnification": config.output_magnification,
         "min_tissue_fraction": config.min_tissue_fraction, "tissue_hue_range": config.tissue_hue_range,
-        "base_magnification": config.base_magnification,
+        "base_magnification": config.base_magnification, "stain_normalization": info.stain_normalization,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

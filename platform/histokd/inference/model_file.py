@@ -76,6 +76,9 @@ class TaskModelInfo:
         std: Per-channel input standard deviation (None: ImageNet's).
         resdist: A resolution-distillation network (`histokd.resdist.model`): its
             ``num_groups`` and ``hint_channels``; None for the fine-tuning job's models.
+        stain_normalization: The stain normalisation the training images had
+            (`histokd.stain.stain_normalization`'s record; ``--stain-norm`` of fine-tuning),
+            which tiles get before the model too; None for none.
     """
 
     path: str
@@ -91,6 +94,7 @@ class TaskModelInfo:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     resdist: dict[str, Any] | None = None
+    stain_normalization: dict[str, Any] | None = None
 
     @property
     def read_magnification(self) -> float:
@@ -269,7 +273,27 @@ def describe_checkpoint(path: str, payload: Mapping[str, Any]) -> TaskModelInfo:
         mean=tuple(map(float, config["mean"])) if config.get("mean") else None,
         std=tuple(map(float, config["std"])) if config.get("std") else None,
         resdist=dict(resdist) if resdist else None,
+        stain_normalization=_stain_record(path, config.get("stain_normalization")),
     )
+
+
+def _stain_record(path: str, record: Any) -> dict[str, Any] | None:
+    """The model file's stain normalisation, checked (None: none)."""
+    if not record:
+        return None
+    try:  # histokd.stain.StainReference's shape, checked here without importing torch
+        ok = record.get("method") == "macenko"
+        ok = ok and [len(row) for row in record["stain_matrix"]] == [2, 2, 2]
+        ok = ok and len(record["max_concentrations"]) == 2
+        ok = ok and all(float(v) > 0 for v in record["max_concentrations"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ModelFileError(
+            path, f"config['stain_normalization']={record!r}: allowed: a macenko record "
+            "(method, stain_matrix 3 x 2, max_concentrations 2 positive numbers) or None",
+        )  # fmt: skip
+    return dict(record)
 
 
 def build_model(

@@ -214,6 +214,10 @@ class TilePredictor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.model = build_model(self.info, checkpoint["model"]).to(self.device)
+        from histokd.stain import stain_normalizer
+
+        # the training images' stain normalisation, on the tiles at the model's input size
+        self.normalize_stain = stain_normalizer(self.info.stain_normalization)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.tile_side = int(tile_side)
@@ -230,6 +234,8 @@ class TilePredictor:
                 .to(self.device, non_blocking=True)
                 .permute(0, 3, 1, 2)
             )
+            if self.normalize_stain is not None:
+                x = self.normalize_stain(x)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

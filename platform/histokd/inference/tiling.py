@@ -130,8 +130,8 @@ def plan_tiles(
         raise ValueError(f"overlap={overlap!r}: must be in [0, 1)")
     tissue = tissue or TissueFilter()
     with SlideReader(path, base_magnification) as reader:
-        downsample = reader.downsample_for(magnification)
-        extent = max(1, round(patch_size * downsample))
+        # the level-0 px a tile read covers (a level within 1 % of the target is read as is)
+        extent = reader.footprint(patch_size, magnification).extent[0]
         stride = max(1, round(extent * (1 - overlap)))
         width, height = reader.info.dimensions
         xs, ys = lattice(width, height, extent, stride)

@@ -18,6 +18,7 @@ from histokd.models.factory import (  # noqa: E402
     create_backbone,
     load_backbone_file,
     load_backbone_state_dict,
+    load_init,
     save_backbone,
     timm_name,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "histokd_resnet18_sat",
     "load_backbone_file",
     "load_backbone_state_dict",
+    "load_init",
     "save_backbone",
     "set_positional_encoding_trainable",
     "timm_name",

@@ -46,6 +46,7 @@ __all__ = [
     "backbone_state_dict",
     "create_backbone",
     "load_backbone_file",
+    "load_init",
     "load_backbone_state_dict",
     "save_backbone",
     "timm_name",
@@ -83,6 +84,7 @@ def create_backbone(
     *,
     out_indices: Sequence[int] | None = None,
     backbone_file: str | os.PathLike | None = None,
+    init: str | None = None,
     **kwargs,
 ) -> FeatureGetterNet:
     """Build a multi-scale feature extractor.
@@ -92,6 +94,8 @@ def create_backbone(
         out_indices: Feature levels to return (default: all; 4 levels for csat and
             convnextv2_atto, strides 4-32; 5 for the others, strides 2-32).
         backbone_file: Optional backbone file (see `save_backbone`) to load strictly.
+        init: Initial weights, as every job's ``--init`` gives them (`load_init`): ``random``
+            (or None), ``imagenet``, a weights file or ``hf-hub:ORG/NAME``.
         **kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``pretrained``,
             ``pretrained_cfg_overlay``, ...).
 
@@ -99,7 +103,7 @@ def create_backbone(
         The backbone; calling it on NCHW images returns one NCHW tensor per level.
 
     Raises:
-        ValueError: ``name`` is not a known backbone.
+        ValueError: ``name`` is not a known backbone, or ``init`` cannot be loaded.
     """
     if name not in BACKBONES:
         raise ValueError(f"backbone name {name!r} is not one of {', '.join(BACKBONES)}")
@@ -111,7 +115,37 @@ def create_backbone(
     backbone.backbone_name = name
     if backbone_file is not None:
         load_backbone_file(backbone, backbone_file)
+    if init is not None:
+        load_init(backbone, init)
     return backbone
+
+
+def load_init(backbone: nn.Module, init: str | None) -> str | None:
+    """Load ``--init`` weights into a backbone from `create_backbone`, every key checked.
+
+    Args:
+        backbone: The backbone.
+        init: ``random`` (or None: nothing to load), ``imagenet``, a weights file or
+            ``hf-hub:ORG/NAME`` (`histokd.models.timm_weights.parse_init`).
+
+    Returns:
+        The file the weights came from (a Hub checkpoint in the Hugging Face cache), or None.
+
+    Raises:
+        ValueError: The weights cannot be had, or do not fit the backbone (naming the first
+            missing and unexpected keys, and the file).
+    """
+    from histokd.models.timm_weights import parse_init, read_init_weights
+
+    _check_backbone(backbone)
+    source = parse_init(init, backbone.backbone_name)
+    if source.kind == "random":
+        return None
+    state, path = read_init_weights(source)
+    where = path if source.kind == "file" else f"{path} (init={source.value!r})"
+    load_backbone_state_dict(backbone, state, source=where, own_keys=source.own_keys)
+    _logger.info("%s backbone initialised from %s", backbone.backbone_name, where)
+    return path
 
 
 def _check_backbone(backbone: nn.Module) -> None:
@@ -128,44 +162,72 @@ def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {k[len(_PREFIX) :]: v for k, v in backbone.state_dict().items()}
 
 
+def _first(keys: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def load_backbone_state_dict(
-    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+    backbone: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "state dict",
+    own_keys: str | None = None,
 ) -> None:
     """Load timm-named backbone weights strictly.
 
-    Keys the backbone does not have (a timm classifier, a pruned head or stage) are ignored;
-    a key it needs but ``state_dict`` lacks, or a shape that differs, is an error.
+    Keys the backbone does not have (a timm classifier, a pruned head or stage) are ignored
+    unless a key is missing too; a key it needs but ``state_dict`` lacks, or a shape that
+    differs, is an error that names the first missing and unexpected keys and ``source``.
 
     Args:
         backbone: A backbone from `create_backbone`.
         state_dict: Weights keyed as in ``timm.create_model(timm_name(name))``.
         source: What the weights are, for error messages (e.g. the file path).
+        own_keys: Backbone keys containing this may be missing: layers of the backbone that
+            the source model lacks (``.se.``: the SAT modules of ``resnet18_sat`` under
+            resnet18's weights) keep their initialisation.
 
     Raises:
         ValueError: A required key is missing or a shape differs.
     """
     _check_backbone(backbone)
+    name = getattr(backbone, "backbone_name", "this backbone")
     expected = {k[len(_PREFIX) :]: v for k, v in backbone.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
+    kept = [k for k in missing if own_keys and own_keys in k]
+    missing = [k for k in missing if k not in kept]
     if missing:
-        sample = next(iter(state_dict), "<empty>")
+        unexpected = [k for k in state_dict if k not in expected]
         raise ValueError(
-            f"{source}: {len(missing)} of {len(expected)} backbone keys are missing, e.g. "
-            f"{missing[0]!r} (the file has keys like {sample!r}); expected a backbone file "
-            f"for {getattr(backbone, 'backbone_name', 'this backbone')} written by save_backbone"
+            f"{source}: {len(missing)} of {len(expected)} backbone keys are missing "
+            f"({_first(missing)}); "
+            + (
+                f"the file has keys like {_first(unexpected)} that the {name} backbone lacks; "
+                if unexpected
+                else ""
+            )
+            + f"expected weights of {name} (a backbone file, a timm or Hub checkpoint)"
         )
     for key, value in expected.items():
-        if state_dict[key].shape != value.shape:
+        if key not in kept and state_dict[key].shape != value.shape:
             raise ValueError(
-                f"{source}: {key!r} has shape {tuple(state_dict[key].shape)}; the backbone "
-                f"needs {tuple(value.shape)}"
+                f"{source}: {key!r} has shape {tuple(state_dict[key].shape)}; the {name} "
+                f"backbone needs {tuple(value.shape)}"
             )
     ignored = [k for k in state_dict if k not in expected]
     if ignored:
         _logger.info(
-            "%s: ignored %d keys the backbone lacks, e.g. %r", source, len(ignored), ignored[0]
+            "%s: ignored %d keys the backbone lacks: %s", source, len(ignored), _first(ignored)
         )
-    backbone.load_state_dict({_PREFIX + k: state_dict[k] for k in expected}, strict=True)
+    if kept:
+        _logger.info(
+            "%s: %d keys of %s keep their initialisation: %s", source, len(kept), name, _first(kept)
+        )
+    own = backbone.state_dict()
+    backbone.load_state_dict(
+        {_PREFIX + k: (own[_PREFIX + k] if k in kept else state_dict[k]) for k in expected},
+        strict=True,
+    )
 
 
 def load_backbone_file(backbone: nn.Module, path: str | os.PathLike) -> None:

@@ -11,7 +11,10 @@ from typing import Literal
 from histokd.cli import arg, check_ints, parse_json_object
 from histokd.run import WorkerConfig, resolve_output_path
 
-__all__ = ["DEMO_PRESET", "PretrainConfig"]
+__all__ = ["AUGMENT_DEFAULT", "DEMO_PRESET", "PretrainConfig"]
+
+# The flips and rotations of earlier releases, plus HED jitter (Tellez et al. 2019).
+AUGMENT_DEFAULT = ("flip", "rot90", "hed")
 
 
 @dataclass
@@ -22,8 +25,17 @@ class PretrainConfig(WorkerConfig):
     slides, the shipped demo teacher, small sizes) so that it runs offline in minutes.
 
     Attributes:
-        base_magnification: The level-0 magnification of slides that record neither objective
-            power nor microns per pixel.
+        mpp: The patches' pixel size in um/px (RCKD: 20x, 0.5 um/px); ``magnification`` is its
+            alias (``10 / magnification``). Both resolve here: after construction both are set.
+        patch_size, patch_size_um: The patch side in pixels (RCKD: 1024) or in um (512 um is
+            1024 px at 0.5 um/px).
+        assume_mpp: um per level-0 pixel of slides that record no MPP, TIFF resolution or
+            objective power (else they are bad slides); ``base_magnification`` is the older way
+            to say it (``10 / base_magnification``).
+        sampling, max_patches_per_slide: How patches spread over slides
+            (`histokd.manifest.slide_quotas`): ``uniform``, ``capped`` (at most
+            ``max_patches_per_slide`` each; the default when it is set) or ``proportional`` (to
+            tissue area, with the cap).
         teacher: A StarDist pretrained name (RCKD: ``2D_versatile_he``), ``stardist:<name>``, a
             StarDist model folder, a registered teacher (``demo``, ``deconvolution``), or
             ``package.module:name`` (a teacher that module registers).
@@ -38,9 +50,10 @@ class PretrainConfig(WorkerConfig):
             extra).
         teacher_precision: A torch teacher on CUDA runs in fp32 or under bf16 autocast; on CPU
             always fp32.
-        teacher_placement: ``actors``: a Ray Data pool of teacher actors labels the stream and
-            caches the labels, so the teacher runs once per patch. ``trainer``: each training
-            worker labels its own batches on its device, every epoch; it needs a StarDist
+        teacher_placement: ``actors``: a Ray Data pool of teacher actors labels the patches
+            once, before training, into the record cache, and every epoch streams the records
+            (no slide read, no teacher). ``trainer``: each training worker labels its own
+            batches on its device, every epoch, with no cache; it needs a StarDist
             teacher, ``teacher_backend='torch'`` and ``mask_mode='probability'``. What each
             costs: docs/operators_guide.md, section 6.
         teacher_mpp: The pixel size (um/px) the teacher was trained at: patches are resampled
@@ -63,19 +76,45 @@ class PretrainConfig(WorkerConfig):
             training worker asks for, e.g. ``{"teacher_node": 1}`` to place them on nodes
             started with that resource (JSON on the command line; CPUs and GPUs have their
             own fields).
+        record_cache: The record cache folder (``teacher_placement`` ``actors`` only): each
+            patch's training record (resized image and pseudo label) is made once and every
+            epoch reads it from there. Default: ``records/`` in the run folder. A folder shared
+            by several runs lets those with the same teacher, teacher settings, input size and
+            record format reuse the records (other settings get folders of their own inside).
+        record_format, jpeg_quality: How cached images are stored: ``jpeg`` at this quality
+            (RCKD names none; 95, without chroma subsampling, keeps stain texture: on the demo
+            slides 139 kB a 512 px record, a sixth of the raw image) or lossless ``png`` (about
+            3x the disk of JPEG 95 there). ``benchmarks/record_cache.py`` measures both.
         lr: The paper gives none: SimCLR's LARS rule, 0.3 x batch/256.
+        init: The student backbone's initial weights: ``random`` (the default), ``imagenet``
+            (what RCKD did, Sec. 2.2.1, following USI: timm's ImageNet weights from the Hugging
+            Face Hub; not for CSAT, which has none), a weights file, or ``hf-hub:ORG/NAME``
+            (`histokd.models.timm_weights.parse_init`).
+        augment: Augmentations of the training patches (`histokd.augment`; the pseudo label
+            gets the same flips and rotations), ``none`` for none. ``augment_device``: ``cpu``
+            augments the batch before it moves to the device, ``device`` after; ``auto``: the
+            device on a GPU worker. Both give the same patches for the same seed.
     """
 
     # --- where ------------------------------------------------------------------------------
     run_name: str = arg("rckd", "run name; rerunning it resumes from its last checkpoint")
     mlflow_experiment: str = arg("histokd-rckd", "MLflow experiment name")
-    slides: list[str] = arg(help="files, folders or .txt lists; empty: demo slides", factory=list)
+    slides: list[str] = arg(
+        help="files, folders, .txt lists, s3:// or gs:// URLs; empty: demo slides", factory=list
+    )
     demo_dir: str = arg("demo_data", "where the demo slides are written when no slides are given")
     # --- patches (RCKD Sec. 2.1.1, Algorithm 1) ----------------------------------------------
-    magnification: float = arg(20.0, "patch magnification (RCKD: Mag = 20)")
-    patch_size: int = arg(1024, "patch side in pixels at --magnification (RCKD: P_size = 1024)")
+    mpp: float | None = arg(None, "um per patch pixel; default 0.5 (RCKD: Mag = 20, 0.5 um/px)")
+    magnification: float | None = arg(None, "alias of --mpp: 10 / magnification (20x: 0.5 um/px)")
+    patch_size: int | None = arg(None, "patch side in pixels; default 1024 (RCKD: P_size = 1024)")
+    patch_size_um: float | None = arg(None, "patch side in um instead (512 um = 1024 px at 0.5)")
     num_patches: int = arg(400_000, "S_n, patches sampled over all slides (RCKD: 400,000)")
-    base_magnification: float | None = arg(None, "level-0 magnification if a slide lacks power/MPP")
+    assume_mpp: float | None = arg(None, "um/px of slides recording no MPP, resolution or power")
+    base_magnification: float | None = arg(None, "older way to give --assume-mpp: 10 / this")
+    sampling: Literal["uniform", "capped", "proportional"] | None = arg(
+        None, "patches per slide: uniform, capped, proportional; auto: capped if a cap is set"
+    )
+    max_patches_per_slide: int | None = arg(None, "cap of capped/proportional sampling")
     holdout_fraction: float = arg(0.02, "share of patches held out for teacher-vs-student metrics")
     # --- teacher (RCKD Sec. 2.2.1, Eqs. 1-2) --------------------------------------------------
     teacher: str = arg("2D_versatile_he", "StarDist name (RCKD) or folder, demo, deconvolution")
@@ -94,6 +133,11 @@ class PretrainConfig(WorkerConfig):
     teacher_actors: int | None = arg(None, "actors in the pool; auto: one per GPU, or 1 on CPU")
     teacher_gpus: float = arg(0.5, "GPU share of each teacher actor (the student shares the GPU)")
     teacher_resources: dict[str, float] = arg(help="Ray resources per actor (JSON)", factory=dict)
+    record_cache: str | None = arg(None, "record cache folder; default: records/ in the run folder")
+    record_format: Literal["jpeg", "png"] = arg(
+        "jpeg", "cached images: jpeg (small) or png (lossless)"
+    )
+    jpeg_quality: int = arg(95, "JPEG quality of cached images, 1-100")
     # --- student (RCKD Sec. 2.2.1, 2.3) -------------------------------------------------------
     backbone: str = arg("csat", "csat[_nosat], resnet18[_sat], efficientnet_b0 or convnextv2_atto")
     input_size: int = arg(512, "side patches are resized to (bilinear) for the student (RCKD: 512)")
@@ -103,7 +147,16 @@ class PretrainConfig(WorkerConfig):
     lr: float = arg(0.075, "peak LARS rate after warm-up (not in RCKD; SimCLR: 0.3 x batch/256)")
     weight_decay: float = arg(1e-6, "LARS weight decay (SimCLR's setting; not stated in RCKD)")
     momentum: float = arg(0.9, "LARS momentum")
-    init: str | None = arg(None, "initial backbone file (RCKD: ImageNet, USI); default: random")
+    init: str = arg("random", "random, imagenet (RCKD Sec. 2.2.1, USI), FILE or hf-hub:ORG/NAME")
+    # --- augmentation (not in RCKD; histokd.augment) -----------------------------------------
+    augment: list[str] = arg(help="flip rot90 hed brightness contrast saturation hue, or none",
+                             factory=lambda: list(AUGMENT_DEFAULT))  # fmt: skip
+    augment_device: Literal["auto", "cpu", "device"] = arg(
+        "auto", "augment before (cpu) or after the batch moves to the device; auto: device on GPU"
+    )
+    hed_sigma: float = arg(0.05, "HED jitter strength (Tellez et al. 2019: 0.05, 'HED-light')")
+    color_jitter: float = arg(0.1, "brightness/contrast/saturation factors drawn from [1-x, 1+x]")
+    hue_jitter: float = arg(0.02, "hue shift drawn from [-x, x] of the hue circle")
     # --- cluster -----------------------------------------------------------------------------
     trainer_resources: dict[str, float] = arg(help="Ray resources per worker (JSON)", factory=dict)
     precision: Literal["auto", "fp32", "bf16"] = arg("auto", "autocast; auto: GPU bf16, else fp32")
@@ -117,6 +170,7 @@ class PretrainConfig(WorkerConfig):
         super().__post_init__()
         if isinstance(self.slides, str):
             self.slides = [self.slides]
+        self._resolve_units()
         check_ints(
             self,
             [
@@ -135,13 +189,8 @@ class PretrainConfig(WorkerConfig):
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs}: must be at most epochs={self.epochs}"
             )
-        for name in ["magnification", "lr"]:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
-        if self.base_magnification is not None and not self.base_magnification > 0:
-            raise ValueError(
-                f"base_magnification={self.base_magnification!r}: must be positive or unset"
-            )
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r}: must be positive")
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise ValueError(f"alpha={self.alpha!r}: must be in (0, 1] (RCKD Eq. 2: 0.5)")
         if self.mask_mode not in ("probability", "instances"):
@@ -184,18 +233,45 @@ class PretrainConfig(WorkerConfig):
 
         resolve_teacher_spec(self.teacher)
         _check_teacher_placement(self)
-        if self.init is not None and not os.path.isfile(self.init):
-            raise ValueError(f"init={self.init!r}: no such backbone file")
+        from histokd.teachers.cache import check_record_settings
+
+        check_record_settings(self.input_size, self.record_format, self.jpeg_quality)
+        if self.record_cache is not None:
+            if "://" in self.record_cache:
+                raise ValueError(
+                    f"record_cache={self.record_cache!r}: must be a folder on a filesystem every node "
+                    "mounts (object storage is not supported for the record cache)"
+                )
+            self.record_cache = resolve_output_path(self.record_cache, "record_cache")
+        from histokd.models.timm_weights import check_init
+
+        self.init = check_init(self.init, self.backbone)  # Hub weights: cached or fetched now
+        from histokd.augment import check_augment, check_strengths
+
+        self.augment = check_augment(self.augment, AUGMENT_DEFAULT)
+        check_strengths(self)
         self.demo_dir = resolve_output_path(self.demo_dir, "demo_dir")
+
+    def _resolve_units(self) -> None:
+        """mpp from mpp or magnification, patch_size from px or um, assume_mpp from itself or
+        base_magnification, and the sampling rule; each conflict as one error."""
+        from histokd.manifest import patch_size_px, resolve_sampling
+        from histokd.slides import resolve_assume_mpp, resolve_target_mpp
+
+        self.mpp = resolve_target_mpp(self.mpp, self.magnification)
+        self.magnification = 10.0 / self.mpp
+        self.patch_size = patch_size_px(self.patch_size, self.patch_size_um, self.mpp)
+        self.assume_mpp = resolve_assume_mpp(self.assume_mpp, self.base_magnification)
+        self.sampling = resolve_sampling(self.sampling, self.max_patches_per_slide)
 
     def teacher_kwargs(self) -> dict:
         """The teacher's settings for :func:`histokd.teachers.build_teacher`.
 
-        The patches' pixel size (``patch_mpp``, from ``magnification``: 20x is 0.5 um/px) lets
+        The patches' pixel size (``patch_mpp``: 20x is 0.5 um/px) lets
         a StarDist teacher resample them to its own scale; other teachers ignore it.
         """
         kwargs = {"alpha": self.alpha, "mask_mode": self.mask_mode, "backend": self.teacher_backend,
-                  "patch_mpp": round(10.0 / self.magnification, 6)}  # fmt: skip
+                  "patch_mpp": round(self.mpp, 6)}  # fmt: skip
         if self.teacher_mpp is not None:
             kwargs["teacher_mpp"] = self.teacher_mpp
         if self.teacher_normalization is not None:
@@ -303,6 +379,13 @@ def _check_teacher_placement(config: PretrainConfig) -> None:
             raise ValueError(
                 f"{name}={getattr(config, name)!r}: a setting of the teacher actor pool, which "
                 "teacher_placement='trainer' does not start; leave it unset or use --teacher-placement actors"
+            )
+    for name, unset in (("record_cache", None), ("record_format", "jpeg"), ("jpeg_quality", 95)):
+        if getattr(config, name) != unset:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r}: a setting of the record cache, which "
+                "teacher_placement='trainer' does not keep (its workers label every epoch); leave it "
+                "unset or use --teacher-placement actors"
             )
 
 

@@ -1,8 +1,9 @@
 """The RCKD pretraining driver: manifest -> teacher stream -> TorchTrainer -> backbone file.
 
 RCKD Algorithm 1 on Ray: the manifest fixes the patches (GetPatches, SelectTissuePatches,
-RandomSampling), a Ray Data actor pool runs the teacher on them (pseudo labels, cached), and
-Ray Train's TorchTrainer trains the student with DDP over the workers. With
+RandomSampling), a Ray Data actor pool runs the teacher on them once, before training, into the
+record cache (resized image and pseudo label per patch), and Ray Train's TorchTrainer trains the
+student with DDP over the workers, every epoch streaming the records. With
 ``teacher_placement="trainer"`` the stream only reads patches and each training worker runs the
 teacher itself, on its own device, before each step. Rerunning with the same run name resumes
 from the last checkpoint; the MLflow run of that name continues too.
@@ -100,7 +101,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     from histokd.console import train_log_level
-    from histokd.manifest import ManifestConfig, build_manifest, read_manifest
+    from histokd.manifest import ManifestConfig, balance_line, build_manifest, read_manifest
     from histokd.pretrain.label_share import read_label_share, summary_line
     from histokd.pretrain.loop import CHECKPOINT_FILE, LABEL_SHARE_FILE, train_fn_per_worker
     from histokd.teachers.registry import check_teacher_loads
@@ -121,11 +122,13 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         slides,
         work_dir / "manifest",
         ManifestConfig(
-            magnification=config.magnification,
+            mpp=config.mpp,
             patch_size=config.patch_size,
             num_patches=config.num_patches,
             seed=config.seed,
-            base_magnification=config.base_magnification,
+            assume_mpp=config.assume_mpp,
+            sampling=config.sampling,
+            max_patches_per_slide=config.max_patches_per_slide,
         ),
     )
     table = read_manifest(manifest.manifest_path)
@@ -138,6 +141,21 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         f"listed in {manifest.bad_slides_path}",
         flush=True,
     )
+    balance, lopsided = balance_line(manifest.summary.get("patches_per_slide", {}))
+    print(balance, flush=True)
+    if lopsided:
+        print(
+            "warning: one slide gives over half of the patches; balance them with "
+            "--max-patches-per-slide (and --sampling proportional)",
+            flush=True,
+        )
+    from_objective = manifest.summary.get("num_slides_mpp_from_objective", 0)
+    if from_objective:
+        print(
+            f"warning: {from_objective} slide(s) record no MPP: their pixel size is 10 / objective "
+            f"power (see {manifest.manifest_path.with_name('manifest.json')})",
+            flush=True,
+        )
 
     # One progress bar per dataset (per-operator bars from the split coordinator flood logs).
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
@@ -163,7 +181,9 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
             teacher=config.teacher,
             teacher_kwargs=config.teacher_kwargs(),
             input_size=config.input_size,
-            cache_dir=str(work_dir / "pseudo_labels"),
+            cache_dir=_record_cache_dir(config),
+            record_format=config.record_format,
+            jpeg_quality=config.jpeg_quality,
             batch_size=config.teacher_batch_size,
             num_actors=config.teacher_actors,
             num_gpus=config.teacher_gpus if gpus > 0 else 0.0,
@@ -172,6 +192,8 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         )
     train_ds = make_stream(str(work_dir / "manifest" / "train.parquet"))
     holdout_ds = make_stream(str(work_dir / "manifest" / "holdout.parquet"))
+    if config.teacher_placement == "actors":
+        _report_record_cache(config)
 
     params = config_to_dict(config)
     tracking = open_mlflow_run(config, "rckd_pretrain", params=params)
@@ -255,6 +277,51 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         label_share=label_share,
         label_share_summary=share_summary,
     )
+
+
+def _record_cache_dir(config: PretrainConfig) -> str:
+    """The record cache folder: ``--record-cache``, else ``records/`` in the run folder.
+
+    Raises:
+        ValueError: The storage path is a URI (the run folder's work files stay on the head's
+            disk) on a cluster of several nodes, and no ``--record-cache`` is given: the teacher
+            actors and read tasks on the other nodes could not reach the records.
+    """
+    if config.record_cache:
+        return config.record_cache
+    if config.remote_storage and config.teacher_placement == "actors":
+        import ray
+
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        if nodes > 1:
+            raise ValueError(
+                f"storage_path={config.storage_path!r} keeps the job's work files on the head's disk, where the "
+                f"other {nodes - 1} node(s) cannot read the record cache: give --record-cache on a "
+                "filesystem every node mounts (an NFS path)"
+            )
+    return str(config.work_dir / "records")
+
+
+def _report_record_cache(config: PretrainConfig) -> None:
+    """Print the record cache's size (records, MB, bytes per record, the disk of 400k records).
+
+    Caches of earlier versions held labels only (``pseudo_labels/``); records need the images
+    too, so that folder is not read any more and a note says it can go.
+    """
+    from histokd.teachers.cache import RecordCache
+
+    cache = RecordCache.for_teacher(
+        _record_cache_dir(config), config.teacher, config.teacher_kwargs(), config.input_size,
+        config.record_format, config.jpeg_quality,
+    )  # fmt: skip
+    print(cache.size_line(), flush=True)
+    old = config.work_dir / "pseudo_labels"
+    if old.is_dir():
+        print(
+            f"note: {old} holds the label-only cache of an earlier version, which the record cache "
+            "replaces; it is no longer read and can be deleted",
+            flush=True,
+        )
 
 
 def num_workers_hint(config: PretrainConfig) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "LABEL_SHARE_FILE",
     "EpochStats",
+    "build_student",
     "patch_checksum",
     "train_fn_per_worker",
 ]
@@ -78,29 +79,41 @@ def _writable_tensor(array: Any) -> torch.Tensor:
 
 
 def _to_tensors(
-    batch: dict, device: torch.device, channels_last: bool, label: torch.Tensor | None = None
+    batch: dict,
+    device: torch.device,
+    channels_last: bool,
+    label: torch.Tensor | None = None,
+    augment=None,
+    augment_on_device: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The image in [0, 1] (the model normalises it) and the pseudo label (the batch's, or
-    ``label`` when given)."""
-    image = _writable_tensor(batch["image"]).to(device, non_blocking=True)
+    ``label`` when given), through ``augment(image, label)`` when given: on the device, or on
+    the CPU before the image moves there."""
+    image = _writable_tensor(batch["image"])
     if label is None:
         label = _writable_tensor(batch["pseudo_label"]).to(device, non_blocking=True)
+    if augment is None or augment_on_device:
+        image = image.to(device, non_blocking=True)
     image = image.permute(0, 3, 1, 2).float().div_(255.0)
+    if augment is not None:
+        image, label = augment(image, label)
+        image = image.to(device, non_blocking=True)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     return image, label.long()
 
 
-def _augment(
-    image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random flip and 90-degree rotation for a batch's images and labels."""
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    if k:
-        image, label = torch.rot90(image, k, (2, 3)), torch.rot90(label, k, (1, 2))
-    if bool(torch.randint(0, 2, (1,), generator=generator)):
-        image, label = image.flip(3), label.flip(2)
-    return image, label
+def build_student(backbone: str, init: str | None = "random") -> torch.nn.Module:
+    """RCKD's student: backbone + U-Net decoder for the two-class pseudo labels (Sec. 2.2.1).
+
+    Args:
+        backbone: One of ``histokd.models.BACKBONES``.
+        init: The backbone's initial weights (``--init``): ``random``, ``imagenet`` (RCKD,
+            following USI), a weights file or ``hf-hub:ORG/NAME``, loaded with every key checked.
+    """
+    from histokd.models import SegmentationModel
+
+    return SegmentationModel(backbone, num_classes=2, init=init)
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -119,9 +132,9 @@ def train_fn_per_worker(config: dict) -> None:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    from histokd.augment import Augmentation, augment_on_device
     from histokd.losses import pixel_cross_entropy
     from histokd.metrics import BinaryConfusion, binary_confusion
-    from histokd.models import SegmentationModel, load_backbone_file
     from histokd.pretrain.label_share import LabelShare
     from histokd.pretrain.overlay import save_overlay
     from histokd.resume import inject_fault, report_checkpoint, restore_checkpoint
@@ -154,9 +167,7 @@ def train_fn_per_worker(config: dict) -> None:
     def pseudo_label(batch: dict) -> torch.Tensor | None:
         return trainer_teacher(batch) if trainer_teacher is not None else None
 
-    model = SegmentationModel(config["backbone"], num_classes=2)
-    if config.get("init"):
-        load_backbone_file(model.backbone, config["init"])
+    model = build_student(config["backbone"], config.get("init"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -199,10 +210,17 @@ def train_fn_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     holdout_shard = ray.train.get_dataset_shard("holdout")
     run_dir = config["run_dir"]
-    augment_rng = torch.Generator().manual_seed(config["seed"] + 7919 * start_epoch + rank)
+    augmentation = Augmentation.from_config(config)
+    on_device = augment_on_device(config["augment_device"], device)
     run_start = time.monotonic()
     for epoch in range(start_epoch, epochs + 1):
         model.train()
+        # the draws on the CPU, seeded by epoch and rank: the same patches on CPU and device
+        augment_rng = torch.Generator().manual_seed(config["seed"] + 7919 * epoch + rank)
+
+        def augment(image, label, rng=augment_rng):
+            return augmentation(image, label, generator=rng)
+
         epoch_start = time.monotonic()
         loss_sum, seen, checksum = 0.0, 0, 0
         shares = LabelShare(config["empty_patch_share"])
@@ -216,9 +234,13 @@ def train_fn_per_worker(config: dict) -> None:
         for i, batch in enumerate(batches):
             if i == 1:  # mid-epoch, with data flowing
                 inject_fault(config, epoch, rank, world, run_dir)
-            image, label = _to_tensors(batch, device, channels_last, pseudo_label(batch))
+            image, label = _to_tensors(
+                batch, device, channels_last, pseudo_label(batch),
+                augment if augmentation.enabled else None, on_device,
+            )  # fmt: skip
             shares.add(batch["slide"], label.float().mean(dim=(1, 2)).cpu().numpy())
-            image, label = _augment(image, label, augment_rng)
+            if i == 0 and epoch == start_epoch and rank == 0 and augmentation.enabled:
+                _log_augment_examples(batch["image"], image, config, mlflow_client)
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
@@ -344,6 +366,24 @@ def train_fn_per_worker(config: dict) -> None:
                     flush=True,
                 )
             break
+
+
+def _log_augment_examples(before, after: torch.Tensor, config: dict, client) -> None:
+    """Once per run: a few training patches before | after augmentation, as a PNG in the run
+    folder and in the MLflow run."""
+    from histokd.augment import EXAMPLES_FILE, save_augment_examples
+
+    path = os.path.join(config["run_dir"], EXAMPLES_FILE)
+    if os.path.exists(path):  # a resumed run drew them before
+        return
+    n = min(4, len(after))
+    try:
+        save_augment_examples(np.asarray(before[:n]), after[:n], path,
+                              title=f"before | after augmentation ({' '.join(config['augment'])})")  # fmt: skip
+        if client is not None:
+            client.log_artifact(config["mlflow_run_id"], path)
+    except Exception as exc:  # noqa: BLE001 - pictures must never kill a training run
+        log.warning("augmentation examples not written: %s", exc)
 
 
 def _gather_label_shares(shares, world: int):

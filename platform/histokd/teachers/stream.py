@@ -14,10 +14,16 @@ training worker shares the GPU), and the CPUs left after ``reserved_cpus`` are s
 the actors and the read tasks, so on a 2-CPU machine neither starves the other. Custom
 ``resources`` pin the actors to the nodes that offer them.
 
-Pseudo labels are written through to a :class:`PseudoLabelCache`; on later epochs and reruns
-patches with a cached label skip the teacher. Ray Data restarts a dead actor and retries the
-batch it held (``max_restarts=-1``, ``max_task_retries=-1``), so every manifest patch comes out
-exactly once.
+With a record cache (:class:`~histokd.teachers.cache.RecordCache`) the stream runs in two
+phases. First the patches without a cached record go through the read tasks and the actor
+pool, which write each batch's records (encoded image and packed label) as a shard; this runs to
+the end on the driver, before the dataset is returned. Then the dataset returned streams the
+records of every manifest patch from the shards (:func:`read_cached_batch`: decode the images,
+unpack the labels): Ray Train executes a dataset's plan again every epoch, and this plan has no
+slide read and no teacher in it, so no epoch and no rerun decodes a slide or runs the teacher
+again. Without a cache every epoch reads and labels every patch. Ray Data restarts a dead actor
+and retries the batch it held (``max_restarts=-1``, ``max_task_retries=-1``), so every manifest
+patch comes out exactly once.
 
 With the teacher in the training workers instead (``teacher_placement="trainer"``),
 :func:`patch_dataset` streams read tasks only, into records::
@@ -27,22 +33,24 @@ With the teacher in the training workers instead (``teacher_placement="trainer"`
 (``patch`` only when P != S), and each worker's :class:`TrainerTeacher` labels the full-size
 patch on its device with the PyTorch StarDist teacher and resizes the label with
 :func:`resize_label_tensor`, which equals :func:`resize_label` pixel for pixel: both placements
-train on the same labels.
+train on the same labels. That placement keeps no record cache: the teacher labels every epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from histokd.streams import plan_resources, worker_patch_reader
+from histokd.streams import StreamResources, plan_resources, worker_patch_reader
 from histokd.teachers.base import TeacherError
-from histokd.teachers.cache import PseudoLabelCache, patch_key, teacher_fingerprint
+from histokd.teachers.cache import RecordCache, check_record_settings, patch_key
 
 if TYPE_CHECKING:
     import torch
@@ -141,15 +149,25 @@ def read_patch_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def read_cached_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.ndarray]:
-    """Records of patches whose pseudo label is cached: the patch is read, the label loaded."""
-    images = _read_images(batch)
-    labels = np.empty((len(images), input_size, input_size), np.uint8)
-    shards = batch["cache_shard"]
-    rows = batch["cache_row"]
+    """Records from the record cache: each row's ``cache_shard`` and ``cache_row`` name its
+    record, whose image is decoded and label unpacked. No slide is opened."""
+    n = len(batch["x"])
+    images = np.empty((n, input_size, input_size, 3), np.uint8)
+    labels = np.empty((n, input_size, input_size), np.uint8)
+    shards = np.asarray(batch["cache_shard"]).astype(str)
+    rows = np.asarray(batch["cache_row"])
     for shard in np.unique(shards):
         where = np.flatnonzero(shards == shard)
-        labels[where] = PseudoLabelCache.read_labels(str(shard), rows[where].tolist())
-    return _record(batch, np.stack([resize_image(im, input_size) for im in images]), labels)
+        try:
+            images[where], labels[where] = RecordCache.read(str(shard), rows[where].tolist())
+        except FileNotFoundError:
+            import socket
+
+            raise TeacherError(
+                f"record cache shard {shard} is not on node {socket.gethostname()}: the record cache "
+                "must be on a filesystem every node mounts (--record-cache), and not removed while a run reads it"
+            ) from None
+    return _record(batch, images, labels)
 
 
 def read_resized_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.ndarray]:
@@ -183,15 +201,22 @@ def _record(
 
 # -- the teacher actor -----------------------------------------------------------------------
 class TeacherActor:
-    """A Ray Data actor holding one teacher: labels batches, resizes, writes the cache.
+    """A Ray Data actor holding one teacher: labels batches, resizes, writes the record cache.
+
+    Without a cache it returns the records. With one it writes each batch's records as a
+    shard and returns only where each record went (``patch_id``, ``cache_shard``,
+    ``cache_row``): the records themselves are streamed from the shards later, so they need not
+    travel to the driver now.
 
     Args:
         teacher: Teacher spec for :func:`histokd.teachers.build_teacher`.
         teacher_kwargs: Its settings (``alpha``, ``mask_mode``, ...).
         input_size: Side of the output records.
-        cache_root: Cache folder, or None for no cache.
+        cache_root: Record cache folder, or None for no cache.
         fingerprint: The teacher's cache fingerprint.
         intra_op_threads: TensorFlow CPU threads (the actor's CPU share).
+        record_format: Image encoding of the cached records (``jpeg`` or ``png``).
+        jpeg_quality: Their JPEG quality.
     """
 
     def __init__(
@@ -202,6 +227,8 @@ class TeacherActor:
         cache_root: str | None,
         fingerprint: str,
         intra_op_threads: int | None = None,
+        record_format: str = "jpeg",
+        jpeg_quality: int = 95,
     ):
         from histokd.teachers.registry import is_stardist_spec
 
@@ -209,21 +236,19 @@ class TeacherActor:
         if intra_op_threads is not None and is_stardist_spec(teacher):
             kwargs.setdefault("intra_op_threads", intra_op_threads)
         self._spec, self._kwargs = teacher, kwargs
-        self._teacher = None  # built on the first cache miss: see `teacher`
+        self._teacher = None  # built on the first batch: see `teacher`
         self.input_size = input_size
-        self.cache = PseudoLabelCache(cache_root, fingerprint) if cache_root else None
-        # Read once per actor: a dataset executes again every epoch with fresh actors, so
-        # labels written in earlier epochs are found here and the teacher is skipped.
-        self.index = self.cache.index() if self.cache is not None else {}
+        self.cache = (
+            RecordCache(cache_root, fingerprint, input_size, record_format, jpeg_quality)
+            if cache_root
+            else None
+        )
         self.labelled = 0  # patches this actor ran the teacher on
-        self.reused = 0
 
     @property
     def teacher(self):
         """The teacher, loaded on first use.
 
-        Every epoch starts fresh actors; once the cache holds every patch (after the first
-        epoch) they never load TensorFlow and the model, which took ~10 s an epoch in the demo.
         The spec was checked in the driver before any actor started (`_check_spec`).
         """
         if self._teacher is None:
@@ -233,11 +258,16 @@ class TeacherActor:
         return self._teacher
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Label a batch of read patches (or load their cached labels); records at the input size."""
+        """Label a batch of read patches: records at the input size, or with a cache, where
+        their records were written."""
         images = np.asarray(batch["image"])
         size = self.input_size
         small_images = np.stack([resize_image(image, size) for image in images])
-        small_labels = np.empty((len(images), size, size), np.uint8)
+        labels = self.teacher.pseudo_label(images)
+        small_labels = np.stack([resize_label(label, size) for label in labels])
+        self.labelled += len(images)
+        if self.cache is None:
+            return _record(batch, small_images, small_labels)
         keys = [
             patch_key(s, x, y, m, p, size)
             for s, x, y, m, p in zip(
@@ -249,30 +279,19 @@ class TeacherActor:
                 strict=True,
             )
         ]
-        hits = [self.index.get(k) for k in keys]
-        missing = [i for i, hit in enumerate(hits) if hit is None]
-        by_shard: dict[str, list[int]] = {}
-        for i, hit in enumerate(hits):
-            if hit is not None:
-                by_shard.setdefault(hit[0], []).append(i)
-        for shard, where in by_shard.items():
-            small_labels[where] = PseudoLabelCache.read_labels(shard, [hits[i][1] for i in where])
-        if missing:
-            labels = self.teacher.pseudo_label(images[missing])
-            small_labels[missing] = np.stack([resize_label(label, size) for label in labels])
-            if self.cache is not None:
-                shard = self.cache.write(
-                    [keys[i] for i in missing],
-                    [str(batch["slide_path"][i]) for i in missing],
-                    np.asarray(batch["x"])[missing],
-                    np.asarray(batch["y"])[missing],
-                    small_labels[missing],
-                )
-                for row, i in enumerate(missing):
-                    self.index[keys[i]] = (str(shard), row)
-        self.labelled += len(missing)
-        self.reused += len(keys) - len(missing)
-        return _record(batch, small_images, small_labels)
+        shard = self.cache.write(
+            keys,
+            [str(s) for s in batch["slide_path"]],
+            batch["x"],
+            batch["y"],
+            small_images,
+            small_labels,
+        )
+        return {
+            "patch_id": np.asarray(batch["patch_id"]).astype(str),
+            "cache_shard": np.full(len(keys), str(shard)),
+            "cache_row": np.arange(len(keys), dtype=np.int64),
+        }
 
 
 # -- the teacher in a training worker ------------------------------------------------------------
@@ -411,8 +430,20 @@ def pseudo_label_dataset(
     num_gpus: float = 0.5,
     reserved_cpus: float = 0.0,
     resources: dict[str, float] | None = None,
+    record_format: str = "jpeg",
+    jpeg_quality: int = 95,
 ):
     """A Ray Dataset of pseudo-labelled patches of a manifest, each patch exactly once.
+
+    With ``cache_dir``, the patches without a cached record are labelled first, here, before
+    this returns (read tasks, then the teacher actors, which write the record shards; a
+    progress line every tenth of the way), and the dataset returned streams every manifest
+    patch's record from the shards: iterating it (each training epoch) reads no slide and runs
+    no teacher, and a rerun with the same teacher, settings, input size and format labels
+    nothing. That first phase has the cluster to itself (nothing trains yet), so it plans
+    without ``reserved_cpus``. Without ``cache_dir``, every iteration reads and labels every
+    patch. A teacher in the training workers (``teacher_placement="trainer"``) uses
+    :func:`patch_dataset` instead, with no cache.
 
     Args:
         manifest: Manifest Parquet file or folder, Arrow table or DataFrame
@@ -420,13 +451,16 @@ def pseudo_label_dataset(
         teacher: Teacher spec (see :func:`histokd.teachers.build_teacher`).
         teacher_kwargs: Teacher settings, e.g. ``{"alpha": 0.5, "mask_mode": "probability"}``.
         input_size: Side of the records' image and pseudo label (RCKD: 512).
-        cache_dir: Pseudo-label cache folder; None labels every patch every time.
-        batch_size: Patches per teacher call.
+        cache_dir: Record cache folder (:class:`~histokd.teachers.cache.RecordCache`); None:
+            no cache.
+        batch_size: Patches per teacher call (and per cache shard).
         num_actors: Teacher actors; None: one per GPU, or one on a CPU cluster.
         num_gpus: GPU share per actor when the cluster has GPUs.
         reserved_cpus: CPUs to leave for the training workers.
         resources: Custom Ray resources each teacher actor asks for (e.g. ``{"teacher_node": 1}``
             places the actors on the nodes started with that resource); read tasks go anywhere.
+        record_format: Image encoding of cached records: ``jpeg`` or lossless ``png``.
+        jpeg_quality: Their JPEG quality, 1-100.
 
     Returns:
         A lazy ``ray.data.Dataset`` of records {image, pseudo_label, slide, x, y, patch_id}.
@@ -435,93 +469,151 @@ def pseudo_label_dataset(
         TeacherError: A bad manifest, settings or cluster size (before any work starts).
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from histokd.teachers.registry import portable_spec
 
     _check_sizes(input_size, batch_size)
+    try:
+        check_record_settings(input_size, record_format, jpeg_quality)
+    except ValueError as exc:
+        raise TeacherError(str(exc)) from None
     _check_spec(teacher, teacher_kwargs)
     teacher = portable_spec(teacher)  # a user's registered teacher: its module, for the actors
     table = load_manifest_table(manifest)
+    if not table.num_rows:
+        raise TeacherError("the manifest has no rows: nothing to label")
     from histokd.cluster import init_ray
 
     init_ray()
-    plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, reserved_cpus)
-    fingerprint = teacher_fingerprint(teacher, teacher_kwargs)
-    cache = PseudoLabelCache(cache_dir, fingerprint) if cache_dir else None
-
-    cached_rows: list[int] = []
-    shards: list[str] = []
-    rows: list[int] = []
-    if cache is not None:
-        index = cache.index()
-        columns = [
-            table.column(c).to_pylist()
-            for c in ("slide_path", "x", "y", "magnification", "patch_size")
-        ]
-        for i, (s, x, y, m, p) in enumerate(zip(*columns, strict=True)):
-            hit = index.get(patch_key(s, x, y, m, p, input_size))
-            if hit is not None:
-                cached_rows.append(i)
-                shards.append(hit[0])
-                rows.append(hit[1])
-    cached_set = set(cached_rows)
-    missing = table.take(
-        pa.array([i for i in range(table.num_rows) if i not in cached_set], pa.int64())
+    label = functools.partial(
+        _label_stream,
+        teacher=teacher,
+        teacher_kwargs=teacher_kwargs,
+        input_size=input_size,
+        batch_size=batch_size,
+        resources=resources,
     )
-    log.info(
-        "teacher stream %s: %d patches, %d with cached labels, %d to label; %d actor(s) x %.2g CPU, %.2g GPU",
-        fingerprint, table.num_rows, len(cached_rows), missing.num_rows, plan.num_actors, plan.actor_cpus, plan.actor_gpus,
-    )  # fmt: skip
+    if not cache_dir:
+        plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, reserved_cpus)
+        log.info(
+            "teacher stream %s: %d patches, no record cache: labelled every epoch; %d actor(s) x %.2g CPU, "
+            "%.2g GPU", teacher, table.num_rows, plan.num_actors, plan.actor_cpus, plan.actor_gpus,
+        )  # fmt: skip
+        return label(table, plan, cache=None)
 
-    parts = []
-    if missing.num_rows:
-        labelled = (
-            ray.data.from_arrow(_blocks(missing, batch_size * 2))
-            .map_batches(
-                read_patch_batch,
-                batch_size=batch_size,
-                num_cpus=plan.read_cpus,
-                # The decoded batch's size, for the scheduler. It also keeps reads in their own
-                # tasks: Ray Data fuses a task map into the next actor map when their remote
-                # args match, which would serialise reading and labelling inside the actor.
-                memory=_read_memory(table, batch_size),
-                batch_format="numpy",
-            )
-            .map_batches(
-                TeacherActor,
-                fn_constructor_kwargs={
-                    "teacher": teacher,
-                    "teacher_kwargs": teacher_kwargs,
-                    "input_size": input_size,
-                    "cache_root": str(cache_dir) if cache_dir else None,
-                    "fingerprint": fingerprint,
-                    "intra_op_threads": plan.intra_op_threads,
-                },
-                compute=ActorPoolStrategy(size=plan.num_actors),
-                batch_size=batch_size,
-                num_cpus=plan.actor_cpus,
-                num_gpus=plan.actor_gpus or None,
-                resources=dict(resources) if resources else None,
-                batch_format="numpy",
-            )
+    cache = RecordCache.for_teacher(
+        cache_dir, teacher, teacher_kwargs, input_size, record_format, jpeg_quality
+    )
+    keys = [
+        patch_key(*row, input_size)
+        for row in zip(
+            *(table.column(c).to_pylist() for c in ("slide_path", "x", "y", "magnification", "patch_size")),
+            strict=True,
         )
-        parts.append(labelled)
-    if cached_rows:
-        hits = table.take(pa.array(cached_rows, pa.int64()))
-        hits = hits.append_column("cache_shard", pa.array(shards, pa.string()))
-        hits = hits.append_column("cache_row", pa.array(rows, pa.int64()))
-        reused = ray.data.from_arrow(_blocks(hits, batch_size * 4)).map_batches(
-            read_cached_batch,
-            fn_kwargs={"input_size": input_size},
+    ]  # fmt: skip
+    index = cache.index()
+    located = [index.get(key) for key in keys]
+    missing = [i for i, where in enumerate(located) if where is None]
+    log.info(
+        "teacher stream %s: %d patches, %d records cached, %d to label",
+        cache.folder, table.num_rows, table.num_rows - len(missing), len(missing),
+    )  # fmt: skip
+    if missing:
+        plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, 0.0)
+        written = _run_labelling(
+            label(table.take(pa.array(missing, pa.int64())), plan, cache=cache), len(missing)
+        )
+        ids = table.column("patch_id").to_pylist()
+        for i in missing:
+            located[i] = written.get(ids[i])
+        lost = sum(where is None for where in located)
+        if lost:
+            raise TeacherError(
+                f"record cache {cache.folder}: {lost} of {len(missing)} patches came back from "
+                "the teacher actors without a record; run again to label them"
+            )
+    plan = plan_resources(ray.cluster_resources(), num_actors, num_gpus, reserved_cpus)
+    records = table.append_column("cache_shard", pa.array([w[0] for w in located], pa.string()))
+    records = records.append_column("cache_row", pa.array([w[1] for w in located], pa.int64()))
+    return ray.data.from_arrow(_blocks(records, batch_size * 4)).map_batches(
+        read_cached_batch,
+        fn_kwargs={"input_size": input_size},
+        batch_size=batch_size * 4,
+        num_cpus=plan.read_cpus,
+        batch_format="numpy",
+    )
+
+
+def _label_stream(
+    table: pa.Table,
+    plan: StreamResources,
+    cache: RecordCache | None,
+    teacher: str,
+    teacher_kwargs: dict[str, Any] | None,
+    input_size: int,
+    batch_size: int,
+    resources: dict[str, float] | None,
+):
+    """Read tasks -> teacher actors over ``table``: records, or with ``cache``, where the
+    actors wrote them."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    return (
+        ray.data.from_arrow(_blocks(table, batch_size * 2))
+        .map_batches(
+            read_patch_batch,
             batch_size=batch_size,
             num_cpus=plan.read_cpus,
+            # The decoded batch's size, for the scheduler. It also keeps reads in their own
+            # tasks: Ray Data fuses a task map into the next actor map when their remote
+            # args match, which would serialise reading and labelling inside the actor.
+            memory=_read_memory(table, batch_size),
             batch_format="numpy",
         )
-        parts.append(reused)
-    if not parts:
-        raise TeacherError("the manifest has no rows: nothing to label")
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        .map_batches(
+            TeacherActor,
+            fn_constructor_kwargs={
+                "teacher": teacher,
+                "teacher_kwargs": teacher_kwargs,
+                "input_size": input_size,
+                "cache_root": str(cache.root) if cache else None,
+                "fingerprint": cache.fingerprint if cache else "",
+                "intra_op_threads": plan.intra_op_threads,
+                "record_format": cache.record_format if cache else "jpeg",
+                "jpeg_quality": cache.jpeg_quality if cache else 95,
+            },
+            compute=ActorPoolStrategy(size=plan.num_actors),
+            batch_size=batch_size,
+            num_cpus=plan.actor_cpus,
+            num_gpus=plan.actor_gpus or None,
+            resources=dict(resources) if resources else None,
+            batch_format="numpy",
+        )
+    )
+
+
+def _run_labelling(labelling, total: int) -> dict[str, tuple[str, int]]:
+    """Run the labelling phase to its end on the driver, a progress line every tenth of the way;
+    returns patch id -> (shard, row) of each record written."""
+    written: dict[str, tuple[str, int]] = {}
+    start = last = time.monotonic()
+    step = max(1, total // 10)
+    for batch in labelling.iter_batches(batch_size=None, batch_format="numpy"):
+        before = len(written)
+        for pid, shard, row in zip(
+            batch["patch_id"], batch["cache_shard"], batch["cache_row"], strict=True
+        ):
+            written[str(pid)] = (str(shard), int(row))
+        done = len(written)
+        if done // step > before // step or done == total or time.monotonic() - last > 300:
+            last = time.monotonic()
+            rate = done / max(last - start, 1e-9)
+            print(
+                f"record cache: {done:,}/{total:,} patches labelled and stored ({rate:.1f}/s)",
+                flush=True,
+            )
+    return written
 
 
 def patch_dataset(
