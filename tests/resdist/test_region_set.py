@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from histokd.resdist.region_set import RegionSet, build_region_set, read_data_table
 from histokd.resdist.regions import RegionFinder
+from histokd.slides import SlideError
 
 
 def _write(path, rows, fields=("slide", "split", "label")):
@@ -121,3 +124,26 @@ def test_data_table_errors_name_the_line(tmp_path, tiny_demo):
     )
     with pytest.raises(ValueError, match="several splits"):
         build_region_set(two_splits, tmp_path / "f", [1.25])
+
+
+def test_a_slide_without_a_pixel_size_takes_the_tables_mpp(testdata, tmp_path):
+    """The real TCGA slide records no MPP and no objective power: it is refused until the table
+    gives its ``mpp`` (0.25: a 40x scan), then its regions are read at 10x as 4x-down images.
+    A bad value names the line."""
+    slide = str(testdata / "slides" / "tcga-cr-7395-01a-01-ts1.svs")
+    box = {"x": 0, "y": 0, "width": 2048, "height": 2048}
+    fields = ("slide", "split", "label", "x", "y", "width", "height", "mpp")
+    without = _write(tmp_path / "a.csv", [{"slide": slide, "split": "train", "label": "t", **box}], fields=fields)  # fmt: skip
+    with pytest.raises(SlideError, match="tcga-cr-7395.*assume"):
+        build_region_set(without, tmp_path / "a", [10.0])
+    rows = [{"slide": slide, "split": "train", "label": "t", "mpp": "0.25", **box}]
+    region_set = build_region_set(
+        _write(tmp_path / "b.csv", rows, fields=fields), tmp_path / "b", [10.0]
+    )
+    (record,) = region_set.records
+    assert record.base_magnification == pytest.approx(40.0)
+    image = np.asarray(Image.open(region_set.image_path(record.region_id, 10.0)))
+    assert image.shape[:2] == (512, 512)  # 2048 level-0 px at 0.25 um/px, read at 1 um/px
+    bad = _write(tmp_path / "c.csv", [{**rows[0], "mpp": "-1"}], fields=fields)
+    with pytest.raises(ValueError, match=r"line 2: mpp='-1'"):
+        read_data_table(bad)

@@ -3,7 +3,9 @@
 The data table (CSV), one row per slide or region: ``slide`` (relative to the table's folder),
 ``split`` (train, val, test, or aux: DiPalma Sec. 4.2's unlabelled set), ``label`` (empty:
 unlabelled; a slide's goes to all its regions, Sec. 4.4), optionally a level-0 box ``x, y,
-width, height`` (else :func:`find_tissue_regions` finds the regions) and ``base_magnification``.
+width, height`` (else :func:`find_tissue_regions` finds the regions) and, for a slide that
+records no pixel size, ``mpp`` (its level-0 um per pixel) or the older ``base_magnification``
+(10 / mpp). A slide's own MPP metadata always comes first (:class:`histokd.slides.SlideReader`).
 :func:`build_region_set` writes ``images/{mag}x/{region_id}.png``, ``regions.csv`` and
 ``region_set.json``; a second call with the same inputs reuses them.
 """
@@ -143,10 +145,9 @@ def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None =
                 f"{where}: label={label!r} is not a class; classes: {', '.join(names)}"
             )
         slide = path.parent / row["slide"].strip()  # an absolute path stays as it is
-        base = (row.get("base_magnification") or "").strip()
         entry = {"slide": str(slide.resolve()), "split": split,
                  "label": names.index(label) if label else -1,
-                 "base_magnification": float(base) if base else None}  # fmt: skip
+                 "base_magnification": _assumed_magnification(row, where)}  # fmt: skip
         if all((row.get(k) or "").strip() for k in _BOX):
             try:
                 x, y, w, h = (int(float(row[k])) for k in _BOX)
@@ -159,6 +160,22 @@ def read_data_table(path: str | os.PathLike, class_names: Sequence[str] | None =
     if not out:
         raise ValueError(f"{path}: no rows")
     return out, names
+
+
+def _assumed_magnification(row: dict, where: str) -> float | None:
+    """The level-0 magnification a row assumes for a slide without a pixel size: ``mpp``
+    (10 / mpp) or ``base_magnification``; None where it gives neither."""
+    mpp, base = ((row.get(k) or "").strip() for k in ("mpp", "base_magnification"))
+    try:
+        value = 10.0 / float(mpp) if mpp else float(base) if base else None
+    except (ValueError, ZeroDivisionError):
+        value = -1.0
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{where}: mpp={mpp!r}, base_magnification={base!r}: need a positive number "
+            "(mpp in um per pixel, e.g. 0.25)"
+        )
+    return value
 
 
 def _extract_slide(slide: str, entries: list[dict], root: str, mags: Sequence[float], finder):
