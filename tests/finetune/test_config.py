@@ -87,7 +87,7 @@ def test_augmentation_and_stain_flags(tmp_path):
     from histokd.finetune.config import AUGMENT_DEFAULT
 
     c = FinetuneConfig(storage_path=str(tmp_path))
-    assert c.augment == list(AUGMENT_DEFAULT) and "hed" in c.augment  # today's, plus HED jitter
+    assert c.augment == list(AUGMENT_DEFAULT) and "hed" not in c.augment  # HED is opt-in
     assert (c.augment_device, c.hed_sigma, c.stain_norm, c.stain_reference) == (
         "auto",
         0.05,

@@ -19,7 +19,9 @@ from histokd.slides import SlideReader
 
 REPO = Path(__file__).resolve().parents[2]
 # The fixtures of ../shared/testdata/slides that cannot be used, and why (see its README).
-BAD_FIXTURES = {"broken.svs", "kidney-48-5.tif", "unopenable.tiff", "unreadable.svs"}
+# kidney-48-5.tif, a plain strip TIFF without a pixel size, is a slide once one is assumed
+# (--base-magnification 20 below: 0.5 um/px), and refused without one.
+BAD_FIXTURES = {"broken.svs", "unopenable.tiff", "unreadable.svs"}
 
 
 def _read_csv(path) -> list[dict[str, str]]:
@@ -92,10 +94,12 @@ def test_real_slide_formats_give_outputs_of_the_right_size_and_place(
         # each tile's label is painted at its place: 256 level-0 px are 32 output px at 2.5x
         for x, y, label in zip(table["x"][:5], table["y"][:5], table["label"][:5], strict=True):
             assert labels[min(y // 8 + 4, out_h - 1), min(x // 8 + 4, out_w - 1)] == label
-        assert summary["output"]["width"] == out_w and summary["output"]["pixel_size_um"] == (
-            summary["slide"]["mpp"] * 8 if summary["slide"]["mpp"] else None
-        )
+        assert summary["output"]["width"] == out_w
+        # 2.5x is 4 um/px exactly, whatever the scan's pixel size (0.499 um/px: 8.016x down)
+        pixel_um = summary["output"]["pixel_size_um"]
+        assert pixel_um == (pytest.approx(4.0) if summary["slide"]["mpp"] else None)
     assert summaries["cmu-1-small-region.svs"]["num_tiles"] == 9 * 12
+    assert summaries["kidney-48-5.tif"]["num_tiles"] == 6 * 4  # 1493 x 901 px as one level
 
     import mlflow
 
@@ -133,7 +137,8 @@ def test_segmentation_tiles_overlap_on_tissue_only(
     assert all(x % 192 == 0 and y % 192 == 0 for x, y in zip(table["x"], table["y"], strict=True))
     heat = tifffile.imread(Path(summary["dir"]) / "heatmap.ome.tif").astype(int)
     labels = tifffile.imread(Path(summary["dir"]) / "labels.ome.tif")
-    assert heat.shape == (4, 741, 555)  # 2967 x 2220 at 5x of 20x
+    # 2967 x 2220 px at 0.499 um/px (MPP first: not snapped to 20x) shown at 5x, 2 um/px
+    assert heat.shape == (4, 740, 553)
     covered = labels != 255
     assert 0.2 < covered.mean() < 1
     assert np.abs(heat[:, covered].sum(0) - 255).max() <= 4  # probabilities, rounded per class
