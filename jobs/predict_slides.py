@@ -13,7 +13,9 @@ magnification (--patch-size; default: the input size) when the file does not rec
 Tissue tiles are read so that each covers the training images' field, run through a Ray Data
 actor pool (GPUs where the cluster has any), and stitched (overlapping tiles blended for
 segmentation). Per slide, in STORAGE/RUN_NAME/slides/<slide_id>/: predictions.parquet,
-heatmap.ome.tif, labels.ome.tif, overlay.png, heatmap.png and summary.json. Rerunning with
+heatmap.ome.tif, labels.ome.tif, overlay.png, heatmap.png, summary.json and predictions.geojson
+(level-0 pixels: tiles with their class probabilities, outlines of each class's regions;
+QuPath: File > Import objects, or drop it on the open slide). Rerunning with
 the same --run-name skips finished slides; bad slides are listed in bad_slides.csv.
 """
 

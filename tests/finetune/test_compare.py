@@ -46,6 +46,13 @@ def test_random_against_backbone_file(ray_cluster, tmp_path, demo_tasks_small, b
         "| csat |" in text and "Demo (acc %)" in text and "Random Weight" in text and "RCKD" in text
     )
     assert Path(result.files["chart"]).stat().st_size > 10_000
+    # balanced accuracy, macro-F1 and AUROC beside accuracy; one split: its interval, no "± 0.0"
+    for column in ("Demo (bal. acc %)", "Demo (macro-F1 %)", "Demo (AUROC %)"):
+        assert column in text
+    assert "± 0.0" not in text
+    assert all(
+        0 <= r[f"{m}_mean"] <= 1 for r in result.rows for m in ("balanced_accuracy", "auroc")
+    )
 
 
 @pytest.mark.parametrize(

@@ -199,3 +199,77 @@ def test_stain_normalisation_is_applied_when_an_image_is_read(tmp_path):
         x = plain[i][0]
         assert torch.equal(normalised[i][0], macenko_normalize(x[None])[0])
         assert not torch.equal(normalised[i][0], x)
+
+
+def _columns_png(path: Path, width: int, height: int, mode: str = "RGB") -> Path:
+    """An image whose pixel value is 10 x its column (+1 for masks), to see where a crop starts."""
+    row = (np.arange(width) * 10 if mode == "RGB" else np.arange(width) + 1).astype(np.uint8)
+    plane = np.tile(row, (height, 1))
+    array = np.stack([plane] * 3, -1) if mode == "RGB" else plane
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_resize_modes_make_a_non_square_image_square(tmp_path):
+    image = _columns_png(tmp_path / "wide.png", 8, 4)  # 8 wide, 4 high
+    mask = _columns_png(tmp_path / "wide_mask.png", 8, 4, mode="L")
+
+    def read(resize: str, size: int):
+        x, y, _ = ImageSamples(
+            [str(image)], size, masks=[str(mask)], resize=resize, ignore_index=200
+        )[0]
+        return x[0].numpy(), y.numpy()
+
+    x, y = read("center-crop", 4)  # the centred 4 x 4: columns 2..5, no resampling
+    assert (x == [20, 30, 40, 50]).all() and (y == [3, 4, 5, 6]).all()
+    x, y = read("pad", 8)  # 8 x 8: two white (ignored) rows above and below
+    assert (x[:2] == 255).all() and (x[6:] == 255).all() and (x[2:6] == np.arange(8) * 10).all()
+    assert (y[:2] == 200).all() and (y[6:] == 200).all() and (y[2:6] == np.arange(1, 9)).all()
+    x, y = read("squash", 8)  # stretched: every row is the original row
+    assert (x == np.arange(8) * 10).all() and (y == np.arange(1, 9)).all()
+    with pytest.raises(ValueError, match="resize='stretch': allowed: squash, center-crop, pad"):
+        ImageSamples([str(image)], 8, labels=[0], resize="stretch")
+
+
+def test_mixed_sizes_are_reported_with_the_resize_mode(tmp_path):
+    from histokd.finetune.config import FinetuneConfig
+    from histokd.finetune.job import image_sizes
+
+    _png(tmp_path / "a" / "1.png", size=(480, 640))
+    _png(tmp_path / "a" / "2.png", size=(1000, 1000))
+    _png(tmp_path / "b" / "3.png", size=(700, 460))
+    dataset = load_task_dataset(tmp_path, "classification")
+    assert dataset.size_range() == ((480, 640), (1000, 1000))  # by area: 307,200 < 322,000
+    config = FinetuneConfig(data=str(tmp_path), storage_path=str(tmp_path / "runs"), resize="pad")
+    assert image_sizes(config, dataset) == "of mixed sizes: 480x640 to 1000x1000 px (resize: pad)"
+    _png(tmp_path / "b" / "3.png", size=(1200, 100))
+    dataset = load_task_dataset(tmp_path, "classification")
+    assert image_sizes(config, dataset) == "of mixed sizes: 1200x100 to 1000x1000 px (resize: pad)"
+    assert (
+        image_sizes(FinetuneConfig(storage_path=str(tmp_path), patch_size=224), dataset) == "224 px"
+    )
+    with pytest.raises(ValueError, match="resize='crop': allowed: squash, center-crop, pad"):
+        FinetuneConfig(storage_path=str(tmp_path), resize="crop")
+
+
+def test_csv_group_column(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+    (tmp_path / "labels.csv").write_text(
+        "path,label,patient\na.png,benign,P1\nb.png,malignant,P1\nc.png,benign,P2\n"
+    )
+    data = load_task_dataset(tmp_path / "labels.csv", "classification", group_by="patient")
+    assert data.groups == ["P1", "P1", "P2"] and data.fixed is None
+    assert data.take([2, 0]).groups == ["P2", "P1"]
+    assert load_task_dataset(tmp_path / "labels.csv", "classification").groups is None
+    with pytest.raises(
+        ValueError,
+        match=r"group_by='slide': .*labels.csv has no such column; its columns: path, label, patient",
+    ):
+        load_task_dataset(tmp_path / "labels.csv", "classification", group_by="slide")
+    (tmp_path / "gap.csv").write_text("path,label,patient\na.png,benign,P1\nb.png,benign, \n")
+    with pytest.raises(ValueError, match=r"gap.csv: line 3: empty 'patient'"):
+        load_task_dataset(tmp_path / "gap.csv", "classification", group_by="patient")
+    with pytest.raises(ValueError, match="only a CSV dataset has group columns"):
+        load_task_dataset(tmp_path, "classification", group_by="patient")

@@ -1,6 +1,7 @@
 """The fine-tuning job on a real local Ray: each split a Ray Train run, in parallel, MLflow,
 and a rerun that reuses finished splits."""
 
+import json
 import time
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def test_two_splits_as_parallel_ray_train_runs(
     for name in ("summary_json", "splits_csv", "summary_md"):
         assert Path(result.files[name]).is_file()
     assert "Accuracy" in Path(result.files["summary_md"]).read_text()
+    # the metrics people report, each with its interval, the confusion matrix and the flag
+    saved = json.loads(Path(result.files["summary_json"]).read_text())
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+        entry = saved["metrics"][name]
+        values = (entry["mean"], entry["ci_low"], entry["ci_high"])
+        assert all(0 <= v <= 1 for v in values) and entry["ci_low"] <= entry["ci_high"], name
+        assert all(0 <= row[name] <= 1 for row in saved["splits"]), name
+    assert isinstance(saved["single_class_predictions"], bool)
+    assert sum(map(sum, saved["confusion_matrix"])) == 14  # 2 splits x 7 test images
+    for split in result.split_results:  # each split's result keeps its probabilities and AUROC
+        probability = split["test_records"]["probability"]
+        assert len(probability) == 7 and all(
+            sum(p) == pytest.approx(1, abs=1e-5) for p in probability
+        )
+        assert 0 <= split["test"]["auroc"] <= 1 and 0 <= split["test"]["balanced_accuracy"] <= 1
 
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     parent = client.get_run(result.mlflow_run_id)

@@ -44,7 +44,7 @@ def test_unstratified_for_segmentation():
 
 
 def test_fixed_test_list_splits_the_rest_train_val():
-    # CRC / GlaS: a published test set; the training set split 80:20 (6:2)
+    # CRC / GlaS: a published test set; the training set split 6:2 (75:25)
     fixed = ["test"] * 20 + [None] * 80
     labels = np.tile([0, 1], 50)
     for split in make_splits(100, labels, num_splits=3, fixed=fixed):
@@ -79,7 +79,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="fixed split names"):
         make_splits(2, None, fixed=["train", "holdout"])
     with pytest.raises(ValueError, match="need train, val and test"):
-        make_splits(2, None, fixed=["train", "val"])
+        make_splits(2, None, fixed=["val", "test"])
     with pytest.raises(ValueError, match="labels has shape"):
         make_splits(3, [0, 1])
 
@@ -91,3 +91,73 @@ def test_small_classes_keep_the_overall_ratio():
         assert split.sizes == (22, 7, 7)
         for part, share in zip(_parts(split), (7.2, 2.4, 2.4), strict=True):
             assert np.abs(np.bincount(labels[part], minlength=3) - share).max() < 1
+
+
+def _patients(seed: int = 0, n_patients: int = 60):
+    """Patients of 1-8 images each; a patient's images mostly share one class (3 classes)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, n_patients)
+    groups = np.repeat([f"P{p:02d}" for p in range(n_patients)], sizes)
+    labels = np.repeat(np.arange(n_patients) % 3, sizes)
+    flip = rng.random(len(labels)) < 0.1
+    labels[flip] = (labels[flip] + 1) % 3
+    return groups, labels
+
+
+def _assert_no_group_crosses(split, groups):
+    owners = {}
+    for k, part in enumerate(_parts(split)):
+        for g in set(groups[part].tolist()):
+            assert owners.setdefault(g, k) == k, f"group {g} in parts {owners[g]} and {k}"
+
+
+def test_groups_never_cross_parts_and_shares_are_near_6_2_2():
+    groups, labels = _patients()
+    n = len(labels)
+    splits = make_splits(n, labels, num_splits=5, seed=3, groups=groups)
+    for split in splits:
+        _assert_no_group_crosses(split, groups)
+        assert sorted(np.concatenate(_parts(split)).tolist()) == list(range(n))
+        shares = np.array(split.sizes) / n
+        assert np.abs(shares - [0.6, 0.2, 0.2]).max() < 0.04, shares
+        for c in range(3):  # stratified as far as whole patients allow
+            in_class = np.array([np.sum(labels[p] == c) for p in _parts(split)])
+            assert np.abs(in_class / in_class.sum() - [0.6, 0.2, 0.2]).max() < 0.08
+    assert len({tuple(s.test.tolist()) for s in splits}) == 5  # five different splits
+    again = make_splits(n, labels, num_splits=5, seed=3, groups=list(groups))
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(splits, again, strict=True))
+
+
+def test_groups_with_a_fixed_test_list_split_the_rest_75_25():
+    groups, labels = _patients(seed=1)
+    fixed = np.where(np.isin(groups, [f"P{p:02d}" for p in range(12)]), "test", None)
+    rest = int(np.sum(fixed != "test"))
+    for split in make_splits(len(labels), labels, num_splits=3, fixed=fixed, groups=groups):
+        _assert_no_group_crosses(split, groups)
+        assert split.test.tolist() == np.flatnonzero(fixed == "test").tolist()
+        assert abs(len(split.train) / rest - 0.75) < 0.05
+
+
+def test_a_group_in_two_fixed_lists_is_an_error():
+    with pytest.raises(
+        ValueError, match=r"group 'P1' has samples in the lists \['test', 'unassigned'\]"
+    ):
+        make_splits(4, None, fixed=["test", None, None, "test"], groups=["P1", "P1", "P2", "P3"])
+
+
+def test_train_and_val_lists_without_test_carve_the_test_out_of_train(caplog):
+    fixed = ["train"] * 80 + ["val"] * 20
+    labels = np.tile([0, 1], 50)
+    with caplog.at_level("WARNING", logger="histokd.finetune.splits"):
+        splits = make_splits(100, labels, num_splits=3, fixed=fixed)
+    assert sum("carves its test part (20 % of all samples) out of the training list" in r.message
+               for r in caplog.records) == 1  # fmt: skip
+    for split in splits:
+        assert split.sizes == (60, 20, 20)  # 6:2:2 overall
+        assert split.val.tolist() == list(range(80, 100))
+        assert split.test.max() < 80 and np.bincount(labels[split.test]).tolist() == [10, 10]
+    assert len({tuple(s.test.tolist()) for s in splits}) == 3
+    groups = np.repeat([f"S{i}" for i in range(25)], 4)  # slides of 4 images, val = S20..S24
+    for split in make_splits(100, None, num_splits=2, fixed=fixed, groups=groups):
+        _assert_no_group_crosses(split, groups)
+        assert split.sizes == (60, 20, 20)

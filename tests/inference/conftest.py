@@ -66,3 +66,25 @@ def small_demo_slides(tmp_path_factory) -> list:
     return make_demo_slides(
         tmp_path_factory.mktemp("predict_slides"), n=3, seed=11, width=768, height=768
     )
+
+
+def _rasterise(polygons: list, shape: tuple[int, int], scale: float = 1.0):
+    """Fill GeoJSON polygons (pixel-edge units times ``scale``) at pixel centres, holes cleared."""
+    import numpy as np
+    from skimage.draw import polygon as fill_polygon
+
+    out = np.zeros(shape, bool)
+    for exterior, *holes in polygons:
+        region = np.zeros(shape, bool)
+        for k, ring in enumerate([exterior, *holes]):
+            xy = np.asarray(ring, np.float64) / scale - 0.5
+            rr, cc = fill_polygon(xy[:, 1], xy[:, 0], shape)
+            region[rr, cc] = k == 0
+        out |= region
+    return out
+
+
+@pytest.fixture(scope="session")
+def rasterise():
+    """Region polygons back to a mask, independently of histokd.inference.geojson."""
+    return _rasterise

@@ -11,6 +11,7 @@ import tifffile
 
 from histokd.inference import NO_LABEL, TaskModelInfo, lattice
 from histokd.inference.assembly import OUTPUT_FILES, OutputSettings, SlideAssembly
+from histokd.inference.outputs import file_record
 from histokd.inference.stream import META_COLUMNS
 
 WIDTH, HEIGHT, EXTENT, STRIDE = 1000, 700, 128, 96  # level-0 pixels of a 20x slide
@@ -39,13 +40,17 @@ def _rows(
     return batch
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
 @pytest.fixture
 def slide(tiled_tiff):
     image = np.full((HEIGHT, WIDTH, 3), 230, np.uint8)
     return str(tiled_tiff("slide.tiff", image, mpp=0.5, compression="deflate"))
 
 
-def test_tiles_land_where_they_belong(slide, tmp_path):
+def test_tiles_land_where_they_belong(slide, tmp_path, rasterise):
     # A known probability field at the output resolution; every tile reports its own crop of it.
     h, w = HEIGHT // DOWNSAMPLE, WIDTH // DOWNSAMPLE
     field = np.zeros((2, h, w), np.float32)
@@ -95,6 +100,12 @@ def test_tiles_land_where_they_belong(slide, tmp_path):
     table = pq.read_table(folder / OUTPUT_FILES["predictions"])
     assert table.num_rows == len(xs) and table.column("x").to_pylist() == xs.tolist()
     assert json.loads((folder / "summary.json").read_text())["output"]["pixel_size_um"] == 2.0
+    # GeoJSON: no tiles for a segmentation model; the tissue outline fills back to the label mask
+    labels = tifffile.imread(folder / OUTPUT_FILES["labels"])
+    features = json.loads((folder / OUTPUT_FILES["geojson"]).read_text())["features"]
+    assert [f["properties"]["classification"]["name"] for f in features] == ["tissue"]
+    back = rasterise(features[0]["geometry"]["coordinates"], labels.shape, scale=DOWNSAMPLE)
+    assert _iou(back, labels == 1) >= 0.9
 
 
 def test_unreadable_tiles_are_counted_and_rewriting_replaces_the_folder(slide, tmp_path):
@@ -120,3 +131,41 @@ def test_unreadable_tiles_are_counted_and_rewriting_replaces_the_folder(slide, t
     again.write(tmp_path)
     assert not (tmp_path / "slide-2" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide-2", "slide.tiff"]
+
+
+def test_geojson_tiles_match_the_table_and_regions_match_the_labels(slide, tmp_path, rasterise):
+    # Classification: tiles left of x = 500 are stroma, the rest tumour; QuPath's file holds
+    # each tile on its level-0 box and the outline of each class's label region.
+    xs, ys = lattice(WIDTH, HEIGHT, EXTENT, STRIDE)
+    tumour = np.where(xs + EXTENT / 2 < 500, 0.2, 0.9).astype(np.float32)
+    batch = _rows(slide, xs, ys)
+    batch["probabilities"] = np.stack([1 - tumour, tumour], 1)
+    settings = _settings("classification", ("stroma", "tumor"))
+    assembly = SlideAssembly("slide-3", slide, {k: v[0] for k, v in batch.items()}, settings)
+    assembly.add(batch, np.arange(len(xs)))
+    summary = assembly.write(tmp_path / "slides")
+    folder = tmp_path / "slides" / "slide-3"
+    name = OUTPUT_FILES["geojson"]
+    assert summary["outputs"][name] == file_record(folder / name)
+    collection = json.loads((folder / name).read_text())
+    assert collection["type"] == "FeatureCollection"
+    tiles = [f for f in collection["features"] if f["properties"]["objectType"] == "tile"]
+    rows = pq.read_table(folder / OUTPUT_FILES["predictions"]).to_pylist()
+    assert len(tiles) == len(rows) == len(xs)
+    for tile, row in zip(tiles, rows, strict=True):
+        x, y, e = row["x"], row["y"], row["extent"]
+        assert tile["geometry"]["coordinates"] == [
+            [[x, y], [x + e, y], [x + e, y + e], [x, y + e], [x, y]]
+        ]
+        assert tile["properties"]["classification"]["name"] == row["class_name"]
+        measured = tile["properties"]["measurements"]
+        assert measured == pytest.approx(
+            {"prob_stroma": row["prob_stroma"], "prob_tumor": row["prob_tumor"]}
+        )
+    regions = [f for f in collection["features"] if f["properties"]["objectType"] == "annotation"]
+    assert [f["properties"]["classification"]["name"] for f in regions] == ["stroma", "tumor"]
+    labels = tifffile.imread(folder / OUTPUT_FILES["labels"])
+    for k, region in enumerate(regions):
+        assert (labels == k).sum() > 1000
+        back = rasterise(region["geometry"]["coordinates"], labels.shape, scale=DOWNSAMPLE)
+        assert _iou(back, labels == k) >= 0.9, k

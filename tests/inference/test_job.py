@@ -338,6 +338,7 @@ def test_memory_stays_flat_few_slides_in_flight_and_every_slide_gets_its_outputs
                 "labels.ome.tif",
                 "overlay.png",
                 "heatmap.png",
+                "predictions.geojson",
             ]
         )
         assert pq.read_table(folder / "predictions.parquet").num_rows == 16

@@ -143,3 +143,75 @@ def test_bootstrap_ci_of_a_mean():
 
 def test_percentile_interval():
     assert percentile_interval(np.arange(101), 0.9) == pytest.approx((5.0, 95.0))
+
+
+def test_balanced_accuracy_and_macro_f1_by_hand():
+    from histokd.metrics import balanced_accuracy
+
+    # HAND: recall 1/2, 2/2, 1/2
+    assert float(balanced_accuracy(HAND)) == pytest.approx(2 / 3)
+    # class 1 never a target: balanced accuracy averages the two classes present
+    cm = np.array([[2, 1, 0], [0, 0, 0], [1, 0, 3]])
+    assert float(balanced_accuracy(cm)) == pytest.approx((2 / 3 + 3 / 4) / 2)
+    # precision 2/3, 0/1, 3/3; recall 2/3, 0, 3/4; F1 2/3, 0, 2 * 1 * 3/4 / (7/4) = 6/7
+    assert float(macro_precision_recall_f1(cm)[2]) == pytest.approx((2 / 3 + 0 + 6 / 7) / 3)
+    m = classification_metrics(cm)
+    assert m.balanced_accuracy == pytest.approx(17 / 24) and m.macro_recall == pytest.approx(
+        (2 / 3 + 3 / 4) / 3
+    )
+    batch = np.stack([HAND, cm])  # vectorised, as the bootstrap calls it
+    assert balanced_accuracy(batch).tolist() == pytest.approx([2 / 3, 17 / 24])
+
+
+def test_binary_auroc_with_ties_by_hand():
+    from histokd.metrics import auroc
+
+    target = np.array([0, 0, 1, 1, 0, 1])
+    score = np.array([0.1, 0.4, 0.4, 0.8, 0.8, 0.9])
+    # positives 0.4, 0.8, 0.9 against negatives 0.1, 0.4, 0.8 (a tie counts 1/2):
+    # 0.4: 1 + 1/2 + 0; 0.8: 1 + 1 + 1/2; 0.9: 3  ->  7 of 9 pairs
+    probability = np.stack([1 - score, score], -1)
+    assert float(auroc(target, probability)) == pytest.approx(7 / 9)
+    assert np.isnan(auroc(np.zeros(3, int), np.full((3, 2), 0.5)))  # no positives: undefined
+
+
+def test_one_vs_rest_auroc_with_ties_by_hand():
+    from histokd.metrics import auroc
+
+    target = np.array([0, 0, 1, 1, 2, 2])
+    probability = np.array(
+        [[0.5, 0.3, 0.2], [0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.2, 0.5, 0.3], [0.2, 0.3, 0.5],
+         [0.5, 0.2, 0.3]]
+    )  # fmt: skip
+    # class 0: positives .5, .4 vs .4 .2 .2 .5: 3.5 + 2.5 = 6 of 8
+    # class 1: positives .4, .5 vs .3 .4 .3 .2: 3.5 + 4 = 7.5 of 8
+    # class 2: positives .5, .3 vs .2 .2 .2 .3: 4 + 3.5 = 7.5 of 8
+    expected = (6 / 8 + 7.5 / 8 + 7.5 / 8) / 3
+    assert float(auroc(target, probability)) == pytest.approx(expected)
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    assert expected == pytest.approx(
+        sklearn_metrics.roc_auc_score(target, probability, multi_class="ovr")
+    )
+    # class 2 absent from the targets: left out of the mean
+    # class 0: positives .5 .4 .5 vs .4 .2 .2: 3 + 2.5 + 3; class 1: .4 .5 .3 vs .3 .4 .2: 2.5 + 3 + 1.5
+    absent = np.array([0, 0, 1, 1, 1, 0])
+    assert float(auroc(absent, probability)) == pytest.approx((8.5 / 9 + 7 / 9) / 2)
+
+
+def test_bootstrap_auroc_equals_ranking_each_resample():
+    from histokd.metrics import auroc, bootstrap_auroc_ci
+
+    rng = np.random.default_rng(1)
+    for c in (2, 3):
+        target = rng.integers(0, c, 12)
+        probability = np.round(rng.dirichlet([1] * c, 12), 1)  # rounded: many ties
+        fast = bootstrap_auroc_ci(target, probability, n_resamples=300, seed=3)
+        ranked = bootstrap_ci(
+            lambda t, *s, axis=-1: auroc(t, np.stack(s, -1)), [target, *probability.T],
+            n_resamples=300, seed=3,
+        )  # fmt: skip
+        assert np.allclose(fast.distribution, ranked.distribution, equal_nan=True)
+        assert fast.estimate == pytest.approx(float(auroc(target, probability)))
+        assert fast.low <= fast.estimate <= fast.high
+    again = bootstrap_auroc_ci(target, probability, n_resamples=300, seed=3)
+    assert (again.low, again.high) == (fast.low, fast.high)  # seeded

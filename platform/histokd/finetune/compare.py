@@ -209,6 +209,14 @@ def run_comparison(config: CompareConfig) -> ComparisonResult:
                     "mean": entry["mean"], "std": entry["std"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"],
                     "num_splits": outcome.summary["num_splits"], "run_dir": outcome.run_dir,
                 })  # fmt: skip
+                if task == "classification":  # the table's other columns (report.comparison_table)
+                    for name in ("balanced_accuracy", "macro_f1", "auroc"):
+                        other = outcome.summary["metrics"].get(name, {})
+                        rows[-1].update({f"{name}_{k}": other.get(k, math.nan)
+                                         for k in ("mean", "std", "ci_low", "ci_high")})  # fmt: skip
+                    rows[-1]["single_class_predictions"] = bool(
+                        outcome.summary.get("single_class_predictions", False)
+                    )
                 metric_key = f"{_slug(dataset_name)}.{backbone}.{_slug(label)}.{outcome.summary['primary_metric']}_mean"
                 if math.isfinite(entry["mean"]):
                     run.log_metrics({metric_key: entry["mean"]})

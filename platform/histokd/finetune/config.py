@@ -49,7 +49,14 @@ class FinetuneConfig(WorkerConfig):
             Default: the dataset's ``dataset.json`` (docs/datasets.md); the patch size, else
             the images' common side.
         split_ratios: train:val:test without fixed lists (RCKD: 6:2:2); with a fixed test list,
-            train:val is split by the first two.
+            train:val is split by the first two (6:2 = 75:25); with fixed train and val lists
+            but no test list, the test part (the third ratio of all samples) comes out of train.
+        group_by: A CSV column (``patient``, ``slide``): each group's images go to one part of
+            every split, stratified by class as far as whole groups allow
+            (`histokd.finetune.splits.split_groups`).
+        resize: How a non-square image becomes square before its resize to ``input_size``:
+            ``squash`` (stretched), ``center-crop`` (the largest centred square) or ``pad``
+            (white borders; mask borders are ``ignore_index``).
         num_workers: Ray Train workers of each split (DDP); 0: Ray Train's local mode, in the
             driver process, one split at a time (debugging, tests).
         augment: Training augmentations (`histokd.augment`), ``none`` for none; the default is
@@ -78,6 +85,9 @@ class FinetuneConfig(WorkerConfig):
     magnification: float | None = arg(None, "magnification of the images; default: dataset.json's")
     patch_size: int | None = arg(None, "side in pixels at --magnification; default: dataset.json's")
     input_size: int = arg(384, "resized square side (RCKD Sec. 3.1: 384, best of {224, 384})")
+    resize: Literal["squash", "center-crop", "pad"] = arg(
+        "squash", "non-square images: squash, center-crop or pad (white) to a square first"
+    )
     positional_encoding: Literal["frozen", "trained"] = arg("frozen", "CSAT's (RCKD: frozen best)")
     drop_rate: float = arg(0.0, "dropout before the linear classifier (not in RCKD)")
     # --- optimisation (RCKD Sec. 3.1, Eqs. 5 and 7) -----------------------------------------
@@ -109,6 +119,7 @@ class FinetuneConfig(WorkerConfig):
     split_ratios: list[float] = arg(help="train, val, test (RCKD)", factory=lambda: [0.6, 0.2, 0.2])
     seed: int = arg(0, "training seed; split i trains with seed + i")
     split_seed: int = arg(0, "seed of the splits (split i uses SeedSequence([seed, i]))")
+    group_by: str | None = arg(None, "CSV column (patient, slide) whose rows stay in one part")
     ignore_index: int = arg(255, "mask value of unlabelled pixels (segmentation)")
     cache_images: bool | None = arg(None, "keep resized images in RAM; auto: if they fit in 2 GiB")
     loader_workers: int = arg(0, "DataLoader processes per training worker")
@@ -151,6 +162,10 @@ class FinetuneConfig(WorkerConfig):
             )
         if self.task not in ("classification", "segmentation"):
             raise ValueError(f"task={self.task!r}: allowed: classification, segmentation")
+        if self.resize not in ("squash", "center-crop", "pad"):  # datasets.RESIZE_MODES
+            raise ValueError(f"resize={self.resize!r}: allowed: squash, center-crop, pad")
+        if self.group_by is not None and not str(self.group_by).strip():
+            raise ValueError(f"group_by={self.group_by!r}: give a CSV column name, or leave it out")
         if self.positional_encoding not in ("frozen", "trained"):
             raise ValueError(
                 f"positional_encoding={self.positional_encoding!r}: allowed: frozen, trained"

@@ -6,15 +6,18 @@ Three layouts (``docs/datasets.md`` maps the paper's six datasets onto them):
   recursively under each class folder, so BreakHis's nested tree works with ROOT at
   ``.../breast``. Fixed lists: ``ROOT/{train,val,test}/<class>/...`` (any of the three).
 * Classification or segmentation from a CSV: columns ``path,label`` or ``image,mask``,
-  with an optional ``split`` column (``train``/``val``/``test``); relative paths are relative to
-  the CSV's folder.
+  with an optional ``split`` column (``train``/``val``/``test``) and optional group columns
+  (``patient``, ``slide``: any column, named by ``group_by``, whose rows
+  `histokd.finetune.splits.make_splits` keeps in one part); relative paths are relative to the
+  CSV's folder.
 * Segmentation, image and mask pairs: ``ROOT/images/<stem>.<ext>`` with
   ``ROOT/masks/<stem>.<ext>`` (a single-channel image whose pixel value is the class index;
   ``ignore_index``, 255 by default, marks unlabelled pixels), or the same under
   ``ROOT/{train,val,test}/``. Class names come from ``ROOT/classes.txt`` (line k names value
   k), otherwise they are ``class_0 ... class_{C-1}`` with C from the largest mask value.
 
-Images of any size are accepted; `ImageSamples` resizes them to the input resolution.
+Images of any size are accepted; `ImageSamples` resizes them to the input resolution, making
+non-square ones square first by one of `RESIZE_MODES`.
 
 The scale of the images, which whole-slide inference must match, can be stated in a
 ``dataset.json`` in ROOT (beside the CSV for a CSV): ``{"magnification": 20, "patch_size": 256}``,
@@ -37,6 +40,7 @@ import numpy as np
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_MODES",
+    "RESIZE_MODES",
     "SPLIT_NAMES",
     "TaskDataset",
     "check_task_dataset",
@@ -52,6 +56,8 @@ SCALE_FILE = "dataset.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SPLIT_NAMES = ("train", "val", "test")
 MASK_MODES = ("L", "P", "I", "I;16", "1")  # single-channel class indices
+# How a non-square image becomes square before its resize (`histokd.finetune.samples.to_square`).
+RESIZE_MODES = ("squash", "center-crop", "pad")
 Task = Literal["classification", "segmentation"]
 
 
@@ -69,6 +75,7 @@ class TaskDataset:
         source: Where it was read from.
         magnification: Magnification the images were cut at, from ``dataset.json``, or None.
         patch_size: Side in pixels of an image at ``magnification``, from ``dataset.json``, or None.
+        groups: Per image its group (patient, slide) from the CSV's ``group_by`` column, or None.
     """
 
     task: Task
@@ -80,6 +87,7 @@ class TaskDataset:
     source: str = ""
     magnification: float | None = None
     patch_size: int | None = None
+    groups: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -126,6 +134,18 @@ class TaskDataset:
         ((width, height),) = sides
         return width if width == height else None
 
+    def size_range(self, limit: int = 2000) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The smallest and the largest image by area, as ``(width, height)`` (headers of the
+        first ``limit`` images only)."""
+        from PIL import Image
+
+        sizes = set()
+        for path in self.images[:limit]:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+        ordered = sorted(sizes, key=lambda size: (size[0] * size[1], size))
+        return ordered[0], ordered[-1]
+
     def take(self, indices: Sequence[int]) -> TaskDataset:
         """The dataset of the samples at ``indices`` (same classes, source and scale)."""
         indices = [int(i) for i in indices]
@@ -136,6 +156,7 @@ class TaskDataset:
         return TaskDataset(
             self.task, pick(self.images), self.class_names, labels=pick(self.labels), masks=pick(self.masks),
             fixed=pick(self.fixed), source=self.source, magnification=self.magnification, patch_size=self.patch_size,
+            groups=pick(self.groups),
         )  # fmt: skip
 
     def subset(self, indices: Sequence[int]) -> dict[str, list]:
@@ -200,7 +221,9 @@ def load_classification_folder(root: str | os.PathLike) -> TaskDataset:
     )  # fmt: skip
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+def _read_csv(
+    path: Path, required: Sequence[str], group_by: str | None = None
+) -> list[dict[str, str]]:
     if not path.is_file():
         raise ValueError(f"data={str(path)!r}: no such CSV file")
     with open(path, newline="") as f:
@@ -210,6 +233,10 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         if missing:
             raise ValueError(
                 f"data={str(path)!r}: CSV lacks column(s) {missing}; has {columns}; need {list(required)} (and optionally split)"
+            )
+        if group_by is not None and group_by not in columns:
+            raise ValueError(
+                f"group_by={group_by!r}: {path} has no such column; its columns: {', '.join(columns)}"
             )
         rows = list(reader)
     if not rows:
@@ -227,6 +254,21 @@ def _resolve(base: Path, value: str, csv_path: Path, line: int, column: str) -> 
     return str(path)
 
 
+def _groups_of(
+    rows: Sequence[dict[str, str]], group_by: str | None, csv_path: Path
+) -> list[str] | None:
+    """The ``group_by`` column, stripped; an empty cell is an error naming its line."""
+    if group_by is None:
+        return None
+    groups = [(row.get(group_by) or "").strip() for row in rows]
+    for line, group in enumerate(groups, start=2):
+        if not group:
+            raise ValueError(
+                f"{csv_path}: line {line}: empty {group_by!r} (group_by needs a group on every row)"
+            )
+    return groups
+
+
 def _split_of(row: dict[str, str], csv_path: Path, line: int) -> str | None:
     split = (row.get("split") or "").strip().lower() or None
     if split is not None and split not in SPLIT_NAMES:
@@ -236,14 +278,18 @@ def _split_of(row: dict[str, str], csv_path: Path, line: int) -> str | None:
     return split
 
 
-def load_classification_csv(path: str | os.PathLike) -> TaskDataset:
+def load_classification_csv(path: str | os.PathLike, group_by: str | None = None) -> TaskDataset:
     """A CSV of ``path,label[,split]``; labels are class names (or integers), sorted for indices.
 
+    Args:
+        path: The CSV file.
+        group_by: A column (``patient``, ``slide``) whose rows stay in one part of each split.
+
     Raises:
-        ValueError: Missing columns or files, or a bad split name, naming the line.
+        ValueError: Missing columns or files, a bad split name or an empty group, naming the line.
     """
     path = Path(path)
-    rows = _read_csv(path, ("path", "label"))
+    rows = _read_csv(path, ("path", "label"), group_by)
     base = path.parent
     names = [r["label"].strip() for r in rows]
     if all(n.lstrip("-").isdigit() for n in names):
@@ -259,7 +305,8 @@ def load_classification_csv(path: str | os.PathLike) -> TaskDataset:
         labels.append(index[names[line - 2]])
         fixed.append(_split_of(row, path, line))
     return TaskDataset("classification", images, class_names, labels=labels,
-                       fixed=fixed if any(fixed) else None, source=str(path))  # fmt: skip
+                       fixed=fixed if any(fixed) else None, source=str(path),
+                       groups=_groups_of(rows, group_by, path))  # fmt: skip
 
 
 def _read_class_names(root: Path, masks: Sequence[str]) -> tuple[str, ...]:
@@ -311,25 +358,30 @@ def load_segmentation_pairs(root: str | os.PathLike) -> TaskDataset:
                        fixed=fixed if roots[0][0] is not None else None, source=str(root))  # fmt: skip
 
 
-def load_segmentation_csv(path: str | os.PathLike) -> TaskDataset:
-    """A CSV of ``image,mask[,split]``; class names from ``classes.txt`` beside the CSV."""
+def load_segmentation_csv(path: str | os.PathLike, group_by: str | None = None) -> TaskDataset:
+    """A CSV of ``image,mask[,split]``; class names from ``classes.txt`` beside the CSV; rows of
+    one ``group_by`` value stay in one part of each split."""
     path = Path(path)
-    rows = _read_csv(path, ("image", "mask"))
+    rows = _read_csv(path, ("image", "mask"), group_by)
     images, masks, fixed = [], [], []
     for line, row in enumerate(rows, start=2):
         images.append(_resolve(path.parent, row["image"].strip(), path, line, "image"))
         masks.append(_resolve(path.parent, row["mask"].strip(), path, line, "mask"))
         fixed.append(_split_of(row, path, line))
     return TaskDataset("segmentation", images, _read_class_names(path.parent, masks), masks=masks,
-                       fixed=fixed if any(fixed) else None, source=str(path))  # fmt: skip
+                       fixed=fixed if any(fixed) else None, source=str(path),
+                       groups=_groups_of(rows, group_by, path))  # fmt: skip
 
 
-def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
+def load_task_dataset(
+    data: str | os.PathLike, task: Task, group_by: str | None = None
+) -> TaskDataset:
     """Read a dataset in any of the layouts of the module docstring.
 
     Args:
         data: A folder or a ``.csv`` file.
         task: ``classification`` or ``segmentation``.
+        group_by: A CSV column (``patient``, ``slide``) to split by; CSV datasets only.
 
     Raises:
         ValueError: Naming the path and what was expected.
@@ -337,11 +389,15 @@ def load_task_dataset(data: str | os.PathLike, task: Task) -> TaskDataset:
     path = Path(data)
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task={task!r}: allowed: classification, segmentation")
+    if group_by and path.suffix.lower() != ".csv":
+        raise ValueError(
+            f"group_by={group_by!r}: only a CSV dataset has group columns; data={str(path)!r} is a folder"
+        )
     if path.suffix.lower() == ".csv":
         dataset = (
-            load_classification_csv(path)
+            load_classification_csv(path, group_by or None)
             if task == "classification"
-            else load_segmentation_csv(path)
+            else load_segmentation_csv(path, group_by or None)
         )
     else:
         dataset = (

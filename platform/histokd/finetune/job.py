@@ -74,12 +74,12 @@ class FinetuneResult:
 def prepare_dataset(config: FinetuneConfig) -> TaskDataset:
     """The configured dataset, or the demo task (written on first use) when ``data`` is empty."""
     if config.data:
-        return load_task_dataset(config.data, config.task)
+        return load_task_dataset(config.data, config.task, config.group_by)
     from histokd.demos.tasks import make_demo_tasks
 
     tasks = make_demo_tasks(config.demo_dir)
     folder = tasks.classification_dir if config.task == "classification" else tasks.segmentation_dir
-    return load_task_dataset(folder, config.task)
+    return load_task_dataset(folder, config.task, config.group_by)
 
 
 def resolve_scale(config: FinetuneConfig, dataset: TaskDataset) -> tuple[float | None, int | None]:
@@ -96,6 +96,15 @@ def resolve_scale(config: FinetuneConfig, dataset: TaskDataset) -> tuple[float |
     if patch_size is None:
         patch_size = dataset.common_side()
     return magnification, patch_size
+
+
+def image_sizes(config: FinetuneConfig, dataset: TaskDataset) -> str:
+    """The images' side for the start line, or the range of their sizes and how they are made
+    square: ``of mixed sizes: 480x640 to 1000x1000 px (resize: squash)``."""
+    if config.patch_size:
+        return f"{config.patch_size} px"
+    (w0, h0), (w1, h1) = dataset.size_range()
+    return f"of mixed sizes: {w0}x{h0} to {w1}x{h1} px (resize: {config.resize})"
 
 
 def split_slots(config: FinetuneConfig, use_gpu: bool) -> int:
@@ -159,7 +168,7 @@ def run_finetune(
     dataset = check_task_dataset(dataset, config.max_bad_fraction, config.work_dir)
     splits = make_splits(
         len(dataset), labels=dataset.labels if config.task == "classification" else None, num_splits=config.num_splits,
-        ratios=config.split_ratios, seed=config.split_seed, fixed=dataset.fixed,
+        ratios=config.split_ratios, seed=config.split_seed, fixed=dataset.fixed, groups=dataset.groups,
     )  # fmt: skip
     for split in splits:
         if len(split.val) == 0 or len(split.test) == 0:
@@ -205,7 +214,7 @@ def run_finetune(
     print(
         f"fine-tuning {config.backbone} ({config.init_name}) on {dataset.source}: {len(dataset)} images, "
         f"{dataset.num_classes} classes, {len(splits)} splits, {parallel} at a time; images "
-        f"{config.patch_size or 'of mixed sizes'} px at {f'{config.magnification:g}x' if config.magnification else 'unknown magnification'}",
+        f"{image_sizes(config, dataset)} at {f'{config.magnification:g}x' if config.magnification else 'unknown magnification'}",
         flush=True,
     )
     with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:
@@ -249,6 +258,12 @@ def run_finetune(
         lr=config.lr, positional_encoding=config.positional_encoding, dataset=dataset.source,
         class_names=list(dataset.class_names), wall_seconds=time.monotonic() - started,
     )  # fmt: skip
+    if summary.get("single_class_predictions"):
+        log.warning(
+            "single-class predictions: split(s) %s predict one class for every test image "
+            "(flagged in summary.json and summary.md)",
+            ", ".join(str(s) for s in summary["single_class_splits"]),
+        )
     from histokd.finetune.report import write_split_tables
 
     files = write_split_tables(summary, work_dir)
@@ -381,7 +396,8 @@ def _write_augment_examples(
     from histokd.finetune.samples import ImageSamples
 
     part = dataset.subset(split.train[:4])
-    kwargs = {"labels": part.get("labels"), "masks": part.get("masks"), "stain": stain}
+    kwargs = {"labels": part.get("labels"), "masks": part.get("masks"), "stain": stain,
+              "resize": config.resize, "ignore_index": config.ignore_index}  # fmt: skip
     plain = ImageSamples(part["images"], config.input_size, **kwargs)
     augmented = ImageSamples(part["images"], config.input_size, seed=config.seed + split.index,
                              augmentation=Augmentation.from_config(config_to_dict(config)), **kwargs)  # fmt: skip

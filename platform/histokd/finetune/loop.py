@@ -103,8 +103,8 @@ def evaluate(
 
     Returns:
         ``loss_sum``, ``count``, ``confusion`` (C x C) and, with ``keep_records``, ``records``:
-        per sample its index, and its target and prediction (classification) or its pixel
-        confusion matrix (segmentation).
+        per sample its index, and its target, prediction and class probabilities
+        (classification: AUROC needs them) or its pixel confusion matrix (segmentation).
     """
     from histokd.metrics import confusion_matrix
 
@@ -113,7 +113,9 @@ def evaluate(
     ignore = config["ignore_index"] if config["task"] == "segmentation" else None
     loss_sum, count = 0.0, 0
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    records: dict[str, list] = {"index": [], "target": [], "prediction": [], "confusion": []}
+    records: dict[str, list] = {
+        "index": [], "target": [], "prediction": [], "probability": [], "confusion": []
+    }  # fmt: skip
     for image, target, index in loader:
         image, target = image.to(device), target.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.get("_bf16", False)):
@@ -128,6 +130,7 @@ def evaluate(
             if config["task"] == "classification":
                 records["target"] += target.cpu().tolist()
                 records["prediction"] += prediction.cpu().tolist()
+                records["probability"] += logits.softmax(1).cpu().tolist()
             else:
                 for p, t in zip(prediction, target, strict=True):
                     records["confusion"].append(
@@ -160,7 +163,8 @@ def _loaders(config: dict, rank: int, world: int, augmentation=None) -> tuple:
         return ImageSamples(
             data["images"], config["input_size"], labels=data.get("labels"), masks=data.get("masks"),
             augmentation=augmentation, seed=config["seed"], stain=config.get("stain_normalization"),
-            cache=config["cache_images"],
+            cache=config["cache_images"], resize=config.get("resize", "squash"),
+            ignore_index=config.get("ignore_index", 255),
         )  # fmt: skip
 
     train_set = samples("train", augmentation)
@@ -371,6 +375,13 @@ def train_fn_per_worker(config: dict) -> None:
         "train_seconds": time.monotonic() - started,
         "sizes": {part: len(config["data"][part]["images"]) for part in ("train", "val", "test")},
     }
+    if config["task"] == "classification":  # AUROC needs the probabilities, not the confusion
+        from histokd.finetune.evaluation import single_class_predictions
+        from histokd.metrics import auroc
+
+        probability = np.asarray(merged["probability"], dtype=np.float64)
+        result["test"]["auroc"] = float(auroc(np.asarray(merged["target"]), probability))
+        result["single_class_predictions"] = single_class_predictions(result)
     if mlflow_client is not None:
         log_epoch_metrics(
             mlflow_client, config, {f"test_{k}": v for k, v in result["test"].items()}, epoch

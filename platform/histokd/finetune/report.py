@@ -30,6 +30,8 @@ __all__ = [
 
 _METRIC_LABELS = {
     "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "auroc": "AUROC",
     "macro_precision": "Macro precision",
     "macro_recall": "Macro recall",
     "macro_f1": "Macro F1",
@@ -39,6 +41,23 @@ _METRIC_LABELS = {
 
 def _pct(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+#: Short names of the classification metrics a comparison tabulates, in column order.
+_COMPARED = {"accuracy": "acc", "balanced_accuracy": "bal. acc", "macro_f1": "macro-F1",
+             "auroc": "AUROC"}  # fmt: skip
+
+#: The mark of a model whose test predictions were all one class, and its footnote.
+SINGLE_CLASS_MARK = "†"
+_SINGLE_CLASS_NOTE = f"{SINGLE_CLASS_MARK} every test prediction of a split was the same class."
+
+
+def _spread(mean: float, std: float, low: float, high: float, num_splits: int, fmt=_pct) -> str:
+    """``mean ± std`` over the splits; with one split there is no spread, so its bootstrap
+    interval ``value [low, high]``."""
+    if num_splits == 1:
+        return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+    return f"{fmt(mean)} ± {fmt(std)}"
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -58,14 +77,16 @@ def write_split_tables(summary: dict[str, Any], out_dir: str | Path) -> dict[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    splits = pd.DataFrame(summary["splits"])
+    splits = pd.DataFrame(summary["splits"]).drop(columns=["confusion_matrix"], errors="ignore")
     splits.to_csv(out / "splits.csv", index=False)
     conf = int(round(100 * summary["confidence"]))
+    n = summary["num_splits"]
+    value_column = "mean ± std (%)" if n > 1 else f"test [{conf}% CI] (%)"
     rows = []
     for name, entry in summary["metrics"].items():
         rows.append({
             "metric": _METRIC_LABELS.get(name, name),
-            "mean ± std (%)": f"{_pct(entry['mean'])} ± {_pct(entry['std'])}",
+            value_column: _spread(entry["mean"], entry["std"], entry["ci_low"], entry["ci_high"], n),
             f"{conf}% CI of the mean (%)": f"[{_pct(entry['ci_low'])}, {_pct(entry['ci_high'])}]",
             "per split (%)": ", ".join(_pct(v) for v in entry["values"]),
         })  # fmt: skip
@@ -75,15 +96,27 @@ def write_split_tables(summary: dict[str, Any], out_dir: str | Path) -> dict[str
             "split": r["split"], "best epoch": r["best_epoch"], "stopped at": r["stopped_epoch"],
             "test samples": r["test_samples"], f"{_METRIC_LABELS[primary]} (%)": _pct(r[primary]),
             f"{conf}% CI (%)": f"[{_pct(r[primary + '_ci_low'])}, {_pct(r[primary + '_ci_high'])}]",
+            **({"single class": SINGLE_CLASS_MARK if r["single_class_predictions"] else ""}
+               if "single_class_predictions" in r else {}),
         }
         for r in summary["splits"]
     ])  # fmt: skip
+    notes = ""
+    if summary.get("single_class_predictions"):
+        notes += "\n" + _SINGLE_CLASS_NOTE + "\n"
+    if summary.get("confusion_matrix") is not None:
+        matrix = summary["confusion_matrix"]
+        names = summary.get("class_names") or [str(i) for i in range(len(matrix))]
+        table = pd.DataFrame(matrix, columns=[f"pred. {c}" for c in names])
+        table.insert(0, "true \\ predicted", names)
+        notes += "\nTest confusion matrix, summed over the splits:\n\n" + _markdown(table)
     title = f"{summary.get('backbone', '')} ({summary.get('init_label', '')}) on {summary.get('dataset', '')}"
     text = (
         f"# Fine-tuning: {title}\n\n"
-        f"Test metrics over {summary['num_splits']} splits (mean ± sample std; bootstrap interval of the "
-        f"{summary['num_splits']}-split mean, {summary['n_resamples']} resamples per split).\n\n"
-        + _markdown(pd.DataFrame(rows)) + "\nPer split:\n\n" + _markdown(per_split)
+        + (f"Test metrics over {n} splits (mean ± sample std; bootstrap interval of the {n}-split mean, "
+           if n > 1 else "Test metrics of one split (bootstrap interval of the test set, ")
+        + f"{summary['n_resamples']} resamples per split).\n\n"
+        + _markdown(pd.DataFrame(rows)) + "\nPer split:\n\n" + _markdown(per_split) + notes
     )  # fmt: skip
     (out / "summary.md").write_text(text)
     return {
@@ -217,7 +250,11 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
     Args:
         rows: One dict per fine-tuning job: ``model``, ``init``, ``params`` (backbone
-            parameters), ``gmac``, ``dataset``, ``task``, ``mean``, ``std`` (fractions).
+            parameters), ``gmac``, ``dataset``, ``task``, ``mean``, ``std`` (fractions) of the
+            primary metric; optionally ``num_splits`` with ``ci_low`` / ``ci_high`` (one split:
+            the interval is shown instead of the std), ``single_class_predictions`` (marked
+            with `SINGLE_CLASS_MARK`) and, for classification, ``{name}_mean``, ``_std``,
+            ``_ci_low``, ``_ci_high`` of balanced accuracy, macro-F1 and AUROC (a column each).
     """
     frame = pd.DataFrame(list(rows))
     datasets = list(dict.fromkeys(frame["dataset"]))
@@ -231,21 +268,58 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "GMAC": f"{first['gmac']:.2f}",
             "Pretraining": init,
         }
-        cls_values, seg_values = [], []
+        cls_values: dict[str, list[float]] = {name: [] for name in _COMPARED}
+        seg_values = []
         for dataset in datasets:
             hit = group[group["dataset"] == dataset]
             is_cls = tasks[dataset] == "classification"
-            column = f"{dataset} (acc %)" if is_cls else f"{dataset} (mIoU)"
-            if hit.empty:
-                row[column] = ""
-                continue
-            mean, std = float(hit["mean"].iloc[0]), float(hit["std"].iloc[0])
-            row[column] = (
-                f"{100 * mean:.1f} ± {100 * std:.1f}" if is_cls else f"{mean:.3f} ± {std:.3f}"
+            cell = hit.iloc[0] if not hit.empty else None
+            splits = (
+                int(cell["num_splits"])
+                if cell is not None and "num_splits" in cell and pd.notna(cell["num_splits"])
+                else 0
             )
-            (cls_values if is_cls else seg_values).append(mean)
-        if cls_values:
-            row["Average accuracy (%)"] = f"{100 * sum(cls_values) / len(cls_values):.1f}"
+            if not is_cls:
+                row[f"{dataset} (mIoU)"] = (
+                    ""
+                    if cell is None
+                    else _spread(
+                        float(cell["mean"]),
+                        float(cell["std"]),
+                        cell.get("ci_low"),
+                        cell.get("ci_high"),
+                        splits,
+                        fmt=lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}",
+                    )
+                )
+                if cell is not None:
+                    seg_values.append(float(cell["mean"]))
+                continue
+            for name, short in _COMPARED.items():
+                key = "" if name == "accuracy" else f"{name}_"
+                if name != "accuracy" and f"{key}mean" not in frame:
+                    continue
+                column = f"{dataset} ({short} %)"
+                if cell is None:
+                    row[column] = ""
+                    continue
+                mean = float(cell[f"{key}mean"])
+                row[column] = _spread(
+                    mean,
+                    float(cell[f"{key}std"]),
+                    cell.get(f"{key}ci_low"),
+                    cell.get(f"{key}ci_high"),
+                    splits,
+                )
+                flag = cell.get("single_class_predictions", False)
+                if name == "accuracy" and pd.notna(flag) and bool(flag):
+                    row[column] += f" {SINGLE_CLASS_MARK}"
+                if math.isfinite(mean):
+                    cls_values[name].append(mean)
+        for name, values in cls_values.items():
+            if values:
+                label = "accuracy" if name == "accuracy" else _COMPARED[name]
+                row[f"Average {label} (%)"] = f"{100 * sum(values) / len(values):.1f}"
         if seg_values:
             row["Average mIoU"] = f"{sum(seg_values) / len(seg_values):.3f}"
         out.append(row)
@@ -332,9 +406,11 @@ def write_comparison_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path
     table = comparison_table(rows)
     (out / "comparison.md").write_text(
         "# Fine-tuning by backbone and initialisation (cf. RCKD Tables 3 and 4)\n\n"
-        "Test metrics, mean ± std over the splits. Params: backbone only; GMAC: backbone at the fine-tuning "
-        "resolution (as RCKD counts them, Sec. 2.4).\n\n" + _markdown(table)
-    )
+        "Test metrics, mean ± std over the splits (one split: its bootstrap interval, [low, high]). "
+        "Params: backbone only; GMAC: backbone at the fine-tuning resolution (as RCKD counts them, "
+        "Sec. 2.4).\n\n" + _markdown(table)
+        + (f"\n{_SINGLE_CLASS_NOTE}\n" if raw.get("single_class_predictions", pd.Series(dtype=bool)).fillna(False).astype(bool).any() else "")
+    )  # fmt: skip
     points = []
     classification = raw[raw["task"] == "classification"]
     for (model, init), group in classification.groupby(["model", "init"], sort=False):

@@ -2,7 +2,10 @@
 
 RCKD's datasets range from 224 x 224 (CRC) to 2048 x 1536 (BACH microscopy) pixels; every image
 is resized to the model's square input (RCKD Sec. 3.1: 224 or 384) with bilinear filtering,
-masks with nearest neighbour so class indices stay indices. Decoded, resized images can be
+masks with nearest neighbour so class indices stay indices. A non-square image is first made
+square by ``resize`` (`to_square`): ``squash`` (none: the resize distorts it), ``center-crop``
+(the largest centred square) or ``pad`` (white borders; a mask's borders are the ignore index).
+Decoded, resized images can be
 kept in memory, which on small datasets (BACH: 400 images, Lymph: 374) saves re-decoding large
 files every epoch.
 """
@@ -18,20 +21,43 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from histokd.augment import Augmentation
-from histokd.finetune.datasets import MASK_MODES
+from histokd.finetune.datasets import MASK_MODES, RESIZE_MODES
 
-__all__ = ["EpochSampler", "ImageSamples", "load_image", "load_mask"]
+__all__ = ["EpochSampler", "ImageSamples", "load_image", "load_mask", "to_square"]
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """An RGB image resized (bilinear) to ``size x size``, ``H x W x 3`` uint8.
+def to_square(img: Image.Image, resize: str, fill: int) -> Image.Image:
+    """``img`` made square before its resize: unchanged (``squash``), its largest centred square
+    (``center-crop``), or centred on a square canvas of ``fill`` (``pad``).
+
+    Raises:
+        ValueError: An unknown ``resize``.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: allowed: {', '.join(RESIZE_MODES)}")
+    width, height = img.size
+    if resize == "squash" or width == height:
+        return img
+    if resize == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return img.crop((left, top, left + side, top + side))
+    side = max(width, height)
+    canvas = Image.new(img.mode, (side, side), fill if len(img.getbands()) == 1 else (fill,) * 3)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_image(path: str, size: int, resize: str = "squash") -> np.ndarray:
+    """An RGB image made square by ``resize`` (`to_square`, padding white) and resized (bilinear)
+    to ``size x size``, ``H x W x 3`` uint8.
 
     Raises:
         ValueError: The file cannot be decoded (naming it).
     """
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_square(img.convert("RGB"), resize, 255)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(img, dtype=np.uint8)
@@ -39,8 +65,9 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise ValueError(f"image {path!r} cannot be read: {exc}") from exc
 
 
-def load_mask(path: str, size: int) -> np.ndarray:
-    """A class-index mask resized (nearest) to ``size x size``, ``H x W`` uint8.
+def load_mask(path: str, size: int, resize: str = "squash", ignore_index: int = 255) -> np.ndarray:
+    """A class-index mask made square by ``resize`` as its image is (`to_square`, padding with
+    ``ignore_index``) and resized (nearest) to ``size x size``, ``H x W`` uint8.
 
     Raises:
         ValueError: The file cannot be decoded or is not single-channel (naming it).
@@ -49,6 +76,7 @@ def load_mask(path: str, size: int) -> np.ndarray:
         with Image.open(path) as img:
             if img.mode not in MASK_MODES:
                 raise ValueError(f"mode {img.mode}: a mask must be single-channel class indices")
+            img = to_square(img, resize, ignore_index)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.NEAREST)
             return np.array(img).astype(np.uint8)
@@ -78,6 +106,9 @@ class ImageSamples(Dataset):
         stain: A stain normalisation record (`histokd.stain.stain_normalization`), or None.
         cache: Keep decoded, resized (and stain-normalised) images and masks in memory after
             the first read.
+        resize: How a non-square image is made square (`to_square`): ``squash``,
+            ``center-crop`` or ``pad``.
+        ignore_index: Mask value of a padded border (``pad``).
     """
 
     def __init__(
@@ -90,6 +121,8 @@ class ImageSamples(Dataset):
         seed: int = 0,
         stain: Mapping[str, Any] | None = None,
         cache: bool = False,
+        resize: str = "squash",
+        ignore_index: int = 255,
     ) -> None:
         if (labels is None) == (masks is None):
             raise ValueError(
@@ -106,6 +139,9 @@ class ImageSamples(Dataset):
         self.stain = dict(stain) if stain else None
         self._normalize = None  # built on first use: a loader process builds its own
         self.cache = cache
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize={resize!r}: allowed: {', '.join(RESIZE_MODES)}")
+        self.resize, self.ignore_index = resize, int(ignore_index)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def __len__(self) -> int:
@@ -114,7 +150,7 @@ class ImageSamples(Dataset):
     def _read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         if i in self._cache:
             return self._cache[i]
-        image = load_image(self.images[i], self.input_size)
+        image = load_image(self.images[i], self.input_size, self.resize)
         if self.stain is not None:
             if self._normalize is None:
                 from histokd.stain import stain_normalizer
@@ -122,7 +158,11 @@ class ImageSamples(Dataset):
                 self._normalize = stain_normalizer(self.stain)
             image = self._normalize(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
             image = image.permute(1, 2, 0).numpy()
-        mask = load_mask(self.masks[i], self.input_size) if self.masks is not None else None
+        mask = (
+            load_mask(self.masks[i], self.input_size, self.resize, self.ignore_index)
+            if self.masks is not None
+            else None
+        )
         if self.cache:
             self._cache[i] = (image, mask)
         return image, mask

@@ -3,24 +3,39 @@
 RCKD repeats the data split and the experiment five times with different random seeds and
 reports the mean (Algorithm 2, N_fold = 5). Datasets that publish only a training set (BACH
 microscopy, BreakHis, Lymph) are split 6:2:2; those with a fixed test set (CRC, GlaS) split their
-training set 80:20 into train and validation; BACH WSI has fixed lists for all three.
+training set into train and validation (RCKD says 80:20; here the ratio of the first two ratios,
+6:2 = 75:25 by default, so that the parts keep the 6:2:2 proportions); BACH WSI has fixed lists
+for all three.
 
-:func:`make_splits` covers the three cases: with no fixed lists it draws ``num_splits``
+:func:`make_splits` covers four cases: with no fixed lists it draws ``num_splits``
 seeded random splits by ``ratios``; with a fixed test list it splits the rest into train and
-validation by the ratio of the first two ratios; with all three fixed it repeats the fixed
-split (the repeats then differ only in the training seed). Classification splits are
-stratified: each class is split by the ratios on its own, so every split keeps the class
-proportions to within one sample per class.
+validation by the ratio of the first two ratios; with fixed train and validation lists but no
+test list it carves the test part out of the training list (the test ratio of all samples,
+6:2:2 overall when the lists allow); with all three fixed it repeats the fixed split (the
+repeats then differ only in the training seed). Classification splits are stratified: each
+class is split by the ratios on its own, so every split keeps the class proportions to within
+one sample per class.
+
+With ``groups`` (a patient or slide per sample), every sample of a group goes to the same part
+(`split_groups`): the groups are taken in a seeded random order and each goes to the part
+where it leaves the smallest squared error between the parts' per-class counts and their
+targets (ratio x class size), i.e. the part with the largest unmet need for the group's
+classes. The shares then come near the ratios, stratified by class as far as whole groups allow.
+A split depends only on the data, the seed and the split index, so every arm of a comparison
+gets the same groups.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RCKD_RATIOS", "Split", "make_splits", "split_indices"]
+__all__ = ["RCKD_RATIOS", "Split", "make_splits", "split_groups", "split_indices"]
+
+log = logging.getLogger(__name__)
 
 RCKD_RATIOS = (0.6, 0.2, 0.2)  # RCKD Sec. 2.1.2: training sets split 6:2:2
 
@@ -115,6 +130,58 @@ def split_indices(
     ]
 
 
+def split_groups(
+    indices: np.ndarray,
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+    groups: np.ndarray,
+    labels: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Cut ``indices`` by ``ratios`` keeping each group's samples in one part (module docstring).
+
+    Args:
+        indices: Sample indices to split.
+        ratios: Normalised ratios, one per part.
+        rng: The split's generator.
+        groups: Group of each entry of ``indices``.
+        labels: Class of each entry of ``indices`` (stratified), or None.
+
+    Returns:
+        One sorted index array per part.
+    """
+    names, group_of = np.unique(groups, return_inverse=True)
+    classes, label_of = np.unique(
+        labels if labels is not None else np.zeros(len(indices)), return_inverse=True
+    )
+    counts = np.zeros((len(names), len(classes)), dtype=np.int64)  # group x class
+    np.add.at(counts, (group_of, label_of), 1)
+    target = np.outer(ratios, counts.sum(0))  # part x class
+    assigned = np.zeros_like(target)
+    part_of = np.empty(len(names), dtype=np.int64)
+    for g in rng.permutation(len(names)):
+        # adding c to part k changes the squared error by sum(c * (2 (assigned - target) + c))
+        need = ((target - assigned) * counts[g]).sum(1)
+        k = int(np.argmax(need))
+        part_of[g] = k
+        assigned[k] += counts[g]
+    part_of_sample = part_of[group_of]
+    return [np.sort(indices[part_of_sample == k]).astype(np.int64) for k in range(len(ratios))]
+
+
+def _split(
+    indices: np.ndarray,
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+    labels: np.ndarray | None,
+    groups: np.ndarray | None,
+) -> list[np.ndarray]:
+    """`split_groups` with groups, else `split_indices`, of ``indices`` (labels, groups: of all samples)."""
+    sub_labels = None if labels is None else labels[indices]
+    if groups is None:
+        return split_indices(indices, ratios, rng, sub_labels)
+    return split_groups(indices, ratios, rng, groups[indices], sub_labels)
+
+
 def _stratified_counts(
     sizes: Sequence[int], ratios: Sequence[float], rng: np.random.Generator
 ) -> list[list[int]]:
@@ -144,6 +211,7 @@ def make_splits(
     ratios: Sequence[float] = RCKD_RATIOS,
     seed: int = 0,
     fixed: Sequence[str | None] | None = None,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> list[Split]:
     """The ``num_splits`` splits of a dataset (RCKD Algorithm 2, N_fold = 5).
 
@@ -160,7 +228,10 @@ def make_splits(
         fixed: Per sample ``"train"``, ``"val"``, ``"test"`` or None (not fixed), from the
             dataset's own lists. Either no sample is fixed, or only the test samples are (the
             rest is split train:val; a fixed training list without a validation list counts
-            as not fixed), or every sample is.
+            as not fixed), or only train and val are (the test part is carved out of train),
+            or every sample is.
+        groups: Group (patient, slide) of each sample: a group's samples stay in one part of
+            every split (`split_groups`), or None (samples split one by one).
 
     Returns:
         The splits; together the three parts of each cover every sample once.
@@ -187,11 +258,23 @@ def make_splits(
     unknown = set(fixed_array.tolist()) - {"", "train", "val", "test"}
     if unknown:
         raise ValueError(f"fixed split names {sorted(unknown)}: allowed: train, val, test")
+    group_array = None if groups is None else np.asarray([str(g) for g in groups], dtype=object)
+    if group_array is not None and group_array.shape != (num_samples,):
+        raise ValueError(f"groups has {group_array.shape[0]} entries for {num_samples} samples")
     if "val" not in set(fixed_array.tolist()):
         # a published training list without a validation list (CRC, GlaS) is split train:val
         fixed_array = np.where(fixed_array == "train", "", fixed_array)
     kinds = set(fixed_array.tolist())
-    if "" not in kinds and kinds != {"train", "val", "test"}:
+    if group_array is not None:
+        _check_groups_in_one_list(group_array, fixed_array)
+    carve_test = kinds == {"train", "val"}
+    if carve_test:
+        log.warning(
+            "the dataset fixes train and val lists but no test list: each split carves its test "
+            "part (%.0f %% of all samples) out of the training list",
+            100 * (ratios[2] if len(ratios) == 3 else 0),
+        )
+    if "" not in kinds and kinds != {"train", "val", "test"} and not carve_test:
         raise ValueError(
             f"the dataset fixes only {sorted(kinds)}; fixed lists need train, val and test"
         )
@@ -205,15 +288,24 @@ def make_splits(
                 raise ValueError(
                     f"split_ratios={list(ratios)!r}: need 3 ratios when the dataset has no fixed test list"
                 )
-            train, val, test = split_indices(all_indices, ratios, rng, label_array)
+            train, val, test = _split(all_indices, ratios, rng, label_array, group_array)
+        elif carve_test:  # fixed train and val: the test part comes out of train
+            if len(ratios) != 3 or ratios[2] <= 0:
+                raise ValueError(
+                    f"split_ratios={list(ratios)!r}: need a test ratio > 0 to carve a test part out of the training list"
+                )
+            val = np.flatnonzero(fixed_array == "val")
+            listed = np.flatnonzero(fixed_array == "train")
+            n_test = min(_counts(num_samples, ratios)[2], len(listed) - 1)
+            pair = _check_ratios([len(listed) - n_test, n_test]) if n_test > 0 else (1.0, 0.0)
+            train, test = _split(listed, pair, rng, label_array, group_array)
         elif "" not in kinds:  # everything fixed
             train, val, test = (np.flatnonzero(fixed_array == k) for k in ("train", "val", "test"))
         elif kinds <= {"", "test"}:  # a fixed test set; the rest split train:val
             test = np.flatnonzero(fixed_array == "test")
             rest = np.flatnonzero(fixed_array != "test")
             pair = _check_ratios(ratios[:2])
-            rest_labels = None if label_array is None else label_array[rest]
-            train, val = split_indices(rest, pair, rng, rest_labels)
+            train, val = _split(rest, pair, rng, label_array, group_array)
         else:
             raise ValueError(
                 f"the dataset fixes {sorted(k for k in kinds if k)} for some samples and leaves others unassigned; "
@@ -225,3 +317,16 @@ def make_splits(
             )
         splits.append(Split(i, split_seed % (2**31), train, val, test))
     return splits
+
+
+def _check_groups_in_one_list(groups: np.ndarray, fixed: np.ndarray) -> None:
+    """A group whose samples sit in two of the dataset's own lists would leak across parts."""
+    lists: dict[str, set[str]] = {}
+    for group, name in zip(groups.tolist(), fixed.tolist(), strict=True):
+        lists.setdefault(group, set()).add(name or "unassigned")
+    for group, names in lists.items():
+        if len(names) > 1:
+            raise ValueError(
+                f"group {group!r} has samples in the lists {sorted(names)}; with groups, each group's "
+                "samples must all be in one list (train, val, test or unassigned)"
+            )

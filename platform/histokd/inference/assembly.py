@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from histokd.inference.geojson import region_features, tile_features, write_geojson
 from histokd.inference.model_file import TaskModelInfo
 from histokd.inference.outputs import (
     file_record,
@@ -50,6 +51,7 @@ OUTPUT_FILES = {
     "labels": "labels.ome.tif",
     "overlay": "overlay.png",
     "heatmap_png": "heatmap.png",
+    "geojson": "predictions.geojson",  # QuPath: File > Import objects (histokd.inference.geojson)
 }
 
 
@@ -295,6 +297,13 @@ class SlideAssembly:
                 info.magnification, info.patch_size,
             )  # fmt: skip
             write_table(tmp / OUTPUT_FILES["predictions"], table)
+            tiles = (
+                tile_features(self._xs, self._ys, self.extent, np.asarray(self._probs, np.float32), info.class_names)
+                if info.task == "classification"
+                else []
+            )  # fmt: skip
+            regions = region_features(labels, info.class_names, self.downsample)
+            write_geojson(tmp / OUTPUT_FILES["geojson"], tiles + regions)
             # what a rerun checks before it trusts this folder (histokd.inference.job)
             summary["outputs"] = {n: file_record(tmp / n) for n in OUTPUT_FILES.values()}
             summary["seconds"] = round(time.monotonic() - self.started, 3)

@@ -12,7 +12,7 @@ Run folder ``STORAGE/RUN_NAME``::
 
     config.yaml  model.json  run.json  summary.csv  bad_slides.csv
     slides/<slide_id>/{summary.json, predictions.parquet, heatmap.ome.tif, labels.ome.tif,
-                       overlay.png, heatmap.png}
+                       overlay.png, heatmap.png, predictions.geojson}
 """
 
 from __future__ import annotations

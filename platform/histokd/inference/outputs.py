@@ -7,6 +7,8 @@
 * ``overlay.png``: the slide thumbnail with the label colours blended on it and a legend;
   ``heatmap.png``: one panel per class, its probability as a colour map over the thumbnail.
 * ``predictions.parquet``: one row per tile with its level-0 coordinates and probabilities.
+* ``predictions.geojson``: the tiles and each class's region outlines for QuPath
+  (`histokd.inference.geojson`).
 
 ``summary.json`` records each of these files' size and SHA-256 (`file_record`); a rerun trusts a
 slide's outputs only when every recorded file is still whole (`damaged_output`).

@@ -2,6 +2,7 @@
 
 from histokd.metrics.bootstrap import (
     BootstrapInterval,
+    bootstrap_auroc_ci,
     bootstrap_ci,
     bootstrap_confusion_ci,
     percentile_interval,
@@ -9,6 +10,9 @@ from histokd.metrics.bootstrap import (
 from histokd.metrics.classification import (
     ClassificationMetrics,
     accuracy,
+    auroc,
+    balanced_accuracy,
+    binary_auroc,
     classification_metrics,
     confusion_matrix,
     iou_per_class,
@@ -22,7 +26,11 @@ __all__ = [
     "BootstrapInterval",
     "ClassificationMetrics",
     "accuracy",
+    "auroc",
+    "balanced_accuracy",
+    "binary_auroc",
     "binary_confusion",
+    "bootstrap_auroc_ci",
     "bootstrap_ci",
     "bootstrap_confusion_ci",
     "classification_metrics",

@@ -7,7 +7,8 @@ Two entry points:
 * :func:`bootstrap_confusion_ci` for a metric of a confusion matrix (accuracy, macro F1, mIoU),
   resampling samples (images) with their per-sample confusion counts. Classification gives one
   count per sample; segmentation gives an image's pixel counts, so images, not pixels, are
-  resampled (pixels of one image are not independent).
+  resampled (pixels of one image are not independent);
+* :func:`bootstrap_auroc_ci` for AUROC, resampling images with their predicted probabilities.
 
 Both resample with replacement ``n_resamples`` times (10,000 by default) from a generator seeded
 by ``seed``, so the same inputs give the same interval, and keep the bootstrap distribution, so
@@ -17,13 +18,20 @@ intervals of averages over several test sets can be formed from it (see
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["BootstrapInterval", "bootstrap_ci", "bootstrap_confusion_ci", "percentile_interval"]
+__all__ = [
+    "BootstrapInterval",
+    "bootstrap_auroc_ci",
+    "bootstrap_ci",
+    "bootstrap_confusion_ci",
+    "percentile_interval",
+]
 
 
 @dataclass(frozen=True)
@@ -189,3 +197,75 @@ def bootstrap_confusion_ci(
     estimate = float(metric(confusion.sum(0)))
     return _interval((np.arange(n),), statistic, estimate, n_resamples, confidence, method, seed,
                      batch=_batch_size(n, 2))  # fmt: skip
+
+
+def bootstrap_auroc_ci(
+    target: np.ndarray,
+    probability: np.ndarray,
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapInterval:
+    """Percentile interval of AUROC (``histokd.metrics.auroc``), resampling samples.
+
+    A resample that lacks a class has no AUROC for it (binary: none at all); such resamples
+    are left out of the percentiles (their NaN stays in ``distribution``).
+
+    Args:
+        target: ``n`` true class indices.
+        probability: ``n x C`` predicted probabilities.
+        n_resamples: Bootstrap resamples.
+        confidence: Confidence level.
+        seed: Seed of the resampling.
+    """
+    from histokd.metrics.classification import auroc
+
+    _check(n_resamples, confidence, "percentile")
+    target = np.asarray(target, dtype=np.int64)
+    probability = np.asarray(probability, dtype=np.float64)
+    n, c = probability.shape
+    if n < 2 or target.shape != (n,):
+        raise ValueError(
+            f"bootstrap_auroc_ci: need n >= 2 targets and n x C probabilities, got target shape "
+            f"{target.shape} and probability shape {probability.shape}"
+        )
+    # Per class, the samples in score order and their tie groups: a resample's AUROC is then
+    # sum over tie groups of W_pos(g) * (W_neg(below g) + W_neg(g) / 2) / (W_pos * W_neg), with
+    # W the resample's multiplicities: linear in n, where ranking each resample is not.
+    classes = [1] if c == 2 else list(range(c))
+    plans = []
+    for k in classes:
+        order = np.argsort(probability[:, k], kind="stable")
+        scores = probability[order, k]
+        starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+        plans.append((order, starts, target[order] == k))
+
+    def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        lead = index.shape[:-1]
+        rows = index.reshape(-1, n)
+        offsets = np.arange(rows.shape[0])[:, None] * n
+        weight = np.bincount((rows + offsets).ravel(), minlength=rows.size).reshape(-1, n)
+        per_class = []
+        for order, starts, positive in plans:
+            w = weight[:, order].astype(np.float64)
+            w_pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)
+            w_neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
+            below = np.cumsum(w_neg, axis=1) - w_neg
+            pairs = w_pos.sum(1) * w_neg.sum(1)
+            won = (w_pos * (below + w_neg / 2)).sum(1)
+            per_class.append(np.where(pairs > 0, won / np.where(pairs > 0, pairs, 1), np.nan))
+        stacked = np.stack(per_class, -1)
+        defined = ~np.isnan(stacked)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = np.where(defined, stacked, 0).sum(-1) / defined.sum(-1)
+        return value.reshape(lead)
+
+    estimate = float(auroc(target, probability))
+    with warnings.catch_warnings():  # resamples without a class are NaN: SciPy warns, and
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # its interval is redone
+        interval = _interval((np.arange(n),), statistic, estimate, n_resamples, confidence,
+                             "percentile", seed, batch=_batch_size(n, 2 * len(classes)))  # fmt: skip
+    low, high = percentile_interval(interval.distribution, confidence)
+    return BootstrapInterval(estimate, low, high, confidence, n_resamples, "percentile",
+                             interval.distribution)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Multi-class metrics from a confusion matrix: accuracy, macro precision / recall / F1, mIoU.
+"""Multi-class metrics: accuracy, balanced accuracy, macro precision / recall / F1, mIoU, AUROC.
 
 RCKD (Kim et al. 2023) Sec. 2.4, Eq. 12 reports accuracy for classification and mIoU for
 segmentation. Everything here is computed from a ``C x C`` confusion matrix (rows: true
@@ -8,7 +8,12 @@ the same functions serve image labels and pixel labels.
 Conventions (the same as scikit-learn's ``zero_division=0``): a class never predicted has
 precision 0, a class absent from the targets has recall 0, and a class with neither has F1 0.
 For mIoU a class with ``TP + FP + FN = 0`` (absent from targets and predictions) is left out
-of the mean, since its IoU is undefined.
+of the mean, since its IoU is undefined; balanced accuracy likewise averages the recall of the
+classes present in the targets (scikit-learn's ``balanced_accuracy_score``).
+
+AUROC is the one metric here that needs the predicted probabilities, not the confusion matrix:
+the Mann-Whitney statistic from ranks, ties averaged (Hanley and McNeil 1982, Eq. 2), binary or
+one-vs-rest macro over the classes.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 __all__ = [
     "ClassificationMetrics",
     "accuracy",
+    "auroc",
+    "balanced_accuracy",
+    "binary_auroc",
     "classification_metrics",
     "confusion_matrix",
     "iou_per_class",
@@ -86,6 +95,66 @@ def accuracy(confusion: np.ndarray) -> np.ndarray:
     return _safe_divide(correct, confusion.sum(axis=(-2, -1)))
 
 
+def balanced_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Mean recall over the classes present in the targets (``... x C x C`` -> ``...``).
+
+    NaN where no class is present (an empty matrix).
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    actual = confusion.sum(axis=-1)  # row sums: tp + fn
+    recall = _safe_divide(np.diagonal(confusion, axis1=-2, axis2=-1), actual)
+    present = (actual > 0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present > 0, recall.sum(-1) / np.maximum(present, 1), np.nan)
+
+
+def binary_auroc(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Area under the ROC curve of ``score`` for ``positive``, along the last axis.
+
+    The Mann-Whitney U over ``n_pos * n_neg``: the chance that a positive scores above a
+    negative, a tie counting one half (ranks with ties averaged). Vectorised over leading axes.
+
+    Returns:
+        ``...``; NaN where the positives or the negatives are missing.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    ranks = stats.rankdata(np.asarray(score, dtype=np.float64), method="average", axis=-1)
+    n_pos = positive.sum(-1).astype(np.float64)
+    n_neg = positive.shape[-1] - n_pos
+    u = np.where(positive, ranks, 0.0).sum(-1) - n_pos * (n_pos + 1) / 2
+    defined = (n_pos > 0) & (n_neg > 0)
+    return np.where(defined, u / np.where(defined, n_pos * n_neg, 1.0), np.nan)
+
+
+def auroc(target: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """AUROC from predicted class probabilities: binary, or one-vs-rest macro for C > 2.
+
+    Args:
+        target: ``... x n`` true class indices.
+        probability: ``... x n x C`` predicted probabilities (or scores).
+
+    Returns:
+        ``...``: for C = 2 the AUROC of class 1's probability; for C > 2 the mean of each
+        class's one-vs-rest AUROC over the classes with positives and negatives (NaN if none).
+    """
+    target = np.asarray(target)
+    probability = np.asarray(probability, dtype=np.float64)
+    if probability.shape[:-1] != target.shape:
+        raise ValueError(
+            f"auroc: probability shape {probability.shape} does not match target shape "
+            f"{target.shape} (need ... x n x C against ... x n)"
+        )
+    c = probability.shape[-1]
+    if c == 2:
+        return binary_auroc(target == 1, probability[..., 1])
+    per_class = np.stack([binary_auroc(target == k, probability[..., k]) for k in range(c)], -1)
+    defined = ~np.isnan(per_class)
+    count = defined.sum(-1)
+    total = np.where(defined, per_class, 0.0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def macro_precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Macro (unweighted mean over classes) one-vs-rest precision, recall and F1.
 
@@ -128,6 +197,7 @@ class ClassificationMetrics:
     """What one evaluation measured; fractions in [0, 1]."""
 
     accuracy: float
+    balanced_accuracy: float
     macro_precision: float
     macro_recall: float
     macro_f1: float
@@ -149,6 +219,7 @@ def classification_metrics(confusion: np.ndarray) -> ClassificationMetrics:
     precision, recall, f1 = macro_precision_recall_f1(confusion)
     return ClassificationMetrics(
         accuracy=float(accuracy(confusion)),
+        balanced_accuracy=float(balanced_accuracy(confusion)),
         macro_precision=float(precision),
         macro_recall=float(recall),
         macro_f1=float(f1),
