@@ -363,7 +363,8 @@ _RAY_BUILD = """
 import sys
 import ray
 from histokd.manifest import ManifestConfig, build_manifest
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+# a cluster of its own: a bare ray.init() would join a running one (`ray start` elsewhere)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 config = ManifestConfig(**eval(sys.argv[3]))
 build_manifest(sys.argv[1], sys.argv[2], config, use_ray=True, verify_chunk=4)
 """
@@ -373,11 +374,13 @@ def test_ray_tasks_read_slides_from_s3(s3, local_manifest, slide_cache, tmp_path
     """A manifest built by Ray tasks in several worker processes, which share the node's cache."""
     settings = dict(magnification=10, patch_size=128, num_patches=30, seed=3)
     assert ManifestConfig(**settings) == CONFIG
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run(
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    done = subprocess.run(
         [sys.executable, "-c", _RAY_BUILD, f"s3://{BUCKET}/slides", str(tmp_path / "m"), repr(settings)],
-        env=env, check=True, timeout=240, capture_output=True,
+        env=env, timeout=240, capture_output=True, text=True,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     result = build_manifest(f"s3://{BUCKET}/slides", tmp_path / "m", CONFIG, use_ray=False)
     assert result.reused  # the one Ray wrote
     _same_patches(result, local_manifest)

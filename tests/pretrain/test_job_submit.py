@@ -81,6 +81,27 @@ def _stop(processes) -> None:
         proc.kill()
 
 
+def _wait_for_agent_port(port: int = 52365, timeout_s: float = 300.0) -> None:
+    """Wait until no other Ray on this machine holds the job agent's default port.
+
+    A Ray started by a test in the other pytest process (xdist) binds it too; the head that
+    the README starts would then run without a job agent ("No available agent to submit job").
+    On a user's machine there is one Ray; here the wait keeps the two apart.
+    """
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+                return
+            except OSError:
+                time.sleep(2)
+
+
 def test_readme_block_is_the_mission_command():
     lines = [_strip_comment(line) for line in readme_submit_block()]
     assert lines[0] == "source .venv/bin/activate"
@@ -96,6 +117,7 @@ def test_readme_ray_job_submit_lines(tmp_path):
     import ray
 
     ray.shutdown()  # the session's in-process cluster
+    _wait_for_agent_port()
     lines = readme_submit_block()
     assert _strip_comment(lines[-1]) == "ray stop"
     # Right after `ray start` on a busy machine the job agent may still be starting; Ray then
