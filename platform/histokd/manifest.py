@@ -319,7 +319,11 @@ def discover_slides(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     found: set[str] = set()
     for item in inputs:
         if object_store.is_object_url(item):  # a prefix lists like a folder
-            found.update(object_store.list_slides(item, SLIDE_EXTENSIONS))
+            found.update(
+                object_store.list_slides(
+                    item, SLIDE_EXTENSIONS, skip=lambda name, names: _demo_json(name) in names
+                )
+            )
             continue
         path = Path(item)
         if path.is_dir():
@@ -358,12 +362,19 @@ def _in_dataset(path: Path, root: Path) -> bool:
     return False
 
 
-def _is_demo_truth(path: Path) -> bool:
-    """A demo slide's ground-truth mask (see :mod:`histokd.demos.synthetic.demo`), not a slide."""
+def _demo_json(name: str) -> str | None:
+    """The ``<stem>.json`` beside which a file named ``name`` (a path or an object key) would be
+    a demo slide's ground-truth mask (:mod:`histokd.demos.synthetic.demo`), else None."""
     for suffix in (".nuclei.tif", ".regions.tif"):
-        if path.name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)] + ".json").is_file()
-    return False
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".json"
+    return None
+
+
+def _is_demo_truth(path: Path) -> bool:
+    """A demo slide's ground-truth mask, not a slide."""
+    json_name = _demo_json(path.name)
+    return json_name is not None and path.with_name(json_name).is_file()
 
 
 def grid_cells(

@@ -69,7 +69,6 @@ _CREDENTIAL_VARIABLES = (
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_DEFAULT_REGION",
 )
-_DEMO_TRUTH_SUFFIXES = (".nuclei.tif", ".regions.tif")  # as manifest._is_demo_truth
 
 T = TypeVar("T")
 
@@ -293,10 +292,16 @@ def _with_retries(
 _listed: dict[str, ObjectInfo] = {}
 
 
-def list_slides(url: str, extensions: Iterable[str], tries: int = 3) -> list[str]:
+def list_slides(
+    url: str,
+    extensions: Iterable[str],
+    tries: int = 3,
+    skip: Callable[[str, set[str]], bool] | None = None,
+) -> list[str]:
     """Slide URLs under ``url``: the object itself where its name ends in a slide extension,
     else every object under the prefix ``url`` (as a folder: ``s3://b/a`` does not take
-    ``s3://b/ab/x.svs``) whose name does. A demo slide's truth masks are left out, as in folders.
+    ``s3://b/ab/x.svs``) whose name does, less those ``skip(name, all names)`` leaves out
+    (`histokd.manifest.discover_slides` passes its rule for a demo slide's truth masks).
 
     Raises:
         ObjectStoreError: The bucket is missing, access is refused, no credentials.
@@ -312,19 +317,12 @@ def list_slides(url: str, extensions: Iterable[str], tries: int = 3) -> list[str
     names = {name for name, _, _ in objects}
     found = []
     for name, size, version in objects:
-        if not name.endswith(extensions) or _is_demo_truth(name, names):
+        if not name.endswith(extensions) or (skip is not None and skip(name, names)):
             continue
         object_url = f"{scheme}://{bucket}/{name}"
         _listed[object_url] = ObjectInfo(object_url, size, version)
         found.append(object_url)
     return sorted(found)
-
-
-def _is_demo_truth(name: str, names: set[str]) -> bool:
-    for suffix in _DEMO_TRUTH_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)] + ".json" in names
-    return False
 
 
 def stat(url: str, tries: int = 3, backoff_s: float = 1.0, fresh: bool = False) -> ObjectInfo:
