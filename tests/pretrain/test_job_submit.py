@@ -1,4 +1,7 @@
-"""The README's `ray job submit` lines, run exactly as written on this machine.
+"""The README's `ray job submit` lines, run as written on this machine.
+
+The one change: the head's dashboard and job agent get free ports (`_own_ports`), since the
+other pytest process's Rays may hold the defaults.
 
 The lines from `source .venv/bin/activate` to `ls ...backbone.pth` run in one bash with
 ``set -e`` and ``HOME`` set to a temporary folder (so the token and ``~/histokd`` stay in it).
@@ -81,25 +84,38 @@ def _stop(processes) -> None:
         proc.kill()
 
 
-def _wait_for_agent_port(port: int = 52365, timeout_s: float = 300.0) -> None:
-    """Wait until no other Ray on this machine holds the job agent's default port.
-
-    A Ray started by a test in the other pytest process (xdist) binds it too; the head that
-    the README starts would then run without a job agent ("No available agent to submit job").
-    On a user's machine there is one Ray; here the wait keeps the two apart.
-    """
+def _free_port() -> int:
     import socket
-    import time
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("", port))
-                return
-            except OSError:
-                time.sleep(2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _own_ports(lines: list[str]) -> list[str]:
+    """The README's lines with the head's dashboard and job agent on ports no other Ray holds.
+
+    Every local Ray started by a test in the other pytest process (xdist) binds the default
+    dashboard port 8265 and job agent port 52365 too, for as long as that test runs. The
+    README's head would then run without a job agent ("No available agent to submit job"), or
+    its dashboard would move to another port and `ray job submit --address
+    http://127.0.0.1:8265` would reach the other Ray. On a user's machine there is one Ray; here
+    the head and the submit line get two free ports, and every other word stays as written.
+    """
+    dashboard, agent = _free_port(), _free_port()
+    out = []
+    for line in lines:
+        if line.startswith("ray start --head"):
+            line = line.replace(
+                "ray start --head",
+                f"ray start --head --dashboard-port={dashboard} --dashboard-agent-listen-port={agent}",
+                1,
+            )
+        elif line.startswith("ray job submit"):
+            assert "--address http://127.0.0.1:8265 " in line
+            line = line.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}", 1)
+        out.append(line)
+    return out
 
 
 def test_readme_block_is_the_mission_command():
@@ -117,8 +133,7 @@ def test_readme_ray_job_submit_lines(tmp_path):
     import ray
 
     ray.shutdown()  # the session's in-process cluster
-    _wait_for_agent_port()
-    lines = readme_submit_block()
+    lines = _own_ports(readme_submit_block())
     assert _strip_comment(lines[-1]) == "ray stop"
     # Right after `ray start` on a busy machine the job agent may still be starting; Ray then
     # answers "No available agent to submit job, please try again later", as the README says,
