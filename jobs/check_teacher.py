@@ -7,7 +7,9 @@ It measures RCKD's pseudo label (Eq. 2: probability >= alpha) against the true n
 IoU and Dice, at several alphas, with joint and per-channel normalisation, at the teacher's own
 scale and at the pretraining patches' scale (--patch-mpp, 20x = 0.5 um/px). It prints the table
 and writes OUT/results.csv, OUT/results.json, OUT/overlay.png (true nuclei green, pseudo label
-magenta) and OUT/histokd_teacher.json: the best settings. Copy that file into the teacher's model
+magenta), OUT/nuclei/<image>.geojson (the teacher's nuclei at the best settings as QuPath
+detections with their area and probability: open the image in QuPath, File > Import objects)
+and OUT/histokd_teacher.json: the best settings. Copy that file into the teacher's model
 folder (or pass --teacher-settings OUT/histokd_teacher.json to jobs/rckd_pretrain.py) so that the
 teacher runs that way everywhere.
 
@@ -45,7 +47,7 @@ def _report(outcome) -> None:
         f"Dice {best['check_dice']:.3f} (true nuclei cover {best['true_nucleus_fraction']:.1%} of the pixels)"
     )
     print_fields({
-        "report": f"{result.out_dir}  (results.csv, results.json, overlay.png)",
+        "report": f"{result.out_dir}  (results.csv, results.json, overlay.png, nuclei/*.geojson)",
         "settings": result.out_dir / "histokd_teacher.json",
     })  # fmt: skip
 

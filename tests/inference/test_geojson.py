@@ -10,6 +10,7 @@ import pytest
 from histokd.inference.geojson import (
     label_polygons,
     mask_polygons,
+    nuclei_features,
     region_features,
     tile_features,
     write_geojson,
@@ -88,3 +89,38 @@ def test_tiles_are_their_level0_boxes_with_probabilities(tmp_path):
     assert props["objectType"] == "tile"
     assert props["classification"]["name"] == "c"
     assert props["measurements"] == pytest.approx({"prob_a": 0.1, "prob_b": 0.3, "prob_c": 0.6})
+
+
+def test_teacher_nuclei_become_qupath_detections_at_level0(tmp_path):
+    """Instance labels at 2 level-0 px per pixel, 100 px right and 40 px down of the slide's corner:
+    written, read back as QuPath detections and rasterised at the labels' scale, each nucleus
+    matches its own pixels."""
+    from skimage.draw import disk, ellipse
+
+    from histokd.annotations import rasterise_regions, read_qupath_geojson
+
+    labels = np.zeros((64, 96), np.int32)
+    labels[disk((15, 20), 6)] = 1
+    labels[ellipse(40, 60, 5, 9, rotation=0.6)] = 2
+    labels[disk((48, 15), 4)] = 7
+    labels[5:8, 80:90] = 9  # an elongated one
+    probability = np.where(labels > 0, 0.8, 0.1).astype(np.float32)
+    probability[labels == 7] = 0.5
+    features = nuclei_features(labels, origin=(100, 40), downsample=2.0, probability=probability)
+    path = write_geojson(tmp_path / "nuclei.geojson", features)
+    read = read_qupath_geojson(path, object_types=("detection",))
+    assert [r.label for r in read.regions] == ["nucleus"] * 4 and read.skipped == 0
+    assert json.loads(path.read_text())["features"][0]["properties"]["objectType"] == "detection"
+    for k, region, feature in zip((1, 2, 7, 9), read.regions, features, strict=True):
+        truth = labels == k
+        drawn = rasterise_regions([region], {"nucleus": 1}, (100, 40), (2.0, 2.0), (96, 64)) == 1
+        assert _iou(drawn, truth) >= 0.9, (k, _iou(drawn, truth))
+        rows, cols = np.nonzero(truth)
+        assert region.bounds == pytest.approx((100 + 2 * cols.min(), 40 + 2 * rows.min(),
+                                               100 + 2 * (cols.max() + 1), 40 + 2 * (rows.max() + 1)), abs=1.01)  # fmt: skip
+        measurements = feature["properties"]["measurements"]
+        assert measurements["area_px"] == 4 * truth.sum()  # level-0 pixels
+        assert measurements["probability_mean"] == pytest.approx(0.5 if k == 7 else 0.8)
+    # anisotropic scale: x doubled, y unchanged
+    (one,) = nuclei_features(labels == 9, downsample=(2.0, 1.0))
+    assert np.asarray(one["geometry"]["coordinates"][0]).min(0).tolist() == [160.0, 5.0]

@@ -76,6 +76,21 @@ def test_demo_teacher_check(annotated, tmp_path, capsys):
     joint = {float(r["alpha"]): float(r["iou"]) for r in rows if r["normalization"] == "joint"}
     assert joint[0.1] > joint[0.5] + 0.3  # alpha 0.5 marks nucleus cores only (TEACHER.md)
     assert (out / "overlay.png").stat().st_size > 10_000 and (out / "results.json").is_file()
+    # the teacher's nuclei at the best alpha, as QuPath detections in the image's pixels
+    from skimage.measure import label
+
+    from histokd.annotations import read_qupath_geojson
+
+    teacher = build_teacher("demo", device="cpu")
+    teacher.normalization = best["normalization"]
+    image = np.asarray(Image.open(annotated / "images" / "tile1.png").convert("RGB"))
+    expected = label(teacher.probability(image[None])[0] >= best["alpha"], connectivity=1).max()
+    assert sorted(p.name for p in (out / "nuclei").iterdir()) == [
+        f"tile{i}.geojson" for i in range(4)
+    ]
+    nuclei = read_qupath_geojson(out / "nuclei" / "tile1.geojson", object_types=("detection",))
+    assert len(nuclei.regions) == expected > 5 and {r.label for r in nuclei.regions} == {"nucleus"}
+    assert all(0 <= r.bounds[0] and r.bounds[2] <= 256 for r in nuclei.regions)
     # The settings file drops into a model folder and the teacher labels that way
     folder = tmp_path / "teacher"
     shutil.copytree(DEMO_TEACHER_DIR, folder)

@@ -16,6 +16,9 @@ Three layouts (``docs/datasets.md`` maps the paper's six datasets onto them):
   ``ROOT/{train,val,test}/``. Class names come from ``ROOT/classes.txt`` (line k names value
   k), otherwise they are ``class_0 ... class_{C-1}`` with C from the largest mask value.
 
+A folder holding a ``dataset.csv`` (what ``jobs/make_patch_dataset.py`` writes, with its slide
+and patient columns) is read as that CSV.
+
 Images of any size are accepted; `ImageSamples` resizes them to the input resolution, making
 non-square ones square first by one of `RESIZE_MODES`.
 
@@ -389,6 +392,10 @@ def load_task_dataset(
     path = Path(data)
     if task not in ("classification", "segmentation"):
         raise ValueError(f"task={task!r}: allowed: classification, segmentation")
+    from histokd.patch_dataset import CSV_FILE
+
+    if path.is_dir() and (path / CSV_FILE).is_file():  # make_patch_dataset's output
+        path = path / CSV_FILE
     if group_by and path.suffix.lower() != ".csv":
         raise ValueError(
             f"group_by={group_by!r}: only a CSV dataset has group columns; data={str(path)!r} is a folder"

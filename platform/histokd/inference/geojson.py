@@ -8,6 +8,9 @@ GeoJSON export writes them. Each feature follows QuPath's conventions (0.4 and l
 * Tiles (classification models): one ``Polygon`` per predicted tile, its level-0 box as in
   ``predictions.parquet``, classified by its highest probability, with ``prob_<class>`` for
   every class as measurements.
+* Nuclei (`nuclei_features`, for inspecting a teacher): one QuPath ``detection`` per nucleus of
+  an instance-label image, classified ``Nucleus``, with its area and the teacher's probability
+  over it as measurements.
 * Regions (every model): per class, the outline of the label mask's connected regions at the
   output resolution, scaled to level 0, holes as interior rings, simplified to about one
   output pixel (`label_polygons`). Classes named ``background`` are left out, as the overlays
@@ -30,6 +33,7 @@ __all__ = [
     "feature_collection",
     "label_polygons",
     "mask_polygons",
+    "nuclei_features",
     "region_features",
     "tile_features",
     "write_geojson",
@@ -162,6 +166,70 @@ def region_features(
                 "objectType": "annotation",
                 "name": name,
                 "classification": _classification(name, palette[k]),
+            },
+        })  # fmt: skip
+    return features
+
+
+NUCLEUS_COLOUR = (30, 90, 255)  # blue, as the pretraining overlays draw pseudo labels
+
+
+def nuclei_features(
+    labels: np.ndarray,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float | tuple[float, float] = 1.0,
+    probability: np.ndarray | None = None,
+    class_name: str = "Nucleus",
+    tolerance: float = 0.5,
+) -> list[dict[str, Any]]:
+    """One QuPath detection per nucleus of an instance-label image, in level-0 pixels.
+
+    The labels are StarDist's nuclei instances, or the connected components of a thresholded
+    probability map (``skimage.measure.label(probability >= alpha)``). Image pixel ``(row, col)``
+    covers level-0 ``[x0 + col * dx, x0 + (col + 1) * dx)`` and likewise in y.
+
+    Args:
+        labels: ``H x W`` integers, 0 background, one value per nucleus.
+        origin: Level-0 ``(x0, y0)`` of the image's top-left corner.
+        downsample: Level-0 pixels per image pixel (one number, or along x and y).
+        probability: ``H x W`` teacher probability; its mean and max over each nucleus become
+            measurements.
+        class_name: The detections' class.
+        tolerance: Outline simplification in image pixels (`mask_polygons`).
+
+    Returns:
+        Per nucleus a ``Polygon`` (a ``MultiPolygon`` when its pixels touch only at corners) with
+        measurements ``area_px`` (level-0 pixels), and ``probability_mean``/``probability_max``.
+    """
+    from skimage.measure import regionprops
+
+    dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
+    x0, y0 = origin
+    features = []
+    for region in regionprops(np.asarray(labels).astype(np.int64, copy=False)):
+        top, left = region.bbox[:2]
+        polygons = [
+            [[[round(x0 + (x + left) * dx, 2), round(y0 + (y + top) * dy, 2)] for x, y in ring] for ring in polygon]
+            for polygon in mask_polygons(region.image, tolerance)
+        ]  # fmt: skip
+        if not polygons:
+            continue
+        geometry = (
+            {"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
+            else {"type": "MultiPolygon", "coordinates": polygons}
+        )  # fmt: skip
+        measurements = {"area_px": round(float(region.area) * dx * dy, 2)}
+        if probability is not None:
+            inside = np.asarray(probability)[region.slice][region.image]
+            measurements["probability_mean"] = round(float(inside.mean()), 4)
+            measurements["probability_max"] = round(float(inside.max()), 4)
+        features.append({
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": class_name, "color": list(NUCLEUS_COLOUR)},
+                "measurements": measurements,
             },
         })  # fmt: skip
     return features

@@ -49,7 +49,8 @@ class CheckConfig(RunFolderConfig):
         masks: The images' nuclei masks, with the same file stems: instance labels
             (0 = background) or binary masks, as png, tif or npy, or MoNuSeg XML.
         run_name: The report folder ``STORAGE/RUN_NAME``: ``results.csv``, ``results.json``,
-            ``overlay.png`` and the best settings as ``histokd_teacher.json``.
+            ``overlay.png``, the best settings as ``histokd_teacher.json`` and the teacher's
+            nuclei at them as QuPath GeoJSON, ``nuclei/<image stem>.geojson``.
         patch_mpp: The pixel size of the pretraining patches (RCKD: 20x = 0.5 um/px): the
             scale labelled at when the teacher is not resampled.
         teacher_mpp: The scale the teacher was trained at; default: its own setting
@@ -199,7 +200,27 @@ def check_teacher(config: CheckConfig) -> CheckResult:
         out / "overlay.png",
         teacher_name=config.teacher,
     )
+    _write_nuclei(items, best_maps, best["alpha"], out / "nuclei")
     return CheckResult(rows, best, out)
+
+
+def _write_nuclei(
+    items: list[InstanceImage], probs: list[np.ndarray], alpha: float, folder: Path
+) -> None:
+    """``folder/<image stem>.geojson``: the teacher's nuclei at the best alpha (connected components
+    of Eq. 2's mask) as QuPath detections in the image's pixels (QuPath: open the image, then
+    File > Import objects)."""
+    from skimage.measure import label
+
+    from histokd.inference.geojson import nuclei_features, write_geojson
+
+    folder.mkdir(exist_ok=True)
+    for item, prob in zip(items, probs, strict=True):
+        instances = label(prob >= alpha, connectivity=1)  # RCKD Eq. 2
+        write_geojson(
+            folder / f"{Path(item.source).stem}.geojson",
+            nuclei_features(instances, probability=prob),
+        )
 
 
 def _scale_name(label_mpp: float | None, config: CheckConfig) -> str:
