@@ -161,3 +161,28 @@ def test_train_and_val_lists_without_test_carve_the_test_out_of_train(caplog):
     for split in make_splits(100, None, num_splits=2, fixed=fixed, groups=groups):
         _assert_no_group_crosses(split, groups)
         assert split.sizes == (60, 20, 20)
+
+
+def test_label_fractions_are_stratified_seeded_nested_and_keep_every_class():
+    from histokd.finetune.splits import subsample_train
+
+    labels = np.repeat([0, 1, 2], [300, 90, 10])  # unbalanced: 300, 90 and 10 rows
+    split = make_splits(len(labels), labels, num_splits=2, seed=3)[1]
+    train_labels = labels[split.train]
+    full = np.bincount(train_labels, minlength=3)
+    rows = {f: subsample_train(split, labels, f, seed=3) for f in (0.01, 0.1, 0.5, 1.0)}
+    assert np.array_equal(rows[1.0], split.train)
+    for f, kept in rows.items():
+        assert set(kept) <= set(split.train) and len(set(kept)) == len(kept)
+        counts = np.bincount(labels[kept], minlength=3)
+        # each class: its share rounded, and at least one row (6 rows of class 2 at 1 % -> 1)
+        assert counts.tolist() == [max(1, round(f * n)) for n in full], (f, counts, full)
+    assert len(rows[0.1]) == pytest.approx(0.1 * len(split.train), abs=2)
+    assert set(rows[0.01]) <= set(rows[0.1]) <= set(rows[0.5])  # nested
+    # the same rows on every call (every arm) for the same seed and split; others elsewhere
+    assert np.array_equal(subsample_train(split, labels, 0.1, seed=3), rows[0.1])
+    assert not np.array_equal(subsample_train(split, labels, 0.1, seed=4), rows[0.1])
+    with pytest.raises(ValueError, match=r"label_fractions: 0: each must be a number in \(0, 1\]"):
+        subsample_train(split, labels, 0)
+    with pytest.raises(ValueError, match=r"label_fractions: 1.5"):
+        subsample_train(split, labels, 1.5)

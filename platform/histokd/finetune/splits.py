@@ -33,7 +33,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RCKD_RATIOS", "Split", "make_splits", "split_groups", "split_indices"]
+__all__ = [
+    "RCKD_RATIOS",
+    "Split",
+    "check_label_fraction",
+    "group_k_folds",
+    "make_splits",
+    "split_groups",
+    "split_indices",
+    "subsample_train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +326,115 @@ def make_splits(
             )
         splits.append(Split(i, split_seed % (2**31), train, val, test))
     return splits
+
+
+def group_k_folds(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    num_folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Split]:
+    """k-fold cross-validation by group (patient), stratified by class as whole groups allow.
+
+    The groups are dealt into ``num_folds`` parts by `split_groups` (equal ratios); fold ``i``
+    tests part ``i`` and splits the other groups ``1 - val_fraction : val_fraction`` into
+    train and validation (early stopping), again by `split_groups`. Every sample is tested in
+    exactly one fold, and no group is ever in two parts of a fold.
+
+    Args:
+        labels: Class of each sample.
+        groups: Group of each sample (a patient; the slide when there is none).
+        num_folds: k, at least 2 and at most the number of groups.
+        val_fraction: Share of a fold's training groups kept for validation.
+        seed: Seed of the folds.
+
+    Raises:
+        ValueError: k out of range, or too few groups for a non-empty train, val and test part.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray([str(g) for g in groups], dtype=object)
+    n, n_groups = len(labels), len(np.unique(groups))
+    if (
+        isinstance(num_folds, bool)
+        or not isinstance(num_folds, int)
+        or not 2 <= num_folds <= n_groups
+    ):
+        raise ValueError(
+            f"num_folds={num_folds!r}: must be an integer in [2, {n_groups}] (the number of patients)"
+        )
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r}: must be in (0, 1)")
+    everything = np.arange(n)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_folds]))
+    parts = split_groups(everything, [1.0 / num_folds] * num_folds, rng, groups, labels)
+    folds = []
+    for i, test in enumerate(parts):
+        rest = np.setdiff1d(everything, test)
+        fold_rng = np.random.default_rng(np.random.SeedSequence([seed, num_folds, i]))
+        train, val = split_groups(
+            rest, [1 - val_fraction, val_fraction], fold_rng, groups[rest], labels[rest]
+        )
+        train_groups = np.unique(groups[train])
+        if len(val) == 0 and len(train_groups) > 1:  # few patients: one of them validates
+            moved = groups[train] == train_groups[fold_rng.integers(len(train_groups))]
+            train, val = train[~moved], np.sort(train[moved])
+        if not (len(train) and len(val) and len(test)):
+            raise ValueError(
+                f"num_folds={num_folds}: fold {i} has {len(train)} train, {len(val)} validation and "
+                f"{len(test)} test samples from {n_groups} patients; give fewer folds or more patients"
+            )
+        folds.append(Split(i, seed, train, val, test))
+    return folds
+
+
+def check_label_fraction(fraction: float) -> float:
+    """A label fraction in (0, 1], as a float.
+
+    Raises:
+        ValueError: Naming the value and what is allowed.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction:
+        raise ValueError(
+            f"label_fractions: {fraction!r}: each must be a number in (0, 1], e.g. 0.01 0.1 1.0"
+        )
+    if fraction > 1:
+        raise ValueError(
+            f"label_fractions: {fraction!r}: each must be a number in (0, 1], e.g. 0.01 0.1 1.0"
+        )
+    return float(fraction)
+
+
+def subsample_train(
+    split: Split, labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0
+) -> np.ndarray:
+    """The training rows of ``split`` kept at a label ``fraction``, stratified by class.
+
+    Each class's training rows are shuffled by a generator seeded by the split seed and the
+    split index only (never the backbone or initialisation), and its first
+    ``max(1, round(fraction x class rows))`` are kept: every arm of a comparison gets the same
+    rows, every class keeps at least one, and the rows of a smaller fraction are a subset of
+    those of a larger one. Validation and test rows are never subsampled.
+
+    Args:
+        split: The split.
+        labels: Class of every sample of the dataset.
+        fraction: Share of the training rows to keep, in (0, 1].
+        seed: The seed of the splits (``split_seed``).
+
+    Returns:
+        The kept training indices, sorted.
+    """
+    fraction = check_label_fraction(fraction)
+    if fraction == 1.0:
+        return split.train.copy()
+    train_labels = np.asarray(labels)[split.train]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, split.index, 0x1AB]))
+    kept = []
+    for c in np.unique(train_labels):
+        rows = rng.permutation(split.train[train_labels == c])
+        kept.append(rows[: max(1, int(round(fraction * len(rows))))])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
 def _check_groups_in_one_list(groups: np.ndarray, fixed: np.ndarray) -> None:
