@@ -10,6 +10,14 @@ Every backbone x initialisation x dataset is one fine-tuning job (five splits). 
 STORAGE/RUN/comparison.{csv,md,png}: the tables (accuracy / mIoU per dataset, averages, backbone
 parameters and GMAC at --input-size) and the ball chart (accuracy vs GMAC, size by parameters,
 colour by initialisation), also to MLflow.
+
+    python jobs/compare_pretraining.py --inits csat=runs/rckd/backbone.pth \
+        --protocols finetune linear knn --label-fractions 0.01 0.1 1.0
+
+adds the field's frozen-backbone protocols (linear: logistic regression on the backbone's
+pooled features, C chosen on validation; knn: 20 nearest neighbours by cosine distance) and
+label fractions (the same stratified training rows for every initialisation): a table row per
+backbone x initialisation x protocol x fraction, and comparison_fractions.png.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ def _report(result) -> None:
     print()
     print(open(result.files["markdown"]).read())
     print(f"chart: {result.files.get('chart', '(no classification dataset)')}")
+    if "fraction_chart" in result.files:
+        print(f"by label fraction: {result.files['fraction_chart']}")
 
 
 def _default_preset(values: dict) -> str | None:

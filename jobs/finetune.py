@@ -29,6 +29,9 @@ def _run(config: FinetuneConfig):
 def _report(outcome) -> None:
     config, result = outcome
     primary, entry = result.summary["primary_metric"], result.primary
+    arm = result.summary.get("primary_arm") or {"protocol": "finetune", "label_fraction": 1.0}
+    if (arm["protocol"], arm["label_fraction"]) != ("finetune", 1.0):  # no full fine-tuning ran
+        primary = f"{primary} ({arm['protocol']} @ {100 * arm['label_fraction']:g} %)"
     print(
         f"\n{config.backbone} ({config.init_name}) test {primary} over "
         f"{result.summary['num_splits']} splits: {entry['mean']:.4f} ± {entry['std']:.4f}  "

@@ -7,7 +7,8 @@ r"""Whole-slide inference with a fine-tuned model: heatmaps, label masks and sum
     ray job submit --working-dir . -- python jobs/predict_slides.py --config predict.yaml
 
 --model is a best_model.pt of jobs/finetune.py, or its run folder (the split with the lowest
-validation loss). The model file gives the task, backbone, classes and input size; give the
+validation loss), or the MLflow model that fine-tuning logged: runs:/RUN_ID/model,
+models:/NAME/VERSION or models:/NAME@ALIAS (resolved against --mlflow-tracking-uri). The model file gives the task, backbone, classes and input size; give the
 magnification of the training images (--magnification) and their side in pixels at that
 magnification (--patch-size; default: the input size) when the file does not record them.
 Tissue tiles are read so that each covers the training images' field, run through a Ray Data

@@ -80,6 +80,18 @@ def test_two_splits_as_parallel_ray_train_runs(
     )
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "splits.csv", "summary.json", "augmentation_examples.png"} <= artifacts
+    # the pictures of the test predictions, and the best split's model as an MLflow model
+    figures = {"test_confusion_matrix.png", "test_roc_curve.png", "test_per_class_metrics.png"}
+    assert figures <= artifacts
+    numbers = json.loads(Path(result.files["numbers"]).read_text())
+    assert numbers["confusion_matrix"] == saved["confusion_matrix"]
+    source = f"source_run_id = '{parent.info.run_id}'"
+    (model,) = client.search_logged_models([parent.info.experiment_id], filter_string=source)
+    assert model.name == "model" and str(model.status).endswith("READY")
+    logged = mlflow.models.Model.load(mlflow.artifacts.download_artifacts(
+        f"{model.artifact_location}/MLmodel", tracking_uri=config.tracking_uri)).metadata  # fmt: skip
+    assert logged["split"] == min(result.split_results, key=lambda r: r["best_val_loss"])["split"]
+    assert (logged["magnification"], logged["patch_size"], logged["input_size"]) == (20.0, 64, 32)
     examples = Image.open(Path(result.run_dir) / "augmentation_examples.png")
     assert examples.height > 4 * 32 and examples.width >= 2 * 32  # 4 images, before | after
 

@@ -47,6 +47,10 @@ def test_whole_job_gives_a_backbone_that_loads(ray_cluster, tiny_pretrain_config
     assert {"backbone", "overlays", "curves.png", "config.yaml", "label_share.csv",
             "augmentation_examples.png"} <= artifacts  # fmt: skip
     assert (Path(result.run_dir) / "augmentation_examples.png").is_file()
+    # the backbone as an MLflow model (tests/pretrain/test_backbone_model.py loads one back)
+    source = f"source_run_id = '{result.mlflow_run_id}'"
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=source)
+    assert model.name == "backbone" and str(model.status).endswith("READY")
     # each slide's pseudo-label nucleus share (issue 15): both demo slides, every patch counted once
     assert {Path(r["slide"]).name for r in result.label_share} == {
         "demo-s0-000.svs",

@@ -125,6 +125,13 @@ class CompareConfig(RunConfig):
             raise ValueError("no initialisation to compare: set random_init, inits or timm_weights")
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
+        if self.segmentation_datasets and (
+            self.finetune.protocols != ["finetune"] or self.finetune.label_fractions != [1.0]
+        ):
+            raise ValueError(
+                f"protocols={self.finetune.protocols!r}, label_fractions={self.finetune.label_fractions!r}: "
+                "segmentation datasets allow only finetune at 1.0; compare them in a run of their own"
+            )
         self.dataset_list()  # validates
 
     def initialisations(self) -> list[tuple[str, str, str]]:
@@ -159,7 +166,8 @@ class CompareConfig(RunConfig):
 
 @dataclass
 class ComparisonResult:
-    """One row per (dataset, backbone, initialisation), and the files written."""
+    """One row per (dataset, backbone, initialisation, protocol, label fraction), and the files
+    written."""
 
     rows: list[dict[str, Any]]
     files: dict[str, str]
@@ -201,25 +209,35 @@ def run_comparison(config: CompareConfig) -> ComparisonResult:
                 outcome = run_finetune(cell_config, dataset=dataset, parent_run_id=run.run_id)
                 if backbone not in profiles:
                     profiles[backbone] = profile_backbones([backbone], [input_size])[0]
-                entry = outcome.primary
-                rows.append({
-                    "dataset": dataset_name, "task": task, "model": backbone, "init": label,
-                    "params": profiles[backbone].params_backbone, "gmac": profiles[backbone].gmac_paper,
-                    "input_size": input_size, "metric": outcome.summary["primary_metric"],
-                    "mean": entry["mean"], "std": entry["std"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"],
-                    "num_splits": outcome.summary["num_splits"], "run_dir": outcome.run_dir,
-                })  # fmt: skip
-                if task == "classification":  # the table's other columns (report.comparison_table)
-                    for name in ("balanced_accuracy", "macro_f1", "auroc"):
-                        other = outcome.summary["metrics"].get(name, {})
-                        rows[-1].update({f"{name}_{k}": other.get(k, math.nan)
-                                         for k in ("mean", "std", "ci_low", "ci_high")})  # fmt: skip
-                    rows[-1]["single_class_predictions"] = bool(
-                        outcome.summary.get("single_class_predictions", False)
+                # one row per (protocol, label fraction): the summary's arms (one by default)
+                for arm in outcome.summary.get("arms") or [
+                    {**outcome.summary, "protocol": "finetune", "label_fraction": 1.0}
+                ]:
+                    entry = arm["metrics"][arm["primary_metric"]]
+                    rows.append({
+                        "dataset": dataset_name, "task": task, "model": backbone, "init": label,
+                        "protocol": arm["protocol"], "label_fraction": arm["label_fraction"],
+                        "params": profiles[backbone].params_backbone, "gmac": profiles[backbone].gmac_paper,
+                        "input_size": input_size, "metric": arm["primary_metric"],
+                        "mean": entry["mean"], "std": entry["std"], "ci_low": entry["ci_low"], "ci_high": entry["ci_high"],
+                        "num_splits": arm["num_splits"], "run_dir": outcome.run_dir,
+                    })  # fmt: skip
+                    if task == "classification":  # the other columns (report.comparison_table)
+                        for name in ("balanced_accuracy", "macro_f1", "auroc"):
+                            other = arm["metrics"].get(name, {})
+                            rows[-1].update({f"{name}_{k}": other.get(k, math.nan)
+                                             for k in ("mean", "std", "ci_low", "ci_high")})  # fmt: skip
+                        rows[-1]["single_class_predictions"] = bool(
+                            arm.get("single_class_predictions", False)
+                        )
+                    arm_tag = (
+                        ""
+                        if (arm["protocol"], arm["label_fraction"]) == ("finetune", 1.0)
+                        else f".{arm['protocol']}.labels{arm['label_fraction']:g}"
                     )
-                metric_key = f"{_slug(dataset_name)}.{backbone}.{_slug(label)}.{outcome.summary['primary_metric']}_mean"
-                if math.isfinite(entry["mean"]):
-                    run.log_metrics({metric_key: entry["mean"]})
+                    metric_key = f"{_slug(dataset_name)}.{backbone}.{_slug(label)}{arm_tag}.{arm['primary_metric']}_mean"
+                    if math.isfinite(entry["mean"]):
+                        run.log_metrics({metric_key: entry["mean"]})
     except BaseException:
         run.finish("FAILED")
         raise

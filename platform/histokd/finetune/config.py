@@ -9,7 +9,7 @@ from typing import Literal
 from histokd.cli import arg, check_ints, check_positive
 from histokd.run import WorkerConfig, resolve_output_path
 
-__all__ = ["AUGMENT_DEFAULT", "DEMO_PRESET", "FinetuneConfig", "resolve_init_label"]
+__all__ = ["AUGMENT_DEFAULT", "DEMO_PRESET", "PROTOCOLS", "FinetuneConfig", "resolve_init_label"]
 
 # HED jitter is a switch away (`--augment ... hed`), not on by default: on the demo's region
 # segmentation it cost mIoU 0.86 -> 0.66 in 10 epochs (tests/inference/test_demo_segmentation.py).
@@ -126,6 +126,17 @@ class FinetuneConfig(WorkerConfig):
     # --- evaluation -------------------------------------------------------------------------
     bootstrap_resamples: int = arg(10_000, "test-set bootstrap resamples for the 95%% interval")
     confidence: float = arg(0.95, "confidence level of the bootstrap interval")
+    protocols: list[str] = arg(
+        help="classification: finetune (the whole model), linear (logistic regression on frozen, "
+        "pooled features, C chosen on validation), knn (k nearest, cosine, on the same features)",
+        factory=lambda: ["finetune"],
+    )
+    label_fractions: list[float] = arg(
+        help="shares of each split's training rows (stratified, seeded, the same for every arm); "
+        "validation and test rows are never subsampled",
+        factory=lambda: [1.0], aliases=["label_fraction"],
+    )  # fmt: skip
+    knn_k: int = arg(20, "neighbours of the knn protocol (eva, kaiko: 20)")
     # --- cluster ----------------------------------------------------------------------------
     num_workers: int = arg(1, "DDP workers per split; 0: local mode", aliases=["workers_per_split"])
     gpus_per_worker: float = arg(1.0, "GPU share of a worker; 0.2 puts five splits on one GPU")
@@ -134,9 +145,13 @@ class FinetuneConfig(WorkerConfig):
     max_failures: int = arg(1, "worker-group restarts of a split from its last checkpoint")
     fail_at_epoch: int | None = arg(None, "test: fail once in this epoch, each split", hidden=True)
     mlflow_experiment: str = arg("histokd-finetune", "MLflow experiment name")
+    register_model: str | None = arg(None, "MLflow model registry name of the logged model")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from histokd.tracking import check_registered_model_name
+
+        check_registered_model_name(self.register_model)
         check_ints(
             self,
             [
@@ -200,6 +215,7 @@ class FinetuneConfig(WorkerConfig):
             raise ValueError(
                 f"split_ratios={self.split_ratios!r}: need 3 ratios train val test with train, val > 0 (RCKD: 0.6 0.2 0.2)"
             )
+        _check_protocols(self)
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence!r}: must be in (0, 1)")
         bad = self.max_bad_fraction
@@ -226,6 +242,38 @@ class FinetuneConfig(WorkerConfig):
     def init_name(self) -> str:
         """The initialisation's name in tables."""
         return resolve_init_label(self.init, self.init_label)
+
+
+#: What `FinetuneConfig.protocols` allows (`histokd.finetune.probe` for linear and knn).
+PROTOCOLS = ("finetune", "linear", "knn")
+
+
+def _check_protocols(config: FinetuneConfig) -> None:
+    """Known protocols, each once; fractions in (0, 1]; only fine-tuning for segmentation."""
+    from histokd.finetune.splits import check_label_fraction
+
+    protocols = [str(p) for p in config.protocols]
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols or len(set(protocols)) != len(protocols):
+        raise ValueError(
+            f"protocols={protocols!r}: allowed: one or more of {', '.join(PROTOCOLS)}, each once"
+        )
+    if config.task == "segmentation" and protocols != ["finetune"]:
+        raise ValueError(
+            f"protocols={protocols!r}: a segmentation task allows only finetune (linear and knn are for classification)"
+        )
+    fractions = [check_label_fraction(f) for f in config.label_fractions]
+    if not fractions or len(set(fractions)) != len(fractions):
+        raise ValueError(
+            f"label_fractions={config.label_fractions!r}: give one or more distinct numbers in (0, 1]"
+        )
+    if config.task == "segmentation" and fractions != [1.0]:
+        raise ValueError(
+            f"label_fractions={fractions!r}: a segmentation task allows only 1.0 (label fractions are stratified by class)"
+        )
+    if isinstance(config.knn_k, bool) or not isinstance(config.knn_k, int) or config.knn_k < 1:
+        raise ValueError(f"knn_k={config.knn_k!r}: must be a positive integer (default 20)")
+    config.protocols, config.label_fractions = protocols, sorted(fractions)
 
 
 def _check_stain_norm(method: str, reference: str | None) -> None:

@@ -28,7 +28,7 @@ from histokd.cli import config_to_dict, save_config
 from histokd.cluster import init_ray
 from histokd.finetune.config import FinetuneConfig
 from histokd.finetune.datasets import TaskDataset, check_task_dataset, load_task_dataset
-from histokd.finetune.splits import Split, make_splits
+from histokd.finetune.splits import Split, make_splits, subsample_train
 from histokd.resume import (
     DamagedFile,
     check_folder,
@@ -38,7 +38,7 @@ from histokd.resume import (
 )
 from histokd.run import check_storage_path, holds_run_lock, open_mlflow_run
 
-__all__ = ["FinetuneResult", "prepare_dataset", "run_finetune", "split_slots"]
+__all__ = ["FinetuneResult", "log_task_model", "prepare_dataset", "run_finetune", "split_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -217,25 +217,38 @@ def run_finetune(
         f"{image_sizes(config, dataset)} at {f'{config.magnification:g}x' if config.magnification else 'unknown magnification'}",
         flush=True,
     )
-    with ThreadPoolExecutor(max_workers=min(parallel, len(splits))) as pool:
+    arm_results: dict[tuple[str, float], list[dict[str, Any]]] = {
+        (p, f): [] for p in config.protocols for f in config.label_fractions
+    }
+    tuned = config.label_fractions if "finetune" in config.protocols else []
+    jobs = [(split, f) for f in sorted(tuned, reverse=True) for split in splits]
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(jobs)))) as pool:
         futures = [
-            pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run, stain)
-            for split in splits
+            pool.submit(_fit_split, config, dataset, split, work_dir, use_gpu, cache, run, stain, f)
+            for split, f in jobs
         ]
         try:
             for future in as_completed(futures):
                 result = future.result()
+                fraction = result.get("label_fraction", 1.0)
                 with lock:
-                    results.append(result)
-                    done = sorted(results, key=lambda r: r["split"])
+                    arm_results[("finetune", fraction)].append(result)
                 print(
-                    f"split {result['split']} done: test {_primary_name(config)} "
+                    f"split {result['split']}{_fraction_tag(fraction)} done: test {_primary_name(config)} "
                     f"{result['test'][_primary_name(config)]:.4f} (best epoch {result['best_epoch']}, "
                     f"stopped at {result['stopped_epoch']})",
                     flush=True,
                 )
-                if on_split_done is not None:
+                if on_split_done is not None and fraction == 1.0:
+                    with lock:
+                        results.append(result)
+                        done = sorted(results, key=lambda r: r["split"])
                     on_split_done(result, done)
+            if {"linear", "knn"} & set(config.protocols):
+                from histokd.finetune.probe import run_probes
+
+                probed = run_probes(config, dataset, splits, work_dir, use_gpu, stain)
+                arm_results.update(probed)
         except BaseException as exc:
             for future in futures:
                 future.cancel()
@@ -246,13 +259,29 @@ def run_finetune(
             elif run is not None:
                 run.finish("FAILED")
             raise
-    results.sort(key=lambda r: r["split"])
-    summary = summarize_splits(
-        results,
-        n_resamples=config.bootstrap_resamples,
-        confidence=config.confidence,
-        seed=config.seed,
-    )
+    for arm in arm_results.values():
+        arm.sort(key=lambda r: r["split"])
+    # the job's headline: full fine-tuning where it ran (today's shape), else the first
+    # protocol at its largest label fraction
+    primary_arm = ("finetune", 1.0)
+    if primary_arm not in arm_results:
+        primary_arm = (config.protocols[0], max(config.label_fractions))
+    results = arm_results[primary_arm]
+
+    def summarize(arm: list[dict[str, Any]]) -> dict[str, Any]:
+        return summarize_splits(arm, n_resamples=config.bootstrap_resamples,
+                                confidence=config.confidence, seed=config.seed)  # fmt: skip
+
+    summary = summarize(results)
+    summary["arms"] = [
+        {"protocol": p, "label_fraction": f,
+         "train_samples": [int(r.get("sizes", {}).get("train", 0)) for r in arm],
+         **(summary if (p, f) == primary_arm else summarize(arm))}
+        for (p, f), arm in arm_results.items()
+    ]  # fmt: skip
+    summary["primary_arm"] = {"protocol": primary_arm[0], "label_fraction": primary_arm[1]}
+    for arm in summary["arms"]:
+        print(arm_line(arm), flush=True)
     summary.update(
         backbone=config.backbone, init=config.init, init_label=config.init_name, input_size=config.input_size,
         lr=config.lr, positional_encoding=config.positional_encoding, dataset=dataset.source,
@@ -267,13 +296,39 @@ def run_finetune(
     from histokd.finetune.report import write_split_tables
 
     files = write_split_tables(summary, work_dir)
+    from histokd.finetune.report import write_test_figures
+
+    files.update(write_test_figures(summary, results, work_dir))
     if run is not None:
         _log_summary(run, summary, files)
+        log_task_model(config, run, work_dir)
         run.finish("FINISHED")
     return FinetuneResult(
         run_dir=str(work_dir), summary=summary, split_results=results,
         mlflow_run_id=run.run_id if run else None, tracking_uri=config.tracking_uri if run else None, files=files,
     )  # fmt: skip
+
+
+def _fraction_tag(fraction: float) -> str:
+    """`` at 10 % labels`` for a label fraction below 1, else nothing."""
+    return "" if fraction == 1.0 else f" at {100 * fraction:g} % labels"
+
+
+def arm_line(arm: dict[str, Any]) -> str:
+    """One console line of a (protocol, label fraction) summary: ``linear @ 10 %: accuracy
+    0.912 [0.880, 0.940], balanced 0.900, AUROC 0.970``."""
+    metrics = arm["metrics"]
+
+    def value(name: str) -> str:
+        return f"{metrics[name]['mean']:.3f}" if name in metrics else "n/a"
+
+    head = f"{arm['protocol']} @ {100 * arm['label_fraction']:g} %: "
+    if "accuracy" not in metrics or arm["task"] != "classification":
+        return head + f"{arm['primary_metric']} {value(arm['primary_metric'])}"
+    acc = metrics["accuracy"]
+    line = (f"{head}accuracy {acc['mean']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}], "
+            f"balanced {value('balanced_accuracy')}, AUROC {value('auroc')}")  # fmt: skip
+    return line + (" (single-class predictions)" if arm.get("single_class_predictions") else "")
 
 
 def _primary_name(config: FinetuneConfig) -> str:
@@ -289,8 +344,14 @@ def _fit_split(
     cache: bool,
     parent,
     stain: dict[str, Any] | None = None,
+    fraction: float = 1.0,
 ) -> dict[str, Any]:
-    """Train, early-stop and test one split as its own Ray Train run (or reuse its result)."""
+    """Train, early-stop and test one split as its own Ray Train run (or reuse its result).
+
+    At a label ``fraction`` below 1 it trains on the split's subsampled training rows
+    (`subsample_train`), early-stopped on the whole validation part, in its own folder
+    ``split_{i}/finetune@{fraction}``; at 1 the split's folder is the one of earlier releases.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -298,17 +359,24 @@ def _fit_split(
     from histokd.finetune.loop import BEST_MODEL_FILE, RESULT_FILE, train_fn_per_worker
 
     split_dir = work_dir / f"split_{split.index}"
+    name = f"{config.run_name}-split{split.index}"
+    train = split.train
+    if fraction != 1.0:
+        split_dir, name = split_dir / f"finetune@{fraction:g}", f"{name}-labels{fraction:g}"
+        train = subsample_train(split, dataset.labels, fraction, config.split_seed)
     result_path = split_dir / RESULT_FILE
     reused = load_verified(result_path, _load_split_result, f"result of split {split.index}")
-    if reused is not None:
-        print(f"split {split.index}: finished before, reusing {result_path}", flush=True)
+    if reused is not None and reused.get("label_fraction", 1.0) == fraction:
+        print(
+            f"split {split.index}{_fraction_tag(fraction)}: finished before, reusing {result_path}",
+            flush=True,
+        )
         return reused
     split_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{config.run_name}-split{split.index}"
     child = None
     if parent is not None:
-        params = {"split": split.index, "train": len(split.train), "val": len(split.val),
-                  "test": len(split.test)}  # fmt: skip
+        params = {"split": split.index, "train": len(train), "val": len(split.val),
+                  "test": len(split.test), "label_fraction": fraction}  # fmt: skip
         child = open_mlflow_run(
             config, "finetune", run_name=name, parent_run_id=parent.run_id, params=params
         )
@@ -322,7 +390,11 @@ def _fit_split(
         seed=config.seed + split.index,
         cache_images=cache,
         stain_normalization=stain,  # kept in the model file: inference normalises the same way
-        data={part: dataset.subset(getattr(split, part)) for part in ("train", "val", "test")},
+        data={
+            "train": dataset.subset(train),
+            "val": dataset.subset(split.val),
+            "test": dataset.subset(split.test),
+        },
         mlflow_run_id=child.run_id if child else None,
         tracking_uri=config.tracking_uri if child else None,
     )
@@ -371,6 +443,7 @@ def _fit_split(
     result["test_records"]["dataset_index"] = [
         int(split.test[i]) for i in result["test_records"]["index"]
     ]
+    result.update(protocol="finetune", label_fraction=fraction)
     write_text_atomic(result_path, json.dumps(result))
     write_sidecar(result_path)
     if child is not None:
@@ -428,6 +501,38 @@ def _load_split_result(path: Path) -> dict[str, Any]:
     return result
 
 
+def log_task_model(config: FinetuneConfig, run, work_dir: Path):
+    """The best split's model (the lowest validation loss: what ``predict_slides --model RUN_DIR``
+    picks) as the run's MLflow model ``model``, with its ``best_model.pt`` inside; registered as
+    ``config.register_model`` when that is set. None where it could not be logged (a warning)."""
+    from histokd.inference.model_file import (
+        ModelFileError,
+        build_model,
+        describe_checkpoint,
+        find_best_model,
+        load_checkpoint,
+    )
+    from histokd.tracking import log_pytorch_model
+
+    try:
+        path = find_best_model(work_dir)
+        payload = load_checkpoint(path)
+        info = describe_checkpoint(str(path), payload)
+        model = build_model(info, payload["model"])
+    except ModelFileError as exc:
+        log.warning("MLflow model not logged: %s", exc)
+        return None
+    metadata = {key: value for key, value in info.as_dict().items() if key != "path"}
+    metadata.update(
+        source="histokd finetune", split=payload["config"].get("split_index"),
+        mpp=10.0 / info.magnification if info.magnification else None,
+    )  # fmt: skip
+    return log_pytorch_model(
+        run, model, input_size=info.input_size, metadata=metadata, model_file=path,
+        register=config.register_model,
+    )  # fmt: skip
+
+
 def _log_summary(run, summary: dict[str, Any], files: dict[str, str]) -> None:
     metrics: dict[str, float] = {}
     for name, entry in summary["metrics"].items():
@@ -435,6 +540,12 @@ def _log_summary(run, summary: dict[str, Any], files: dict[str, str]) -> None:
             value = entry.get(key)
             if value is not None and math.isfinite(value):
                 metrics[f"test_{name}_{key}"] = value
+    for arm in summary.get("arms", []):
+        for name, entry in arm["metrics"].items():
+            value = entry.get("mean")
+            if value is not None and math.isfinite(value):
+                arm_name = f"{arm['protocol']}_labels{arm['label_fraction']:g}"
+                metrics[f"{arm_name}_test_{name}_mean"] = value
     metrics["wall_seconds"] = summary["wall_seconds"]
     run.log_metrics(metrics)
     for path in files.values():

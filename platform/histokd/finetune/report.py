@@ -6,7 +6,12 @@
   encoding).
 * `write_comparison_outputs`: Table 3/4-style tables (model, parameters, GMAC, pretraining,
   one column per dataset, averages) and a Fig. 10-style ball chart (accuracy against GMAC,
-  circle area by parameters, colour by initialisation).
+  circle area by parameters, colour by initialisation); with several evaluation protocols or
+  label fractions, a row per (model, initialisation, protocol, label fraction) and
+  `label_fraction_chart` (a panel per protocol, accuracy against the label fraction, a line per
+  initialisation).
+* `write_test_figures`: a job's pooled test predictions as pictures: the confusion matrix
+  (counts and recall), ROC curves and each class's precision, recall and F1.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import pandas as pd
 __all__ = [
     "ball_chart",
     "comparison_table",
+    "label_fraction_chart",
     "search_bar_chart",
     "write_comparison_outputs",
     "write_search_outputs",
     "write_split_tables",
+    "write_test_figures",
 ]
 
 _METRIC_LABELS = {
@@ -110,6 +117,21 @@ def write_split_tables(summary: dict[str, Any], out_dir: str | Path) -> dict[str
         table = pd.DataFrame(matrix, columns=[f"pred. {c}" for c in names])
         table.insert(0, "true \\ predicted", names)
         notes += "\nTest confusion matrix, summed over the splits:\n\n" + _markdown(table)
+    arms = summary.get("arms") or []
+    if len(arms) > 1 or any((a["protocol"], a["label_fraction"]) != ("finetune", 1) for a in arms):
+        by_arm = pd.DataFrame([
+            {"protocol": a["protocol"], "labels": f"{100 * a['label_fraction']:g} %",
+             "train rows": ", ".join(str(t) for t in a["train_samples"]),
+             **{f"{_METRIC_LABELS[m]} (%)": _spread(a["metrics"][m]["mean"], a["metrics"][m]["std"],
+                                                  a["metrics"][m]["ci_low"], a["metrics"][m]["ci_high"], n)
+                for m in _COMPARED if m in a["metrics"]},
+             "single class": SINGLE_CLASS_MARK if a.get("single_class_predictions") else ""}
+            for a in arms
+        ])  # fmt: skip
+        notes += (
+            "\nBy protocol and label fraction (the tables above: the first row's):\n\n"
+            + _markdown(by_arm)
+        )
     title = f"{summary.get('backbone', '')} ({summary.get('init_label', '')}) on {summary.get('dataset', '')}"
     text = (
         f"# Fine-tuning: {title}\n\n"
@@ -259,8 +281,11 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(rows))
     datasets = list(dict.fromkeys(frame["dataset"]))
     tasks = dict(zip(frame["dataset"], frame["task"], strict=True))
+    by_arm = _several_arms(frame)
+    keys = ["model", "init", "protocol", "label_fraction"] if by_arm else ["model", "init"]
     out = []
-    for (model, init), group in frame.groupby(["model", "init"], sort=False):
+    for key, group in frame.groupby(keys, sort=False):
+        model, init = key[0], key[1]
         first = group.iloc[0]
         row: dict[str, Any] = {
             "Model": model,
@@ -268,6 +293,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "GMAC": f"{first['gmac']:.2f}",
             "Pretraining": init,
         }
+        if by_arm:
+            row.update(Protocol=key[2], Labels=f"{100 * key[3]:g} %")
         cls_values: dict[str, list[float]] = {name: [] for name in _COMPARED}
         seg_values = []
         for dataset in datasets:
@@ -324,6 +351,64 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
             row["Average mIoU"] = f"{sum(seg_values) / len(seg_values):.3f}"
         out.append(row)
     return pd.DataFrame(out).fillna("")
+
+
+def _several_arms(frame: pd.DataFrame) -> bool:
+    """Whether the rows hold more than full fine-tuning on all labels."""
+    if "protocol" not in frame:
+        return False
+    arms = set(zip(frame["protocol"], frame["label_fraction"], strict=True))
+    return arms != {("finetune", 1.0)}
+
+
+def label_fraction_chart(
+    rows: Sequence[dict[str, Any]], path: str | Path, metric: str = "accuracy"
+) -> Path:
+    """A panel per protocol: ``metric`` (averaged over the classification datasets) against the
+    label fraction (log scale), a line per (model, initialisation), bars the bootstrap interval
+    (one split) or the spread over the splits.
+
+    Args:
+        rows: Comparison rows (`write_comparison_outputs`) with ``protocol`` and
+            ``label_fraction``.
+        path: PNG to write.
+        metric: ``accuracy`` or another compared metric (``balanced_accuracy``, ``auroc``...).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(list(rows))
+    frame = frame[frame["task"] == "classification"]
+    key = "" if metric == "accuracy" else f"{metric}_"
+    protocols = list(dict.fromkeys(frame["protocol"]))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.8), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        part = frame[frame["protocol"] == protocol]
+        for (model, init), line in part.groupby(["model", "init"], sort=False):
+            points = line.groupby("label_fraction").agg(
+                mean=(f"{key}mean", "mean"), std=(f"{key}std", "mean"), low=(f"{key}ci_low", "mean"),
+                high=(f"{key}ci_high", "mean"), splits=("num_splits", "max"),
+            ).sort_index()  # fmt: skip
+            one = bool((points["splits"] == 1).all())
+            low = points["mean"] - points["low"] if one else points["std"]
+            high = points["high"] - points["mean"] if one else points["std"]
+            ax.errorbar(points.index, 100 * points["mean"], yerr=[100 * low.clip(lower=0), 100 * high.clip(lower=0)],
+                        marker="o", capsize=3, label=f"{model} ({init})")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction")
+        ax.set_title(protocol)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{_METRIC_LABELS.get(metric, metric)} (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Test metric by label fraction and protocol", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def ball_chart(
@@ -407,16 +492,207 @@ def write_comparison_outputs(rows: Sequence[dict[str, Any]], out_dir: str | Path
     (out / "comparison.md").write_text(
         "# Fine-tuning by backbone and initialisation (cf. RCKD Tables 3 and 4)\n\n"
         "Test metrics, mean ± std over the splits (one split: its bootstrap interval, [low, high]). "
-        "Params: backbone only; GMAC: backbone at the fine-tuning resolution (as RCKD counts them, "
+        + ("Protocols: finetune (the whole model trained), linear (logistic regression on the frozen "
+           "backbone's pooled features), knn (20 nearest neighbours, cosine, same features); Labels: "
+           "the share of each split's training rows used (the same rows for every initialisation). "
+           if _several_arms(raw) else "")
+        + "Params: backbone only; GMAC: backbone at the fine-tuning resolution (as RCKD counts them, "
         "Sec. 2.4).\n\n" + _markdown(table)
         + (f"\n{_SINGLE_CLASS_NOTE}\n" if raw.get("single_class_predictions", pd.Series(dtype=bool)).fillna(False).astype(bool).any() else "")
     )  # fmt: skip
     points = []
     classification = raw[raw["task"] == "classification"]
+    if "protocol" in classification:  # the ball chart: full fine-tuning on all labels
+        protocol, fraction = classification["protocol"], classification["label_fraction"]
+        classification = classification[(protocol == "finetune") & (fraction == 1.0)]
     for (model, init), group in classification.groupby(["model", "init"], sort=False):
         points.append({"model": model, "init": init, "gmac": float(group["gmac"].iloc[0]), "params": float(group["params"].iloc[0]),
                        "accuracy": float(group["mean"].mean())})  # fmt: skip
     files = {"csv": str(out / "comparison.csv"), "markdown": str(out / "comparison.md")}
     if points:
         files["chart"] = str(ball_chart(points, out / "comparison.png"))
+    if _several_arms(raw) and (raw["task"] == "classification").any():
+        files["fraction_chart"] = str(label_fraction_chart(rows, out / "comparison_fractions.png"))
     return files
+
+
+#: The pictures of a fine-tuning run's test predictions (`write_test_figures`).
+TEST_FIGURES = {
+    "confusion_matrix": "test_confusion_matrix.png",
+    "roc_curve": "test_roc_curve.png",
+    "per_class_metrics": "test_per_class_metrics.png",
+    "numbers": "test_figures.json",  # the numbers drawn
+}
+
+
+def pooled_test_records(results: Sequence[dict[str, Any]]) -> tuple[Any, Any]:
+    """The splits' test targets and class probabilities, concatenated (split order).
+
+    Returns:
+        ``n`` targets and ``n x C`` probabilities; the probabilities are None where a
+        split's records lack them.
+    """
+    import numpy as np
+
+    targets, probabilities = [], []
+    for result in sorted(results, key=lambda r: r["split"]):
+        records = result["test_records"]
+        targets.append(np.asarray(records["target"], dtype=np.int64))
+        probability = records.get("probability") or []
+        probabilities.append(
+            np.asarray(probability, dtype=np.float64)
+            if len(probability) == len(records["target"]) and len(probability)
+            else None
+        )
+    target = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+    if not probabilities or any(p is None for p in probabilities):
+        return target, None
+    return target, np.concatenate(probabilities)
+
+
+def roc_curves(target: Any, probability: Any, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """ROC curves: class 1 against class 0 for two classes, else each class one-vs-rest.
+
+    Each point is a distinct score threshold, tied scores in one step, so each curve's
+    trapezoid area is the Mann-Whitney AUROC of `histokd.metrics.binary_auroc`.
+
+    Returns:
+        ``[{"name", "fpr", "tpr", "auc"}]``; a class without positives or negatives is left
+        out.
+    """
+    import numpy as np
+
+    target = np.asarray(target)
+    probability = np.asarray(probability, dtype=np.float64)
+    c = probability.shape[1]
+    classes = [1] if c == 2 else list(range(c))
+    curves = []
+    for k in classes:
+        positive = target == k
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        order = np.argsort(-probability[:, k], kind="stable")
+        score, hit = probability[order, k], positive[order]
+        last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # end of each tie block
+        tpr = np.r_[0.0, np.cumsum(hit)[last] / n_pos]
+        fpr = np.r_[0.0, np.cumsum(~hit)[last] / n_neg]
+        name = f"{class_names[1]} vs {class_names[0]}" if c == 2 else f"{class_names[k]} vs rest"
+        curves.append({"name": name, "fpr": fpr, "tpr": tpr,
+                       "auc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))})  # fmt: skip
+    return curves
+
+
+def write_test_figures(
+    summary: dict[str, Any], results: Sequence[dict[str, Any]], out_dir: str | Path
+) -> dict[str, str]:
+    """The test predictions of all splits, pooled, as pictures (`TEST_FIGURES`).
+
+    Classification: the confusion matrix (counts, and rows normalised to recall), the ROC
+    curves (`roc_curves`; where the records hold probabilities) and each class's precision,
+    recall and F1. Segmentation: the pixel confusion matrix. The matrix is the summary's
+    (summed over the splits, as ``summary.md`` shows it). ``test_figures.json`` holds the numbers
+    drawn (matrices, each curve's AUC, the per-class values).
+
+    Returns:
+        Name -> path of each picture written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from histokd.metrics import precision_recall_f1
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    matrix = summary.get("confusion_matrix")
+    if matrix is None and summary.get("splits"):
+        matrix = np.sum([row["confusion_matrix"] for row in summary["splits"]], axis=0).tolist()
+    if matrix is None:
+        return {}
+    counts = np.asarray(matrix, dtype=np.float64)
+    c = len(counts)
+    names = list(summary.get("class_names") or [str(k) for k in range(c)])
+    n = summary.get("num_splits", len(results))
+    pooled = f"test, {n} split{'s' if n != 1 else ''} pooled"
+    unit = "pixels" if summary.get("task") == "segmentation" else "images"
+    files: dict[str, str] = {}
+
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    side = max(4.0, 0.9 * c + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
+    for ax, values, title in ((axes[0], counts, f"counts ({unit})"),
+                              (axes[1], normalised, "rows normalised (recall)")):  # fmt: skip
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=values.max() or 1)
+        for i in range(c):
+            for j in range(c):
+                text = f"{values[i, j]:.0f}" if values is counts else f"{values[i, j]:.2f}"
+                dark = values[i, j] > 0.5 * (values.max() or 1)
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")  # fmt: skip
+        ax.set_xticks(range(c), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(c), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.suptitle(f"Confusion matrix ({pooled})")
+    fig.tight_layout()
+    files["confusion_matrix"] = str(_save(fig, out / TEST_FIGURES["confusion_matrix"]))
+    numbers: dict[str, Any] = {"class_names": names, "pooled_splits": n,
+                               "confusion_matrix": counts.tolist(), "recall_matrix": normalised.tolist()}  # fmt: skip
+    if summary.get("task") != "classification":
+        (out / TEST_FIGURES["numbers"]).write_text(json.dumps(numbers, indent=1))
+        files["numbers"] = str(out / TEST_FIGURES["numbers"])
+        return files
+
+    target, probability = pooled_test_records(results)
+    if probability is not None and probability.shape[1] == c:
+        curves = roc_curves(target, probability, names)
+        if curves:
+            fig, ax = plt.subplots(figsize=(5.5, 5))
+            for curve in curves:
+                label = f"{curve['name']} (AUC {curve['auc']:.3f})"
+                ax.plot(curve["fpr"], curve["tpr"], label=label)
+            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+            ax.set_title(f"ROC ({pooled})")
+            ax.legend(fontsize=8, loc="lower right")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            files["roc_curve"] = str(_save(fig, out / TEST_FIGURES["roc_curve"]))
+            numbers["roc_auc"] = {curve["name"]: curve["auc"] for curve in curves}
+
+    precision, recall, f1 = precision_recall_f1(counts)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * c + 2), 4))
+    width = 0.27
+    for offset, (label, values) in zip((-width, 0, width), (("precision", precision),
+                                       ("recall", recall), ("F1", f1)), strict=True):  # fmt: skip
+        bars = ax.bar(np.arange(c) + offset, values, width, label=label)
+        for bar, value in zip(bars, values, strict=True):
+            ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), xytext=(0, 2),
+                        textcoords="offset points", ha="center", fontsize=7)  # fmt: skip
+    ax.set_xticks(range(c), names, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test, per class")
+    ax.set_title(f"Precision, recall and F1 per class ({pooled})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    files["per_class_metrics"] = str(_save(fig, out / TEST_FIGURES["per_class_metrics"]))
+    numbers["per_class"] = {"precision": precision.tolist(), "recall": recall.tolist(),
+                            "f1": f1.tolist()}  # fmt: skip
+    (out / TEST_FIGURES["numbers"]).write_text(json.dumps(numbers, indent=1))
+    files["numbers"] = str(out / TEST_FIGURES["numbers"])
+    return files
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

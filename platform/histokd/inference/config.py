@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,9 @@ class PredictConfig(RunConfig):
 
     Attributes:
         model: ``best_model.pt`` of the fine-tuning job, or its run folder (then the split with
-            the lowest validation loss).
+            the lowest validation loss), or the MLflow model the fine-tuning job logged:
+            ``runs:/RUN_ID/model``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``, resolved
+            against ``mlflow_tracking_uri``.
         patch_size: The side in pixels of a training image at ``magnification``, before it was
             resized to the model's input size; default: the model file's, else the input size.
         mpp: The training images' um/px, the same as ``magnification`` (``10 / mpp``); give
@@ -45,7 +48,9 @@ class PredictConfig(RunConfig):
     """
 
     # --- what ------------------------------------------------------------------------------
-    model: str = arg("", "fine-tuning best_model.pt, or its run folder (lowest-val-loss split)")
+    model: str = arg(
+        "", "best_model.pt, a fine-tuning run folder, runs:/RUN_ID/PATH or models:/NAME/VERSION"
+    )
     slides: list[str] = arg(help="slide files, folders (recursive) or .txt lists", factory=list)
     run_name: str = arg("predict", "outputs go to STORAGE/RUN_NAME; a rerun skips finished slides")
     # --- what the model was trained on ------------------------------------------------------
@@ -118,7 +123,15 @@ class PredictConfig(RunConfig):
             )
         if self.stain_reference is not None and not os.path.isfile(self.stain_reference):
             raise ValueError(f"stain_reference={self.stain_reference!r}: no such image file")
-        if self.model:
+        from histokd.tracking import MODEL_URI_FORMS
+
+        if self.model.startswith(("runs:", "models:")):  # resolved against MLflow by the job
+            if not re.fullmatch(r"runs:/[^/]+/.+|models:/[^/@]+(/[^/]+|@[^/@]+)?", self.model):
+                raise ValueError(
+                    f"model={self.model!r}: not an MLflow model URI; allowed: {MODEL_URI_FORMS}, "
+                    "or a best_model.pt or run folder"
+                )
+        elif self.model:
             if not os.path.exists(self.model):
                 raise ValueError(
                     f"model={self.model!r}: no such file or folder; give a best_model.pt of the fine-tuning job or its run folder"

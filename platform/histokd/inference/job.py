@@ -51,6 +51,7 @@ from histokd.inference.stream import BAD, EMPTY, TileStreamSettings, prediction_
 from histokd.manifest import BAD_SLIDES_FILE, discover_slides, slide_id_for
 from histokd.resume import file_sha256, write_atomic, write_text_atomic
 from histokd.run import holds_run_lock
+from histokd.tracking import fetch_model_file, is_model_uri
 
 __all__ = ["PredictError", "PredictResult", "resolve_model", "run_prediction"]
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 SLIDES_DIR = "slides"
 RUN_FILE = "run.json"
 SUMMARY_TABLE = "summary.csv"
+MLFLOW_MODEL_DIR = "mlflow_model"  # where an MLflow model given as --model is downloaded
 
 
 class PredictError(RuntimeError):
@@ -107,16 +109,26 @@ class PredictResult:
 
 
 def resolve_model(config: PredictConfig) -> tuple[dict[str, Any], TaskModelInfo]:
-    """The model file's contents and its info, completed from the config.
+    """The model file's contents and its info, completed from the config. An MLflow model URI
+    (``runs:/``, ``models:/``) gives the histokd model file inside that model, downloaded into
+    ``WORK_DIR/mlflow_model``.
 
     Raises:
-        ValueError: No model given, an unusable file, or an impossible output magnification.
+        ValueError: No model given, an unusable file or URI, or an impossible output magnification.
     """
     if not config.model:
         raise ValueError(
             "model is empty: give a best_model.pt of the fine-tuning job (or its run folder) as --model"
         )
-    path = find_best_model(config.model) if Path(config.model).is_dir() else Path(config.model)
+    if is_model_uri(config.model):  # the model file inside the MLflow model, downloaded
+        path = fetch_model_file(
+            config.model, config.tracking_uri, config.work_dir / MLFLOW_MODEL_DIR
+        )
+        print(f"model: {config.model} ({path})", flush=True)
+    elif Path(config.model).is_dir():
+        path = find_best_model(config.model)
+    else:
+        path = Path(config.model)
     checkpoint = load_checkpoint(path)
     if config.stain_norm != "model":  # replaces the file's, for the actors too
         from histokd.stain import stain_normalization

@@ -18,6 +18,7 @@ from histokd.metrics.classification import (
     iou_per_class,
     macro_precision_recall_f1,
     mean_iou,
+    precision_recall_f1,
 )
 from histokd.metrics.segmentation import BinaryConfusion, binary_confusion
 
@@ -39,4 +40,5 @@ __all__ = [
     "macro_precision_recall_f1",
     "mean_iou",
     "percentile_interval",
+    "precision_recall_f1",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "iou_per_class",
     "macro_precision_recall_f1",
     "mean_iou",
+    "precision_recall_f1",
 ]
 
 
@@ -155,13 +156,13 @@ def auroc(target: np.ndarray, probability: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def macro_precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Macro (unweighted mean over classes) one-vs-rest precision, recall and F1.
+def precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each class's one-vs-rest precision, recall and F1 (0 where undefined).
 
-    Works on a batch of matrices (``... x C x C``), which the bootstrap uses.
+    Works on a batch of matrices (``... x C x C``).
 
     Returns:
-        (precision, recall, F1), each of shape ``...``.
+        (precision, recall, F1), each of shape ``... x C``.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
     tp = np.diagonal(confusion, axis1=-2, axis2=-1)
@@ -170,6 +171,18 @@ def macro_precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.nda
     precision = _safe_divide(tp, predicted)
     recall = _safe_divide(tp, actual)
     f1 = _safe_divide(2 * precision * recall, precision + recall)
+    return precision, recall, f1
+
+
+def macro_precision_recall_f1(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Macro (unweighted mean over classes) one-vs-rest precision, recall and F1.
+
+    Works on a batch of matrices (``... x C x C``), which the bootstrap uses.
+
+    Returns:
+        (precision, recall, F1), each of shape ``...``.
+    """
+    precision, recall, f1 = precision_recall_f1(confusion)
     return precision.mean(-1), recall.mean(-1), f1.mean(-1)
 
 

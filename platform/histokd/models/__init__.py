@@ -29,6 +29,7 @@ from histokd.models.peg import (  # noqa: E402
 from histokd.models.resnet_sat import histokd_resnet18_sat  # noqa: E402
 from histokd.models.sat import SpatialAttentionTransformer  # noqa: E402
 from histokd.models.task_models import (  # noqa: E402
+    BackboneFeatures,
     ClassificationModel,
     InputNormalization,
     NormalizedModel,
@@ -38,6 +39,7 @@ from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder  # noqa: E
 
 __all__ = [
     "BACKBONES",
+    "BackboneFeatures",
     "DEFAULT_DECODER_CHANNELS",
     "TIMM_NAMES",
     "ClassificationModel",

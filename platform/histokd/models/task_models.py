@@ -28,7 +28,13 @@ from torch import nn
 from histokd.models.factory import backbone_state_dict, create_backbone, save_backbone
 from histokd.models.unet import DEFAULT_DECODER_CHANNELS, UNetDecoder
 
-__all__ = ["ClassificationModel", "InputNormalization", "NormalizedModel", "SegmentationModel"]
+__all__ = [
+    "BackboneFeatures",
+    "ClassificationModel",
+    "InputNormalization",
+    "NormalizedModel",
+    "SegmentationModel",
+]
 
 
 class InputNormalization(nn.Module):
@@ -181,3 +187,28 @@ class ClassificationModel(_BackboneTaskModel):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities: the softmax of the logits (RCKD Eq. 4)."""
         return self(x).softmax(dim=-1)
+
+
+class BackboneFeatures(_BackboneTaskModel):
+    """A backbone as a feature extractor: images -> the global average pool of its deepest
+    feature map, ``B x D``; what pretraining logs as its MLflow model.
+
+    Args:
+        backbone_name: One of `histokd.models.BACKBONES`.
+        backbone_file: Backbone file to load strictly (e.g. pretraining's ``backbone.pth``).
+        **backbone_kwargs: Passed to `create_backbone`.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str,
+        backbone_file: str | os.PathLike | None = None,
+        **backbone_kwargs,
+    ) -> None:
+        super().__init__(backbone_name, 1, backbone_file, **backbone_kwargs)
+        self.num_features = self.backbone.feature_info.channels()[-1]
+        self._set_normalization()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features, ``B x num_features``."""
+        return self.backbone(self.normalize(x))[-1].mean(dim=(2, 3))

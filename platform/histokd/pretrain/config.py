@@ -99,6 +99,7 @@ class PretrainConfig(WorkerConfig):
     # --- where ------------------------------------------------------------------------------
     run_name: str = arg("rckd", "run name; rerunning it resumes from its last checkpoint")
     mlflow_experiment: str = arg("histokd-rckd", "MLflow experiment name")
+    register_model: str | None = arg(None, "MLflow model registry name of the logged model")
     slides: list[str] = arg(
         help="files, folders, .txt lists, s3:// or gs:// URLs; empty: demo slides", factory=list
     )
@@ -168,6 +169,9 @@ class PretrainConfig(WorkerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from histokd.tracking import check_registered_model_name
+
+        check_registered_model_name(self.register_model)
         if isinstance(self.slides, str):
             self.slides = [self.slides]
         self._resolve_units()

@@ -28,7 +28,7 @@ from histokd.cluster import init_ray
 from histokd.pretrain.config import PretrainConfig
 from histokd.run import check_storage_path, holds_run_lock, open_mlflow_run
 
-__all__ = ["PretrainResult", "run_pretraining", "split_holdout"]
+__all__ = ["PretrainResult", "log_backbone_model", "run_pretraining", "split_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
     (work_dir / "history.json").write_text(json.dumps(history, indent=2))
     curves = _plot_history(history, work_dir / "curves.png")
     tracking.log_artifact(backbone_path, "backbone")
+    log_backbone_model(config, tracking, backbone_path)
     tracking.log_artifact(work_dir / "config.yaml")
     tracking.log_artifact(curves)
     tracking.log_artifact(manifest.bad_slides_path, "manifest")
@@ -277,6 +278,28 @@ def run_pretraining(config: PretrainConfig) -> PretrainResult:
         label_share=label_share,
         label_share_summary=share_summary,
     )
+
+
+def log_backbone_model(config: PretrainConfig, tracking, backbone_path: str | os.PathLike):
+    """The pretrained backbone as the run's MLflow model ``backbone``: images -> pooled features
+    of its deepest level (`histokd.models.BackboneFeatures`), with ``backbone.pth`` inside;
+    registered as ``config.register_model`` when that is set. None where it could not be
+    logged (a warning)."""
+    from histokd.models import BackboneFeatures
+    from histokd.tracking import log_pytorch_model
+
+    model = BackboneFeatures(config.backbone, backbone_file=backbone_path).eval()
+    metadata = {
+        "source": "histokd rckd_pretrain", "task": "features", "backbone": config.backbone,
+        "input_size": config.input_size, "num_features": model.num_features, "mpp": config.mpp,
+        "magnification": 10.0 / config.mpp if config.mpp else None,
+        "patch_size": config.patch_size, "teacher": config.teacher,
+        "output": "global average pool of the deepest feature map, B x num_features",
+    }  # fmt: skip
+    return log_pytorch_model(
+        tracking, model, input_size=config.input_size, metadata=metadata,
+        model_file=backbone_path, name="backbone", register=config.register_model,
+    )  # fmt: skip
 
 
 def _record_cache_dir(config: PretrainConfig) -> str:
