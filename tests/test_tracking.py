@@ -172,3 +172,14 @@ def test_register_model_is_checked_by_both_jobs_configs(tmp_path):
             cls(storage_path=str(tmp_path), register_model="x/y")
         assert cls(storage_path=str(tmp_path), register_model="ok").register_model == "ok"
     assert os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") is None
+
+
+def test_a_search_or_comparison_refuses_register_model(tmp_path):
+    """Each of their many fine-tunings would register a new version of one name."""
+    from histokd.finetune.compare import CompareConfig
+    from histokd.finetune.search import SearchConfig
+
+    for cls, job in ((CompareConfig, "comparison"), (SearchConfig, "search")):
+        with pytest.raises(ValueError, match=rf"^register_model='rckd': a {job} would register"):
+            cls(storage_path=str(tmp_path), finetune={"register_model": "rckd"})
+        assert cls(storage_path=str(tmp_path)).finetune.register_model is None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from histokd.cli import arg, save_config
-from histokd.finetune.config import FinetuneConfig
+from histokd.finetune.config import FinetuneConfig, refuse_register_model
 from histokd.run import RunConfig, holds_run_lock, open_mlflow_run
 
 __all__ = ["CompareConfig", "ComparisonResult", "parse_init_entry", "run_comparison"]
@@ -125,6 +125,7 @@ class CompareConfig(RunConfig):
             raise ValueError("no initialisation to compare: set random_init, inits or timm_weights")
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
+        refuse_register_model(self.finetune, "comparison")
         if self.segmentation_datasets and (
             self.finetune.protocols != ["finetune"] or self.finetune.label_fractions != [1.0]
         ):

@@ -276,6 +276,21 @@ def _check_protocols(config: FinetuneConfig) -> None:
     config.protocols, config.label_fractions = protocols, sorted(fractions)
 
 
+def refuse_register_model(config: FinetuneConfig, job: str) -> None:
+    """A search or comparison runs many fine-tunings: registering each would pile their models
+    up as versions of one name.
+
+    Raises:
+        ValueError: ``register_model`` is set, naming it and what to do instead.
+    """
+    if config.register_model:
+        raise ValueError(
+            f"register_model={config.register_model!r}: a {job} would register every run's model "
+            "as a new version of one name; register the one you choose afterwards "
+            "(jobs/finetune.py --register-model NAME, or mlflow.register_model on its runs:/ URI)"
+        )
+
+
 def _check_stain_norm(method: str, reference: str | None) -> None:
     """A known method, and a reference tile only for Macenko, which must exist."""
     if method not in ("none", "macenko"):

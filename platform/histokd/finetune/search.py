@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from histokd.cli import arg, check_ints, config_to_dict, load_yaml, save_config
 from histokd.cluster import init_ray
-from histokd.finetune.config import FinetuneConfig
+from histokd.finetune.config import FinetuneConfig, refuse_register_model
 from histokd.finetune.datasets import TaskDataset
 from histokd.run import RunConfig, check_storage_path, holds_run_lock, open_mlflow_run
 
@@ -90,6 +90,7 @@ class SearchConfig(RunConfig):
         super().__post_init__()
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
+        refuse_register_model(self.finetune, "search")
         check_ints(self, ["num_samples", "grace_period", "reduction_factor"])
         if self.finetune.num_workers == 0:
             raise ValueError(
