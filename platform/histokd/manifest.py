@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histokd import object_store
+from histokd.resume import write_atomic
 from histokd.slides import (
     IMAGE_EXTENSIONS,
     SlideError,
@@ -68,6 +69,7 @@ __all__ = [
     "read_manifest",
     "scan_slide",
     "slide_quotas",
+    "write_skipped_slides",
 ]
 
 log = logging.getLogger(__name__)
@@ -919,6 +921,26 @@ def _write_bad_slides(path: Path, bad: dict[str, _BadSlide], partial: dict[str, 
         for slide, row in sorted({**bad, **partial}.items()):
             counts = ["" if n is None else n for n in (row.unreadable_patches, row.tried_patches)]
             writer.writerow([slide, row.stage, row.reason, row.status, *counts])
+
+
+def write_skipped_slides(path: str | os.PathLike, bad: dict[str, tuple[str, str]]) -> None:
+    """A ``bad_slides.csv`` of slides a job skipped whole (inference, feature export): the
+    first four columns of the manifest's, ``stage`` and ``reason`` from ``bad``, written
+    atomically.
+
+    Args:
+        path: The CSV.
+        bad: Slide path -> (stage, reason).
+    """
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(BAD_SLIDES_COLUMNS[:4])
+            for slide, (stage, reason) in sorted(bad.items()):
+                writer.writerow([slide, stage, reason, "skipped"])
+
+    write_atomic(Path(path), write)
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

@@ -34,7 +34,6 @@ skipped, printed, and listed in the run folder's ``bad_slides.csv``; the run goe
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -47,7 +46,13 @@ from typing import Any
 import numpy as np
 
 from histokd.features.config import ExtractConfig
-from histokd.manifest import BAD_SLIDES_FILE, ManifestConfig, discover_slides, scan_slide
+from histokd.manifest import (
+    BAD_SLIDES_FILE,
+    ManifestConfig,
+    discover_slides,
+    scan_slide,
+    write_skipped_slides,
+)
 from histokd.resume import file_sha256, write_atomic, write_text_atomic
 from histokd.run import holds_run_lock
 from histokd.slides import SlideError, SlideReader
@@ -428,18 +433,6 @@ def _slide_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
-    # the first four columns of histokd.manifest's bad_slides.csv; every slide here was skipped
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["slide_path", "stage", "reason", "status"])
-            for slide, (stage, reason) in sorted(bad.items()):
-                writer.writerow([slide, stage, reason, "skipped"])
-
-    write_atomic(path, write)
-
-
 @dataclass
 class _Slide:
     """One slide's rows as they arrive in the driver."""
@@ -580,7 +573,7 @@ def run_extraction(config: ExtractConfig, *, tracking: bool = True) -> ExtractRe
         raise
     seconds = time.monotonic() - started
     report = {"bad_slides": str(run_dir / BAD_SLIDES_FILE), "run": str(run_dir / RUN_FILE)}
-    _write_bad_slides(Path(report["bad_slides"]), bad)
+    write_skipped_slides(Path(report["bad_slides"]), bad)
     counts = {
         "num_slides": len(paths), "num_extracted": done, "num_skipped": len(paths) - len(pending),
         "num_bad": len(bad), "num_patches": num_patches, "feature_dim": dim, "seconds": round(seconds, 3),

@@ -48,7 +48,7 @@ from histokd.inference.model_file import (
 )
 from histokd.inference.outputs import damaged_output
 from histokd.inference.stream import BAD, EMPTY, TileStreamSettings, prediction_dataset
-from histokd.manifest import BAD_SLIDES_FILE, discover_slides, slide_id_for
+from histokd.manifest import BAD_SLIDES_FILE, discover_slides, slide_id_for, write_skipped_slides
 from histokd.resume import file_sha256, write_atomic, write_text_atomic
 from histokd.run import holds_run_lock
 from histokd.tracking import fetch_model_file, is_model_uri
@@ -162,18 +162,6 @@ def _clean_partials(slides_dir: Path) -> None:
     """Remove half-written slide folders of an interrupted run."""
     for leftover in slides_dir.glob(f"{PARTIAL_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _write_bad_slides(path: Path, bad: dict[str, tuple[str, str]]) -> None:
-    # the first four columns of histokd.manifest's bad_slides.csv; every slide here was skipped
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["slide_path", "stage", "reason", "status"])
-            for slide, (stage, reason) in sorted(bad.items()):
-                writer.writerow([slide, stage, reason, "skipped"])
-
-    write_atomic(path, write)
 
 
 def _write_summary_table(
@@ -337,7 +325,7 @@ def run_prediction(
         "run": str(run_dir / RUN_FILE),
         "summary_table": str(run_dir / SUMMARY_TABLE),
     }
-    _write_bad_slides(Path(files["bad_slides"]), bad)
+    write_skipped_slides(Path(files["bad_slides"]), bad)
     summaries = [finished[p] for p in paths if p in finished]
     _write_summary_table(Path(files["summary_table"]), summaries, list(info.class_names))
     result = PredictResult(
