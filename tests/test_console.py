@@ -119,7 +119,16 @@ _PIPELINE = textwrap.dedent(
         init_ray(num_cpus=1, include_dashboard=False)
         import ray
 
+        # workers' lines reach the driver asynchronously (Ray's log monitor): on a loaded machine
+        # the job may end first; wait for the line itself, as a long job would have
+        import threading
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        seen = threading.Event()
+        global_worker_stdstream_dispatcher.add_handler("test_seen", lambda data: (
+            any("worker line" in line for line in data.get("lines") or []) and seen.set()))
         rows = ray.data.range(40, override_num_blocks=4).map_batches(label).take_all()
+        seen.wait(60)
         print("rows", len(rows), "quiet workers", sum(r["quiet"] == "1" for r in rows))
     """
 )
