@@ -394,11 +394,11 @@ def check_label_fraction(fraction: float) -> float:
     Raises:
         ValueError: Naming the value and what is allowed.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction:
-        raise ValueError(
-            f"label_fractions: {fraction!r}: each must be a number in (0, 1], e.g. 0.01 0.1 1.0"
-        )
-    if fraction > 1:
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
         raise ValueError(
             f"label_fractions: {fraction!r}: each must be a number in (0, 1], e.g. 0.01 0.1 1.0"
         )
